@@ -1,0 +1,5 @@
+"""Adapters: one module (or package) per real system.
+
+Each hides its library behind a small interface: NATS (`bus`, `nats_server`), SQLite (`store`),
+Slurm (`slurm`), NVML (`nvml`), systemd (`systemd`). Only the adapter imports its library.
+"""

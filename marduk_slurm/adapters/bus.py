@@ -1,0 +1,186 @@
+"""NATS adapter (nats-py): core publish/subscribe, request/reply, and the JetStream events stream.
+
+Everything NATS-specific stays here: callers see `Bus`, raw bytes, and our own errors
+(`BusError`, `BusTimeout`). Reconnection is nats-py's, unlimited, with a capped wait; the
+connection state is reported through `on_state` for metrics and logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
+
+from marduk_slurm.domain import subjects
+from marduk_slurm.errors import BusError, BusTimeout
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+class Bus:
+    """One NATS connection of one process."""
+
+    def __init__(self, url: str, *, name: str, creds: str = "", connect_timeout_s: float = 5.0,
+                 on_state: Callable[[str], None] | None = None) -> None:
+        self.url = url
+        self.name = name
+        self.creds = creds
+        self.connect_timeout_s = connect_timeout_s
+        self.on_state = on_state or (lambda state: None)
+        self.nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._closing = False
+
+    # -- connection ------------------------------------------------------------------------
+
+    async def connect(self, *, retry: bool = False, max_wait_s: float = 5.0) -> None:
+        """Connect; with `retry`, keep trying with capped exponential backoff."""
+        delay = 0.1
+        while True:
+            try:
+                self.nc = await nats.connect(
+                    self.url, name=self.name, user_credentials=self.creds or None,
+                    connect_timeout=self.connect_timeout_s, allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                    error_cb=self._on_error, disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect, closed_cb=self._on_closed,
+                    pending_size=64 * 1024 * 1024,
+                )
+                self._js = self.nc.jetstream()
+                self.on_state("connected")
+                return
+            except (TimeoutError, OSError, nats.errors.Error) as exc:
+                if not retry:
+                    raise BusError(f"cannot connect to NATS at {self.url}: {exc}") from exc
+                log.warning("NATS at %s unreachable (%s); retrying in %.1f s", self.url, exc, delay)
+                self.on_state("disconnected")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_wait_s)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS error: %s", exc)
+
+    async def _on_disconnect(self) -> None:
+        if self._closing:
+            return
+        log.warning("NATS disconnected from %s", self.url)
+        self.on_state("disconnected")
+
+    async def _on_reconnect(self) -> None:
+        log.info("NATS reconnected to %s", self.url)
+        self.on_state("connected")
+
+    async def _on_closed(self) -> None:
+        self.on_state("closed")
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    def _client(self) -> Client:
+        if self.nc is None:
+            raise BusError("not connected to NATS")
+        return self.nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise BusError("not connected to NATS")
+        return self._js
+
+    async def close(self) -> None:
+        self._closing = True
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except (TimeoutError, nats.errors.Error, OSError):
+                await self.nc.close()
+        self.nc = None
+
+    # -- core NATS -------------------------------------------------------------------------
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        try:
+            await self._client().publish(subject, data)
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"publish to {subject} failed: {exc}") from exc
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        try:
+            await self._client().flush(timeout=int(max(timeout_s, 1)))
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise BusError(f"flush failed: {exc}") from exc
+
+    async def subscribe(self, subject: str, handler: Handler, *, queue: str = "",
+                        pending_msgs_limit: int = 512 * 1024) -> Subscription:
+        return await self._client().subscribe(
+            subject, queue=queue, cb=handler, pending_msgs_limit=pending_msgs_limit,
+            pending_bytes_limit=256 * 1024 * 1024,
+        )
+
+    async def request(self, subject: str, data: bytes, timeout_s: float) -> bytes:
+        try:
+            msg = await self._client().request(subject, data, timeout=timeout_s)
+        except nats.errors.NoRespondersError:
+            raise BusError(f"nobody answers on {subject} (is the controller running?)") from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise BusTimeout(f"no answer on {subject} within {timeout_s:.1f} s") from None
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"request on {subject} failed: {exc}") from exc
+        return bytes(msg.data)
+
+    # -- JetStream -------------------------------------------------------------------------
+
+    async def ensure_events_stream(self, *, replicas: int = 1, max_age_s: float = 7 * 86400.0
+                                   ) -> None:
+        """Create (or update) the durable events stream."""
+        config = StreamConfig(
+            name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_ALL],
+            retention=RetentionPolicy.LIMITS, max_age=max_age_s, num_replicas=replicas,
+            duplicate_window=120.0,
+        )
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self.js.update_stream(config)
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"cannot create stream {subjects.EVENTS_STREAM}: {exc}") from exc
+
+    async def publish_durable(self, subject: str, data: bytes, *, msg_id: str = "",
+                              timeout_s: float = 5.0) -> int:
+        """Publish to the events stream and wait for the server to store it; returns seq."""
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        try:
+            ack = await self.js.publish(subject, data, timeout=timeout_s, headers=headers)
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise BusTimeout(f"JetStream did not confirm {subject} in {timeout_s:.1f} s") from None
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"durable publish to {subject} failed: {exc}") from exc
+        return int(ack.seq)
+
+    async def durable_consumer(self, durable: str, *, ack_wait_s: float = 30.0,
+                               max_ack_pending: int = 20000) -> JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
+            deliver_policy=DeliverPolicy.ALL, max_ack_pending=max_ack_pending,
+            max_deliver=-1,
+        )
+        return await self.js.pull_subscribe(
+            subjects.EVENTS_ALL, durable=durable, stream=subjects.EVENTS_STREAM, config=config
+        )
+
+    async def stream_info(self) -> dict[str, Any]:
+        info = await self.js.stream_info(subjects.EVENTS_STREAM)
+        return {"messages": info.state.messages, "last_seq": info.state.last_seq}

@@ -1,0 +1,137 @@
+"""What the rest of marduk-slurm sees of Slurm: three values, one protocol, one factory.
+
+Values are frozen and hold only what the controller decides on. Every backend method is
+async; a backend never blocks the event loop (subprocesses, or a thread for pyslurm).
+Errors: `SlurmUnavailable` (slurmctld unreachable or too slow: retry later) and `SlurmError`
+(Slurm answered and refused: unknown node, invalid state; retrying will not help). Both carry
+Slurm's own message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from marduk_slurm.domain.slurm_state import JobState, NodeState
+
+# Slurm's step ids for the non-numbered steps (slurm.h), so `SlurmStep.step_id` stays an int.
+PENDING_STEP = 0xFFFFFFFD
+EXTERN_STEP = 0xFFFFFFFC
+BATCH_STEP = 0xFFFFFFFB
+INTERACTIVE_STEP = 0xFFFFFFFA
+STEP_NAMES = {
+    PENDING_STEP: "pending",
+    EXTERN_STEP: "extern",
+    BATCH_STEP: "batch",
+    INTERACTIVE_STEP: "interactive",
+}
+STEP_IDS = {name: number for number, name in STEP_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class SlurmNode:
+    """One node as slurmctld sees it.
+
+    `state` carries the base state and the flags this code understands; `flags` lists every
+    flag by Slurm's name, including ones a newer Slurm added. `reason_user`/`reason_time` say
+    who set `reason` and when (None when Slurm does not say).
+    """
+
+    name: str
+    state: NodeState
+    flags: tuple[str, ...] = ()
+    reason: str = ""
+    reason_user: str | None = None
+    reason_time: datetime | None = None
+    gpus: int = 0
+    cpus: int = 0
+    partitions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """One job; `gpu_indices` maps each allocated node to the GPU indices the job holds there."""
+
+    job_id: int
+    name: str
+    user: str
+    state: JobState
+    nodes: tuple[str, ...] = ()
+    gpu_indices: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SlurmStep:
+    """One job step; `step_id` uses the `*_STEP` constants for batch/extern/interactive."""
+
+    job_id: int
+    step_id: int
+    name: str
+    nodes: tuple[str, ...]
+    state: JobState
+
+    @property
+    def label(self) -> str:
+        """`123.0` or `123.batch`, as Slurm prints it."""
+        return f"{self.job_id}.{STEP_NAMES.get(self.step_id, self.step_id)}"
+
+
+class SlurmBackend(Protocol):
+    """The Slurm operations the controller needs. Node lists may hold thousands of names."""
+
+    name: str
+
+    async def list_nodes(self) -> list[SlurmNode]: ...
+
+    async def list_jobs(self) -> list[SlurmJob]: ...
+
+    async def list_steps(self) -> list[SlurmStep]: ...
+
+    async def drain(self, nodes: Sequence[str], reason: str) -> None:
+        """Stop new work on `nodes`; running jobs keep running. `reason` must not be empty."""
+        ...
+
+    async def resume(self, nodes: Sequence[str]) -> None:
+        """Return drained or down nodes to service (Slurm refuses nodes in neither state)."""
+        ...
+
+    async def down(self, nodes: Sequence[str], reason: str) -> None:
+        """Mark `nodes` DOWN: Slurm kills (or requeues) the jobs on them."""
+        ...
+
+    async def signal_step(self, job_id: int, step_id: int, signum: int) -> None: ...
+
+    async def requeue(self, job_id: int) -> None: ...
+
+    async def ping(self) -> bool:
+        """True when slurmctld answers; never raises for an unreachable controller."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters: `calls`, `failures`, and per-operation `calls.<op>`/`failures.<op>`."""
+        ...
+
+
+def make_backend(
+    kind: str = "auto", *, timeout_s: float, slurm_conf: str | None = None
+) -> SlurmBackend:
+    """Build a backend: "commands", "pyslurm", or "auto" (pyslurm if importable, else commands).
+
+    Only here are the backend modules imported, so pyslurm is loaded only when chosen.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+    if kind == "auto":
+        kind = "pyslurm" if importlib.util.find_spec("pyslurm") is not None else "commands"
+    if kind == "commands":
+        from marduk_slurm.adapters.slurm.commands import CommandsBackend, SlurmCommandRunner
+
+        return CommandsBackend(SlurmCommandRunner(timeout_s=timeout_s, slurm_conf=slurm_conf))
+    if kind == "pyslurm":
+        from marduk_slurm.adapters.slurm.pyslurm_backend import PyslurmBackend
+
+        return PyslurmBackend(timeout_s=timeout_s, slurm_conf=slurm_conf)
+    raise ValueError(f"unknown Slurm backend {kind!r}; valid: 'auto', 'commands', 'pyslurm'")

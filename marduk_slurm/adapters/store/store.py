@@ -1,0 +1,256 @@
+"""The controller's SQLite store (sqlite-utils, WAL): the DR mapping, history and outbox.
+
+All methods are synchronous and must be called from one thread: the controller runs them in
+its single "sqlite" executor so that nothing blocks the event loop. Multi-row writes happen
+inside `transaction()`, so a batch of events commits whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from marduk_slurm.adapters.store.mapping import MappingMixin
+from marduk_slurm.adapters.store.migrations import MIGRATIONS
+from marduk_slurm.adapters.store.outbox import OutboxMixin
+from marduk_slurm.domain import messages as m
+from marduk_slurm.errors import StoreError
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+class Store(MappingMixin, OutboxMixin):
+    """One SQLite database file. `path=":memory:"` is allowed for tests of pure queries."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self._depth = 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def migrate(self) -> int:
+        """Apply pending migrations; return the schema version."""
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+            "applied_at REAL NOT NULL)"
+        )
+        row = self.conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        current = row[0] or 0
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            with self.transaction():
+                for statement in _split_sql(script):
+                    self.conn.execute(statement)
+                self.conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time())
+                )
+            current = version
+        return current
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction; nested uses join the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self.conn.execute("COMMIT")
+
+    def integrity_check(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+    # -- ingest bookkeeping ----------------------------------------------------------------
+
+    def already_ingested(self, seq: int) -> bool:
+        row = self.conn.execute("SELECT 1 FROM ingested WHERE stream_seq=?", (seq,)).fetchone()
+        return row is not None
+
+    def mark_ingested(self, seq: int, now: float) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO ingested VALUES (?, ?)", (seq, now))
+
+    def prune_ingested(self, older_than: float) -> int:
+        cur = self.conn.execute("DELETE FROM ingested WHERE ts < ?", (older_than,))
+        return cur.rowcount
+
+    def count_rejection(self, reason: str, subject: str, detail: str, now: float) -> None:
+        self.conn.execute(
+            "INSERT INTO rejections VALUES (?, 1, ?, ?, ?) ON CONFLICT(reason) DO UPDATE SET "
+            "count=count+1, last_at=excluded.last_at, last_subject=excluded.last_subject, "
+            "last_detail=excluded.last_detail",
+            (reason, now, subject[:200], detail[:300]),
+        )
+
+    def rejections(self) -> dict[str, int]:
+        return {r: c for r, c in self.conn.execute("SELECT reason, count FROM rejections")}
+
+    # -- history ---------------------------------------------------------------------------
+
+    def add_event(self, kind: str, *, now: float, source: str = "", reason: str = "",
+                  node: str | None = None, gpu_uuid: str | None = None,
+                  job_id: int | None = None, replica_id: str | None = None,
+                  xid: int | None = None, action: str | None = None,
+                  evidence: dict[str, Any] | None = None) -> int:
+        cur = self.conn.execute(
+            "INSERT INTO events (ts, kind, source, node, gpu_uuid, job_id, replica_id, xid, "
+            "action, reason, evidence) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (now, kind, source, node, gpu_uuid, job_id, replica_id, xid, action, reason,
+             _dumps(evidence or {})),
+        )
+        return int(cur.lastrowid or 0)
+
+    def events(self, *, node: str | None = None, job_id: int | None = None,
+               since: float | None = None, after_id: int = 0, kinds: Sequence[str] = (),
+               limit: int = 200) -> list[dict[str, Any]]:
+        where, params = ["id > ?"], [after_id]
+        if node:
+            where.append("node = ?")
+            params.append(node)
+        if job_id is not None:
+            where.append("job_id = ?")
+            params.append(job_id)
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if kinds:
+            where.append(f"kind IN ({','.join('?' * len(kinds))})")
+            params.extend(kinds)
+        sql = (f"SELECT * FROM (SELECT * FROM events WHERE {' AND '.join(where)} "
+               f"ORDER BY id DESC LIMIT ?) ORDER BY id")
+        rows = list(self.db.query(sql, [*params, limit]))
+        for row in rows:
+            row["evidence"] = json.loads(row["evidence"])
+        return rows
+
+    def event(self, event_id: int) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM events WHERE id=?", [event_id]))
+        if not rows:
+            return None
+        rows[0]["evidence"] = json.loads(rows[0]["evidence"])
+        return rows[0]
+
+    # -- nodes and GPUs --------------------------------------------------------------------
+
+    def ensure_node(self, name: str, now: float) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO nodes (name, updated_at) VALUES (?, ?)", (name, now)
+        )
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM nodes WHERE name=?", [name]))
+        return _node_row(rows[0]) if rows else None
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [_node_row(r) for r in self.db.query("SELECT * FROM nodes ORDER BY name")]
+
+    def update_node_from_slurm(self, name: str, state: str, flags: Iterable[str], reason: str,
+                               reason_user: str, now: float, marduk_prefix: str) -> None:
+        """Record what Slurm says; a drain reason not starting with our prefix is not ours."""
+        flags = sorted(flags)
+        ours = reason.startswith(marduk_prefix + ":") and "DRAIN" in flags
+        self.conn.execute(
+            "INSERT INTO nodes (name, state, flags, reason, reason_user, drained_by_marduk, "
+            "updated_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+            "state=excluded.state, flags=excluded.flags, reason=excluded.reason, "
+            "reason_user=excluded.reason_user, drained_by_marduk=excluded.drained_by_marduk, "
+            "drain_event_id=CASE WHEN excluded.drained_by_marduk THEN drain_event_id END, "
+            "updated_at=excluded.updated_at",
+            (name, state, _dumps(flags), reason, reason_user, int(ours), now),
+        )
+
+    def mark_node_drained(self, name: str, reason: str, event_id: int | None, now: float) -> None:
+        self.ensure_node(name, now)
+        self.conn.execute(
+            "UPDATE nodes SET flags=?, reason=?, drained_by_marduk=1, drain_event_id=?, "
+            "updated_at=? WHERE name=?",
+            (_dumps(["DRAIN"]), reason, event_id, now, name),
+        )
+
+    def mark_node_resumed(self, name: str, now: float) -> None:
+        self.conn.execute(
+            "UPDATE nodes SET flags='[]', reason='', reason_user='', drained_by_marduk=0, "
+            "drain_event_id=NULL, updated_at=? WHERE name=?",
+            (now, name),
+        )
+
+    def upsert_gpus(self, node: str, gpus: Sequence[m.GpuDescriptor], simulated: bool,
+                    now: float) -> None:
+        self.ensure_node(node, now)
+        self.conn.executemany(
+            "INSERT INTO gpus (uuid, node, idx, name, pci_bus_id, updated_at) VALUES "
+            "(?,?,?,?,?,?) ON CONFLICT(uuid) DO UPDATE SET node=excluded.node, idx=excluded.idx, "
+            "name=excluded.name, pci_bus_id=excluded.pci_bus_id, updated_at=excluded.updated_at",
+            [(g.uuid, node, g.index, g.name, g.pci_bus_id, now) for g in gpus],
+        )
+        self.conn.execute(
+            "UPDATE nodes SET simulated_gpus=? WHERE name=?", (int(simulated), node)
+        )
+
+    def set_gpu_health(self, uuid: str, node: str, index: int | None, action: str,
+                       reason: str, now: float) -> None:
+        self.ensure_node(node, now)
+        self.conn.execute(
+            "INSERT INTO gpus (uuid, node, idx, health, health_reason, updated_at) VALUES "
+            "(?,?,?,?,?,?) ON CONFLICT(uuid) DO UPDATE SET health=excluded.health, "
+            "health_reason=excluded.health_reason, updated_at=excluded.updated_at",
+            (uuid, node, -1 if index is None else index, action, reason, now),
+        )
+
+    def gpus(self, node: str | None = None) -> list[dict[str, Any]]:
+        if node:
+            return list(self.db.query("SELECT * FROM gpus WHERE node=? ORDER BY idx", [node]))
+        return list(self.db.query("SELECT * FROM gpus ORDER BY node, idx"))
+
+    def gpu_uuid(self, node: str, index: int) -> str | None:
+        row = self.conn.execute(
+            "SELECT uuid FROM gpus WHERE node=? AND idx=?", (node, index)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+
+def _node_row(row: dict[str, Any]) -> dict[str, Any]:
+    row["flags"] = json.loads(row["flags"])
+    row["drained_by_marduk"] = bool(row["drained_by_marduk"])
+    return row
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a migration script (they contain no semicolons inside literals)."""
+    lines = [ln.split("--", 1)[0] for ln in script.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

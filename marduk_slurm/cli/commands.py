@@ -1,0 +1,210 @@
+"""Operator commands that ask the controller: status, replicas, nodes, history, drain, resume,
+inject. Each parses its arguments, makes one request, and prints a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import re
+import time
+from typing import Any
+
+from marduk_slurm import settings as settings_mod
+from marduk_slurm.cli import render
+from marduk_slurm.cli.client import call_sync, resolve_nats_url
+from marduk_slurm.domain import hostlist
+
+
+def _actor() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def ask(args: argparse.Namespace, verb: str, params: dict[str, Any]) -> Any:
+    flags = {"controller.state_dir": args.state_dir} if args.state_dir else {}
+    s = settings_mod.from_environment(args.config, flags)
+    url = resolve_nats_url(s, args.nats_url)
+    return call_sync(url, verb, params, creds=s.nats.creds, timeout_s=args.timeout,
+                     actor=os.environ.get("MARDUK_ACTOR", _actor()))
+
+
+def parse_since(text: str | None, now: float | None = None) -> float | None:
+    """`30m`, `2h`, `1d`, `90s`, unix seconds, or an ISO date/time."""
+    if not text:
+        return None
+    now = time.time() if now is None else now
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if match:
+        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return now - float(match.group(1)) * scale
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(f"--since: expected 30m, 2h, 1d, unix seconds or an ISO time, "
+                         f"got {text!r}") from None
+
+
+def parse_scontrol_args(words: list[str]) -> tuple[str, dict[str, str]]:
+    """`n3 reason="swap GPU"` or `nodename=n3 reason=...`: the node list and key=value pairs."""
+    nodes, pairs = "", {}
+    for word in words:
+        key, eq, value = word.partition("=")
+        if eq and key.lower() in ("reason", "nodename", "nodes", "gpu"):
+            pairs["nodes" if key.lower() in ("nodename", "nodes") else key.lower()] = value
+        elif not nodes:
+            nodes = word
+        else:
+            raise ValueError(f"unexpected argument {word!r}; did you mean reason=\"...\"?")
+    nodes = pairs.pop("nodes", nodes)
+    if nodes:
+        hostlist.expand(nodes)  # a bad hostlist is a usage error, caught before asking
+    return nodes, pairs
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = ask(args, "status", {})
+    if args.json:
+        render.as_json(data)
+        return 0
+    print(f"controller up {data['uptime_s']:.0f}s, NATS {data['nats']}, "
+          f"Slurm backend {data['slurm_backend']}")
+    print(f"nodes {data['nodes']} ({data['nodes_drained']} drained, "
+          f"{data['nodes_drained_by_marduk']} by marduk), GPUs {data['gpus']}")
+    print(f"jobs {data['jobs_active']}, replicas {data['replicas_active']}, "
+          f"events {data['events']}, Slurm actions pending {data['outbox_pending']}, "
+          f"messages rejected {data['rejected_total']}")
+    return 0
+
+
+def cmd_replicas(args: argparse.Namespace) -> int:
+    rows = ask(args, "replicas", {"job": args.job, "node": args.node, "all": args.all})
+    if args.json:
+        render.as_json(rows)
+        return 0
+    render.table(
+        ["JOB", "STEP", "GROUP", "RANK", "NODE", "STATE", "REPLICA", "GPUS", "LAST_STEP",
+         "STEP_MS", "CFG", "LAST_SEEN"],
+        [[r["job_id"], r["step_id"], r["replica_group"], r["group_rank"], r["node"],
+          r["state"], r["replica_id"], ",".join(render.short_uuid(g) for g in r["gpu_uuids"]),
+          r["last_step"], f"{r['step_time_ms']:.1f}", r["config_revision"],
+          render.fmt_ago(r["last_seen"])] for r in rows],
+    )
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    rows = ask(args, "nodes", {"node": args.node})
+    if args.json:
+        render.as_json(rows)
+        return 0
+    render.table(
+        ["NODE", "STATE", "FLAGS", "BY_MARDUK", "GPUS", "UNHEALTHY", "REPLICAS", "REASON"],
+        [[n["name"], n["state"], ",".join(n["flags"]) or "-",
+          "yes" if n["drained_by_marduk"] else "no",
+          f"{len(n['gpus'])}{' (simulated)' if n['simulated_gpus'] else ''}",
+          ",".join(f"{g['idx']}:{g['health']}" for g in n["gpus"] if g["health"] != "none")
+          or "-", len(n["replicas"]),
+          (n["reason"] + (f" [{n['reason_user']}]" if n["reason_user"] else "")) or "-"]
+         for n in rows],
+    )
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    rows = ask(args, "history", {"node": args.node, "job": args.job,
+                                 "since": parse_since(args.since), "limit": args.limit})
+    if args.json:
+        render.as_json(rows)
+        return 0
+    render.table(
+        ["ID", "TIME", "KIND", "SOURCE", "NODE", "JOB", "GPU", "REASON"],
+        [[e["id"], render.fmt_time(e["ts"]), e["kind"], e["source"], e["node"], e["job_id"],
+          render.short_uuid(e["gpu_uuid"]) if e["gpu_uuid"] else None, e["reason"]]
+         for e in rows],
+    )
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    nodes, pairs = parse_scontrol_args(args.words)
+    reason = args.reason or pairs.get("reason", "")
+    if not nodes:
+        raise ValueError('usage: marduk drain NODES reason="..."')
+    if not reason.strip():
+        raise ValueError('a reason is required: marduk drain NODES reason="..."')
+    data = ask(args, "drain", {"nodes": nodes, "reason": reason,
+                               "gpu": args.gpu or pairs.get("gpu")})
+    if args.json:
+        render.as_json(data)
+        return 0
+    for node, outcome in data["slurm"].items():
+        print(f"{node}: drain {outcome}")
+    print(f"{data['leaves']} replica(s) told to leave; events {data['events']}")
+    return 0 if all(v == "done" or v.startswith("queued") for v in data["slurm"].values()) else 1
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    nodes, _ = parse_scontrol_args(args.words)
+    if not nodes:
+        raise ValueError("usage: marduk resume NODES [--force]")
+    data = ask(args, "resume", {"nodes": nodes, "force": args.force})
+    if args.json:
+        render.as_json(data)
+        return 0
+    for node, outcome in data["slurm"].items():
+        print(f"{node}: resume {outcome}")
+    return 0 if all(v == "done" or v.startswith("queued") for v in data["slurm"].values()) else 1
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    data = ask(args, "inject", {"node": args.node, "gpu": args.gpu, "xid": args.xid})
+    if args.json:
+        render.as_json(data)
+        return 0
+    print(f"injected xid {args.xid} on {args.node} gpu {args.gpu} via {data['via']}: "
+          f"{data.get('action', '?')} ({data.get('reason', '')})")
+    return 0
+
+
+def add_parsers(sub: Any, add: Any) -> None:
+    add(sub, "status", "summary of the controller, nodes, replicas and Slurm actions",
+        "marduk status --json", cmd_status)
+    p = add(sub, "replicas", "the DR mapping: job, step, replica, group, node, GPU UUIDs",
+            "marduk replicas --job 1234", cmd_replicas)
+    p.add_argument("--job", type=int, help="only this Slurm job id")
+    p.add_argument("--node", help="only replicas on this node")
+    p.add_argument("--all", action="store_true", help="include replicas that left")
+    p = add(sub, "nodes", "nodes: Slurm state, drain reason and who set it, GPUs, replicas",
+            "marduk nodes n3", cmd_nodes)
+    p.add_argument("node", nargs="?", help="one node")
+    p = add(sub, "history", "the failure and decision history, oldest first",
+            "marduk history --node n2 --since 2h", cmd_history)
+    p.add_argument("--node", help="only events about this node")
+    p.add_argument("--job", type=int, help="only events about this job")
+    p.add_argument("--since", help="30m, 2h, 1d, unix seconds or ISO time")
+    p.add_argument("--limit", type=int, default=200, help="newest N events (default 200)")
+    p = add(sub, "drain", "drain nodes in Slurm and tell their replicas to leave",
+            'marduk drain n[3-4] reason="swap GPU"', cmd_drain)
+    p.add_argument("words", nargs="*", metavar='NODES reason="..."')
+    p.add_argument("--reason", help="why (the same as reason=...)")
+    p.add_argument("--gpu", help="the GPU UUID this drain is about, for the record")
+    p = add(sub, "resume", "resume nodes that marduk drained (others only with --force)",
+            "marduk resume n3", cmd_resume)
+    p.add_argument("words", nargs="+", metavar="NODES")
+    p.add_argument("--force", action="store_true", help="also resume drains set by others")
+    p = add(sub, "inject", "inject a GPU fault (an XID) for drills",
+            "marduk inject --node n2 --gpu 1 --xid 79", cmd_inject)
+    p.add_argument("--node", required=True)
+    p.add_argument("--gpu", required=True, help="GPU UUID or index on the node")
+    p.add_argument("--xid", type=int, required=True)

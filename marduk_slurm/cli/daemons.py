@@ -1,0 +1,81 @@
+"""Commands that run a daemon in the foreground (`controller`) or inspect settings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from marduk_slurm import settings as settings_mod
+from marduk_slurm.cli import render
+
+DAEMONS = {"controller", "agent"}
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def controller_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "controller.state_dir": args.state_dir,
+        "nats.url": args.nats_url,
+        "controller.log_level": args.log_level,
+        "slurm.backend": args.slurm_backend,
+        "controller.http_listen": args.listen,
+    }
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from marduk_slurm.controller.daemon import Controller
+
+    flags = controller_flags(args)
+    s = settings_mod.from_environment(args.config, flags)
+    setup_logging(s.controller.log_level)
+    controller = Controller(s, reload=lambda: settings_mod.from_environment(args.config, flags))
+    return asyncio.run(controller.run())
+
+
+def cmd_settings_check(args: argparse.Namespace) -> int:
+    path = args.file or args.config or str(settings_mod.DEFAULT_PATH)
+    if not Path(path).exists():
+        raise settings_mod.SettingsError(f"{path}: no such file")
+    settings_mod.load(Path(path), env={})
+    print(f"{path}: ok")
+    return 0
+
+
+def cmd_settings_show(args: argparse.Namespace) -> int:
+    flags = {"controller.state_dir": args.state_dir, "nats.url": args.nats_url}
+    s = settings_mod.from_environment(args.config, flags)
+    data = s.effective()
+    if args.json:
+        render.as_json(data)
+        return 0
+    render.table(["SETTING", "VALUE", "SOURCE"],
+                 [[k, v["value"], v["source"]] for k, v in data.items()])
+    return 0
+
+
+def add_parsers(sub: Any, add: Any) -> None:
+    p = add(sub, "controller", "run the controller daemon in the foreground",
+            "marduk controller --state-dir ./state   # embedded NATS, no Slurm needed",
+            cmd_controller, json_flag=False)
+    p.add_argument("--log-level", choices=settings_mod.LOG_LEVELS)
+    p.add_argument("--slurm-backend", choices=settings_mod.SLURM_BACKENDS)
+    p.add_argument("--listen", help="HTTP address for the dashboard and /metrics")
+    p = add(sub, "settings", "validate or show the daemon settings",
+            "marduk settings check /etc/marduk/marduk.toml", None, json_flag=False)
+    ssub = p.add_subparsers(dest="settings_command", metavar="{check,show}", required=True)
+    c = add(ssub, "check", "validate a settings file (unknown keys are errors)",
+            "marduk settings check /etc/marduk/marduk.toml", cmd_settings_check,
+            json_flag=False)
+    c.add_argument("file", nargs="?", help="the file (default: --config or the default path)")
+    add(ssub, "show", "every effective setting and where it came from",
+        "marduk settings show --json", cmd_settings_show)

@@ -1,0 +1,97 @@
+"""What the controller's parts share: the store (behind its one thread), the bus, counters,
+and carrying out effects after a commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.handlers import Effects, Policy
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+from marduk_slurm.errors import BusError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StoreRunner:
+    """Runs store calls on one dedicated thread, so SQLite never blocks the event loop and
+    the connection is only ever used from one thread."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, fn, *args)
+
+    async def tx(self, fn: Callable[[Store], T]) -> T:
+        """Run `fn(store)` inside one transaction."""
+        def run() -> T:
+            with self.store.transaction():
+                return fn(self.store)
+        return await self(run)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.store.close()
+
+
+class Context:
+    def __init__(self, db: StoreRunner, bus: Bus, policy: Policy) -> None:
+        self.db = db
+        self.bus = bus
+        self.policy = policy
+        self.stats: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.outbox_kick = asyncio.Event()
+        self.started_at = time.time()
+        self.nats_state = "disconnected"
+
+    def reject(self, reason: str, subject: str, detail: str) -> None:
+        self.rejected[reason] += 1
+        log.warning("rejected message on %s: %s %s", subject, reason, detail[:200])
+
+    async def carry_out(self, effects: Effects) -> None:
+        """Publish what a commit decided. A failure here is logged, not raised: the decision
+        is already on record, and a replica that misses a leave command is caught by the
+        next reconcile or by the node drain itself."""
+        if effects.outbox:
+            self.outbox_kick.set()
+        for leave, event_id in effects.leaves:
+            cmd = m.ReplicaCommand(
+                replica_id=leave.replica.replica_id, job_id=leave.replica.job_id,
+                action="leave", reason=leave.reason, immediate=leave.immediate,
+                event_id=event_id, ts=time.time(),
+            )
+            subject = subjects.replica_commands(leave.replica.job_id, leave.replica.replica_group)
+            await self._publish(subject, m.encode(cmd))
+            self.stats["leave_commands"] += 1
+        if effects.feed:
+            await self.publish_feed(effects.feed)
+
+    async def publish_feed(self, event_ids: list[int]) -> None:
+        rows = await self.db(lambda: [self.db.store.event(i) for i in event_ids])
+        for row in rows:
+            if row is None:
+                continue
+            ev = m.FeedEvent(id=row["id"], ts=row["ts"], kind=row["kind"], reason=row["reason"],
+                             node=row["node"], gpu_uuid=row["gpu_uuid"], job_id=row["job_id"],
+                             replica_id=row["replica_id"], evidence=row["evidence"])
+            await self._publish(subjects.FEED, m.encode(ev))
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        try:
+            await self.bus.publish(subject, data)
+        except BusError as exc:
+            self.stats["publish_failures"] += 1
+            log.warning("could not publish on %s: %s", subject, exc)

@@ -1,0 +1,175 @@
+"""The controller daemon: start-up order, supervised tasks, signals, shutdown.
+
+Start-up: open and migrate the database, start the embedded nats-server when no URL is set,
+connect to NATS (retrying), make sure the events stream exists, reconcile with Slurm, start
+the tasks, and only then tell systemd READY=1. SIGTERM stops cleanly; SIGHUP reloads settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+from marduk_slurm import settings as settings_mod
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.adapters.slurm.base import SlurmBackend, make_backend
+from marduk_slurm.adapters.slurm.none import NoSlurm
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.systemd import Notifier
+from marduk_slurm.controller.context import Context, StoreRunner
+from marduk_slurm.controller.handlers import Policy
+from marduk_slurm.controller.ingest import EventIngest, HeartbeatWriter
+from marduk_slurm.controller.operations import Operations
+from marduk_slurm.controller.outbox import OutboxWorker
+from marduk_slurm.controller.reconcile import Reconciler
+from marduk_slurm.controller.rpc import RpcServer
+from marduk_slurm.controller.supervisor import Supervisor
+from marduk_slurm.domain.gpu_health import FaultPolicy
+from marduk_slurm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NATS_URL_FILE = "nats.url"
+
+
+def build_slurm(s: Settings) -> SlurmBackend:
+    if s.slurm.backend == "none":
+        return NoSlurm()
+    return make_backend(s.slurm.backend, timeout_s=s.slurm.command_timeout_s,
+                        slurm_conf=s.slurm.conf or None)
+
+
+def fault_policy(s: Settings) -> FaultPolicy:
+    return FaultPolicy.from_settings(
+        drain_xids=s.policy.drain_xids, app_xids=s.policy.app_xids,
+        ignore_xids=s.policy.ignore_xids, reset_xids=s.policy.reset_xids,
+    )
+
+
+class Controller:
+    def __init__(self, settings: Settings, *, slurm: SlurmBackend | None = None,
+                 notifier: Notifier | None = None, reload: object = None) -> None:
+        self.settings = settings
+        self.slurm = slurm or build_slurm(settings)
+        self.notifier = notifier or Notifier()
+        self.reload_settings = reload  # callable returning fresh Settings, for SIGHUP
+        self.state_dir = Path(settings.controller.state_dir)
+        self.nats_server: NatsServerProcess | None = None
+        self.stop_event = asyncio.Event()
+        self.supervisor = Supervisor(max_restarts=settings.controller.task_max_restarts,
+                                     window_s=settings.controller.task_restart_window_s)
+
+    async def _start_nats(self) -> str:
+        if self.settings.nats.url:
+            return self.settings.nats.url
+        self.notifier.status("starting embedded nats-server")
+        self.nats_server = NatsServerProcess(self.state_dir / "nats")
+        url = await asyncio.to_thread(self.nats_server.start)
+        (self.state_dir / NATS_URL_FILE).write_text(url + "\n")
+        log.info("embedded nats-server at %s (JetStream in %s)", url, self.state_dir / "nats")
+        return url
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or a task that keeps crashing (exit 1)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.notifier.status("opening database")
+        store = Store(self.settings.database_path)
+        version = await asyncio.to_thread(store.migrate)
+        log.info("database %s at schema version %d", self.settings.database_path, version)
+        db = StoreRunner(store)
+        bus = Bus("", name="marduk-controller", creds=self.settings.nats.creds,
+                  connect_timeout_s=self.settings.nats.connect_timeout_s)
+        ctx = Context(db, bus, Policy(self.settings.slurm.reason_prefix,
+                                      self.settings.controller.leave_on_drain))
+        bus.on_state = lambda state: setattr(ctx, "nats_state", state)
+        try:
+            bus.url = await self._start_nats()
+            self.notifier.status(f"connecting to NATS at {bus.url}")
+            await bus.connect(retry=True)
+            await bus.ensure_events_stream(replicas=self.settings.nats.stream_replicas,
+                                           max_age_s=self.settings.nats.stream_max_age_s)
+            return await self._serve(ctx)
+        finally:
+            await self._shutdown(ctx)
+
+    async def _serve(self, ctx: Context) -> int:
+        c = self.settings.controller
+        reconciler = Reconciler(ctx, self.slurm, interval_s=c.reconcile_interval_s)
+        self.notifier.status("reconciling with Slurm")
+        if not await reconciler.reconcile_once():
+            log.warning("starting without a first Slurm reconcile: %s", reconciler.last_error)
+        ops = Operations(ctx, self.slurm, fault_policy(self.settings), reconciler.refresh_nodes)
+        self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
+        self.ctx, self.ops = ctx, ops
+        sup = self.supervisor
+        sup.start("ingest", EventIngest(ctx).run)
+        sup.start("heartbeats", self.heartbeats.run)
+        sup.start("outbox", OutboxWorker(ctx, self.slurm, retry_max_s=c.outbox_retry_max_s).run)
+        sup.start("reconcile", reconciler.run)
+        sup.start("rpc", RpcServer(ctx, ops).run)
+        sup.start("housekeeping", lambda: self._housekeeping(ctx))
+        self._install_signals()
+        self.notifier.ready(f"ready: NATS {ctx.bus.url}, Slurm backend {self.slurm.name}")
+        log.info("controller ready (NATS %s, Slurm backend %s)", ctx.bus.url, self.slurm.name)
+        stop = asyncio.create_task(self.stop_event.wait())
+        fatal = asyncio.create_task(sup.fatal.wait())
+        await asyncio.wait([stop, fatal], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        fatal.cancel()
+        return 1 if sup.fatal.is_set() else 0
+
+    async def _housekeeping(self, ctx: Context) -> None:
+        """Watchdog pings from the main loop (a stuck loop stops them) and pruning."""
+        period = self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else 5.0
+        last_prune = 0.0
+        while True:
+            self.notifier.watchdog()
+            if time.time() - last_prune > 3600:
+                cutoff = time.time() - self.settings.nats.stream_max_age_s
+                await ctx.db.tx(lambda store, cutoff=cutoff: store.prune_ingested(cutoff))
+                last_prune = time.time()
+            await asyncio.sleep(min(period, 5.0))
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+
+    def _reload(self) -> None:
+        if not callable(self.reload_settings):
+            return
+        self.notifier.reloading()
+        try:
+            new = self.reload_settings()
+        except settings_mod.SettingsError as exc:
+            log.error("reload refused, keeping current settings: %s", exc)
+            self.notifier.ready("reload refused")
+            return
+        changed = [k for k, v in new.effective().items()
+                   if v["value"] != self.settings.effective()[k]["value"]]
+        logging.getLogger().setLevel(new.controller.log_level.upper())
+        self.ctx.policy = Policy(new.slurm.reason_prefix, new.controller.leave_on_drain)
+        self.ops.fault_policy = fault_policy(new)
+        self.settings = new
+        log.info("settings reloaded; changed: %s (NATS, database and Slurm settings take "
+                 "effect at the next restart)", ", ".join(changed) or "nothing")
+        self.notifier.ready("settings reloaded")
+
+    async def _shutdown(self, ctx: Context) -> None:
+        self.notifier.stopping("stopping")
+        log.info("controller stopping")
+        await self.supervisor.stop()
+        heartbeats = getattr(self, "heartbeats", None)
+        if heartbeats is not None:
+            await heartbeats.flush()
+        await ctx.bus.close()
+        await asyncio.to_thread(ctx.db.close)
+        if self.nats_server is not None:
+            await asyncio.to_thread(self.nats_server.stop)
+            (self.state_dir / NATS_URL_FILE).unlink(missing_ok=True)
+        log.info("controller stopped")

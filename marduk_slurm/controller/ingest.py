@@ -1,0 +1,161 @@
+"""Getting messages in: durable events from JetStream, heartbeats from core NATS.
+
+Durable events are fetched in batches, applied in one SQLite transaction per batch, and
+acknowledged only after the commit. Redelivered messages (the controller died between commit
+and ack) are recognised by their stream sequence and skipped. Malformed messages are committed
+as rejections and acknowledged too: redelivering them would never make them valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from typing import Any
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.context import Context
+from marduk_slurm.controller.handlers import Effects, apply_message
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+from marduk_slurm.errors import ProtocolError, StoreError
+
+log = logging.getLogger(__name__)
+
+DURABLE_NAME = "marduk-controller"
+
+
+class EventIngest:
+    def __init__(self, ctx: Context, *, batch: int = 256) -> None:
+        self.ctx = ctx
+        self.batch = batch
+
+    async def run(self) -> None:
+        psub = await self.ctx.bus.durable_consumer(DURABLE_NAME)
+        while True:
+            try:
+                msgs = await psub.fetch(self.batch, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                raise
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("fetch from %s failed: %s", subjects.EVENTS_STREAM, exc)
+                await asyncio.sleep(0.5)
+                continue
+            await self.process(msgs)
+
+    async def process(self, msgs: list[Msg]) -> None:
+        items = [(_seq(msg), msg.subject, bytes(msg.data)) for msg in msgs]
+        effects, rejected = await self.ctx.db.tx(lambda store: self._apply(store, items))
+        for reason, subject, detail in rejected:
+            self.ctx.reject(reason, subject, detail)
+        for msg in msgs:  # only now, after the commit
+            try:
+                await msg.ack()
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("ack failed (message will be redelivered and skipped): %s", exc)
+        self.ctx.stats["events_ingested"] += len(msgs) - len(rejected)
+        await self.ctx.carry_out(effects)
+
+    def _apply(self, store: Store, items: list[tuple[int, str, bytes]]
+               ) -> tuple[Effects, list[tuple[str, str, str]]]:
+        effects = Effects()
+        rejected: list[tuple[str, str, str]] = []
+        now = time.time()
+        for seq, subject, data in items:
+            if seq and store.already_ingested(seq):
+                self.ctx.stats["events_redelivered"] += 1
+                continue
+            try:
+                msg = m.decode_durable(data)
+                check_subject(subject, msg)
+            except ProtocolError as exc:
+                store.count_rejection(exc.reason, subject, exc.detail, now)
+                rejected.append((exc.reason, subject, exc.detail))
+            else:
+                effects.extend(apply_message(store, msg, now, self.ctx.policy))
+            if seq:
+                store.mark_ingested(seq, now)
+        return effects, rejected
+
+
+def _seq(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.sequence.stream)
+    except (AttributeError, ValueError, TypeError, nats.errors.Error):
+        return 0
+
+
+def check_subject(subject: str, msg: Any) -> None:
+    """The subject names the node or job the message is about; they must agree, so that
+    NATS permissions on subjects also bind the content (an agent cannot speak for another
+    node, a job for another job)."""
+    parts = subject.split(".")
+    if len(parts) != 6 or parts[2] != "evt":
+        raise ProtocolError("bad_subject", subject)
+    scope, key, kind = parts[3], parts[4], parts[5]
+    if kind != msg.__struct_config__.tag:
+        raise ProtocolError("subject_mismatch", f"{kind} subject carries {type(msg).__name__}")
+    if scope == "node" and getattr(msg, "node", None) == key:
+        return
+    if scope == "job" and str(getattr(msg, "job_id", "")) == key:
+        return
+    raise ProtocolError("subject_mismatch", f"{subject} does not match the message's {scope}")
+
+
+class HeartbeatWriter:
+    """Decode heartbeats as they arrive; write them behind, in one transaction per period."""
+
+    def __init__(self, ctx: Context, *, flush_ms: int = 50) -> None:
+        self.ctx = ctx
+        self.flush_s = flush_ms / 1000.0
+        self.pending: dict[str, m.Heartbeat] = {}
+        self.received = 0
+        self.written = 0
+        self.last_lag_ms = 0.0
+
+    async def on_message(self, msg: Msg) -> None:
+        try:
+            hb = m.decode_heartbeat(msg.data)
+        except ProtocolError as exc:
+            self.ctx.reject(exc.reason, msg.subject, exc.detail)
+            return
+        if msg.subject != subjects.heartbeat(hb.job_id):
+            self.ctx.reject("subject_mismatch", msg.subject, "heartbeat of another job")
+            return
+        self.received += 1
+        # Newer beats of one replica replace older ones: the row keeps the latest state.
+        self.pending[hb.replica_id] = hb
+
+    async def run(self) -> None:
+        await self.ctx.bus.subscribe(subjects.HEARTBEATS_ALL, self.on_message)
+        while True:
+            await asyncio.sleep(self.flush_s)
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        batch, self.pending = list(self.pending.values()), {}
+        now = time.time()
+
+        def write(store: Store) -> int:
+            return store.write_heartbeats(batch, now)
+
+        try:
+            await self.ctx.db.tx(write)
+        except (sqlite3.Error, StoreError) as exc:
+            # Keep the batch for the next period unless a newer beat replaced it meanwhile.
+            for hb in batch:
+                self.pending.setdefault(hb.replica_id, hb)
+            self.ctx.stats["heartbeat_flush_failures"] += 1
+            log.warning("heartbeat write-behind failed, retrying next period: %s", exc)
+            return
+        self.written += len(batch)
+        oldest = min(b.ts for b in batch) if batch else now
+        self.last_lag_ms = max(0.0, (time.time() - oldest) * 1000) if oldest else 0.0

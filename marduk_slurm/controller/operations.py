@@ -1,0 +1,204 @@
+"""Operator actions (drain, resume, inject) and the summaries the CLI shows.
+
+Every action is first a committed decision (an event row, outbox rows), then carried out; the
+reply waits a few seconds for Slurm to confirm, and otherwise says the action is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from marduk_slurm.adapters.slurm.base import SlurmBackend
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.context import Context
+from marduk_slurm.controller.handlers import Effects, queue_drain, queue_leaves, replica_refs
+from marduk_slurm.domain import hostlist, subjects
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain.fault_response import may_resume, respond_to_operator_drain
+from marduk_slurm.domain.gpu_health import FaultPolicy, GpuReading
+from marduk_slurm.errors import BusError, BusTimeout, NotFound
+
+
+class Operations:
+    def __init__(self, ctx: Context, slurm: SlurmBackend, fault_policy: FaultPolicy,
+                 refresh_nodes: Any) -> None:
+        self.ctx = ctx
+        self.slurm = slurm
+        self.fault_policy = fault_policy
+        self.refresh_nodes = refresh_nodes  # async () -> None: read nodes back from Slurm
+
+    async def _known_nodes(self, expr: str) -> list[str]:
+        names = hostlist.expand(expr)
+        known = {n["name"] for n in await self.ctx.db(self.ctx.db.store.nodes)}
+        if set(names) - known:
+            await self.refresh_nodes()
+            known = {n["name"] for n in await self.ctx.db(self.ctx.db.store.nodes)}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise NotFound(f"unknown node(s): {hostlist.compress(unknown)} "
+                           f"(known: {hostlist.compress(sorted(known)) or 'none'})")
+        return names
+
+    async def drain(self, expr: str, reason: str, *, actor: str, gpu: str | None,
+                    wait_s: float) -> dict[str, Any]:
+        names = await self._known_nodes(expr)
+        now = time.time()
+        prefix = self.ctx.policy.reason_prefix
+        full_reason = reason if reason.startswith(prefix + ":") else f"{prefix}: {reason}"
+
+        def decide(store: Store) -> tuple[Effects, list[int]]:
+            effects, ids = Effects(), []
+            for node in names:
+                eid = store.add_event("operator_drain", now=now, source=actor, node=node,
+                                      gpu_uuid=gpu, reason=reason, evidence={"nodes": expr})
+                ids.append(eid)
+                effects.feed.append(eid)
+                queue_drain(store, node, f"{full_reason} event={eid}", eid, actor, now, effects)
+                leaves = respond_to_operator_drain(
+                    replicas_on_node=replica_refs(store.replicas(node=node)), reason=reason,
+                    leave_on_drain=self.ctx.policy.leave_on_drain)
+                queue_leaves(store, leaves, eid, actor, now, effects)
+            return effects, ids
+
+        effects, ids = await self.ctx.db.tx(decide)
+        await self.ctx.carry_out(effects)
+        return {"nodes": names, "events": ids, "leaves": len(effects.leaves),
+                "slurm": await self._await_outbox("drain", names, wait_s)}
+
+    async def resume(self, expr: str, *, actor: str, force: bool, wait_s: float
+                     ) -> dict[str, Any]:
+        names = await self._known_nodes(expr)
+        await self.refresh_nodes()  # judge on what Slurm says now, not on an old copy
+        rows = {n["name"]: n for n in await self.ctx.db(self.ctx.db.store.nodes)}
+        refused = {}
+        for node in names:
+            row = rows[node]
+            allowed, why = may_resume(drained_by_marduk=row["drained_by_marduk"],
+                                      reason=row["reason"], reason_user=row["reason_user"],
+                                      force=force)
+            if not allowed:
+                refused[node] = why
+        if refused:
+            raise ValueError("; ".join(f"{n}: {why}" for n, why in refused.items()))
+        now = time.time()
+
+        def decide(store: Store) -> Effects:
+            effects = Effects()
+            for node in names:
+                store.cancel_pending("drain", node, now)
+                eid = store.add_event("operator_resume", now=now, source=actor, node=node,
+                                      reason="forced" if force else "resume",
+                                      evidence={"previous_reason": rows[node]["reason"]})
+                store.enqueue_slurm_action("resume", node, "", eid, now)
+                effects.feed.append(eid)
+            effects.outbox = True
+            return effects
+
+        await self.ctx.carry_out(await self.ctx.db.tx(decide))
+        return {"nodes": names, "slurm": await self._await_outbox("resume", names, wait_s)}
+
+    async def _await_outbox(self, kind: str, names: list[str], wait_s: float) -> dict[str, str]:
+        """Wait up to `wait_s` for Slurm to confirm; report per node."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while True:
+            rows = await self.ctx.db(self.ctx.db.store.latest_actions, kind)
+            states = {r["node"]: (r["state"], r["last_error"]) for r in rows
+                      if r["node"] in names}
+            if all(s[0] != "pending" for s in states.values()) or time.monotonic() > deadline:
+                return {n: _describe(states.get(n, ("done", ""))) for n in names}
+            await asyncio.sleep(0.02)
+
+    async def inject(self, node: str, gpu: str, xid: int, *, actor: str, at: float
+                     ) -> dict[str, Any]:
+        """Fault injection for drills: through the node's agent when one answers (the same
+        verdict code as a real XID), else as the verdict an agent would publish."""
+        request = m.Request(args={"gpu": gpu, "xid": xid}, actor=actor)
+        try:
+            raw = await self.ctx.bus.request(subjects.agent_rpc(node, "inject"),
+                                             m.encode(request), timeout_s=2.0)
+            reply = m.decode_reply(raw)
+            if not reply.ok:
+                raise ValueError(f"agent on {node}: {reply.error}")
+            return {"via": "agent", **(reply.data or {})}
+        except (BusError, BusTimeout):
+            pass
+        uuid, index = await self._resolve_gpu(node, gpu)
+        # The same policy code an agent runs on a real XID.
+        verdict = self.fault_policy.evaluate(
+            GpuReading(uuid=uuid, index=-1 if index is None else index, node=node, xids=(xid,)))
+        msg = m.Verdict(node=node, gpu_uuid=uuid, gpu_index=index, action=verdict.action,
+                        reason=verdict.reason, xid=xid, ts=at, source="inject",
+                        evidence={**verdict.evidence, "injected_by": actor})
+        seq = await self.ctx.bus.publish_durable(subjects.node_event(node, "verdict"),
+                                                 m.encode(msg))
+        return {"via": "bus", "gpu_uuid": uuid, "action": verdict.action.value,
+                "reason": verdict.reason, "stream_seq": seq}
+
+    async def _resolve_gpu(self, node: str, gpu: str) -> tuple[str, int | None]:
+        gpus = await self.ctx.db(self.ctx.db.store.gpus, node)
+        if gpu.isdigit():
+            for row in gpus:
+                if row["idx"] == int(gpu):
+                    return row["uuid"], row["idx"]
+            raise NotFound(f"no GPU with index {gpu} known on {node} "
+                           f"(known: {', '.join(str(g['idx']) for g in gpus) or 'none'})")
+        for row in gpus:
+            if row["uuid"] == gpu:
+                return row["uuid"], row["idx"]
+        return gpu, None  # a UUID we have not seen yet is still a valid target
+
+    async def nodes(self, name: str | None) -> list[dict[str, Any]]:
+        def read(store: Store) -> list[dict[str, Any]]:
+            out = []
+            for node in store.nodes():
+                if name and node["name"] != name:
+                    continue
+                node["gpus"] = store.gpus(node["name"])
+                node["replicas"] = [r["replica_id"] for r in store.replicas(node=node["name"])]
+                out.append(node)
+            return out
+        rows = await self.ctx.db(lambda: read(self.ctx.db.store))
+        if name and not rows:
+            raise NotFound(f"unknown node {name}")
+        return rows
+
+    async def status(self) -> dict[str, Any]:
+        def read(store: Store) -> dict[str, Any]:
+            q = store.conn.execute
+            return {
+                "nodes": q("SELECT COUNT(*) FROM nodes").fetchone()[0],
+                "nodes_drained": q("SELECT COUNT(*) FROM nodes WHERE flags LIKE '%DRAIN%'"
+                                   ).fetchone()[0],
+                "nodes_drained_by_marduk": q("SELECT COUNT(*) FROM nodes WHERE "
+                                             "drained_by_marduk=1").fetchone()[0],
+                "gpus": q("SELECT COUNT(*) FROM gpus").fetchone()[0],
+                "jobs_active": q("SELECT COUNT(DISTINCT job_id) FROM replicas WHERE "
+                                 "state!='left'").fetchone()[0],
+                "replicas_active": q("SELECT COUNT(*) FROM replicas WHERE state!='left'"
+                                     ).fetchone()[0],
+                "events": q("SELECT COUNT(*) FROM events").fetchone()[0],
+                "outbox_pending": q("SELECT COUNT(*) FROM outbox WHERE state='pending'"
+                                    ).fetchone()[0],
+                "rejected_total": sum(store.rejections().values()),
+            }
+        data = await self.ctx.db(lambda: read(self.ctx.db.store))
+        data.update({
+            "uptime_s": round(time.time() - self.ctx.started_at, 1),
+            "nats": self.ctx.nats_state,
+            "slurm_backend": self.slurm.name,
+            "slurm_calls": self.slurm.stats(),
+            "counters": dict(self.ctx.stats),
+            "rejected": dict(self.ctx.rejected),
+        })
+        return data
+
+
+def _describe(state: tuple[str, str]) -> str:
+    status, error = state
+    if status == "pending":
+        return f"queued, will retry: {error}" if error else "queued"
+    if status == "failed":
+        return f"failed: {error}"
+    return "done"

@@ -1,0 +1,128 @@
+"""The outbox worker: carries queued Slurm actions out until Slurm confirms them.
+
+Actions are rows written in the same transaction as the decision that caused them, so a
+controller restart or a dead slurmctld loses none: an unreachable slurmctld means retry with
+capped backoff; a permanent refusal (unknown node) is recorded as a failed action and an event.
+Actions due together with the same kind and reason go to Slurm in one call (a hostlist).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from marduk_slurm.adapters.slurm.base import SlurmBackend
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.context import Context
+from marduk_slurm.errors import SlurmError, SlurmUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class OutboxWorker:
+    def __init__(self, ctx: Context, slurm: SlurmBackend, *, retry_max_s: float = 30.0,
+                 concurrency: int = 8) -> None:
+        self.ctx = ctx
+        self.slurm = slurm
+        self.retry_max_s = retry_max_s
+        self.limit = asyncio.Semaphore(concurrency)
+
+    async def run(self) -> None:
+        while True:
+            await self.run_once()
+            next_due = await self.ctx.db(self.ctx.db.store.next_action_due)
+            wait = 60.0 if next_due is None else max(0.0, next_due - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ctx.outbox_kick.wait(), timeout=wait)
+            self.ctx.outbox_kick.clear()
+
+    async def run_once(self) -> int:
+        actions = await self.ctx.db(self.ctx.db.store.due_actions, time.time())
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for action in actions:
+            groups[(action["kind"], action["reason"])].append(action)
+        await asyncio.gather(*(self._carry_out(kind, reason, group)
+                               for (kind, reason), group in groups.items()))
+        return len(actions)
+
+    async def _carry_out(self, kind: str, reason: str, group: list[dict[str, Any]]) -> None:
+        nodes = sorted({a["node"] for a in group})
+        async with self.limit:
+            try:
+                if kind == "drain":
+                    await self.slurm.drain(nodes, reason)
+                elif kind == "resume":
+                    await self.slurm.resume(nodes)
+                else:
+                    raise SlurmError(f"unknown outbox action {kind!r}")
+            except SlurmUnavailable as exc:
+                await self._retry(group, str(exc))
+                return
+            except SlurmError as exc:
+                if len(group) > 1:  # one bad node must not sink the others: go one by one
+                    for action in group:
+                        await self._carry_out(kind, reason, [action])
+                    return
+                await self._failed(group[0], str(exc))
+                return
+        await self._done(kind, group)
+
+    async def _done(self, kind: str, group: list[dict[str, Any]]) -> None:
+        now = time.time()
+
+        def commit(store: Store) -> list[int]:
+            ids = []
+            for action in group:
+                store.complete_action(action["id"], now)
+                if kind == "drain":
+                    store.mark_node_drained(action["node"], action["reason"],
+                                            action["event_id"], now)
+                else:
+                    store.mark_node_resumed(action["node"], now)
+                ids.append(store.add_event(
+                    "drained" if kind == "drain" else "resumed", now=now, source="slurm",
+                    node=action["node"], reason=action["reason"],
+                    evidence={"outbox_id": action["id"], "cause_event": action["event_id"],
+                              "attempts": action["attempts"] + 1,
+                              "queued_s": round(now - action["created_at"], 4),
+                              "batch": len(group)},
+                ))
+            return ids
+
+        ids = await self.ctx.db.tx(commit)
+        self.ctx.stats[f"slurm_{kind}s"] += len(group)
+        await self.ctx.publish_feed(ids)
+
+    async def _retry(self, group: list[dict[str, Any]], error: str) -> None:
+        attempts = max(a["attempts"] for a in group) + 1
+        delay = min(0.5 * 2 ** (attempts - 1), self.retry_max_s)
+        log.warning("Slurm unavailable for %d action(s), retry %d in %.1f s: %s", len(group),
+                    attempts, delay, error)
+        next_at = time.time() + delay
+
+        def commit(store: Store) -> None:
+            for action in group:
+                store.retry_action(action["id"], error, next_at)
+
+        await self.ctx.db.tx(commit)
+        self.ctx.stats["slurm_retries"] += len(group)
+
+    async def _failed(self, action: dict[str, Any], error: str) -> None:
+        now = time.time()
+        log.error("Slurm refused %s of %s: %s", action["kind"], action["node"], error)
+
+        def commit(store: Store) -> int:
+            store.fail_action(action["id"], error, now)
+            return store.add_event(
+                f"{action['kind']}_failed", now=now, source="slurm", node=action["node"],
+                reason=error[:500], evidence={"outbox_id": action["id"],
+                                              "cause_event": action["event_id"]},
+            )
+
+        eid = await self.ctx.db.tx(commit)
+        self.ctx.stats["slurm_failures"] += 1
+        await self.ctx.publish_feed([eid])

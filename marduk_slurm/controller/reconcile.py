@@ -1,0 +1,87 @@
+"""Reconciliation with Slurm: node states and drains as Slurm has them, steps that ended.
+
+Drains set by someone else are recorded (and shown) but never undone. Steps that Slurm no
+longer runs leave the mapping, so a lost step-end report cannot leave stale rows behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from marduk_slurm.adapters.slurm.base import SlurmBackend, SlurmNode, SlurmStep
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.context import Context
+from marduk_slurm.errors import SlurmError
+
+log = logging.getLogger(__name__)
+
+# A step reported by SPANK may not be visible in squeue yet; give it this long.
+STEP_GRACE_S = 30.0
+
+
+class Reconciler:
+    def __init__(self, ctx: Context, slurm: SlurmBackend, *, interval_s: float) -> None:
+        self.ctx = ctx
+        self.slurm = slurm
+        self.interval_s = interval_s
+        self.last_ok: float | None = None
+        self.last_error = ""
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.reconcile_once()
+
+    async def reconcile_once(self) -> bool:
+        """One pass; returns False (and keeps going) when Slurm cannot be read."""
+        try:
+            await self.refresh_nodes()
+            await self.reconcile_steps(await self.slurm.list_steps())
+        except SlurmError as exc:
+            self.last_error = str(exc)
+            self.ctx.stats["reconcile_failures"] += 1
+            log.warning("reconcile with Slurm failed: %s", exc)
+            return False
+        self.last_ok = time.time()
+        self.last_error = ""
+        self.ctx.stats["reconciles"] += 1
+        return True
+
+    async def refresh_nodes(self) -> None:
+        nodes = await self.slurm.list_nodes()
+        await self.ctx.db.tx(lambda store: self._write_nodes(store, nodes))
+
+    def _write_nodes(self, store: Store, nodes: list[SlurmNode]) -> None:
+        now = time.time()
+        for node in nodes:
+            store.update_node_from_slurm(
+                node.name, str(node.state), [str(f) for f in node.flags], node.reason or "",
+                node.reason_user or "", now, self.ctx.policy.reason_prefix,
+            )
+
+    async def reconcile_steps(self, steps: list[SlurmStep]) -> None:
+        live = {(s.job_id, s.step_id, n) for s in steps for n in s.nodes}
+        live_jobs = {s.job_id for s in steps}
+        now = time.time()
+
+        def write(store: Store) -> list[int]:
+            ids = []
+            for row in store.running_steps():
+                key = (row["job_id"], row["step_id"], row["node"])
+                if key in live or now - row["started_at"] < STEP_GRACE_S:
+                    continue
+                if row["step_id"] >= 0xFFFFFFF0 and row["job_id"] in live_jobs:
+                    continue  # batch/extern steps are not listed as steps by every Slurm
+                gone = store.end_step(*key, None, now)
+                ids.append(store.add_event(
+                    "step_gone", now=now, source="reconcile", node=row["node"],
+                    job_id=row["job_id"],
+                    reason=f"step {row['job_id']}.{row['step_id']} no longer runs in Slurm",
+                    evidence={"replicas_removed": gone}))
+            return ids
+
+        ids = await self.ctx.db.tx(write)
+        if ids:
+            await self.ctx.publish_feed(ids)

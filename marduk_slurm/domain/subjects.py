@@ -1,0 +1,69 @@
+"""NATS subjects of protocol version 1, in one place.
+
+Subjects carry the node or job they are about, so that NATS permissions can scope an agent to
+its node and a training job to its job (see docs/security.md).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "marduk.v1"
+
+# Durable events (JetStream stream EVENTS_STREAM): acknowledged only after the SQLite commit.
+EVENTS_STREAM: Final = "MARDUK_EVENTS"
+EVENTS_ALL: Final = f"{PREFIX}.evt.>"
+# Heartbeats: core NATS, written behind in batches.
+HEARTBEATS_ALL: Final = f"{PREFIX}.hb.>"
+# The controller's event feed, for dashboards and `marduk history --follow`.
+FEED: Final = f"{PREFIX}.feed.event"
+
+
+def node_event(node: str, kind: str) -> str:
+    """step_start, step_end, verdict, gpu_inventory from the agent of `node`."""
+    return f"{PREFIX}.evt.node.{node}.{kind}"
+
+
+def job_event(job_id: int, kind: str) -> str:
+    """replica_register, replica_leave, config_ack from a replica of `job_id`."""
+    return f"{PREFIX}.evt.job.{job_id}.{kind}"
+
+
+def heartbeat(job_id: int) -> str:
+    return f"{PREFIX}.hb.{job_id}"
+
+
+def node_health(node: str) -> str:
+    """The agent's periodic health summary (core NATS, not persisted)."""
+    return f"{PREFIX}.health.{node}"
+
+
+def job_commands(job_id: int) -> str:
+    """Config revisions broadcast to every replica of a job."""
+    return f"{PREFIX}.cmd.job.{job_id}"
+
+
+def replica_commands(job_id: int, replica_group: int) -> str:
+    """Commands for one replica group of a job (leave)."""
+    return f"{PREFIX}.cmd.replica.{job_id}.{replica_group}"
+
+
+def rpc(verb: str) -> str:
+    """Operator request/reply (the CLI)."""
+    return f"{PREFIX}.rpc.{verb}"
+
+
+RPC_ALL: Final = f"{PREFIX}.rpc.*"
+
+
+def job_rpc(job_id: int, verb: str) -> str:
+    """Requests a training job may make about itself (fetch the latest config)."""
+    return f"{PREFIX}.jobrpc.{job_id}.{verb}"
+
+
+JOB_RPC_ALL: Final = f"{PREFIX}.jobrpc.*.*"
+
+
+def agent_rpc(node: str, verb: str) -> str:
+    """Requests to the agent of one node (fault injection through its own policy)."""
+    return f"{PREFIX}.agent.{node}.{verb}"

@@ -1,0 +1,48 @@
+"""The one error hierarchy of marduk-slurm.
+
+Every error the project raises on purpose derives from `MardukError`, and also from the stdlib
+type it resembles, so callers can catch either.
+"""
+
+from __future__ import annotations
+
+
+class MardukError(Exception):
+    """Base class of every marduk-slurm error."""
+
+
+class SettingsError(MardukError, ValueError):
+    """A settings file, environment variable or flag is wrong (names the source and key)."""
+
+
+class ProtocolError(MardukError, ValueError):
+    """An inbound message is malformed; `reason` is a short counter label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class NotFound(MardukError, LookupError):
+    """A node, job or replica that the request names does not exist."""
+
+
+class BusError(MardukError, ConnectionError):
+    """NATS is unreachable or refused an operation."""
+
+
+class BusTimeout(MardukError, TimeoutError):
+    """A NATS request got no answer in time."""
+
+
+class SlurmError(MardukError, RuntimeError):
+    """A Slurm command or API call failed."""
+
+
+class SlurmUnavailable(SlurmError, ConnectionError):
+    """slurmctld cannot be reached; the action should be retried later."""
+
+
+class StoreError(MardukError, RuntimeError):
+    """The SQLite store failed (locked, disk full, corrupt)."""

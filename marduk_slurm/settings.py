@@ -1,0 +1,247 @@
+"""Daemon settings: one TOML file, then ``MARDUK_<SECTION>_<KEY>`` environment, then flags.
+
+Each layer overrides the one before. Every effective value remembers where it came from, so
+``marduk settings show`` can say it. An unknown section or key is an error that names the file
+(or variable) and the key: a typo must never be silently ignored.
+
+The schema is the dataclasses below; adding a setting is adding a field with a default and a
+one-line comment (which becomes its help text in docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from marduk_slurm.errors import SettingsError
+
+DEFAULT_PATH = Path("/etc/marduk/marduk.toml")
+ENV_PREFIX = "MARDUK_"
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerSettings:
+    state_dir: str = "/var/lib/marduk"  # SQLite database, embedded NATS store, nats.url
+    database: str = ""  # default: <state_dir>/marduk.db
+    log_level: str = "info"  # debug, info, warning, error
+    http_listen: str = "127.0.0.1:9108"  # dashboard, /metrics and the HTTP API
+    heartbeat_flush_ms: int = 50  # write-behind period of heartbeats
+    reconcile_interval_s: float = 30.0  # how often Slurm state is read back
+    outbox_retry_max_s: float = 30.0  # longest wait between retries of a Slurm action
+    leave_on_drain: bool = True  # tell replicas on a drained node to leave
+    task_max_restarts: int = 5  # crashes of one task within task_restart_window_s before exit
+    task_restart_window_s: float = 60.0
+    watchdog: bool = True  # ping systemd's watchdog from the main loop when asked to
+
+
+@dataclasses.dataclass(frozen=True)
+class NatsSettings:
+    url: str = ""  # empty: start the embedded nats-server in the state directory
+    creds: str = ""  # NATS credentials file of this process
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 5.0
+    stream_replicas: int = 1  # JetStream replicas of the events stream on a NATS cluster
+    stream_max_age_s: float = 7 * 24 * 3600.0  # events stream retention
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmSettings:
+    backend: str = "auto"  # auto (pyslurm when importable), commands, pyslurm, none
+    conf: str = ""  # SLURM_CONF for the Slurm commands; empty: Slurm's default
+    command_timeout_s: float = 10.0
+    reason_prefix: str = "marduk"  # drain reasons start with it; it marks drains Marduk set
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSettings:
+    node: str = ""  # this node's Slurm name; default: the short host name
+    socket: str = "/run/marduk/agent.sock"  # where the SPANK plugin reports steps
+    simulate_gpus: int = 0  # present N simulated GPUs instead of NVML
+    poll_interval_s: float = 5.0  # NVML health poll
+    nvml_timeout_s: float = 2.0  # time limit of one NVML call
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySettings:
+    drain_xids: list[int] = dataclasses.field(
+        default_factory=lambda: [48, 64, 74, 79, 95, 119, 120]
+    )
+    reset_xids: list[int] = dataclasses.field(default_factory=list)
+    app_xids: list[int] = dataclasses.field(default_factory=lambda: [13, 31, 43, 94])
+    ignore_xids: list[int] = dataclasses.field(default_factory=lambda: [63, 92])
+
+
+SECTIONS: dict[str, type] = {
+    "controller": ControllerSettings,
+    "nats": NatsSettings,
+    "slurm": SlurmSettings,
+    "agent": AgentSettings,
+    "policy": PolicySettings,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    controller: ControllerSettings
+    nats: NatsSettings
+    slurm: SlurmSettings
+    agent: AgentSettings
+    policy: PolicySettings
+    sources: Mapping[str, str]  # "section.key" -> "default" | file path | env var | "flag"
+
+    @property
+    def database_path(self) -> Path:
+        db = self.controller.database
+        return Path(db) if db else Path(self.controller.state_dir) / "marduk.db"
+
+    def effective(self) -> dict[str, dict[str, Any]]:
+        """Every value with its source, for `marduk settings show`."""
+        out: dict[str, dict[str, Any]] = {}
+        for section in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                name = f"{section}.{key}"
+                out[name] = {"value": value, "source": self.sources.get(name, "default")}
+        return out
+
+
+def _convert(value: Any, kind: Any, where: str) -> Any:
+    """Check a TOML value, or convert an environment string, to the field's type."""
+    is_str = isinstance(value, str)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if is_str and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if is_str and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if is_str:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if is_str:
+            return value
+    elif kind == list[int]:
+        items = value.split(",") if is_str else value
+        if isinstance(items, list):
+            try:
+                return [int(str(i).strip()) for i in items if str(i).strip()]
+            except ValueError:
+                pass
+    raise SettingsError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _fields(section: str) -> dict[str, Any]:
+    return get_type_hints(SECTIONS[section])
+
+
+def _apply(values: dict[str, dict[str, Any]], sources: dict[str, str], section: str,
+           key: str, raw: Any, origin: str) -> None:
+    if section not in SECTIONS:
+        raise SettingsError(f"{origin}: unknown section [{section}] (valid: {', '.join(SECTIONS)})")
+    fields = _fields(section)
+    if key not in fields:
+        raise SettingsError(
+            f"{origin}: unknown key {section}.{key} (valid: {', '.join(sorted(fields))})"
+        )
+    values.setdefault(section, {})[key] = _convert(raw, fields[key], f"{origin}: {section}.{key}")
+    sources[f"{section}.{key}"] = origin
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def load(path: Path | None = None, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> Settings:
+    """Build settings from the file at `path` (if it exists, or must exist when given
+    explicitly), the environment `env` and `flags` (``{"section.key": value}``)."""
+    values: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    file_path = path if path is not None else DEFAULT_PATH
+    if path is not None or DEFAULT_PATH.exists():
+        for section, table in read_file(file_path).items():
+            if not isinstance(table, dict):
+                raise SettingsError(f"{file_path}: {section} must be a [section] table")
+            for key, raw in table.items():
+                _apply(values, sources, section, key, raw, str(file_path))
+    for name, raw in sorted((env or {}).items()):
+        parsed = _env_name(name)
+        if parsed:
+            _apply(values, sources, parsed[0], parsed[1], raw, f"${name}")
+    for dotted, raw in (flags or {}).items():
+        if raw is None:
+            continue
+        section, _, key = dotted.partition(".")
+        _apply(values, sources, section, key, raw, "flag")
+    built = {s: cls(**values.get(s, {})) for s, cls in SECTIONS.items()}
+    settings = Settings(**built, sources=sources)
+    validate(settings)
+    return settings
+
+
+# Variables that share the MARDUK_ prefix but are not settings: the job environment that the
+# SPANK plugin and the sbatch template export to training processes.
+_NOT_SETTINGS = {"JOB_ID", "STEP_ID", "NODE", "GPUS", "REPLICA_GROUP", "CONFIG", "ACTOR",
+                 "TOKEN", "SETTINGS"}
+
+
+def _env_name(name: str) -> tuple[str, str] | None:
+    """Map MARDUK_SECTION_KEY to (section, key); None for variables that are not settings."""
+    if not name.startswith(ENV_PREFIX):
+        return None
+    rest = name[len(ENV_PREFIX):]
+    if rest in _NOT_SETTINGS:
+        return None
+    for section in SECTIONS:
+        head = section.upper() + "_"
+        if rest.startswith(head):
+            return section, rest[len(head):].lower()
+    return None
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SLURM_BACKENDS = ("auto", "commands", "pyslurm", "none")
+
+
+def validate(s: Settings) -> None:
+    """Checks across values that types alone cannot express."""
+    def where(key: str) -> str:
+        return s.sources.get(key, "default")
+
+    if s.controller.log_level not in LOG_LEVELS:
+        raise SettingsError(f"{where('controller.log_level')}: controller.log_level must be one "
+                            f"of {', '.join(LOG_LEVELS)}")
+    if s.slurm.backend not in SLURM_BACKENDS:
+        raise SettingsError(f"{where('slurm.backend')}: slurm.backend must be one of "
+                            f"{', '.join(SLURM_BACKENDS)}")
+    if s.controller.heartbeat_flush_ms <= 0:
+        raise SettingsError(f"{where('controller.heartbeat_flush_ms')}: must be > 0")
+    if s.nats.url and not s.nats.url.startswith(("nats://", "tls://", "ws://", "wss://")):
+        raise SettingsError(f"{where('nats.url')}: nats.url must start with nats:// or tls://")
+    if s.agent.simulate_gpus < 0:
+        raise SettingsError(f"{where('agent.simulate_gpus')}: must be >= 0")
+    if not s.slurm.reason_prefix.strip():
+        raise SettingsError(f"{where('slurm.reason_prefix')}: must not be empty")
+
+
+def from_environment(path: str | None, flags: Mapping[str, Any] | None = None) -> Settings:
+    """What entry points call: the file given by --config (or the default), os.environ, flags."""
+    return load(Path(path) if path else None, os.environ, flags)

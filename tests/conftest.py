@@ -1,0 +1,28 @@
+"""Fixtures shared by the test suite: a real nats-server on port 0 per test, and a real
+controller process against it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import ControllerProcess
+from marduk_slurm.adapters.nats_server import NatsServerProcess
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServerProcess]:
+    server = NatsServerProcess(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def controller(tmp_path: Path, nats_server: NatsServerProcess) -> Iterator[ControllerProcess]:
+    proc = ControllerProcess(tmp_path / "state", nats_server.url).start()
+    yield proc
+    rc = proc.stop()
+    assert rc == 0, f"controller exited {rc} on SIGTERM:\n{proc.log()}"
