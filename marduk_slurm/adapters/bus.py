@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,35 +43,37 @@ class Bus:
         self.nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._closing = False
+        self._last_error_log = 0.0
+        self._quiet = False
 
     # -- connection ------------------------------------------------------------------------
 
-    async def connect(self, *, retry: bool = False, max_wait_s: float = 5.0) -> None:
-        """Connect; with `retry`, keep trying with capped exponential backoff."""
-        delay = 0.1
-        while True:
-            try:
-                self.nc = await nats.connect(
-                    self.url, name=self.name, user_credentials=self.creds or None,
-                    connect_timeout=self.connect_timeout_s, allow_reconnect=True,
-                    max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                    error_cb=self._on_error, disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect, closed_cb=self._on_closed,
-                    pending_size=64 * 1024 * 1024,
-                )
-                self._js = self.nc.jetstream()
-                self.on_state("connected")
-                return
-            except (TimeoutError, OSError, nats.errors.Error) as exc:
-                if not retry:
-                    raise BusError(f"cannot connect to NATS at {self.url}: {exc}") from exc
-                log.warning("NATS at %s unreachable (%s); retrying in %.1f s", self.url, exc, delay)
-                self.on_state("disconnected")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, max_wait_s)
+    async def connect(self, *, retry: bool = False) -> None:
+        """Connect. With `retry` (daemons) keep trying until NATS answers, then reconnect
+        forever after any loss; without (the CLI) fail at once with a clear error."""
+        self.on_state("connecting")
+        self._quiet = not retry  # the CLI reports the failure itself, once
+        try:
+            self.nc = await nats.connect(
+                self.url, name=self.name, user_credentials=self.creds or None,
+                connect_timeout=self.connect_timeout_s, allow_reconnect=retry,
+                max_reconnect_attempts=-1 if retry else 1, reconnect_time_wait=0.2,
+                error_cb=self._on_error, disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect, closed_cb=self._on_closed,
+                pending_size=64 * 1024 * 1024,
+            )
+        except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            self.on_state("disconnected")
+            raise BusError(f"cannot connect to NATS at {self.url}: {exc or type(exc).__name__}"
+                           ) from exc
+        self._js = self.nc.jetstream()
+        self.on_state("connected")
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("NATS error: %s", exc)
+        now = time.monotonic()
+        if not self._quiet and now - self._last_error_log > 10:  # one line per 10 s while NATS stays away
+            self._last_error_log = now
+            log.warning("NATS at %s: %s", self.url, exc or type(exc).__name__)
 
     async def _on_disconnect(self) -> None:
         if self._closing:

@@ -60,10 +60,18 @@ class RpcServer:
             "resume": self.resume,
             "inject": self.inject,
         }
+        # Requests a training job makes about itself (marduk.v1.jobrpc.<job>.<verb>); the
+        # job id from the subject is passed in args["job"], so a job cannot ask for another.
+        self.job_handlers: dict[str, Handler] = {}
         self._inflight: set[asyncio.Task[None]] = set()
+
+    def register(self, verb: str, handler: Handler, *, job: bool = False) -> None:
+        """Add a verb (used by services beyond the core, e.g. live configuration)."""
+        (self.job_handlers if job else self.handlers)[verb] = handler
 
     async def run(self) -> None:
         await self.ctx.bus.subscribe(subjects.RPC_ALL, self.on_message)
+        await self.ctx.bus.subscribe(subjects.JOB_RPC_ALL, self.on_message)
         await asyncio.Event().wait()
 
     async def on_message(self, msg: Msg) -> None:
@@ -73,23 +81,35 @@ class RpcServer:
         task.add_done_callback(self._inflight.discard)
 
     async def answer(self, msg: Msg) -> None:
-        verb = msg.subject.rsplit(".", 1)[-1]
-        reply = await self.dispatch(verb, msg.data, msg.subject)
+        parts = msg.subject.split(".")
+        if parts[2] == "jobrpc":
+            reply = await self.dispatch_job(parts[3], parts[-1], msg.data, msg.subject)
+        else:
+            reply = await self.dispatch(parts[-1], msg.data, msg.subject)
         if msg.reply:
             try:
                 await msg.respond(m.encode(reply))
             except Exception as exc:  # the asker may be gone; nothing else to do
                 log.warning("could not answer %s: %s", msg.subject, exc)
 
-    async def dispatch(self, verb: str, data: bytes, subject: str) -> m.Reply:
-        handler = self.handlers.get(verb)
+    async def dispatch_job(self, job: str, verb: str, data: bytes, subject: str) -> m.Reply:
+        if not job.isdigit() or verb not in self.job_handlers:
+            self.ctx.reject("unknown_verb", subject, verb)
+            return m.Reply(ok=False, error=f"unknown job request {subject}", error_kind="invalid")
+        return await self.dispatch(verb, data, subject, self.job_handlers, job=int(job))
+
+    async def dispatch(self, verb: str, data: bytes, subject: str,
+                       handlers: dict[str, Handler] | None = None, job: int | None = None
+                       ) -> m.Reply:
+        handler = (self.handlers if handlers is None else handlers).get(verb)
         if handler is None:
             self.ctx.reject("unknown_verb", subject, verb)
             return m.Reply(ok=False, error=f"unknown request {verb!r}; valid: "
                            f"{', '.join(sorted(self.handlers))}", error_kind="invalid")
         try:
             request = m.decode_request(data)
-            result = await handler(request.args, request.actor or "operator")
+            args = request.args if job is None else {**request.args, "job": job}
+            result = await handler(args, request.actor or "operator")
         except ProtocolError as exc:
             self.ctx.reject(exc.reason, subject, exc.detail)
             return m.Reply(ok=False, error=str(exc), error_kind="invalid")

@@ -164,13 +164,13 @@ def _parse_base(word: str) -> tuple[NodeBase, NodeFlag]:
     if name in _COMBINED:
         base, flags = _COMBINED[name]
         return base, flags | suffix_flags
-    base = _BASE_ALIASES.get(name)
-    if base is None:
-        try:
-            base = NodeBase(name)
-        except ValueError:
-            raise ValueError(f"unknown Slurm node state {word!r}") from None
-    return base, suffix_flags
+    alias = _BASE_ALIASES.get(name)
+    if alias is not None:
+        return alias, suffix_flags
+    try:
+        return NodeBase(name), suffix_flags
+    except ValueError:
+        raise ValueError(f"unknown Slurm node state {word!r}") from None
 
 
 def _strip_suffixes(word: str) -> tuple[str, NodeFlag]:
