@@ -180,6 +180,9 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None,
         for section, table in read_file(file_path).items():
             if not isinstance(table, dict):
                 raise SettingsError(f"{file_path}: {section} must be a [section] table")
+            if section not in SECTIONS:
+                raise SettingsError(f"{file_path}: unknown section [{section}] "
+                                    f"(valid: {', '.join(SECTIONS)})")
             for key, raw in table.items():
                 _apply(values, sources, section, key, raw, str(file_path))
     for name, raw in sorted((env or {}).items()):

@@ -20,6 +20,7 @@ from marduk_slurm.adapters.slurm.base import SlurmBackend, make_backend
 from marduk_slurm.adapters.slurm.none import NoSlurm
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.adapters.systemd import Notifier
+from marduk_slurm.controller import config_service
 from marduk_slurm.controller.context import Context, StoreRunner
 from marduk_slurm.controller.handlers import Policy
 from marduk_slurm.controller.ingest import EventIngest, HeartbeatWriter
@@ -110,7 +111,9 @@ class Controller:
         sup.start("heartbeats", self.heartbeats.run)
         sup.start("outbox", OutboxWorker(ctx, self.slurm, retry_max_s=c.outbox_retry_max_s).run)
         sup.start("reconcile", reconciler.run)
-        sup.start("rpc", RpcServer(ctx, ops).run)
+        rpc = RpcServer(ctx, ops)
+        config_service.install(ctx, rpc)
+        sup.start("rpc", rpc.run)
         sup.start("housekeeping", lambda: self._housekeeping(ctx))
         self._install_signals()
         self.notifier.ready(f"ready: NATS {ctx.bus.url}, Slurm backend {self.slurm.name}")

@@ -91,6 +91,13 @@ def _seq(msg: Msg) -> int:
         return 0
 
 
+# Who may send each durable message: an agent (node subjects) or a replica (job subjects).
+_SCOPE: dict[type, str] = {
+    m.StepStart: "node", m.StepEnd: "node", m.Verdict: "node", m.GpuInventory: "node",
+    m.ReplicaRegister: "job", m.ReplicaLeave: "job", m.ConfigAck: "job",
+}
+
+
 def check_subject(subject: str, msg: Any) -> None:
     """The subject names the node or job the message is about; they must agree, so that
     NATS permissions on subjects also bind the content (an agent cannot speak for another
@@ -99,11 +106,11 @@ def check_subject(subject: str, msg: Any) -> None:
     if len(parts) != 6 or parts[2] != "evt":
         raise ProtocolError("bad_subject", subject)
     scope, key, kind = parts[3], parts[4], parts[5]
-    if kind != msg.__struct_config__.tag:
-        raise ProtocolError("subject_mismatch", f"{kind} subject carries {type(msg).__name__}")
-    if scope == "node" and getattr(msg, "node", None) == key:
+    if kind != msg.__struct_config__.tag or scope != _SCOPE[type(msg)]:
+        raise ProtocolError("subject_mismatch", f"{subject} carries {type(msg).__name__}")
+    if scope == "node" and msg.node == key:
         return
-    if scope == "job" and str(getattr(msg, "job_id", "")) == key:
+    if scope == "job" and str(msg.job_id) == key:
         return
     raise ProtocolError("subject_mismatch", f"{subject} does not match the message's {scope}")
 

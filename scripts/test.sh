@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# test.sh - the whole test suite on a fresh machine: environment, a real local Slurm cluster
+# (when root), then pytest. Extra arguments go to pytest, e.g. scripts/test.sh -k controller.
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+say() { echo "[test $(date +%T)] $*" >&2; }
+bash scripts/setup.sh
+if [ "$(id -u)" = 0 ]; then
+  say "starting the local Slurm cluster (scripts/slurm-cluster.sh up)"
+  bash scripts/slurm-cluster.sh up || say "Slurm cluster unavailable: Slurm tests will be skipped"
+else
+  say "not root: tests that need the local Slurm cluster will be skipped"
+fi
+say "ruff"
+.venv/bin/ruff check marduk_slurm tests benchmarks scripts
+say "pytest"
+set +e
+.venv/bin/python -m pytest -q -rs "$@"
+rc=$?
+set -e
+[ "$rc" = 5 ] && { say "no tests collected"; exit 1; }
+exit "$rc"
