@@ -63,6 +63,10 @@ class AgentSettings:
     simulate_gpus: int = 0  # present N simulated GPUs instead of NVML
     poll_interval_s: float = 5.0  # NVML health poll
     nvml_timeout_s: float = 2.0  # time limit of one NVML call
+    state_dir: str = "/var/lib/marduk-agent"  # steps.json: the journal of running steps
+    log_level: str = "info"  # debug, info, warning, error
+    allow_inject: bool = False  # let `marduk inject` feed synthetic XIDs on real NVML GPUs
+    buffer_max: int = 10000  # reports kept in memory while NATS is away (oldest dropped)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,143 @@
+"""The controller with the Slurm-commands backend against the real local Slurm cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import ControllerProcess, cli_json, publish_durable, run_cli, wait_for
+from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
+
+pytestmark = pytest.mark.slurm
+
+
+def scontrol(conf: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "SLURM_CONF": conf})
+
+
+def node_info(conf: str, node: str) -> dict[str, str]:
+    out = scontrol(conf, "show", "-o", "node", node).stdout
+    fields = {}
+    for part in out.replace("Reason=", "\nReason=").split():
+        key, _, value = part.partition("=")
+        fields[key] = value
+    state = out.split("State=", 1)[1].split()[0]
+    reason = out.split("Reason=", 1)[1].rsplit(" [", 1)[0] if "Reason=" in out else ""
+    return {"state": state, "reason": reason, "raw": out}
+
+
+@pytest.fixture
+def cluster(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:  # noqa: F811
+    yield slurm_cluster
+    # Leave every node in service for the next test, whoever drained it.
+    subprocess.run(["bash", str(slurm_cluster.script), "up"], capture_output=True, timeout=120)
+    scontrol(slurm_cluster.slurm_conf, "update", "nodename=n[1-4]", "state=resume")
+
+
+@pytest.fixture
+def slurm_controller(tmp_path: Path, nats_server: NatsServerProcess,
+                     cluster: SlurmCluster) -> Iterator[ControllerProcess]:
+    env = {"MARDUK_SLURM_CONF": cluster.slurm_conf, "MARDUK_SLURM_COMMAND_TIMEOUT_S": "3"}
+    ctl = ControllerProcess(tmp_path / "state", nats_server.url, slurm_backend="commands",
+                            extra_env=env).start()
+    yield ctl
+    assert ctl.stop() == 0, ctl.log()
+
+
+def verdict(node: str, gpu: str, xid: int = 79) -> tuple[str, bytes]:
+    msg = m.Verdict(node=node, gpu_uuid=gpu, gpu_index=0, action="drain_node",
+                    reason=f"xid {xid}", xid=xid, ts=time.time())
+    return subjects.node_event(node, "verdict"), m.encode(msg)
+
+
+def test_gpu_fault_drains_the_node_in_slurm_once(slurm_controller: ControllerProcess,
+                                                 cluster: SlurmCluster) -> None:
+    conf = cluster.slurm_conf
+    asyncio.run(publish_durable(slurm_controller.url, [verdict("n2", "GPU-n2-0")] * 3))
+    info = wait_for(lambda: "DRAIN" in (i := node_info(conf, "n2"))["state"] and i,
+                    what="n2 drained in Slurm")
+    assert info["reason"].startswith("marduk: xid=79 gpu=GPU-n2-0 event=")
+    history = cli_json("history", "--node", "n2", "--nats-url", slurm_controller.url)
+    kinds = [e["kind"] for e in history]
+    assert kinds.count("gpu_verdict") == 3
+    assert kinds.count("drained") == 1  # repeated faults: one drain
+    nodes = {n["name"]: n for n in cli_json("nodes", "--nats-url", slurm_controller.url)}
+    assert nodes["n2"]["drained_by_marduk"] is True
+    proc = run_cli("resume", "n2", "--nats-url", slurm_controller.url)
+    assert proc.returncode == 0 and "n2: resume done" in proc.stdout, proc.stderr
+    wait_for(lambda: "DRAIN" not in node_info(conf, "n2")["state"], what="n2 resumed")
+
+
+def test_operator_drain_hostlist_and_admin_drains_are_left_alone(
+        slurm_controller: ControllerProcess, cluster: SlurmCluster) -> None:
+    conf, url = cluster.slurm_conf, slurm_controller.url
+    proc = run_cli("drain", "n[3-4]", 'reason=swap GPU', "--nats-url", url)
+    assert proc.returncode == 0, proc.stderr
+    assert "n3: drain done" in proc.stdout and "n4: drain done" in proc.stdout
+    assert node_info(conf, "n3")["reason"].startswith("marduk: swap GPU event=")
+    # An administrator drains n1 by hand: marduk records it and will not undo it.
+    assert scontrol(conf, "update", "nodename=n1", "state=drain", "reason=bad fan"
+                    ).returncode == 0
+    proc = run_cli("resume", "n1", "--nats-url", url)
+    assert proc.returncode == 1
+    assert "not by marduk" in proc.stderr and "bad fan" in proc.stderr
+    assert "DRAIN" in node_info(conf, "n1")["state"]
+    nodes = {n["name"]: n for n in cli_json("nodes", "--nats-url", url)}
+    assert nodes["n1"]["drained_by_marduk"] is False and nodes["n1"]["reason"] == "bad fan"
+    proc = run_cli("resume", "n1", "--force", "--nats-url", url)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("resume", "n[3-4]", "--nats-url", url)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _slurmctld_pid(cluster: SlurmCluster) -> int:
+    return int((cluster.base / "run" / "slurmctld.pid").read_text())
+
+
+def test_drain_while_slurmctld_is_down_is_applied_when_it_returns(
+        slurm_controller: ControllerProcess, cluster: SlurmCluster) -> None:
+    conf = cluster.slurm_conf
+    os.kill(_slurmctld_pid(cluster), signal.SIGTERM)
+    wait_for(lambda: scontrol(conf, "ping").returncode != 0, what="slurmctld down")
+    asyncio.run(publish_durable(slurm_controller.url, [verdict("n3", "GPU-n3-1", xid=48)]))
+    wait_for(lambda: slurm_controller.request("status")["outbox_pending"] == 1,
+             what="the drain queued in the outbox")
+    wait_for(lambda: slurm_controller.request("status")["counters"].get("slurm_retries"),
+             timeout_s=30, what="a failed attempt, to be retried")
+    subprocess.run(["bash", str(cluster.script), "up"], capture_output=True, timeout=120,
+                   check=True)
+    info = wait_for(lambda: "DRAIN" in (i := node_info(conf, "n3"))["state"] and i,
+                    timeout_s=60, what="the queued drain applied after slurmctld returned")
+    assert info["reason"].startswith("marduk: xid=48 gpu=GPU-n3-1")
+    assert slurm_controller.request("status")["outbox_pending"] == 0
+
+
+def test_controller_restart_keeps_pending_drains(tmp_path: Path, nats_server: NatsServerProcess,
+                                                 cluster: SlurmCluster) -> None:
+    conf = cluster.slurm_conf
+    env = {"MARDUK_SLURM_CONF": conf, "MARDUK_SLURM_COMMAND_TIMEOUT_S": "3"}
+    ctl = ControllerProcess(tmp_path / "state", nats_server.url, slurm_backend="commands",
+                            extra_env=env).start()
+    os.kill(_slurmctld_pid(cluster), signal.SIGTERM)
+    wait_for(lambda: scontrol(conf, "ping").returncode != 0, what="slurmctld down")
+    asyncio.run(publish_durable(ctl.url, [verdict("n4", "GPU-n4-0")]))
+    wait_for(lambda: ctl.request("status")["outbox_pending"] == 1, what="drain queued")
+    ctl.kill()
+    subprocess.run(["bash", str(cluster.script), "up"], capture_output=True, timeout=120,
+                   check=True)
+    ctl = ControllerProcess(tmp_path / "state", nats_server.url, slurm_backend="commands",
+                            extra_env=env).start()
+    wait_for(lambda: "DRAIN" in node_info(conf, "n4")["state"], timeout_s=60,
+             what="the drain queued before the crash applied after the restart")
+    assert ctl.stop() == 0
