@@ -42,6 +42,30 @@ def cmd_controller(args: argparse.Namespace) -> int:
     return asyncio.run(controller.run())
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from marduk_slurm.agent import daemon
+    from marduk_slurm.cli.client import resolve_nats_url
+
+    flags = {
+        "agent.node": args.node,
+        "agent.socket": args.socket,
+        "agent.simulate_gpus": args.simulate_gpus,
+        "agent.state_dir": getattr(args, "state_dir", None),
+        "agent.log_level": args.log_level,
+        "agent.allow_inject": args.allow_inject,
+        "nats.url": getattr(args, "nats_url", None),
+        "controller.state_dir": args.controller_state_dir,
+    }
+    s = settings_mod.from_environment(getattr(args, "config", None), flags)
+    daemon.check_settings(s)
+    setup_logging(s.agent.log_level)
+    # nats.url, else the URL file of a controller's embedded server (a laptop demo).
+    url = resolve_nats_url(s, None)
+    return asyncio.run(daemon.run(
+        s, url, reload=lambda: settings_mod.from_environment(getattr(args, "config", None),
+                                                             flags)))
+
+
 def cmd_settings_check(args: argparse.Namespace) -> int:
     path = args.file or args.config or str(settings_mod.DEFAULT_PATH)
     if not Path(path).exists():
@@ -70,6 +94,30 @@ def add_parsers(sub: Any, add: Any) -> None:
     p.add_argument("--log-level", choices=settings_mod.LOG_LEVELS)
     p.add_argument("--slurm-backend", choices=settings_mod.SLURM_BACKENDS)
     p.add_argument("--listen", help="HTTP address for the dashboard and /metrics")
+    # Built without the shared options: their --state-dir names the controller's directory,
+    # while the agent's --state-dir is its own (the step journal).
+    help_ = "run the node agent (GPU health, SPANK step relay) in the foreground"
+    example = ("marduk agent --node n1 --simulate-gpus 2 --socket ./agent.sock "
+               "--state-dir ./agent-state --controller-state-dir ./state")
+    p = sub.add_parser("agent", help=help_, description=f"{help_}\n\nexample:\n  {example}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_agent)
+    hide = argparse.SUPPRESS  # leaves the values of `marduk --config ... agent` alone
+    p.add_argument("--config", default=hide, help="settings file (default /etc/marduk/marduk.toml)")
+    p.add_argument("--nats-url", default=hide,
+                   help="NATS URL (default: nats.url, else the URL file of the controller's "
+                        "embedded server in --controller-state-dir)")
+    p.add_argument("--state-dir", default=hide,
+                   help="the agent's state directory (default /var/lib/marduk-agent)")
+    p.add_argument("--controller-state-dir",
+                   help="a local controller's state directory, to find its embedded NATS")
+    p.add_argument("--node", help="this node's Slurm name (default: the short host name)")
+    p.add_argument("--socket", help="the SPANK step socket (default /run/marduk/agent.sock)")
+    p.add_argument("--simulate-gpus", type=int, metavar="N",
+                   help="present N simulated GPUs instead of NVML (demos, tests)")
+    p.add_argument("--log-level", choices=settings_mod.LOG_LEVELS)
+    p.add_argument("--allow-inject", action="store_true", default=None,
+                   help="let `marduk inject` feed synthetic XIDs on real NVML GPUs")
     p = add(sub, "settings", "validate or show the daemon settings",
             "marduk settings check /etc/marduk/marduk.toml", None, json_flag=False)
     ssub = p.add_subparsers(dest="settings_command", metavar="{check,show}", required=True)

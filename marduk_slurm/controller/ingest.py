@@ -122,17 +122,23 @@ class HeartbeatWriter:
         self.ctx = ctx
         self.flush_s = flush_ms / 1000.0
         self.pending: dict[str, m.Heartbeat] = {}
+        self._subjects: dict[int, str] = {}
         self.received = 0
+        self._received_reported = 0
         self.written = 0
         self.last_lag_ms = 0.0
 
     async def on_message(self, msg: Msg) -> None:
+        # The hot path: decode, check the subject, keep the newest beat per replica.
         try:
             hb = m.decode_heartbeat(msg.data)
         except ProtocolError as exc:
             self.ctx.reject(exc.reason, msg.subject, exc.detail)
             return
-        if msg.subject != subjects.heartbeat(hb.job_id):
+        subject = self._subjects.get(hb.job_id)
+        if subject is None:
+            subject = self._subjects[hb.job_id] = subjects.heartbeat(hb.job_id)
+        if msg.subject != subject:
             self.ctx.reject("subject_mismatch", msg.subject, "heartbeat of another job")
             return
         self.received += 1
@@ -146,6 +152,8 @@ class HeartbeatWriter:
             await self.flush()
 
     async def flush(self) -> None:
+        self.ctx.stats["heartbeats_received"] += self.received - self._received_reported
+        self._received_reported = self.received
         if not self.pending:
             return
         batch, self.pending = list(self.pending.values()), {}
@@ -164,5 +172,6 @@ class HeartbeatWriter:
             log.warning("heartbeat write-behind failed, retrying next period: %s", exc)
             return
         self.written += len(batch)
+        self.ctx.stats["heartbeats_written"] += len(batch)
         oldest = min(b.ts for b in batch) if batch else now
         self.last_lag_ms = max(0.0, (time.time() - oldest) * 1000) if oldest else 0.0

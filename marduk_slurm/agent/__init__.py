@@ -1,0 +1,12 @@
+"""The node agent (`marduk agent`, one per compute node).
+
+- `daemon`: start-up order, tasks, signals and shutdown (`Agent.run`).
+- `health`: GPU watching through NVML (or simulated GPUs): inventory, XID events, polls,
+  verdicts published when they change, a periodic health summary, fault injection.
+- `step_relay`: the Unix socket the SPANK plugin reports job steps to.
+- `journal`: the on-disk list of running steps, re-announced after a restart.
+- `outbox`: durable publishing that survives NATS being away (bounded, retried in order).
+- `rpc`: the agent's request/reply verbs on NATS (`inject`).
+
+docs/agent.md describes the agent for operators and the SPANK socket protocol.
+"""

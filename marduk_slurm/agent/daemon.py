@@ -1,0 +1,216 @@
+"""The node agent daemon: start-up order, tasks, signals, shutdown.
+
+Start-up: open the GPUs (NVML, or simulated GPUs when agent.simulate_gpus > 0), queue the
+GPU inventory, load the step journal and queue its re-announcements, listen on the step
+socket, then tell systemd READY=1. NATS is connected in the background: the agent must take
+step reports from slurmstepd even while NATS is away, so nothing above waits for it; the
+outbox delivers what was queued once NATS answers. SIGTERM/SIGINT stop cleanly (exit 0);
+SIGHUP reloads the fault policy; a task that keeps crashing stops the agent (exit 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from marduk_slurm import settings as settings_mod
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.nvml import (
+    GpuSource,
+    GpuSourceError,
+    NvmlGpuSource,
+    NvmlRunner,
+    SimulatedGpuSource,
+)
+from marduk_slurm.adapters.systemd import Notifier
+from marduk_slurm.agent.health import GpuWatcher
+from marduk_slurm.agent.journal import StepJournal
+from marduk_slurm.agent.outbox import Outbox
+from marduk_slurm.agent.rpc import AgentRpc
+from marduk_slurm.agent.step_relay import StepRelay
+from marduk_slurm.controller.supervisor import Supervisor
+from marduk_slurm.domain.gpu_health import FaultPolicy
+from marduk_slurm.errors import BusError, SettingsError
+from marduk_slurm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JOURNAL_FILE = "steps.json"
+
+
+def node_name(s: Settings) -> str:
+    """agent.node, else the short host name (what Slurm calls most nodes)."""
+    return s.agent.node or socket.gethostname().split(".")[0]
+
+
+def fault_policy(s: Settings) -> FaultPolicy:
+    return FaultPolicy.from_settings(
+        drain_xids=s.policy.drain_xids, app_xids=s.policy.app_xids,
+        ignore_xids=s.policy.ignore_xids, reset_xids=s.policy.reset_xids,
+    )
+
+
+def check_settings(s: Settings) -> None:
+    where = s.sources.get
+    if s.agent.log_level not in settings_mod.LOG_LEVELS:
+        raise SettingsError(f"{where('agent.log_level', 'default')}: agent.log_level must be "
+                            f"one of {', '.join(settings_mod.LOG_LEVELS)}")
+    if s.agent.poll_interval_s <= 0 or s.agent.nvml_timeout_s <= 0:
+        raise SettingsError("agent.poll_interval_s and agent.nvml_timeout_s must be > 0")
+    if s.agent.buffer_max < 1:
+        raise SettingsError(f"{where('agent.buffer_max', 'default')}: must be >= 1")
+
+
+class Agent:
+    def __init__(self, settings: Settings, nats_url: str, *, notifier: Notifier | None = None,
+                 reload: Callable[[], Settings] | None = None) -> None:
+        check_settings(settings)
+        self.settings = settings
+        self.node = node_name(settings)
+        self.notifier = notifier or Notifier()
+        self.reload_settings = reload
+        self.state_dir = Path(settings.agent.state_dir)
+        self.bus = Bus(nats_url, name=f"marduk-agent-{self.node}", creds=settings.nats.creds,
+                       connect_timeout_s=settings.nats.connect_timeout_s)
+        self.outbox = Outbox(self.bus, max_items=settings.agent.buffer_max)
+        self.stop_event = asyncio.Event()
+        self.supervisor = Supervisor()
+        self.runner: NvmlRunner | None = None
+        self.watcher: GpuWatcher | None = None
+        self.relay: StepRelay | None = None
+
+    def _source_factory(self) -> Callable[[], GpuSource]:
+        count = self.settings.agent.simulate_gpus
+        if count > 0:
+            log.warning("SIMULATED GPUs: %d GPUs that exist only in memory on %s "
+                        "(agent.simulate_gpus); no NVML is used", count, self.node)
+            return lambda: SimulatedGpuSource(self.node, count)
+        return lambda: NvmlGpuSource(self.node)
+
+    async def _open_gpus(self) -> None:
+        timeout = timedelta(seconds=self.settings.agent.nvml_timeout_s)
+        try:
+            self.runner = await NvmlRunner.open(self._source_factory(), call_timeout=timeout)
+        except GpuSourceError as exc:
+            # Steps must still be relayed; the controller sees a node with no inventory.
+            log.error("no GPU watching on %s: %s", self.node, exc)
+            self.notifier.status(f"no GPU watching: {exc}")
+            return
+        a = self.settings.agent
+        self.watcher = GpuWatcher(self.runner, node=self.node, outbox=self.outbox,
+                                  bus=self.bus, policy=fault_policy(self.settings),
+                                  poll_interval_s=a.poll_interval_s,
+                                  allow_inject=a.allow_inject)
+        await self.watcher.enumerate()
+
+    def _inventory(self) -> dict[int, str]:
+        return self.watcher.index_map() if self.watcher else {}
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or a task that keeps crashing (exit 1)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.notifier.status("opening GPUs")
+        try:
+            await self._open_gpus()
+            self.relay = StepRelay(node=self.node, socket_path=Path(self.settings.agent.socket),
+                                   journal=StepJournal(self.state_dir / JOURNAL_FILE),
+                                   outbox=self.outbox, inventory=self._inventory)
+            await self.relay.restore()
+            await self.relay.start()
+            return await self._serve()
+        finally:
+            await self._shutdown()
+
+    async def _serve(self) -> int:
+        sup = self.supervisor
+        sup.start("nats", self._connect)
+        sup.start("outbox", self.outbox.run)
+        if self.watcher is not None:
+            sup.start("xid_events", self.watcher.watch_xids)
+            sup.start("health_poll", self.watcher.poll)
+        sup.start("housekeeping", self._housekeeping)
+        self._install_signals()
+        self.notifier.ready(f"ready: node {self.node}, socket {self.settings.agent.socket}")
+        log.info("agent ready on %s (socket %s, NATS %s)", self.node,
+                 self.settings.agent.socket, self.bus.url)
+        stop = asyncio.create_task(self.stop_event.wait())
+        fatal = asyncio.create_task(sup.fatal.wait())
+        await asyncio.wait([stop, fatal], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        fatal.cancel()
+        return 1 if sup.fatal.is_set() else 0
+
+    async def _connect(self) -> None:
+        """Connect to NATS (retrying until it answers), then answer agent requests."""
+        delay = 0.5
+        while True:
+            try:
+                await self.bus.connect(retry=True)
+                break
+            except BusError as exc:
+                log.warning("%s; retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        if self.watcher is not None:
+            rpc = AgentRpc(self.node, self.watcher)
+            await self.bus.subscribe(rpc.subject, rpc.on_message)
+        log.info("connected to NATS at %s", self.bus.url)
+
+    async def _housekeeping(self) -> None:
+        """Watchdog pings from the main loop (a stuck loop stops them)."""
+        period = self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else 5.0
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(min(period, 5.0))
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+
+    def _reload(self) -> None:
+        if self.reload_settings is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = self.reload_settings()
+            check_settings(new)
+            policy = fault_policy(new)
+        except SettingsError as exc:
+            log.error("reload refused, keeping current settings: %s", exc)
+            self.notifier.ready("reload refused")
+            return
+        logging.getLogger().setLevel(new.agent.log_level.upper())
+        if self.watcher is not None:
+            self.watcher.policy = policy
+            self.watcher.poll_interval_s = new.agent.poll_interval_s
+        self.settings = new
+        log.info("settings reloaded: fault policy, poll interval and log level (the rest "
+                 "takes effect at the next restart)")
+        self.notifier.ready("settings reloaded")
+
+    async def _shutdown(self) -> None:
+        self.notifier.stopping("stopping")
+        log.info("agent stopping")
+        if self.relay is not None:
+            await self.relay.stop()
+        # Give queued reports a moment; whatever is left is in the journal for next time.
+        if self.bus.connected and len(self.outbox):
+            await self.outbox.flush(2.0)
+        await self.supervisor.stop()
+        if self.runner is not None:
+            await self.runner.aclose()
+        await self.bus.close()
+        log.info("agent stopped (%d message(s) not yet published)", len(self.outbox))
+
+
+async def run(settings: Settings, nats_url: str,
+              reload: Callable[[], Settings] | None = None) -> int:
+    """The agent's entry point: build it and run it until stopped."""
+    return await Agent(settings, nats_url, reload=reload).run()

@@ -1,0 +1,307 @@
+"""The replica's side of the wire protocol, usable without torch or torchft.
+
+`ReplicaLink` speaks for one replica over a `Bus` on an asyncio loop (the benchmark runs a
+thousand of them over a few connections). `MardukClient` gives a training process one link
+on a background thread with its own event loop, so that nothing the training thread calls ever
+waits for NATS:
+
+* heartbeats go into a bounded buffer that drops the oldest when NATS is slow or down;
+* durable messages (register, ack, leave) wait in a queue and are retried until JetStream
+  confirms them; after a reconnect the replica registers again and fetches the latest config;
+* commands arrive on the loop thread and wait in a queue that the training thread drains at a
+  step boundary (`poll_commands`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+from marduk_slurm.errors import BusError, BusTimeout, ProtocolError
+
+log = logging.getLogger(__name__)
+
+Command = m.JobCommand | m.ReplicaCommand
+
+
+class ReplicaLink:
+    """One replica (job, group, replica id) talking to the controller over a shared bus."""
+
+    def __init__(self, bus: Bus, job_id: int, replica_group: int, replica_id: str,
+                 on_command: Callable[[Command], None]) -> None:
+        self.bus = bus
+        self.job_id = job_id
+        self.replica_group = replica_group
+        self.replica_id = replica_id
+        self.on_command = on_command
+        self.rejected = 0
+
+    async def subscribe(self) -> None:
+        await self.bus.subscribe(subjects.job_commands(self.job_id), self._on_message)
+        await self.bus.subscribe(
+            subjects.replica_commands(self.job_id, self.replica_group), self._on_message)
+
+    async def _on_message(self, msg: Any) -> None:
+        try:
+            cmd = m.decode_command(msg.data)
+        except ProtocolError as exc:
+            self.rejected += 1
+            log.warning("ignored command on %s: %s", msg.subject, exc)
+            return
+        if cmd.job_id != self.job_id:
+            self.rejected += 1
+            return
+        # The group's subject also carries leaves meant for an earlier incarnation of the
+        # group (same prefix, other uuid): only our own full replica id counts.
+        if isinstance(cmd, m.ReplicaCommand) and cmd.replica_id != self.replica_id:
+            return
+        self.on_command(cmd)
+
+    async def fetch_latest(self, timeout_s: float) -> m.JobCommand | None:
+        """The revision a replica that joins or reconnects must apply (None: no revision)."""
+        request = m.Request(args={}, actor=self.replica_id)
+        raw = await self.bus.request(subjects.job_rpc(self.job_id, "config_latest"),
+                                     m.encode(request), timeout_s)
+        reply = m.decode_reply(raw)
+        if not reply.ok:
+            raise BusError(f"config_latest refused: {reply.error}")
+        if not reply.data:
+            return None
+        return m.JobCommand(job_id=self.job_id, revision=int(reply.data["revision"]),
+                            apply_at_step=int(reply.data["apply_at_step"]),
+                            changes=dict(reply.data["changes"]), ts=time.time())
+
+    def ack_message(self, revision: int, step: int, ok: bool = True, error: str = ""
+                    ) -> tuple[str, bytes, str]:
+        msg = m.ConfigAck(replica_id=self.replica_id, job_id=self.job_id, revision=revision,
+                          applied_at_step=step, ok=ok, error=error[:1000], ts=time.time())
+        return (subjects.job_event(self.job_id, "config_ack"), m.encode(msg),
+                f"{self.replica_id}/ack/{revision}")
+
+    def leave_message(self, reason: str, exit_code: int, step: int) -> tuple[str, bytes, str]:
+        msg = m.ReplicaLeave(replica_id=self.replica_id, job_id=self.job_id, reason=reason,
+                             exit_code=exit_code, step=step, ts=time.time())
+        return (subjects.job_event(self.job_id, "replica_leave"), m.encode(msg),
+                f"{self.replica_id}/leave")
+
+    def register_message(self, msg: m.ReplicaRegister) -> tuple[str, bytes, str]:
+        # A fresh id per registration: a re-register after a reconnect must not be dropped
+        # as a duplicate of the first one.
+        return (subjects.job_event(self.job_id, "replica_register"), m.encode(msg),
+                f"{self.replica_id}/register/{uuid.uuid4().hex[:12]}")
+
+    async def publish_heartbeat(self, hb: m.Heartbeat) -> None:
+        await self.bus.publish(subjects.heartbeat(self.job_id), m.encode(hb))
+
+
+class MardukClient:
+    """A training process's connection to the controller, on its own thread and event loop."""
+
+    def __init__(self, nats_url: str, job_id: int, replica_group: int, *, name: str = "",
+                 creds: str = "", heartbeat_buffer: int = 1024, durable_buffer: int = 4096,
+                 send_interval: timedelta = timedelta(milliseconds=25),
+                 connect_timeout: timedelta = timedelta(seconds=2)) -> None:
+        self.nats_url = nats_url
+        self.job_id = job_id
+        self.replica_group = replica_group
+        self.bus = Bus(nats_url, name=name or f"marduk-replica-{job_id}-{replica_group}",
+                       creds=creds, connect_timeout_s=connect_timeout.total_seconds())
+        self.send_interval_s = send_interval.total_seconds()
+        self._heartbeats: collections.deque[m.Heartbeat] = collections.deque(
+            maxlen=heartbeat_buffer)
+        self._durable: collections.deque[tuple[str, bytes, str]] = collections.deque(
+            maxlen=durable_buffer)
+        self._commands: collections.deque[Command] = collections.deque()
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.link: ReplicaLink | None = None
+        self._register: Callable[[], m.ReplicaRegister] | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="marduk-client",
+                                        daemon=True)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake: asyncio.Event | None = None
+        self._first_config = threading.Event()
+        self._subscribed = False
+        self._closed = False
+
+    # -- training-thread API (never waits on NATS) ------------------------------------------
+
+    def start(self, replica_id: str, register: Callable[[], m.ReplicaRegister]) -> None:
+        """Connect in the background; `register` builds the registration, called on every
+        (re)connect so that it carries the current step and hyperparameters."""
+        self._register = register
+        self.link = ReplicaLink(self.bus, self.job_id, self.replica_group, replica_id,
+                                self._commands.append)
+        self._thread.start()
+        self._call(self._main)
+
+    def send_heartbeat(self, hb: m.Heartbeat) -> None:
+        if len(self._heartbeats) == self._heartbeats.maxlen:
+            self.stats["heartbeats_dropped"] += 1
+        self._heartbeats.append(hb)
+
+    def send_ack(self, revision: int, step: int, ok: bool = True, error: str = "") -> None:
+        assert self.link is not None, "start() first"
+        self._queue_durable(self.link.ack_message(revision, step, ok, error))
+
+    def send_leave(self, reason: str, exit_code: int, step: int) -> None:
+        assert self.link is not None, "start() first"
+        self._queue_durable(self.link.leave_message(reason, exit_code, step))
+
+    def poll_commands(self) -> list[Command]:
+        """Commands received since the last call, oldest first."""
+        out = []
+        while self._commands:
+            out.append(self._commands.popleft())
+        return out
+
+    def wait_first_config(self, timeout: timedelta) -> bool:
+        """Wait (bounded) until the latest revision was fetched once; False if NATS or the
+        controller did not answer in time (training goes on; it is fetched on reconnect)."""
+        return self._first_config.wait(timeout.total_seconds())
+
+    def flush(self, timeout: timedelta) -> bool:
+        """Wait until the durable messages queued so far are confirmed; False on timeout."""
+        if not self._thread.is_alive():
+            return not self._durable
+        future = asyncio.run_coroutine_threadsafe(self._drained(), self._loop)
+        try:
+            future.result(timeout.total_seconds())
+            return True
+        except FutureTimeout:
+            future.cancel()
+            return False
+
+    def close(self, timeout: timedelta = timedelta(seconds=2)) -> None:
+        if self._closed or not self._thread.is_alive():
+            return
+        self._closed = True
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        try:
+            future.result(timeout.total_seconds())
+        except (FutureTimeout, BusError):
+            future.cancel()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout.total_seconds())
+
+    @property
+    def connected(self) -> bool:
+        return self.bus.connected
+
+    # -- loop thread -----------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _call(self, coro_fn: Callable[[], Any]) -> None:
+        def spawn() -> None:
+            task = self._loop.create_task(coro_fn())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._loop.call_soon_threadsafe(spawn)
+
+    def _queue_durable(self, item: tuple[str, bytes, str]) -> None:
+        self._durable.append(item)
+        self._loop.call_soon_threadsafe(self._kick)
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _main(self) -> None:
+        self._wake = asyncio.Event()
+        self.bus.on_state = self._on_state
+        while not self._closed:
+            try:
+                await self.bus.connect(retry=True)
+                break
+            except BusError as exc:
+                self.stats["connect_failures"] += 1
+                log.debug("NATS not reachable yet: %s", exc)
+                await asyncio.sleep(1.0)
+        assert self.link is not None
+        await self.link.subscribe()
+        self._subscribed = True
+        self._call(self._send_heartbeats)
+        self._call(self._send_durable)
+        await self._on_connected()
+
+    def _on_state(self, state: str) -> None:
+        # The first connect is handled by _main once the subscriptions exist.
+        if state == "connected" and self._subscribed:
+            self.stats["reconnects"] += 1
+            self._call(self._on_connected)
+
+    async def _on_connected(self) -> None:
+        """(Re)register and fetch the latest revision: after an outage the controller may have
+        restarted or published revisions this replica never saw."""
+        assert self.link is not None and self._register is not None
+        self._durable.appendleft(self.link.register_message(self._register()))
+        self._kick()
+        try:
+            latest = await self.link.fetch_latest(2.0)
+        except (BusError, BusTimeout, ProtocolError, msgspec.ValidationError) as exc:
+            log.warning("could not fetch the latest config revision: %s", exc)
+            latest = None
+        if latest is not None:
+            self._commands.append(latest)
+        self._first_config.set()
+
+    async def _send_heartbeats(self) -> None:
+        assert self.link is not None
+        while True:
+            await asyncio.sleep(self.send_interval_s)
+            while self._heartbeats and self.bus.connected:
+                hb = self._heartbeats.popleft()
+                try:
+                    await self.link.publish_heartbeat(hb)
+                    self.stats["heartbeats_sent"] += 1
+                except BusError:
+                    self.stats["heartbeats_dropped"] += 1
+                    break
+
+    async def _send_durable(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self._durable or not self.bus.connected:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                except TimeoutError:
+                    pass
+                continue
+            subject, data, msg_id = self._durable[0]
+            try:
+                await self.bus.publish_durable(subject, data, msg_id=msg_id, timeout_s=2.0)
+            except (BusError, BusTimeout) as exc:
+                self.stats["durable_retries"] += 1
+                log.debug("durable publish to %s failed, will retry: %s", subject, exc)
+                await asyncio.sleep(0.2)
+                continue
+            self.stats["durable_sent"] += 1
+            if self._durable and self._durable[0][2] == msg_id:
+                self._durable.popleft()
+
+    async def _drained(self) -> None:
+        while self._durable:
+            await asyncio.sleep(0.01)
+
+    async def _shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.bus.nc is not None:
+            await self.bus.close()
