@@ -4,6 +4,9 @@ The cluster is a second instance of scripts/slurm-cluster.sh with its own base d
 ports, so changing its plugstack.conf (which restarts it) never disturbs tests that use the
 plain `slurm_cluster` fixture at the same time. It is stopped at the end of the session.
 
+Import `spank_cluster_fixture` and `agent_listener_fixture` into a test module; the fixtures
+are named `spank_cluster` and `agent_listener`.
+
 `AgentListener` binds the Unix socket named in plugstack.conf and records every line the
 plugin writes, as the node agent would receive them.
 """
@@ -31,14 +34,26 @@ PLUGIN = SPANK_DIR / "marduk_spank.so"
 BASE = Path("/tmp/marduk-slurm-spank")
 AGENT_SOCKET = BASE / "agent.sock"
 NATS_URL = "nats://127.0.0.1:4222"
-# Ports and node count differ from the default cluster (6917, 17100, 4 nodes).
-CLUSTER_ENV = {
-    "MARDUK_SLURM_BASE": str(BASE),
-    "MARDUK_SLURM_CTLD_PORT": "6937",
-    "MARDUK_SLURM_SLURMD_PORT": "17300",
-    "MARDUK_SLURM_NODES": "3",
-}
 NODES = ["n1", "n2", "n3"]
+# Ports are picked free at session start (other clusters run side by side on this machine).
+CLUSTER_ENV = {"MARDUK_SLURM_BASE": str(BASE), "MARDUK_SLURM_NODES": str(len(NODES))}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_ports(start: int, count: int) -> int:
+    """The first base >= start with base+1..base+count all free (slurmd i listens on base+i)."""
+    for base in range(start, start + 2000, 10):
+        if all(_port_free(base + i) for i in range(1, count + 1)):
+            return base
+    raise RuntimeError(f"no {count} free ports from {start}")
 
 
 @dataclass
@@ -94,8 +109,8 @@ def build_plugin() -> None:
     assert result.returncode == 0, f"make failed:\n{result.stdout}\n{result.stderr}"
 
 
-@pytest.fixture(scope="session")
-def spank_cluster() -> Iterator[SpankCluster]:
+@pytest.fixture(scope="session", name="spank_cluster")
+def spank_cluster_fixture() -> Iterator[SpankCluster]:
     if os.geteuid() != 0:
         pytest.skip("the Slurm test cluster needs root (daemons run as root)")
     if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
@@ -103,6 +118,8 @@ def spank_cluster() -> Iterator[SpankCluster]:
     if not Path("/usr/include/slurm/spank.h").exists():
         _up("")  # installs libslurm-dev with the daemons
     build_plugin()
+    CLUSTER_ENV["MARDUK_SLURM_CTLD_PORT"] = str(_free_ports(6960, 1) + 1)
+    CLUSTER_ENV["MARDUK_SLURM_SLURMD_PORT"] = str(_free_ports(17700, len(NODES)))
     line = plugstack_line("default=on")
     _up(line)
     cluster = SpankCluster(str(BASE / "etc" / "slurm.conf"), AGENT_SOCKET, line)
@@ -168,8 +185,8 @@ class AgentListener:
         raise AssertionError(f"agent did not receive the expected lines: {self.snapshot()}")
 
 
-@pytest.fixture
-def agent_listener(spank_cluster: SpankCluster) -> Iterator[AgentListener]:
+@pytest.fixture(name="agent_listener")
+def agent_listener_fixture(spank_cluster: SpankCluster) -> Iterator[AgentListener]:
     listener = AgentListener(spank_cluster.socket_path).start()
     yield listener
     listener.stop()

@@ -141,3 +141,17 @@ def test_controller_restart_keeps_pending_drains(tmp_path: Path, nats_server: Na
     wait_for(lambda: "DRAIN" in node_info(conf, "n4")["state"], timeout_s=60,
              what="the drain queued before the crash applied after the restart")
     assert ctl.stop() == 0
+
+
+def test_a_fault_on_a_node_someone_else_drained_keeps_their_reason(
+        slurm_controller: ControllerProcess, cluster: SlurmCluster) -> None:
+    conf = cluster.slurm_conf
+    assert scontrol(conf, "update", "nodename=n2", "state=drain", "reason=memory test"
+                    ).returncode == 0
+    asyncio.run(publish_durable(slurm_controller.url, [verdict("n2", "GPU-n2-1")]))
+    history = wait_for(
+        lambda: [e for e in cli_json("history", "--node", "n2", "--nats-url",
+                                     slurm_controller.url) if e["kind"] == "drain_skipped"],
+        what="the drain skipped")
+    assert "memory test" in history[0]["reason"]
+    assert node_info(conf, "n2")["reason"] == "memory test"

@@ -16,9 +16,9 @@ from spank_fixtures import (  # noqa: F401  (fixtures)
     NATS_URL,
     AgentListener,
     SpankCluster,
-    agent_listener,
+    agent_listener_fixture,
     plugstack_line,
-    spank_cluster,
+    spank_cluster_fixture,
 )
 
 pytestmark = pytest.mark.slurm

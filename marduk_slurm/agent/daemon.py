@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters.bus import Bus
@@ -50,16 +51,20 @@ def node_name(s: Settings) -> str:
 
 def fault_policy(s: Settings) -> FaultPolicy:
     return FaultPolicy.from_settings(
-        drain_xids=s.policy.drain_xids, app_xids=s.policy.app_xids,
-        ignore_xids=s.policy.ignore_xids, reset_xids=s.policy.reset_xids,
+        drain_xids=s.policy.drain_xids,
+        app_xids=s.policy.app_xids,
+        ignore_xids=s.policy.ignore_xids,
+        reset_xids=s.policy.reset_xids,
     )
 
 
 def check_settings(s: Settings) -> None:
     where = s.sources.get
     if s.agent.log_level not in settings_mod.LOG_LEVELS:
-        raise SettingsError(f"{where('agent.log_level', 'default')}: agent.log_level must be "
-                            f"one of {', '.join(settings_mod.LOG_LEVELS)}")
+        raise SettingsError(
+            f"{where('agent.log_level', 'default')}: agent.log_level must be "
+            f"one of {', '.join(settings_mod.LOG_LEVELS)}"
+        )
     if s.agent.poll_interval_s <= 0 or s.agent.nvml_timeout_s <= 0:
         raise SettingsError("agent.poll_interval_s and agent.nvml_timeout_s must be > 0")
     if s.agent.buffer_max < 1:
@@ -67,16 +72,26 @@ def check_settings(s: Settings) -> None:
 
 
 class Agent:
-    def __init__(self, settings: Settings, nats_url: str, *, notifier: Notifier | None = None,
-                 reload: Callable[[], Settings] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        nats_url: str,
+        *,
+        notifier: Notifier | None = None,
+        reload: Callable[[], Settings] | None = None,
+    ) -> None:
         check_settings(settings)
         self.settings = settings
         self.node = node_name(settings)
         self.notifier = notifier or Notifier()
         self.reload_settings = reload
         self.state_dir = Path(settings.agent.state_dir)
-        self.bus = Bus(nats_url, name=f"marduk-agent-{self.node}", creds=settings.nats.creds,
-                       connect_timeout_s=settings.nats.connect_timeout_s)
+        self.bus = Bus(
+            nats_url,
+            name=f"marduk-agent-{self.node}",
+            creds=settings.nats.creds,
+            connect_timeout_s=settings.nats.connect_timeout_s,
+        )
         self.outbox = Outbox(self.bus, max_items=settings.agent.buffer_max)
         self.stop_event = asyncio.Event()
         self.supervisor = Supervisor()
@@ -87,8 +102,12 @@ class Agent:
     def _source_factory(self) -> Callable[[], GpuSource]:
         count = self.settings.agent.simulate_gpus
         if count > 0:
-            log.warning("SIMULATED GPUs: %d GPUs that exist only in memory on %s "
-                        "(agent.simulate_gpus); no NVML is used", count, self.node)
+            log.warning(
+                "SIMULATED GPUs: %d GPUs that exist only in memory on %s "
+                "(agent.simulate_gpus); no NVML is used",
+                count,
+                self.node,
+            )
             return lambda: SimulatedGpuSource(self.node, count)
         return lambda: NvmlGpuSource(self.node)
 
@@ -102,11 +121,29 @@ class Agent:
             self.notifier.status(f"no GPU watching: {exc}")
             return
         a = self.settings.agent
-        self.watcher = GpuWatcher(self.runner, node=self.node, outbox=self.outbox,
-                                  bus=self.bus, policy=fault_policy(self.settings),
-                                  poll_interval_s=a.poll_interval_s,
-                                  allow_inject=a.allow_inject)
+        self.watcher = GpuWatcher(
+            self.runner,
+            node=self.node,
+            outbox=self.outbox,
+            bus=self.bus,
+            policy=fault_policy(self.settings),
+            poll_interval_s=a.poll_interval_s,
+            allow_inject=a.allow_inject,
+            extra_summary=self._counters,
+        )
         await self.watcher.enumerate()
+
+    def _counters(self) -> dict[str, Any]:
+        relay = self.relay
+        return {
+            "nats": "connected" if self.bus.connected else "disconnected",
+            "outbox": {**self.outbox.stats, "waiting": len(self.outbox)},
+            "step_relay": {
+                **(relay.stats if relay else {}),
+                "malformed_by_reason": dict(relay.malformed) if relay else {},
+                "running_steps": len(relay.journal.steps) if relay else 0,
+            },
+        }
 
     def _inventory(self) -> dict[int, str]:
         return self.watcher.index_map() if self.watcher else {}
@@ -117,9 +154,13 @@ class Agent:
         self.notifier.status("opening GPUs")
         try:
             await self._open_gpus()
-            self.relay = StepRelay(node=self.node, socket_path=Path(self.settings.agent.socket),
-                                   journal=StepJournal(self.state_dir / JOURNAL_FILE),
-                                   outbox=self.outbox, inventory=self._inventory)
+            self.relay = StepRelay(
+                node=self.node,
+                socket_path=Path(self.settings.agent.socket),
+                journal=StepJournal(self.state_dir / JOURNAL_FILE),
+                outbox=self.outbox,
+                inventory=self._inventory,
+            )
             await self.relay.restore()
             await self.relay.start()
             return await self._serve()
@@ -136,8 +177,12 @@ class Agent:
         sup.start("housekeeping", self._housekeeping)
         self._install_signals()
         self.notifier.ready(f"ready: node {self.node}, socket {self.settings.agent.socket}")
-        log.info("agent ready on %s (socket %s, NATS %s)", self.node,
-                 self.settings.agent.socket, self.bus.url)
+        log.info(
+            "agent ready on %s (socket %s, NATS %s)",
+            self.node,
+            self.settings.agent.socket,
+            self.bus.url,
+        )
         stop = asyncio.create_task(self.stop_event.wait())
         fatal = asyncio.create_task(sup.fatal.wait())
         await asyncio.wait([stop, fatal], return_when=asyncio.FIRST_COMPLETED)
@@ -191,8 +236,10 @@ class Agent:
             self.watcher.policy = policy
             self.watcher.poll_interval_s = new.agent.poll_interval_s
         self.settings = new
-        log.info("settings reloaded: fault policy, poll interval and log level (the rest "
-                 "takes effect at the next restart)")
+        log.info(
+            "settings reloaded: fault policy, poll interval and log level (the rest "
+            "takes effect at the next restart)"
+        )
         self.notifier.ready("settings reloaded")
 
     async def _shutdown(self) -> None:
@@ -210,7 +257,8 @@ class Agent:
         log.info("agent stopped (%d message(s) not yet published)", len(self.outbox))
 
 
-async def run(settings: Settings, nats_url: str,
-              reload: Callable[[], Settings] | None = None) -> int:
+async def run(
+    settings: Settings, nats_url: str, reload: Callable[[], Settings] | None = None
+) -> int:
     """The agent's entry point: build it and run it until stopped."""
     return await Agent(settings, nats_url, reload=reload).run()

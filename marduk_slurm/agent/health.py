@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -63,9 +64,18 @@ class _Injection:
 
 
 class GpuWatcher:
-    def __init__(self, runner: NvmlRunner, *, node: str, outbox: Outbox, bus: CorePublisher,
-                 policy: FaultPolicy, poll_interval_s: float, allow_inject: bool = False
-                 ) -> None:
+    def __init__(
+        self,
+        runner: NvmlRunner,
+        *,
+        node: str,
+        outbox: Outbox,
+        bus: CorePublisher,
+        policy: FaultPolicy,
+        poll_interval_s: float,
+        allow_inject: bool = False,
+        extra_summary: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.runner = runner
         self.node = node
         self.outbox = outbox
@@ -73,6 +83,7 @@ class GpuWatcher:
         self.policy = policy
         self.poll_interval_s = poll_interval_s
         self.allow_inject = allow_inject
+        self.extra_summary = extra_summary  # the daemon adds its other counters
         self.simulated = isinstance(runner.source, SimulatedGpuSource)
         self.gpus: list[GpuInfo] = []
         self.verdicts: dict[str, GpuVerdict] = {}
@@ -87,14 +98,27 @@ class GpuWatcher:
         """Find the GPUs and queue the inventory for the controller."""
         self.gpus = await self.runner.gpus()
         inventory = m.GpuInventory(
-            node=self.node, simulated=self.simulated, ts=time.time(),
-            gpus=[m.GpuDescriptor(uuid=g.uuid, index=g.index, name=g.name,
-                                  pci_bus_id=g.pci_bus_id) for g in self.gpus])
-        self.outbox.put(subjects.node_event(self.node, "gpu_inventory"), m.encode(inventory),
-                        f"{self.node}.gpu_inventory.{time.time_ns()}")
+            node=self.node,
+            simulated=self.simulated,
+            ts=time.time(),
+            gpus=[
+                m.GpuDescriptor(uuid=g.uuid, index=g.index, name=g.name, pci_bus_id=g.pci_bus_id)
+                for g in self.gpus
+            ],
+        )
+        self.outbox.put(
+            subjects.node_event(self.node, "gpu_inventory"),
+            m.encode(inventory),
+            f"{self.node}.gpu_inventory.{time.time_ns()}",
+        )
         kind = "SIMULATED" if self.simulated else "NVML"
-        log.info("%d %s GPU(s) on %s: %s", len(self.gpus), kind, self.node,
-                 ", ".join(f"{g.index}={g.uuid}" for g in self.gpus) or "none")
+        log.info(
+            "%d %s GPU(s) on %s: %s",
+            len(self.gpus),
+            kind,
+            self.node,
+            ", ".join(f"{g.index}={g.uuid}" for g in self.gpus) or "none",
+        )
         return self.gpus
 
     def index_map(self) -> dict[int, str]:
@@ -120,8 +144,11 @@ class GpuWatcher:
                 if gpu is None:
                     # Usually a GPU that fell off the bus before NVML could name it; the
                     # polls report it as lost.
-                    log.error("XID %s on a GPU NVML cannot identify (%s)",
-                              [e.xid for e in events if e.uuid == uuid], uuid)
+                    log.error(
+                        "XID %s on a GPU NVML cannot identify (%s)",
+                        [e.xid for e in events if e.uuid == uuid],
+                        uuid,
+                    )
                     continue
                 await self.check(gpu)
 
@@ -148,11 +175,16 @@ class GpuWatcher:
         verdict = self.policy.evaluate(reading)
         injected = self._claim_injections(gpu.uuid, reading)
         if injected:
-            verdict = replace(verdict, evidence={
-                **verdict.evidence, "injected": True,
-                "injected_by": sorted({i.actor for i in injected}),
-                "injected_xids": [i.xid for i in injected],
-                "gpu_source": "simulated" if self.simulated else "nvml"})
+            verdict = replace(
+                verdict,
+                evidence={
+                    **verdict.evidence,
+                    "injected": True,
+                    "injected_by": sorted({i.actor for i in injected}),
+                    "injected_xids": [i.xid for i in injected],
+                    "gpu_source": "simulated" if self.simulated else "nvml",
+                },
+            )
         if verdict_changed(self.verdicts.get(gpu.uuid), verdict):
             self._publish_verdict(gpu, reading, verdict)
         self.verdicts[gpu.uuid] = verdict
@@ -172,52 +204,82 @@ class GpuWatcher:
         return claimed
 
     def _publish_verdict(self, gpu: GpuInfo, reading: GpuReading, verdict: GpuVerdict) -> None:
-        msg = m.Verdict(node=self.node, gpu_uuid=gpu.uuid, gpu_index=gpu.index,
-                        action=verdict.action, reason=verdict.reason[:512] or "unknown",
-                        xid=reading.xids[0] if reading.xids else None,
-                        evidence=verdict.evidence, source="agent", ts=time.time())
-        self.outbox.put(subjects.node_event(self.node, "verdict"), m.encode(msg),
-                        f"{self.node}.verdict.{gpu.uuid}.{time.time_ns()}")
+        msg = m.Verdict(
+            node=self.node,
+            gpu_uuid=gpu.uuid,
+            gpu_index=gpu.index,
+            action=verdict.action,
+            reason=verdict.reason[:512] or "unknown",
+            xid=reading.xids[0] if reading.xids else None,
+            evidence=verdict.evidence,
+            source="agent",
+            ts=time.time(),
+        )
+        self.outbox.put(
+            subjects.node_event(self.node, "verdict"),
+            m.encode(msg),
+            f"{self.node}.verdict.{gpu.uuid}.{time.time_ns()}",
+        )
         self.stats["verdicts"] += 1
         level = logging.INFO if verdict.action is GpuAction.NONE else logging.WARNING
-        log.log(level, "GPU %d (%s): %s: %s", gpu.index, gpu.uuid, verdict.action.value,
-                verdict.reason)
+        log.log(
+            level, "GPU %d (%s): %s: %s", gpu.index, gpu.uuid, verdict.action.value, verdict.reason
+        )
 
     # -- summary ---------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        gpus = [{"uuid": g.uuid, "index": g.index,
-                 "action": self.verdicts[g.uuid].action.value if g.uuid in self.verdicts
-                 else "unknown",
-                 "reason": self.verdicts[g.uuid].reason if g.uuid in self.verdicts else ""}
-                for g in self.gpus]
-        worst = max((self.verdicts[g.uuid].action for g in self.gpus if g.uuid in self.verdicts),
-                    key=lambda a: a.severity, default=GpuAction.NONE)
-        return {"v": m.PROTOCOL_VERSION, "type": "node_health", "node": self.node,
-                "ts": time.time(), "simulated": self.simulated, "worst": worst.value,
-                "gpus": gpus, "stats": dict(self.stats)}
+        gpus = [
+            {
+                "uuid": g.uuid,
+                "index": g.index,
+                "action": self.verdicts[g.uuid].action.value
+                if g.uuid in self.verdicts
+                else "unknown",
+                "reason": self.verdicts[g.uuid].reason if g.uuid in self.verdicts else "",
+            }
+            for g in self.gpus
+        ]
+        worst = max(
+            (self.verdicts[g.uuid].action for g in self.gpus if g.uuid in self.verdicts),
+            key=lambda a: a.severity,
+            default=GpuAction.NONE,
+        )
+        return {
+            "v": m.PROTOCOL_VERSION,
+            "type": "node_health",
+            "node": self.node,
+            "ts": time.time(),
+            "simulated": self.simulated,
+            "worst": worst.value,
+            "gpus": gpus,
+            "stats": dict(self.stats),
+            **(self.extra_summary() if self.extra_summary else {}),
+        }
 
     async def publish_summary(self) -> None:
         """Core NATS, best effort: a missed summary is replaced by the next one."""
         if not self.bus.connected:
             return
         try:
-            await self.bus.publish(subjects.node_health(self.node),
-                                   msgspec.json.encode(self.summary()))
+            await self.bus.publish(
+                subjects.node_health(self.node), msgspec.json.encode(self.summary())
+            )
         except BusError as exc:
             log.debug("health summary not sent: %s", exc)
 
     # -- injection -------------------------------------------------------------------------
 
-    async def inject(self, ref: str, xid: int, actor: str, timeout_s: float = 1.5
-                     ) -> GpuVerdict:
+    async def inject(self, ref: str, xid: int, actor: str, timeout_s: float = 1.5) -> GpuVerdict:
         """Feed XID `xid` to GPU `ref` and return the verdict it led to."""
         if isinstance(xid, bool) or not isinstance(xid, int) or not 0 <= xid <= MAX_XID:
             raise ValueError(f"xid must be a non-negative integer, got {xid!r}")
         gpu = self.find(ref)
         if not self.simulated and not self.allow_inject:
-            raise InjectRefused(f"{self.node} has real GPUs; start the agent with "
-                                "--allow-inject to allow synthetic XIDs")
+            raise InjectRefused(
+                f"{self.node} has real GPUs; start the agent with "
+                "--allow-inject to allow synthetic XIDs"
+            )
         done: asyncio.Future[GpuVerdict] = asyncio.get_running_loop().create_future()
         self._injections.setdefault(gpu.uuid, []).append(_Injection(xid, actor, done))
         self.stats["injected"] += 1

@@ -76,8 +76,12 @@ class StepJournal:
             entries = [_entry(raw) for raw in doc.get("steps", [])]
         except (ValueError, TypeError) as exc:
             damaged = self.path.with_name(self.path.name + ".damaged")
-            log.error("step journal %s is damaged (%s); moved to %s, starting empty",
-                      self.path, exc, damaged)
+            log.error(
+                "step journal %s is damaged (%s); moved to %s, starting empty",
+                self.path,
+                exc,
+                damaged,
+            )
             os.replace(self.path, damaged)
             return []
         self.steps = {e.key: e for e in entries}

@@ -34,8 +34,9 @@ class DurablePublisher(Protocol):
     @property
     def connected(self) -> bool: ...
 
-    async def publish_durable(self, subject: str, data: bytes, *, msg_id: str = "",
-                              timeout_s: float = 5.0) -> int: ...
+    async def publish_durable(
+        self, subject: str, data: bytes, *, msg_id: str = "", timeout_s: float = 5.0
+    ) -> int: ...
 
 
 @dataclass
@@ -48,8 +49,14 @@ class Pending:
 
 
 class Outbox:
-    def __init__(self, bus: DurablePublisher, *, max_items: int = 10_000,
-                 publish_timeout_s: float = 2.0, backoff_max_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        bus: DurablePublisher,
+        *,
+        max_items: int = 10_000,
+        publish_timeout_s: float = 2.0,
+        backoff_max_s: float = 5.0,
+    ) -> None:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         self.bus = bus
@@ -66,14 +73,17 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def put(self, subject: str, data: bytes, msg_id: str,
-            on_published: OnPublished | None = None) -> None:
+    def put(
+        self, subject: str, data: bytes, msg_id: str, on_published: OnPublished | None = None
+    ) -> None:
         """Queue one message; never blocks, never fails (drops the oldest when full)."""
         if len(self._queue) >= self.max_items:
             dropped = self._queue.popleft()
             self.stats["dropped"] += 1
-            self._warn(f"outbox full ({self.max_items}): dropped the oldest message "
-                       f"({dropped.subject}); {self.stats['dropped']} dropped so far")
+            self._warn(
+                f"outbox full ({self.max_items}): dropped the oldest message "
+                f"({dropped.subject}); {self.stats['dropped']} dropped so far"
+            )
         self._queue.append(Pending(subject, data, msg_id, on_published, time.monotonic()))
         self.stats["queued"] += 1
         self._idle.clear()
@@ -102,12 +112,15 @@ class Outbox:
                 continue
             item = self._queue[0]
             try:
-                await self.bus.publish_durable(item.subject, item.data, msg_id=item.msg_id,
-                                               timeout_s=self.publish_timeout_s)
+                await self.bus.publish_durable(
+                    item.subject, item.data, msg_id=item.msg_id, timeout_s=self.publish_timeout_s
+                )
             except (BusError, BusTimeout) as exc:
                 self.stats["retries"] += 1
-                self._warn(f"cannot publish {item.subject} yet ({exc}); {len(self._queue)} "
-                           f"messages waiting, retrying")
+                self._warn(
+                    f"cannot publish {item.subject} yet ({exc}); {len(self._queue)} "
+                    f"messages waiting, retrying"
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max_s)
                 continue

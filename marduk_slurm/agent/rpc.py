@@ -66,10 +66,21 @@ class AgentRpc:
         except InjectRefused as exc:
             return m.Reply(ok=False, error=str(exc), error_kind="refused")
         except TimeoutError:
-            return m.Reply(ok=False, error=f"no verdict for the injected xid on {self.node} "
-                           "in time", error_kind="timeout")
+            return m.Reply(
+                ok=False,
+                error=f"no verdict for the injected xid on {self.node} in time",
+                error_kind="timeout",
+            )
         target = self.watcher.find(gpu)
-        return m.Reply(ok=True, data={
-            "node": self.node, "gpu_uuid": target.uuid, "gpu_index": target.index, "xid": xid,
-            "action": verdict.action.value, "reason": verdict.reason,
-            "simulated": self.watcher.simulated})
+        return m.Reply(
+            ok=True,
+            data={
+                "node": self.node,
+                "gpu_uuid": target.uuid,
+                "gpu_index": target.index,
+                "xid": xid,
+                "action": verdict.action.value,
+                "reason": verdict.reason,
+                "simulated": self.watcher.simulated,
+            },
+        )

@@ -76,8 +76,16 @@ def _msg_id(node: str, kind: str, job_id: int, step_id: int) -> str:
 
 
 class StepRelay:
-    def __init__(self, *, node: str, socket_path: Path, journal: StepJournal, outbox: Outbox,
-                 inventory: Inventory, idle_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        node: str,
+        socket_path: Path,
+        journal: StepJournal,
+        outbox: Outbox,
+        inventory: Inventory,
+        idle_timeout_s: float = 10.0,
+    ) -> None:
         self.node = node
         self.socket_path = socket_path
         self.journal = journal
@@ -99,8 +107,12 @@ class StepRelay:
         changed = False
         for entry in entries:
             if not entry.ended and not pid_alive(entry.pid):
-                log.info("step %d.%d: pid %d is gone since the agent stopped; reporting it "
-                         "ended", entry.job_id, entry.step_id, entry.pid)
+                log.info(
+                    "step %d.%d: pid %d is gone since the agent stopped; reporting it ended",
+                    entry.job_id,
+                    entry.step_id,
+                    entry.pid,
+                )
                 entry.ended, entry.ended_at, changed = True, time.time(), True
             if entry.ended:
                 self._queue_end(entry)
@@ -116,8 +128,9 @@ class StepRelay:
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         await asyncio.to_thread(_remove_stale_socket, path)
-        self._server = await asyncio.start_unix_server(self._on_client, path=str(path),
-                                                       limit=MAX_LINE_BYTES + 1)
+        self._server = await asyncio.start_unix_server(
+            self._on_client, path=str(path), limit=MAX_LINE_BYTES + 1
+        )
         os.chmod(path, 0o666)
         self._socket_ino = path.stat().st_ino
         log.info("step relay listening on %s", path)
@@ -136,8 +149,7 @@ class StepRelay:
 
     # -- connections -----------------------------------------------------------------------
 
-    async def _on_client(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats["connections"] += 1
         peer_uid = _peer_uid(writer)
         try:
@@ -184,8 +196,12 @@ class StepRelay:
             return None
         if report.node != self.node and report.node not in self._other_nodes:
             self._other_nodes.add(report.node)
-            log.warning("step reports name node %s but this agent is %s: set agent.node to "
-                        "the Slurm node name", report.node, self.node)
+            log.warning(
+                "step reports name node %s but this agent is %s: set agent.node to "
+                "the Slurm node name",
+                report.node,
+                self.node,
+            )
         await self.relay(report)
         return report
 
@@ -197,17 +213,35 @@ class StepRelay:
         if report.event == "step_start":
             uuids, missing = resolve_gpus(report.gpu_indices, self.inventory())
             if missing:
-                log.warning("step %d.%d: GPU indices %s are not in this node's inventory",
-                            report.job_id, report.step_id, missing)
-            entry = StepEntry(report.job_id, report.step_id, report.node,
-                              list(report.gpu_indices), uuids, report.pid, report.uid, now)
+                log.warning(
+                    "step %d.%d: GPU indices %s are not in this node's inventory",
+                    report.job_id,
+                    report.step_id,
+                    missing,
+                )
+            entry = StepEntry(
+                report.job_id,
+                report.step_id,
+                report.node,
+                list(report.gpu_indices),
+                uuids,
+                report.pid,
+                report.uid,
+                now,
+            )
             self.journal.steps[entry.key] = entry
             await self.journal.save()
             self._queue_start(entry, again=False)
         else:
             if entry is None:  # an end without a start we saw: still worth reporting
-                entry = StepEntry(report.job_id, report.step_id, report.node, pid=report.pid,
-                                  uid=report.uid, started_at=now)
+                entry = StepEntry(
+                    report.job_id,
+                    report.step_id,
+                    report.node,
+                    pid=report.pid,
+                    uid=report.uid,
+                    started_at=now,
+                )
                 self.journal.steps[entry.key] = entry
             entry.ended, entry.exit_status, entry.ended_at = True, report.exit_status, now
             await self.journal.save()
@@ -219,17 +253,29 @@ class StepRelay:
         if not uuids and entry.gpu_indices:  # the inventory may have arrived since
             uuids, _ = resolve_gpus(entry.gpu_indices, self.inventory())
             entry.gpu_uuids = uuids
-        report = StepReport("step_start", entry.job_id, entry.step_id, entry.node,
-                            tuple(entry.gpu_indices), None, entry.pid, entry.uid)
+        report = StepReport(
+            "step_start",
+            entry.job_id,
+            entry.step_id,
+            entry.node,
+            tuple(entry.gpu_indices),
+            None,
+            entry.pid,
+            entry.uid,
+        )
         msg = to_message(report, uuids, time.time() if again else entry.started_at)
-        self.outbox.put(subjects.node_event(entry.node, "step_start"), m.encode(msg),
-                        _msg_id(entry.node, "step_start", entry.job_id, entry.step_id))
+        self.outbox.put(
+            subjects.node_event(entry.node, "step_start"),
+            m.encode(msg),
+            _msg_id(entry.node, "step_start", entry.job_id, entry.step_id),
+        )
         if again:
             self.stats["reannounced"] += 1
 
     def _queue_end(self, entry: StepEntry) -> None:
-        report = StepReport("step_end", entry.job_id, entry.step_id, entry.node,
-                            exit_status=entry.exit_status)
+        report = StepReport(
+            "step_end", entry.job_id, entry.step_id, entry.node, exit_status=entry.exit_status
+        )
         msg = to_message(report, [], entry.ended_at or time.time())
         key = entry.key
 
@@ -240,8 +286,12 @@ class StepRelay:
                 del self.journal.steps[key]
                 await self.journal.save()
 
-        self.outbox.put(subjects.node_event(entry.node, "step_end"), m.encode(msg),
-                        _msg_id(entry.node, "step_end", entry.job_id, entry.step_id), forget)
+        self.outbox.put(
+            subjects.node_event(entry.node, "step_end"),
+            m.encode(msg),
+            _msg_id(entry.node, "step_end", entry.job_id, entry.step_id),
+            forget,
+        )
 
 
 def _remove_stale_socket(path: Path) -> None:

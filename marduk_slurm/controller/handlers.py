@@ -123,15 +123,8 @@ def on_verdict(store: Store, msg: m.Verdict, now: float, policy: Policy) -> Effe
 
 def queue_drain(store: Store, node: str, reason: str, cause_event: int, source: str,
                 now: float, effects: Effects) -> None:
-    """Put a drain in the outbox; a node we already drained, or that has a drain queued,
-    is not drained twice."""
-    current = store.node(node)
-    if current and current["drained_by_marduk"] and "DRAIN" in current["flags"]:
-        eid = store.add_event("drain_skipped", now=now, source=source, node=node,
-                              reason=f"{node} already drained by marduk",
-                              evidence={"cause_event": cause_event})
-        effects.feed.append(eid)
-        return
+    """Put a drain in the outbox. A drain already pending for the node is reused; whether
+    the node is already drained is asked of Slurm just before acting, not of our copy."""
     action_id = store.enqueue_slurm_action("drain", node, reason, cause_event, now)
     eid = store.add_event("drain_requested", now=now, source=source, node=node, reason=reason,
                           action=GpuAction.DRAIN_NODE.value,

@@ -54,6 +54,10 @@ class OutboxWorker:
         async with self.limit:
             try:
                 if kind == "drain":
+                    group = await self._skip_already_drained(group)
+                    if not group:
+                        return
+                    nodes = sorted({a["node"] for a in group})
                     await self.slurm.drain(nodes, reason)
                 elif kind == "resume":
                     await self.slurm.resume(nodes)
@@ -70,6 +74,42 @@ class OutboxWorker:
                 await self._failed(group[0], str(exc))
                 return
         await self._done(kind, group)
+
+    async def _skip_already_drained(self, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Read the nodes from Slurm just before draining: a node someone else drained keeps
+        its reason (overwriting it would undo their drain), one we drained stays as it is."""
+        current = {n.name: n for n in await self.slurm.get_nodes([a["node"] for a in group])}
+        todo, skipped = [], []
+        for action in group:
+            node = current.get(action["node"])
+            if node is not None and (node.state.is_drained() or node.state.is_draining()):
+                skipped.append((action, node))
+            else:
+                todo.append(action)
+        if skipped:
+            await self._skipped(skipped)
+        return todo
+
+    async def _skipped(self, skipped: list[tuple[dict[str, Any], Any]]) -> None:
+        now = time.time()
+        prefix = self.ctx.policy.reason_prefix
+
+        def commit(store: Store) -> list[int]:
+            ids = []
+            for action, node in skipped:
+                store.complete_action(action["id"], now)
+                store.update_node_from_slurm(node.name, str(node.state), node.flags,
+                                             node.reason, node.reason_user or "", now, prefix)
+                who = "marduk" if node.reason.startswith(prefix + ":") else (
+                    node.reason_user or "someone else")
+                ids.append(store.add_event(
+                    "drain_skipped", now=now, source="slurm", node=node.name,
+                    reason=f"already drained by {who}: {node.reason}",
+                    evidence={"outbox_id": action["id"], "cause_event": action["event_id"]}))
+            return ids
+
+        ids = await self.ctx.db.tx(commit)
+        await self.ctx.publish_feed(ids)
 
     async def _done(self, kind: str, group: list[dict[str, Any]]) -> None:
         now = time.time()

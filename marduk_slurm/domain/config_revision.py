@@ -36,7 +36,7 @@ SCALAR_KEYS: Final = ("lr", "weight_decay", "batch_size", "keep_global_batch", "
 # Keys that act once (load a file) rather than describe the job's state: a late joiner gets
 # them only while they are still ahead of the job.
 ONE_SHOT_KEYS: Final = frozenset({"checkpoint"})
-_SUFFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_KEYS: Final = 64
 
 LrRule = Literal["none", "linear", "sqrt"]
@@ -76,7 +76,7 @@ def _validate_one(key: str, value: Any) -> Any:
             raise ValueError(f"checkpoint must be a non-empty path, got {value!r}")
         return value
     prefix, _, suffix = key.partition(".")
-    if prefix in ("optim", "user") and _SUFFIX.match(suffix):
+    if prefix in ("optim", "user") and NAME_RE.match(suffix):
         if prefix == "optim" and suffix == "params":
             raise ValueError("optim.params cannot be changed")
         return value

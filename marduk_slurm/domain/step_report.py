@@ -129,20 +129,32 @@ def parse_line(line: bytes, default_node: str) -> StepReport:
     )
 
 
-def resolve_gpus(indices: Sequence[int], inventory: Mapping[int, str]
-                 ) -> tuple[list[str], list[int]]:
+def resolve_gpus(
+    indices: Sequence[int], inventory: Mapping[int, str]
+) -> tuple[list[str], list[int]]:
     """GPU indices to UUIDs through the agent's inventory: (uuids, indices not found)."""
     uuids = [inventory[i] for i in indices if i in inventory]
     missing = [i for i in indices if i not in inventory]
     return uuids, missing
 
 
-def to_message(report: StepReport, gpu_uuids: Sequence[str], ts: float
-               ) -> m.StepStart | m.StepEnd:
+def to_message(report: StepReport, gpu_uuids: Sequence[str], ts: float) -> m.StepStart | m.StepEnd:
     """The durable message the agent publishes for a report."""
     if report.event == "step_start":
-        return m.StepStart(job_id=report.job_id, step_id=report.step_id, node=report.node,
-                           gpu_indices=list(report.gpu_indices), gpu_uuids=list(gpu_uuids),
-                           pid=report.pid, uid=report.uid, ts=ts)
-    return m.StepEnd(job_id=report.job_id, step_id=report.step_id, node=report.node,
-                     exit_status=report.exit_status, ts=ts)
+        return m.StepStart(
+            job_id=report.job_id,
+            step_id=report.step_id,
+            node=report.node,
+            gpu_indices=list(report.gpu_indices),
+            gpu_uuids=list(gpu_uuids),
+            pid=report.pid,
+            uid=report.uid,
+            ts=ts,
+        )
+    return m.StepEnd(
+        job_id=report.job_id,
+        step_id=report.step_id,
+        node=report.node,
+        exit_status=report.exit_status,
+        ts=ts,
+    )

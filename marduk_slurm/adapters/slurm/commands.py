@@ -136,6 +136,22 @@ class CommandsBackend:
         result = await self.runner.run(["sinfo", "--json"])
         return parse.parse_sinfo_json(result.stdout)
 
+    async def get_nodes(self, names: Sequence[str]) -> list[SlurmNode]:
+        wanted = set(names)
+        if not wanted:
+            return []
+        found: list[SlurmNode] = []
+        ordered = sorted(wanted)
+        for start in range(0, len(ordered), self.batch_size):
+            batch = hostlist.compress(ordered[start : start + self.batch_size])
+            result = await self.runner.run(["scontrol", "show", "-o", "node", batch],
+                                           check=False)
+            # Unknown names make scontrol fail for the whole list; fall back to everything.
+            if result.returncode != 0:
+                return [n for n in await self.list_nodes() if n.name in wanted]
+            found += parse.parse_scontrol_nodes(result.stdout)
+        return [n for n in found if n.name in wanted]
+
     async def list_jobs(self) -> list[SlurmJob]:
         # -d adds the per-node `GRES=gpu:1(IDX:0)` detail that gives GPU indices.
         result = await self.runner.run(["scontrol", "-d", "show", "-o", "job"])

@@ -17,6 +17,9 @@ class NoSlurm:
     async def list_nodes(self) -> list[SlurmNode]:
         return []
 
+    async def get_nodes(self, names: Sequence[str]) -> list[SlurmNode]:
+        return []
+
     async def list_jobs(self) -> list[SlurmJob]:
         return []
 

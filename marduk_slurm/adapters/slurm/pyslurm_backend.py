@@ -66,6 +66,10 @@ class PyslurmBackend:
         nodes = await self._call("list_nodes", self._pyslurm.Nodes.load)
         return [_node(node) for node in nodes.values()]
 
+    async def get_nodes(self, names: Sequence[str]) -> list[SlurmNode]:
+        wanted = set(names)
+        return [n for n in await self.list_nodes() if n.name in wanted]
+
     async def list_jobs(self) -> list[SlurmJob]:
         return await self._call("list_jobs", self._load_jobs)
 

@@ -1,0 +1,203 @@
+"""The sbatch script of a fault-tolerant TorchFT job, rendered from templates/torchft.sbatch.j2.
+
+`sbatch_script()`'s signature is the parameter schema: `render()` takes a mapping of
+parameters, rejects unknown names with the list of valid ones, and checks values (ValueError)
+before anything is rendered. The template is jinja2 with StrictUndefined, so a name the
+template uses but the code forgot to pass fails loudly instead of rendering as empty; every
+value that lands in a shell command goes through the `q` filter (shlex.quote).
+
+The rendered script allocates replica_groups * nodes_per_group nodes for training plus
+spares * nodes_per_group spare nodes, starts the torchft lighthouse on the first node, one
+srun step per replica group, and a bash supervisor that respawns failed groups (see
+docs/operations or the template's comments for the exit-code contract).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import jinja2
+
+TEMPLATE_NAME: Final = "torchft.sbatch.j2"
+# The repository's templates/ folder; installs that move it pass template_dir.
+DEFAULT_TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "templates"
+
+# Exit codes of the runtime hooks that the supervisor honours (docs/operations.md).
+EXIT_DONE: Final = 0
+EXIT_LEAVE: Final = 75  # told to leave: the node is being drained, respawn elsewhere
+EXIT_STOP: Final = 76  # told to stop: do not respawn
+
+# sbatch options the template sets itself; passing them through would contradict it.
+_RESERVED_SBATCH = frozenset({
+    "nodes", "N", "ntasks", "n", "ntasks-per-node", "gres", "gpus", "gpus-per-node", "G",
+    "job-name", "J", "partition", "p", "time", "t", "account", "A",
+})
+_SBATCH_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# Values on #SBATCH lines are read by sbatch, not by a shell, so quoting cannot protect them.
+_SBATCH_VALUE = re.compile(r"^[^\s'\"\\]*$")
+
+
+def sbatch_script(
+    train_script: str,
+    train_args: Sequence[str] = (),
+    *,
+    replica_groups: int = 2,
+    nodes_per_group: int = 1,
+    gpus_per_node: int = 8,
+    spares: int = 0,
+    max_restarts: int = 3,
+    job_name: str = "marduk-torchft",
+    partition: str | None = None,
+    time: str | None = None,
+    account: str | None = None,
+    sbatch_args: Mapping[str, str] | None = None,
+    launcher: str = "python3",
+    lighthouse: str = "torchft_lighthouse",
+    lighthouse_port: int = 29510,
+    lighthouse_bind: str | None = None,
+    min_replicas: int = 1,
+    quorum_tick_ms: int = 100,
+    join_timeout_ms: int = 10000,
+    heartbeat_timeout_ms: int = 1000,
+    master_port: int = 29600,
+    poll_s: float = 1.0,
+    nats_url: str | None = None,
+    template_dir: str | None = None,
+) -> str:
+    """Render the sbatch script.
+
+    `launcher` is the command (shell words) that runs `train_script` on each node, e.g.
+    "python3" or "torchrun --nproc-per-node=8"; empty runs the script itself. Group g's
+    MASTER_PORT is master_port + g. `lighthouse_bind` defaults to the first node's NodeAddr.
+    `max_restarts` counts respawns over the whole job, all groups together.
+    """
+    params = dict(locals())
+    _check(params)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(template_dir or str(DEFAULT_TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
+        trim_blocks=True, lstrip_blocks=True,
+        # bash's ${#array[@]} would open a jinja comment with the default "{#".
+        comment_start_string="<%#", comment_end_string="#%>",
+    )
+    env.filters["q"] = shlex.quote
+    command = [*shlex.split(launcher), train_script, *train_args]
+    return env.get_template(TEMPLATE_NAME).render(
+        **params, command=command, total_nodes=(replica_groups + spares) * nodes_per_group,
+        sbatch_lines=_sbatch_lines(params), exit_leave=EXIT_LEAVE, exit_stop=EXIT_STOP,
+    )
+
+
+def valid_parameters() -> dict[str, Any]:
+    """Every parameter of `sbatch_script` with its default (`inspect.Parameter.empty` when
+    it has none)."""
+    return {name: p.default for name, p in inspect.signature(sbatch_script).parameters.items()}
+
+
+def render(params: Mapping[str, Any]) -> str:
+    """`sbatch_script(**params)`, but an unknown name is a ValueError listing the valid ones."""
+    valid = valid_parameters()
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown sbatch parameter(s) {', '.join(unknown)}; valid parameters: "
+                         f"{', '.join(valid)}")
+    missing = [n for n, d in valid.items() if d is inspect.Parameter.empty and n not in params]
+    if missing:
+        raise ValueError(f"missing sbatch parameter(s): {', '.join(missing)}")
+    return sbatch_script(**params)
+
+
+def coerce(name: str, text: str) -> Any:
+    """A `KEY=VALUE` string from the command line as the type of the parameter's default."""
+    valid = valid_parameters()
+    if name not in valid:
+        raise ValueError(f"unknown sbatch parameter {name}; valid parameters: "
+                         f"{', '.join(valid)}")
+    default = valid[name]
+    if isinstance(default, bool):
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"{name}: expected true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes", "on")
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f"{name}: expected {kind.__name__}, got {text!r}") from None
+    if isinstance(default, tuple):
+        return tuple(shlex.split(text))
+    return text
+
+
+# -- validation -------------------------------------------------------------------------
+
+
+def _check(p: Mapping[str, Any]) -> None:
+    if not str(p["train_script"]).strip():
+        raise ValueError("train_script must not be empty")
+    for name in ("replica_groups", "nodes_per_group", "min_replicas", "quorum_tick_ms",
+                 "join_timeout_ms", "heartbeat_timeout_ms"):
+        _int_at_least(p, name, 1)
+    for name in ("gpus_per_node", "spares", "max_restarts"):
+        _int_at_least(p, name, 0)
+    if not (isinstance(p["poll_s"], int | float) and p["poll_s"] > 0):
+        raise ValueError(f"poll_s must be a positive number, got {p['poll_s']!r}")
+    _port(p, "lighthouse_port", p["lighthouse_port"])
+    _port(p, "master_port", p["master_port"] + p["replica_groups"] - 1)
+    if p["min_replicas"] > p["replica_groups"]:
+        raise ValueError(f"min_replicas ({p['min_replicas']}) exceeds replica_groups "
+                         f"({p['replica_groups']})")
+    for name in ("job_name", "partition", "time", "account"):
+        if p[name] is not None:
+            _sbatch_value(name, str(p[name]))
+    if isinstance(p["train_args"], str):
+        raise ValueError("train_args must be a list of arguments, not one string")
+    for key, value in (p["sbatch_args"] or {}).items():
+        _sbatch_arg(key, value)
+    text = [p["train_script"], *p["train_args"], p["launcher"], p["lighthouse"],
+            p["nats_url"] or "", p["lighthouse_bind"] or ""]
+    if any("\n" in str(t) or "\0" in str(t) for t in text):
+        raise ValueError("arguments must not contain newlines or NUL characters")
+
+
+def _int_at_least(p: Mapping[str, Any], name: str, low: int) -> None:
+    value = p[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _port(p: Mapping[str, Any], name: str, highest: int) -> None:
+    _int_at_least(p, name, 1)
+    if highest > 65535:
+        raise ValueError(f"{name} {p[name]} leaves the port range (highest used: {highest})")
+
+
+def _sbatch_value(name: str, value: str) -> None:
+    if not value or not _SBATCH_VALUE.match(value):
+        raise ValueError(f"{name} {value!r}: empty, or has spaces, quotes or backslashes "
+                         "(sbatch reads #SBATCH lines without a shell)")
+
+
+def _sbatch_arg(key: str, value: str | None) -> None:
+    if not _SBATCH_KEY.match(key):
+        raise ValueError(f"sbatch argument {key!r} is not an option name")
+    if key.replace("_", "-") in _RESERVED_SBATCH:
+        raise ValueError(f"sbatch argument {key!r} is set by the template; use the "
+                         "dedicated parameter (replica_groups, gpus_per_node, job_name, ...)")
+    if value:
+        _sbatch_value(f"sbatch argument {key}", value)
+
+
+def _sbatch_lines(p: Mapping[str, Any]) -> list[str]:
+    """The #SBATCH options after the fixed ones: named passthroughs, then sbatch_args."""
+    lines = [f"--{name}={p[name]}" for name in ("partition", "time", "account")
+             if p[name] is not None]
+    for key, value in sorted((p["sbatch_args"] or {}).items()):
+        option = key.replace("_", "-")
+        lines.append(f"--{option}={value}" if value else f"--{option}")
+    return lines

@@ -1,0 +1,298 @@
+"""`ManagerMarduk`: torchft's Manager, reporting to and commanded by the Marduk controller.
+
+It is a subclass of `torchft.Manager` that hooks the two calls every torchft training loop
+makes once per step: `start_quorum` (from `Optimizer.zero_grad`) and `should_commit` (from
+`Optimizer.step`). Between a commit and the next quorum is the step boundary where revisions
+are applied and a commanded leave happens, so every replica changes at the same step.
+
+Training never waits for Marduk: heartbeats go to a bounded buffer, commands are read from a
+queue filled by the client's own thread, and the only bounded waits are the first config fetch
+at start-up and the final flush when leaving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torchft.manager import REPLICA_ID_KEY, Manager
+
+from marduk_slurm.domain import config_revision as cr
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain.exit_codes import EXIT_DONE, EXIT_LEAVE, EXIT_STOP
+from marduk_slurm.runtime.client import MardukClient
+from marduk_slurm.runtime.config import ConfigApplier, HasParamGroups
+
+log = logging.getLogger(__name__)
+
+LEAVE_KEY = "marduk/leave_at"  # in the replica group's TCPStore, so all its ranks leave at once
+
+
+class LeaveRequested(SystemExit):
+    """Raised at a step boundary after a commanded leave; the process exits with `code`."""
+
+
+def replica_prefix(job_id: int, replica_group: int) -> str:
+    """torchft appends ":<uuid>" and reads the group index from the trailing digits."""
+    return f"job{job_id}_rg{replica_group}"
+
+
+def _name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-]", "-", text)[:128] or "unknown"
+
+
+def local_gpu_uuids(node: str, rank: int) -> list[str]:
+    """The UUID of the GPU this rank uses (CUDA_VISIBLE_DEVICES is honoured by torch's
+    numbering); on CPU a stable `cpu:<node>:<rank>` so the mapping still has a row."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        uuid = str(props.uuid)
+        return [uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"]
+    return [f"cpu:{_name(node)}:{rank}"]
+
+
+@dataclass(frozen=True)
+class ReplicaIdentity:
+    """Who this process is, for the controller's DR mapping."""
+
+    job_id: int
+    replica_group: int
+    node: str
+    step_id: int | None = None
+    gpu_uuids: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ReplicaIdentity:
+        """MARDUK_* first (exported by the SPANK plugin), then Slurm's and torchft's names."""
+        def pick(*names: str) -> str:
+            return next((env[n] for n in names if env.get(n, "") != ""), "")
+
+        job, group = pick("MARDUK_JOB_ID", "SLURM_JOB_ID"), pick("MARDUK_REPLICA_GROUP",
+                                                                  "REPLICA_GROUP_ID")
+        step = pick("MARDUK_STEP_ID", "SLURM_STEP_ID")
+        gpus = pick("MARDUK_GPUS")
+        return cls(job_id=int(job or 0), replica_group=int(group or 0),
+                   node=_name(pick("MARDUK_NODE", "SLURMD_NODENAME") or socket.gethostname()),
+                   step_id=int(step) if step.isdigit() else None,
+                   gpu_uuids=tuple(g for g in gpus.split(",") if g))
+
+
+class ManagerMarduk(Manager):
+    """torchft's Manager plus registration, per-step telemetry and live commands.
+
+    Arguments beyond Manager's: `identity` (job, group, node), `client` (None: run as a plain
+    Manager), `optimizer` (whose param groups revisions change; or `attach_optimizer` later),
+    `batch_size` and `max_steps` (starting values a revision may change), `exit_on_leave`
+    (raise `LeaveRequested` at the next boundary instead of only answering `should_stop`),
+    `first_config_timeout` (bounded wait for the latest revision before the first step).
+    """
+
+    def __init__(self, *, identity: ReplicaIdentity, client: MardukClient | None = None,
+                 optimizer: HasParamGroups | None = None, batch_size: int | None = None,
+                 max_steps: int | None = None, exit_on_leave: bool = True,
+                 first_config_timeout: timedelta = timedelta(seconds=2),
+                 **manager_kwargs: Any) -> None:
+        manager_kwargs.setdefault("replica_id",
+                                  replica_prefix(identity.job_id, identity.replica_group))
+        super().__init__(**manager_kwargs)
+        self.identity = identity
+        self.client = client
+        self.exit_on_leave = exit_on_leave
+        self.config = ConfigApplier(batch_size=batch_size, max_steps=max_steps)
+        if optimizer is not None:
+            self.config.add_optimizer(optimizer)
+        self.full_replica_id: str = self._store.get(REPLICA_ID_KEY).decode()
+        self.gpu_uuids = list(identity.gpu_uuids) or local_gpu_uuids(identity.node,
+                                                                     self._group_rank)
+        self.register_state_dict_fn("marduk", self.config.load_state_dict,
+                                    self.config.state_dict)
+        self._leave: tuple[str, int] | None = None  # (reason, exit code)
+        self._leave_at: int | None = None
+        self._exit_code: int | None = None
+        self._loss: float | None = None
+        self._allreduce_s = 0.0
+        self._last_commit_end: float | None = None
+        self._step_started = 0.0
+        self._participants = 0
+        self.last_step_time_s = 0.0
+        if client is not None:
+            client.start(self.full_replica_id, self._registration)
+            client.wait_first_config(first_config_timeout)
+            self._boundary()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **kwargs: Any) -> ManagerMarduk:
+        """The entry point: identity and NATS URL from the MARDUK_* environment. Without
+        MARDUK_NATS_URL it trains as a plain torchft Manager (no telemetry, no commands)."""
+        env = os.environ if env is None else env
+        identity = ReplicaIdentity.from_env(env)
+        client = None
+        if env.get("MARDUK_NATS_URL"):
+            client = MardukClient(env["MARDUK_NATS_URL"], identity.job_id,
+                                  identity.replica_group, creds=env.get("MARDUK_NATS_CREDS", ""))
+        return cls(identity=identity, client=client, **kwargs)
+
+    # -- user API --------------------------------------------------------------------------
+
+    def attach_optimizer(self, optimizer: HasParamGroups) -> None:
+        """The (inner) optimizer whose param groups lr, weight_decay and optim.* change."""
+        self.config.add_optimizer(optimizer)
+
+    def register_handler(self, name: str, handler: Callable[[Any], None]) -> None:
+        """Run `handler(value)` at the agreed step when a revision sets ``user.<name>``."""
+        self.config.register_handler(name, handler)
+
+    def unregister_handler(self, name: str) -> None:
+        self.config.unregister_handler(name)
+
+    def register_checkpoint_loader(self, loader: Callable[[str], None]) -> None:
+        """`loader(path)` loads model and optimizer state at the agreed step. torchft's step
+        is not touched, so it stays monotonic across replicas."""
+        self.config.checkpoint_loader = loader
+
+    def report_loss(self, loss: float) -> None:
+        """The loss to put in this step's heartbeat (a float: calling .item() is yours)."""
+        self._loss = float(loss)
+
+    def note_allreduce(self, seconds: float) -> None:
+        """Called by SafeDDP's hook with the time spent waiting for each allreduce."""
+        self._allreduce_s += seconds
+
+    @property
+    def max_steps(self) -> int | None:
+        return self.config.max_steps
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.config.batch_size
+
+    def batch_plan(self) -> cr.BatchPlan | None:
+        """Micro-batch size and accumulation steps for the coming step (see docs/runtime.md)."""
+        return self.config.batch_plan(self._participants or 1)
+
+    def should_stop(self) -> bool:
+        """True once max_steps are committed or a leave was commanded: end the loop, then
+        `sys.exit(manager.finish())`."""
+        self._boundary()
+        return self._leave is not None or self._done()
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Leave at the next boundary and tell the supervisor not to respawn (exit 76)."""
+        self._leave = (reason, EXIT_STOP)
+
+    def finish(self) -> int:
+        """Leave cleanly and return the exit code for the process (see exit_codes)."""
+        if self._exit_code is not None:
+            return self._exit_code
+        reason, code = self._leave or ("max_steps reached", EXIT_DONE)
+        return self._leave_now(reason, code)
+
+    # -- torchft hooks ---------------------------------------------------------------------
+
+    def start_quorum(self, allow_heal: bool = True, shrink_only: bool = False,
+                     timeout: timedelta | None = None) -> None:
+        self._boundary()
+        if self._leave is not None and self.exit_on_leave:
+            raise LeaveRequested(self._leave_now(*self._leave))
+        self._step_started = time.perf_counter()
+        self._allreduce_s = 0.0
+        super().start_quorum(allow_heal=allow_heal, shrink_only=shrink_only, timeout=timeout)
+
+    def should_commit(self, timeout: timedelta | None = None) -> bool:
+        started = time.perf_counter()
+        committed = super().should_commit(timeout)
+        now = time.perf_counter()
+        self.last_step_time_s = now - (self._last_commit_end or self._step_started)
+        self._last_commit_end = now
+        self._participants = self.num_participants()
+        if self.client is not None:
+            self.client.send_heartbeat(m.Heartbeat(
+                replica_id=self.full_replica_id, job_id=self.identity.job_id,
+                step=self.current_step(), step_time_ms=self.last_step_time_s * 1000.0,
+                allreduce_ms=(self._allreduce_s + now - started) * 1000.0,
+                participants=self._participants, quorum_id=max(self._quorum_id, 0),
+                loss=self._loss, config_revision=self.config.revision, ts=time.time()))
+        return committed
+
+    def shutdown(self, wait: bool = True) -> None:
+        if self._exit_code is None:  # _leave_now already shut torchft down
+            super().shutdown(wait=wait)
+        if self.client is not None:
+            self.client.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _done(self) -> bool:
+        return self.config.max_steps is not None and self.current_step() >= self.config.max_steps
+
+    def _boundary(self) -> None:
+        """Between two steps: take in commands, apply what is due, settle a leave."""
+        if self.client is not None:
+            for cmd in self.client.poll_commands():
+                if isinstance(cmd, m.JobCommand):
+                    self.config.offer(cmd)
+                elif self._leave is None:
+                    self._leave = (cmd.reason or "told to leave", EXIT_LEAVE)
+        step = self.current_step()
+        for cmd in self.config.due(step):
+            self._apply(cmd, step)
+        if self._group_world_size > 1:
+            self._agree_on_leave(step)
+
+    def _apply(self, cmd: m.JobCommand, step: int) -> None:
+        try:
+            self.config.apply(cmd, self._participants)
+        except Exception as exc:  # a user handler or loader may raise anything: report it
+            log.warning("revision %d failed at step %d: %s", cmd.revision, step, exc)
+            if self.client is not None:
+                self.client.send_ack(cmd.revision, step, ok=False, error=str(exc))
+            return
+        log.info("applied revision %d at step %d: %s", cmd.revision, step, cmd.changes)
+        if self.client is not None:
+            self.client.send_ack(cmd.revision, step)
+
+    def _agree_on_leave(self, step: int) -> None:
+        """Ranks of one group get the leave command at different moments; the first to see it
+        names the next boundary in the group's store, and every rank leaves there."""
+        if self._leave is not None and self._leave_at is None:
+            # compare_set: only the first rank's step counts, a later one does not move it.
+            self._store.compare_set(LEAVE_KEY, "",
+                                    f"{step + 1}:{self._leave[1]}:{self._leave[0]}")
+        if self._store.check([LEAVE_KEY]):
+            at, code, reason = self._store.get(LEAVE_KEY).decode().split(":", 2)
+            self._leave_at = int(at)
+            self._leave = (reason, int(code)) if step >= self._leave_at else None
+
+    def _leave_now(self, reason: str, code: int) -> int:
+        """Order matters for the survivors: stop heartbeating to the lighthouse first (they
+        are waiting for that heartbeat to age out), then report, then close."""
+        step = self.current_step()
+        self._exit_code = code
+        Manager.shutdown(self, wait=False)
+        if self.client is not None:
+            self.client.send_leave(reason, code, step)
+            if not self.client.flush(timedelta(seconds=2)):
+                log.warning("leave not confirmed by NATS within 2 s; exiting anyway")
+            self.client.close()
+        log.info("leaving at step %d with exit code %d: %s", step, code, reason)
+        return code
+
+    def _registration(self) -> m.ReplicaRegister:
+        """Built on the client's thread at every (re)connect: a snapshot of plain values."""
+        ident = self.identity
+        return m.ReplicaRegister(
+            replica_id=self.full_replica_id, job_id=ident.job_id, step_id=ident.step_id,
+            replica_group=ident.replica_group, group_rank=self._group_rank,
+            group_world_size=self._group_world_size, node=ident.node,
+            gpu_uuids=self.gpu_uuids,
+            pid=os.getpid(), hyperparams=self.config.hyperparams(),
+            config_revision=self.config.revision, step=self.current_step(), ts=time.time())
+

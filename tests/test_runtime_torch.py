@@ -1,0 +1,197 @@
+"""ManagerMarduk with real torch + torchft: a real torchft_lighthouse, replica groups on
+ProcessGroupGloo (one process each, CPU), a real nats-server and a real controller, driven
+through the real `marduk` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torchft", reason="torchft is not importable (pip install marduk-slurm[runtime])")
+
+import torch  # noqa: E402
+
+from harness import ControllerProcess, cli_json, run_cli, wait_for  # noqa: E402
+from marduk_slurm.adapters.bus import Bus  # noqa: E402
+from marduk_slurm.domain import messages as m  # noqa: E402
+from marduk_slurm.domain import subjects  # noqa: E402
+from marduk_slurm.domain.exit_codes import EXIT_DONE, EXIT_LEAVE  # noqa: E402
+from runtime_worker import Lighthouse, WorkerProcess, build_model, digest  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+JOB = 4242
+
+
+@pytest.fixture
+def lighthouse(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lighthouse]:
+    timeout_ms = getattr(request, "param", 1000)
+    lh = Lighthouse(tmp_path / "lighthouse.log", heartbeat_timeout_ms=timeout_ms)
+    yield lh
+    lh.stop()
+
+
+class Cluster:
+    """Replica groups of one job, each a worker process, all reporting to the controller."""
+
+    def __init__(self, tmp_path: Path, lighthouse: Lighthouse, ctl: ControllerProcess) -> None:
+        self.tmp_path, self.lighthouse, self.ctl = tmp_path, lighthouse, ctl
+        self.workers: dict[int, WorkerProcess] = {}
+
+    def start(self, group: int, **env: str) -> WorkerProcess:
+        base = {"MARDUK_NATS_URL": self.ctl.url, "MARDUK_JOB_ID": str(JOB),
+                "MARDUK_STEP_ID": str(group), "MARDUK_NODE": f"n{group}",
+                "STEP_SLEEP_S": "0.05"}
+        self.workers[group] = WorkerProcess(group, self.lighthouse, self.tmp_path,
+                                            {**base, **env})
+        return self.workers[group]
+
+    def stop_all(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+
+    def cli(self, *args: str) -> list[str]:
+        return [*args, "--nats-url", self.ctl.url]
+
+    def alive(self) -> None:
+        for g, w in self.workers.items():
+            if w.proc.poll() not in (None, -9):
+                raise AssertionError(f"group {g} exited {w.proc.returncode}:\n{w.tail()}")
+
+    def wait_until(self, predicate: Any, timeout_s: float, what: str) -> Any:
+        def check() -> Any:
+            self.alive()
+            return predicate()
+        return wait_for(check, timeout_s, 0.1, what)
+
+    def wait_steps(self, groups: list[int], beyond: int, timeout_s: float = 60.0) -> None:
+        def ready() -> bool:
+            for g in groups:
+                w = self.workers[g]
+                if w.proc.poll() is not None:
+                    raise AssertionError(f"group {g} exited {w.proc.returncode}:\n{w.tail()}")
+            return all(self.workers[g].last_step() > beyond for g in groups)
+        wait_for(ready, timeout_s, 0.1, f"groups {groups} past step {beyond}")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, lighthouse: Lighthouse, controller: ControllerProcess
+            ) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, lighthouse, controller)
+    yield c
+    c.stop_all()
+
+
+def by_step(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {r["step"]: r for r in records if r.get("committed")}
+
+
+def test_config_revisions_apply_at_the_same_step_on_every_group(cluster: Cluster,
+                                                                 tmp_path: Path) -> None:
+    a, b = cluster.start(0), cluster.start(1)
+    rows = cluster.wait_until(lambda: len(r := cli_json(*cluster.cli("replicas", "--job",
+                                                                     str(JOB)))) == 2 and r,
+                              60, "both groups registered")
+    assert sorted(r["node"] for r in rows) == ["n0", "n1"]
+    assert {r["gpu_uuids"][0] for r in rows} == {"cpu:n0:0", "cpu:n1:0"}
+    assert all(r["replica_id"].startswith(f"job{JOB}_rg") and ":" in r["replica_id"]
+               for r in rows)
+    cluster.wait_until(lambda: all(w.steps() and w.steps()[-1]["np"] == 2 for w in (a, b)), 60,
+                       "a quorum of both groups")
+
+    proc = run_cli(*cluster.cli("config", "set", str(JOB), "lr=0.05", "user.input_scale=0.5"))
+    assert proc.returncode == 0, proc.stderr
+    shown = cli_json(*cluster.cli("config", "show", str(JOB)))
+    at = shown["revisions"][0]["apply_at_step"]
+    assert at > max(a.last_step(), b.last_step()) - 1
+    cluster.wait_steps([0, 1], at + 3)
+    sa, sb = by_step(a.steps()), by_step(b.steps())
+    for steps in (sa, sb):  # step N's record is written after step N-1 -> N ran with that lr
+        assert steps[at]["lr"] == 0.01 and steps[at + 1]["lr"] == 0.05
+    common = sorted(set(sa) & set(sb))
+    assert [s for s in common if s > at and sa[s]["digest"] != sb[s]["digest"]] == []
+
+    ckpt = tmp_path / "ckpt.pt"
+    reference = build_model(seed=99)
+    torch.save({"model": reference.state_dict()}, ckpt)
+    assert run_cli(*cluster.cli("checkpoint", "load", str(JOB), str(ckpt))).returncode == 0
+    wait_for(lambda: a.events("checkpoint_loaded") and b.events("checkpoint_loaded"), 30, 0.1,
+             "the checkpoint loaded on both groups")
+    la, lb = a.events("checkpoint_loaded")[0], b.events("checkpoint_loaded")[0]
+    assert la["step"] == lb["step"] and la["digest"] == lb["digest"] == digest(reference)
+
+    def all_acked() -> Any:
+        data = cli_json(*cluster.cli("config", "show", str(JOB)))
+        return all(r["acked"] == 2 for r in data["revisions"]) and data
+    shown = wait_for(all_acked, 20, 0.2, "acks of both revisions from both groups")
+    assert [r["revision"] for r in shown["revisions"]] == [1, 2]
+    assert {r["config_revision"] for r in shown["replicas"]} == {2}
+    applied = {ack["applied_at_step"] for r in shown["revisions"][:1] for ack in r["acks"]}
+    assert applied == {at}
+
+    target = max(a.last_step(), b.last_step()) + 40
+    reply = cli_json(*cluster.cli("config", "set", str(JOB), f"max_steps={target}"))
+    assert reply["revision"] == 3 and reply["apply_at_step"] < target
+    assert a.wait(60) == EXIT_DONE and b.wait(60) == EXIT_DONE
+    assert a.events("exit")[0]["step"] == b.events("exit")[0]["step"] == target
+    wait_for(lambda: cli_json(*cluster.cli("replicas", "--job", str(JOB))) == [], 15, 0.2,
+             "both groups left the mapping")
+
+
+def commit_gaps(records: list[dict[str, Any]], after: float) -> float:
+    """The longest wait between two commits, counted from the last commit before `after`."""
+    times = [r["t"] for r in records if r.get("committed")]
+    before = [t for t in times if t < after][-1:]
+    times = before + [t for t in times if t >= after]
+    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+
+def leave_command(url: str, replica_id: str, group: int) -> None:
+    async def send() -> None:
+        bus = Bus(url, name="test")
+        await bus.connect()
+        cmd = m.ReplicaCommand(replica_id=replica_id, job_id=JOB, action="leave",
+                               reason="test: leave", ts=time.time())
+        await bus.publish(subjects.replica_commands(JOB, group), m.encode(cmd))
+        await bus.flush()
+        await bus.close()
+    asyncio.run(send())
+
+
+def test_survivors_keep_committing_through_kills_and_a_leave(cluster: Cluster) -> None:
+    workers = cluster.workers
+    for g in range(3):
+        cluster.start(g)
+
+    def three_in_quorum() -> bool:
+        return all(w.steps() and w.steps()[-1]["np"] == 3 for w in workers.values())
+
+    crashes = 0
+    for _ in range(2):  # kill group 2 while all three train, twice; the survivors must not crash
+        cluster.wait_until(three_in_quorum, 90, "a quorum of three")
+        workers[2].kill()
+        killed_at = time.time()
+        cluster.wait_steps([0, 1], max(workers[g].last_step() for g in (0, 1)) + 10, 60)
+        crashes += sum(workers[g].proc.poll() is not None for g in (0, 1))
+        print(f"SIGKILL: survivor waited {commit_gaps(workers[0].steps(), killed_at):.2f} s")
+        cluster.start(2)
+    assert crashes == 0
+
+    cluster.wait_until(three_in_quorum, 90, "group 2 back in the quorum")
+    rows = cli_json(*cluster.cli("replicas", "--job", str(JOB)))
+    leaver = next(r for r in rows if r["replica_group"] == 1)
+    left_at = time.time()
+    leave_command(cluster.ctl.url, leaver["replica_id"], 1)
+    assert workers[1].wait(30) == EXIT_LEAVE
+    cluster.wait_steps([0, 2], max(workers[g].last_step() for g in (0, 2)) + 10, 60)
+    stall = commit_gaps(workers[0].steps(), left_at)
+    print(f"commanded leave: survivor waited {stall:.2f} s")
+    assert stall < 5.0
+    history = cli_json(*cluster.cli("history", "--job", str(JOB)))
+    leave = [e for e in history if e["kind"] == "replica_leave"]
+    assert leave and leave[-1]["evidence"]["exit_code"] == EXIT_LEAVE
+    assert all(workers[g].proc.poll() is None for g in (0, 2))
