@@ -18,17 +18,19 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import ControllerProcess  # noqa: E402
-from marduk_slurm.adapters.bus import Bus  # noqa: E402
-from marduk_slurm.adapters.nats_server import NatsServerProcess  # noqa: E402
-from marduk_slurm.domain import messages as m  # noqa: E402
-from marduk_slurm.domain import subjects  # noqa: E402
-from marduk_slurm.runtime.client import Command, ReplicaLink  # noqa: E402
+from harness import ControllerProcess
+
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+from marduk_slurm.runtime.client import Command, ReplicaLink
 
 JOB = 900
 
@@ -48,8 +50,11 @@ class Fleet:
         self.tasks: set[asyncio.Task[None]] = set()
         for i in range(n):
             bus = buses[i % len(buses)]
-            link = ReplicaLink(bus, JOB, i, f"job{JOB}_rg{i}:sim", lambda c, i=i: self.got(i, c))
+            link = ReplicaLink(bus, JOB, i, f"job{JOB}_rg{i}:sim", self.handler(i))
             self.links.append(link)
+
+    def handler(self, i: int) -> Callable[[Command], None]:
+        return lambda cmd: self.got(i, cmd)
 
     def got(self, i: int, cmd: Command) -> None:
         if isinstance(cmd, m.JobCommand):

@@ -91,7 +91,7 @@ def cmd(revision: int, at: int, **changes: object) -> m.JobCommand:
 
 
 def test_applier_applies_due_revisions_in_order_and_hands_state_to_a_healer() -> None:
-    opt, seen = FakeOptimizer(), []
+    opt, seen = FakeOptimizer(), list[object]()
     applier = ConfigApplier(batch_size=32)
     applier.add_optimizer(opt)
     applier.register_handler("augment", seen.append)
@@ -102,7 +102,8 @@ def test_applier_applies_due_revisions_in_order_and_hands_state_to_a_healer() ->
         applier.apply(c, participants=4)
     assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
     assert opt.param_groups[0]["betas"] == (0.8, 0.9) and seen == ["flip"]
-    assert applier.global_batch == 128 and applier.batch_plan(2).accum_steps == 2
+    plan = applier.batch_plan(2)
+    assert applier.global_batch == 128 and plan is not None and plan.accum_steps == 2
     applier.offer(cmd(1, 10, lr=0.9))  # a repeat of an applied revision is ignored
     assert applier.due(100) == []
 
@@ -118,7 +119,7 @@ def test_applier_applies_due_revisions_in_order_and_hands_state_to_a_healer() ->
 
 def test_applier_reports_a_missing_handler_or_loader() -> None:
     applier = ConfigApplier()
-    with pytest.raises(ValueError, match="no handler registered for user.x"):
+    with pytest.raises(ValueError, match=r"no handler registered for user\.x"):
         applier.apply(cmd(1, 0, **{"user.x": 1}), participants=1)
     with pytest.raises(ValueError, match="no checkpoint loader"):
         applier.apply(cmd(2, 0, checkpoint="/c.pt"), participants=1)

@@ -12,16 +12,19 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("torchft", reason="torchft is not importable (pip install marduk-slurm[runtime])")
+pytest.importorskip("torchft",
+                    reason="torchft is not importable (pip install marduk-slurm[runtime])")
 
-import torch  # noqa: E402
+import itertools
 
-from harness import ControllerProcess, cli_json, run_cli, wait_for  # noqa: E402
-from marduk_slurm.adapters.bus import Bus  # noqa: E402
-from marduk_slurm.domain import messages as m  # noqa: E402
-from marduk_slurm.domain import subjects  # noqa: E402
-from marduk_slurm.domain.exit_codes import EXIT_DONE, EXIT_LEAVE  # noqa: E402
-from runtime_worker import Lighthouse, WorkerProcess, build_model, digest  # noqa: E402
+import torch
+from harness import ControllerProcess, cli_json, run_cli, wait_for
+from runtime_worker import Lighthouse, WorkerProcess, build_model, digest
+
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+from marduk_slurm.domain.exit_codes import EXIT_DONE, EXIT_LEAVE
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 JOB = 4242
@@ -147,7 +150,7 @@ def commit_gaps(records: list[dict[str, Any]], after: float) -> float:
     times = [r["t"] for r in records if r.get("committed")]
     before = [t for t in times if t < after][-1:]
     times = before + [t for t in times if t >= after]
-    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 def leave_command(url: str, replica_id: str, group: int) -> None:

@@ -67,6 +67,16 @@ def wait_gone(cluster: SpankCluster, job_id: int, timeout_s: float = 120) -> Non
     raise AssertionError(f"job {job_id} still queued or running after {timeout_s} s")
 
 
+def wait_responding(cluster: SpankCluster, timeout_s: float = 15) -> None:
+    """A resumed node reads `idle*` (not responding) for a moment; later tests need it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = cluster.run("sinfo", "-h", "-N", "-o", "%t").stdout.split()
+        if states and all(s == "idle" for s in states):
+            return
+        time.sleep(0.2)
+
+
 def submit(cluster: SpankCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
            capsys: pytest.CaptureFixture[str]) -> int:
     train = tmp_path / "train.sh"
@@ -101,6 +111,7 @@ def test_supervisor_respawns_on_spare_and_skips_drained_node(
         # One at a time: resuming a node that is not drained fails the whole command.
         for node in NODES:
             spank_cluster.run("scontrol", "update", f"nodename={node}", "state=resume")
+        wait_responding(spank_cluster)
     log = (tmp_path / "job.out").read_text()
     print(log)
     assert "ExitCode=0:0" in state, state

@@ -120,3 +120,23 @@ def test_a_locked_database_is_a_clear_error(tmp_path: Path, store: Store) -> Non
     with slow.transaction():
         slow.add_event("x", now=1.0)
     assert slow.integrity_check() == "ok"
+
+
+def test_fault_storms_share_one_slurm_call_and_operator_lists_share_theirs() -> None:
+    from marduk_slurm.controller.outbox import group_actions
+
+    def drain(i: int, reason: str, batch: str) -> dict[str, object]:
+        return {"id": i, "kind": "drain", "node": f"x{i}", "reason": reason,
+                "batch_reason": batch, "event_id": 100 + i}
+
+    storm = [drain(i, f"marduk: xid=79 gpu=G{i} event={100 + i}", "marduk: xid=79")
+             for i in range(1, 21)]
+    few = [drain(i, f"marduk: xid=48 gpu=G{i} event={100 + i}", "marduk: xid=48")
+           for i in range(21, 23)]
+    operator = [drain(i, "marduk: swap event=7", "marduk: swap event=7") for i in (30, 31)]
+    groups = group_actions(storm + few + operator, batch_threshold=8)
+    reasons = sorted((reason, len(group)) for _, reason, group in groups)
+    assert reasons == sorted([
+        ("marduk: xid=79 nodes=20 first_event=101", 20),
+        ("marduk: xid=48 gpu=G21 event=121", 1), ("marduk: xid=48 gpu=G22 event=122", 1),
+        ("marduk: swap event=7", 2)])

@@ -62,7 +62,7 @@ class Bus:
                 reconnected_cb=self._on_reconnect, closed_cb=self._on_closed,
                 pending_size=64 * 1024 * 1024,
             )
-        except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
             self.on_state("disconnected")
             raise BusError(f"cannot connect to NATS at {self.url}: {exc or type(exc).__name__}"
                            ) from exc
@@ -71,7 +71,8 @@ class Bus:
 
     async def _on_error(self, exc: Exception) -> None:
         now = time.monotonic()
-        if not self._quiet and now - self._last_error_log > 10:  # one line per 10 s while NATS stays away
+        # One line per 10 s while NATS stays away.
+        if not self._quiet and now - self._last_error_log > 10:
             self._last_error_log = now
             log.warning("NATS at %s: %s", self.url, exc or type(exc).__name__)
 

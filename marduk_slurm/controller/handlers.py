@@ -117,15 +117,17 @@ def on_verdict(store: Store, msg: m.Verdict, now: float, policy: Policy) -> Effe
     )
     queue_leaves(store, response.leaves, eid, "policy", now, effects)
     if response.drain:
-        queue_drain(store, msg.node, response.drain_reason, eid, "policy", now, effects)
+        queue_drain(store, msg.node, response.drain_reason, eid, "policy", now, effects,
+                    batch_reason=response.batch_reason)
     return effects
 
 
 def queue_drain(store: Store, node: str, reason: str, cause_event: int, source: str,
-                now: float, effects: Effects) -> None:
+                now: float, effects: Effects, batch_reason: str = "") -> None:
     """Put a drain in the outbox. A drain already pending for the node is reused; whether
     the node is already drained is asked of Slurm just before acting, not of our copy."""
-    action_id = store.enqueue_slurm_action("drain", node, reason, cause_event, now)
+    action_id = store.enqueue_slurm_action("drain", node, reason, cause_event, now,
+                                           batch_reason=batch_reason)
     eid = store.add_event("drain_requested", now=now, source=source, node=node, reason=reason,
                           action=GpuAction.DRAIN_NODE.value,
                           evidence={"cause_event": cause_event, "outbox_id": action_id})

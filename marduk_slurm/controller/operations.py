@@ -49,18 +49,19 @@ class Operations:
         full_reason = reason if reason.startswith(prefix + ":") else f"{prefix}: {reason}"
 
         def decide(store: Store) -> tuple[Effects, list[int]]:
-            effects, ids = Effects(), []
+            # One decision for the whole list: one event, one reason, one Slurm call.
+            effects = Effects()
+            eid = store.add_event("operator_drain", now=now, source=actor,
+                                  node=names[0] if len(names) == 1 else None, gpu_uuid=gpu,
+                                  reason=reason, evidence={"nodes": names})
+            effects.feed.append(eid)
             for node in names:
-                eid = store.add_event("operator_drain", now=now, source=actor, node=node,
-                                      gpu_uuid=gpu, reason=reason, evidence={"nodes": expr})
-                ids.append(eid)
-                effects.feed.append(eid)
                 queue_drain(store, node, f"{full_reason} event={eid}", eid, actor, now, effects)
                 leaves = respond_to_operator_drain(
                     replicas_on_node=replica_refs(store.replicas(node=node)), reason=reason,
                     leave_on_drain=self.ctx.policy.leave_on_drain)
                 queue_leaves(store, leaves, eid, actor, now, effects)
-            return effects, ids
+            return effects, [eid]
 
         effects, ids = await self.ctx.db.tx(decide)
         await self.ctx.carry_out(effects)

@@ -23,10 +23,41 @@ from marduk_slurm.errors import SlurmError, SlurmUnavailable
 log = logging.getLogger(__name__)
 
 
+def group_actions(actions: list[dict[str, Any]], *, batch_threshold: int
+                  ) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """Split due actions into Slurm calls: (kind, reason, actions).
+
+    Actions with the same kind and reason always share a call (an operator's hostlist). When
+    more than `batch_threshold` drains with one cause are due at once (a fault storm), they
+    share one call under the cause's shorter reason, with a count and the first event, so a
+    thousand faults cost one `scontrol update`; each node's own event stays in the history.
+    """
+    by_reason: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for action in actions:
+        by_reason[(action["kind"], action["reason"])].append(action)
+    by_cause: dict[str, list[list[dict[str, Any]]]] = defaultdict(list)
+    groups = []
+    for (kind, reason), group in by_reason.items():
+        cause = group[0].get("batch_reason") or reason
+        if kind == "drain" and cause != reason:
+            by_cause[cause].append(group)
+        else:
+            groups.append((kind, reason, group))
+    for cause, parts in by_cause.items():
+        if len(parts) > batch_threshold:
+            merged = [a for part in parts for a in part]
+            first = min(a["event_id"] or 0 for a in merged)
+            groups.append(("drain", f"{cause} nodes={len(merged)} first_event={first}", merged))
+        else:
+            groups += [("drain", part[0]["reason"], part) for part in parts]
+    return groups
+
+
 class OutboxWorker:
     def __init__(self, ctx: Context, slurm: SlurmBackend, *, retry_max_s: float = 30.0,
-                 concurrency: int = 8) -> None:
+                 concurrency: int = 8, batch_threshold: int = 8) -> None:
         self.ctx = ctx
+        self.batch_threshold = batch_threshold
         self.slurm = slurm
         self.retry_max_s = retry_max_s
         self.limit = asyncio.Semaphore(concurrency)
@@ -42,11 +73,19 @@ class OutboxWorker:
 
     async def run_once(self) -> int:
         actions = await self.ctx.db(self.ctx.db.store.due_actions, time.time())
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-        for action in actions:
-            groups[(action["kind"], action["reason"])].append(action)
+        if not actions:
+            return 0
+        drains = [a for a in actions if a["kind"] == "drain"]
+        others = [a for a in actions if a["kind"] != "drain"]
+        if drains:
+            try:  # one read of Slurm for every drain due now
+                drains = await self._skip_already_drained(drains)
+            except SlurmUnavailable as exc:
+                await self._retry(drains, str(exc))
+                drains = []
+        groups = group_actions(drains + others, batch_threshold=self.batch_threshold)
         await asyncio.gather(*(self._carry_out(kind, reason, group)
-                               for (kind, reason), group in groups.items()))
+                               for kind, reason, group in groups))
         return len(actions)
 
     async def _carry_out(self, kind: str, reason: str, group: list[dict[str, Any]]) -> None:
@@ -54,10 +93,6 @@ class OutboxWorker:
         async with self.limit:
             try:
                 if kind == "drain":
-                    group = await self._skip_already_drained(group)
-                    if not group:
-                        return
-                    nodes = sorted({a["node"] for a in group})
                     await self.slurm.drain(nodes, reason)
                 elif kind == "resume":
                     await self.slurm.resume(nodes)
@@ -69,11 +104,11 @@ class OutboxWorker:
             except SlurmError as exc:
                 if len(group) > 1:  # one bad node must not sink the others: go one by one
                     for action in group:
-                        await self._carry_out(kind, reason, [action])
+                        await self._carry_out(kind, action["reason"], [action])
                     return
                 await self._failed(group[0], str(exc))
                 return
-        await self._done(kind, group)
+        await self._done(kind, group, reason)
 
     async def _skip_already_drained(self, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Read the nodes from Slurm just before draining: a node someone else drained keeps
@@ -111,7 +146,7 @@ class OutboxWorker:
         ids = await self.ctx.db.tx(commit)
         await self.ctx.publish_feed(ids)
 
-    async def _done(self, kind: str, group: list[dict[str, Any]]) -> None:
+    async def _done(self, kind: str, group: list[dict[str, Any]], reason: str) -> None:
         now = time.time()
 
         def commit(store: Store) -> list[int]:
@@ -119,13 +154,12 @@ class OutboxWorker:
             for action in group:
                 store.complete_action(action["id"], now)
                 if kind == "drain":
-                    store.mark_node_drained(action["node"], action["reason"],
-                                            action["event_id"], now)
+                    store.mark_node_drained(action["node"], reason, action["event_id"], now)
                 else:
                     store.mark_node_resumed(action["node"], now)
                 ids.append(store.add_event(
                     "drained" if kind == "drain" else "resumed", now=now, source="slurm",
-                    node=action["node"], reason=action["reason"],
+                    node=action["node"], reason=reason or action["reason"],
                     evidence={"outbox_id": action["id"], "cause_event": action["event_id"],
                               "attempts": action["attempts"] + 1,
                               "queued_s": round(now - action["created_at"], 4),

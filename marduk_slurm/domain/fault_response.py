@@ -32,6 +32,7 @@ class Leave:
 class FaultResponse:
     drain: bool
     drain_reason: str = ""
+    batch_reason: str = ""  # the cause without GPU and event, shared by a storm of drains
     leaves: list[Leave] = field(default_factory=list)
 
 
@@ -72,7 +73,9 @@ def respond_to_verdict(*, action: GpuAction, gpu_uuid: str, xid: int | None, eve
                    for r in replicas_on_node if r.replica_id not in on_gpu]
     reason = drain_reason(reason_prefix, gpu_uuid=gpu_uuid, xid=xid, action=action.value,
                           event_id=event_id)
-    return FaultResponse(drain=True, drain_reason=reason, leaves=leaves)
+    cause = f"xid={xid}" if xid is not None else f"action={action.value}"
+    return FaultResponse(drain=True, drain_reason=reason,
+                         batch_reason=f"{reason_prefix}: {cause}", leaves=leaves)
 
 
 def respond_to_operator_drain(*, replicas_on_node: list[ReplicaRef], reason: str,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -88,8 +89,9 @@ class ReplicaLink:
                     ) -> tuple[str, bytes, str]:
         msg = m.ConfigAck(replica_id=self.replica_id, job_id=self.job_id, revision=revision,
                           applied_at_step=step, ok=ok, error=error[:1000], ts=time.time())
-        return (subjects.job_event(self.job_id, "config_ack"), m.encode(msg),
-                f"{self.replica_id}/ack/{revision}")
+        # No dedup id: storing an ack twice is harmless (the row is replaced), and JetStream's
+        # duplicate tracking costs both sides time on the path `config set` waits for.
+        return subjects.job_event(self.job_id, "config_ack"), m.encode(msg), ""
 
     def leave_message(self, reason: str, exit_code: int, step: int) -> tuple[str, bytes, str]:
         msg = m.ReplicaLeave(replica_id=self.replica_id, job_id=self.job_id, reason=reason,
@@ -279,12 +281,11 @@ class MardukClient:
         while True:
             if not self._durable or not self.bus.connected:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 0.5)
-                except TimeoutError:
-                    pass
                 continue
-            subject, data, msg_id = self._durable[0]
+            item = self._durable[0]
+            subject, data, msg_id = item
             try:
                 await self.bus.publish_durable(subject, data, msg_id=msg_id, timeout_s=2.0)
             except (BusError, BusTimeout) as exc:
@@ -293,7 +294,7 @@ class MardukClient:
                 await asyncio.sleep(0.2)
                 continue
             self.stats["durable_sent"] += 1
-            if self._durable and self._durable[0][2] == msg_id:
+            if self._durable and self._durable[0] is item:
                 self._durable.popleft()
 
     async def _drained(self) -> None:

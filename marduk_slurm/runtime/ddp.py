@@ -47,4 +47,4 @@ class SafeDDP(_TorchftDDP):
             # finished future so that backward() returns instead of raising.
             buf.zero_()
             return _completed(buf)
-        return inner  # type: ignore[no-any-return]
+        return inner

@@ -162,4 +162,8 @@ MIGRATIONS: Final[list[str]] = [
         last_detail TEXT NOT NULL DEFAULT ''
     );
     """,
+    # 2: drains due together with the same cause can share one Slurm call.
+    """
+    ALTER TABLE outbox ADD COLUMN batch_reason TEXT NOT NULL DEFAULT '';
+    """,
 ]

@@ -14,18 +14,19 @@ class OutboxMixin:
     db: sqlite_utils.Database
 
     def enqueue_slurm_action(self, kind: str, node: str, reason: str, event_id: int | None,
-                             now: float) -> int:
+                             now: float, batch_reason: str = "") -> int:
         """Queue a drain or resume; a pending action of the same kind on the node is reused,
-        so repeated faults on one node stay one drain."""
+        so repeated faults on one node stay one drain. `batch_reason` is the shorter reason
+        used when many actions with the same cause go to Slurm in one call."""
         row = self.conn.execute(
             "SELECT id FROM outbox WHERE kind=? AND node=? AND state='pending'", (kind, node)
         ).fetchone()
         if row:
             return int(row[0])
         cur = self.conn.execute(
-            "INSERT INTO outbox (kind, node, reason, event_id, next_attempt_at, created_at) "
-            "VALUES (?,?,?,?,?,?)",
-            (kind, node, reason, event_id, now, now),
+            "INSERT INTO outbox (kind, node, reason, event_id, next_attempt_at, created_at, "
+            "batch_reason) VALUES (?,?,?,?,?,?,?)",
+            (kind, node, reason, event_id, now, now, batch_reason or reason),
         )
         return int(cur.lastrowid or 0)
 
