@@ -28,13 +28,12 @@ class ControllerSettings:
     state_dir: str = "/var/lib/marduk"  # SQLite database, embedded NATS store, nats.url
     database: str = ""  # default: <state_dir>/marduk.db
     log_level: str = "info"  # debug, info, warning, error
-    http_listen: str = "127.0.0.1:9108"  # dashboard, /metrics and the HTTP API
     heartbeat_flush_ms: int = 50  # write-behind period of heartbeats
     reconcile_interval_s: float = 30.0  # how often Slurm state is read back
     outbox_retry_max_s: float = 30.0  # longest wait between retries of a Slurm action
     leave_on_drain: bool = True  # tell replicas on a drained node to leave
     task_max_restarts: int = 5  # crashes of one task within task_restart_window_s before exit
-    task_restart_window_s: float = 60.0
+    task_restart_window_s: float = 60.0  # the window for task_max_restarts
     watchdog: bool = True  # ping systemd's watchdog from the main loop when asked to
 
 
@@ -42,8 +41,8 @@ class ControllerSettings:
 class NatsSettings:
     url: str = ""  # empty: start the embedded nats-server in the state directory
     creds: str = ""  # NATS credentials file of this process
-    connect_timeout_s: float = 5.0
-    request_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0  # time limit of one connection attempt
+    request_timeout_s: float = 10.0  # how long the CLI waits for the controller's answer
     stream_replicas: int = 1  # JetStream replicas of the events stream on a NATS cluster
     stream_max_age_s: float = 7 * 24 * 3600.0  # events stream retention
 
@@ -52,7 +51,7 @@ class NatsSettings:
 class SlurmSettings:
     backend: str = "auto"  # auto (pyslurm when importable), commands, pyslurm, none
     conf: str = ""  # SLURM_CONF for the Slurm commands; empty: Slurm's default
-    command_timeout_s: float = 10.0
+    command_timeout_s: float = 10.0  # time limit of one Slurm command or API call
     reason_prefix: str = "marduk"  # drain reasons start with it; it marks drains Marduk set
 
 
@@ -71,12 +70,15 @@ class AgentSettings:
 
 @dataclasses.dataclass(frozen=True)
 class PolicySettings:
-    drain_xids: list[int] = dataclasses.field(
+    # XID -> action table (docs/gpu-health.md); unlisted XIDs mean "watch".
+    drain_xids: list[int] = dataclasses.field(  # drain the node
         default_factory=lambda: [48, 64, 74, 79, 95, 119, 120]
     )
-    reset_xids: list[int] = dataclasses.field(default_factory=list)
-    app_xids: list[int] = dataclasses.field(default_factory=lambda: [13, 31, 43, 94])
-    ignore_xids: list[int] = dataclasses.field(default_factory=lambda: [63, 92])
+    reset_xids: list[int] = dataclasses.field(default_factory=list)  # reset the GPU
+    app_xids: list[int] = dataclasses.field(  # an application fault: restart the replica
+        default_factory=lambda: [13, 31, 43, 94]
+    )
+    ignore_xids: list[int] = dataclasses.field(default_factory=lambda: [63, 92])  # record only
 
 
 SECTIONS: dict[str, type] = {

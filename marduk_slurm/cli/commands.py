@@ -27,7 +27,8 @@ def ask(args: argparse.Namespace, verb: str, params: dict[str, Any]) -> Any:
     flags = {"controller.state_dir": args.state_dir} if args.state_dir else {}
     s = settings_mod.from_environment(args.config, flags)
     url = resolve_nats_url(s, args.nats_url)
-    return call_sync(url, verb, params, creds=s.nats.creds, timeout_s=args.timeout,
+    return call_sync(url, verb, params, creds=s.nats.creds,
+                     timeout_s=args.timeout or s.nats.request_timeout_s,
                      actor=os.environ.get("MARDUK_ACTOR", _actor()))
 
 

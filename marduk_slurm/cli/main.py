@@ -32,7 +32,7 @@ def _common_options(parser: argparse.ArgumentParser, default: object) -> None:
                              "server's URL file in the state directory)")
     parser.add_argument("--state-dir", default=default, help="the controller's state directory")
     parser.add_argument("--timeout", type=float, default=default,
-                        help="request timeout, seconds (default 10)")
+                        help="request timeout, seconds (default: nats.request_timeout_s)")
 
 
 _COMMON = argparse.ArgumentParser(add_help=False)
@@ -69,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.timeout is None:
-        args.timeout = 10.0
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

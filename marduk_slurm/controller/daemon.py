@@ -130,7 +130,8 @@ class Controller:
         period = self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else 5.0
         last_prune = 0.0
         while True:
-            self.notifier.watchdog()
+            if self.settings.controller.watchdog:
+                self.notifier.watchdog()
             if time.time() - last_prune > 3600:
                 cutoff = time.time() - self.settings.nats.stream_max_age_s
                 await ctx.db.tx(lambda store, cutoff=cutoff: store.prune_ingested(cutoff))

@@ -1,0 +1,196 @@
+"""The supervisor in the rendered sbatch script, run by bash against fake Slurm commands.
+
+`scontrol` and `srun` are small bash stand-ins on PATH: scontrol answers node names and states
+(a node is drained when a marker file exists), srun runs the command once per node of
+--nodelist and returns the first failure, like --kill-on-bad-exit. The stand-in training
+program follows a per-group plan of exit codes, so each fault is injected deterministically
+("group 0 drains its node and crashes on its first run"). No Slurm or root needed; the same
+script runs on the real cluster in tests/test_sbatch_live.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from marduk_slurm.domain import sbatch
+
+FAKE_SCONTROL = r"""#!/bin/bash
+case "$1 $2" in
+"show hostnames") printf '%s\n' $FAKE_NODES ;;
+"show node")
+  node=$4 state=IDLE
+  [ -e "$FAKE_SLURM/drained.$node" ] && state=IDLE+DRAIN
+  echo "NodeName=$node Arch=x86_64 NodeAddr=127.0.0.1 State=$state Partitions=debug"
+  ;;
+*) exit 1 ;;
+esac
+"""
+
+FAKE_SRUN = r"""#!/bin/bash
+nodelist=
+while [ $# -gt 0 ] && [[ $1 == --* ]]; do
+  case $1 in --nodelist=*) nodelist=${1#--nodelist=} ;; esac
+  shift
+done
+echo "$nodelist" >> "$FAKE_SLURM/sruns"
+rank=0 pids=()
+for node in ${nodelist//,/ }; do
+  SLURMD_NODENAME=$node SLURM_PROCID=$rank "$@" &
+  pids+=($!)
+  rank=$((rank + 1))
+done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid"; s=$?; [ "$rc" = 0 ] && rc=$s; done
+exit "$rc"
+"""
+
+# Rank 0 takes the next action of its group's plan: an exit code, or "drain CODE" (mark its
+# node drained first). An empty plan means finish (0).
+FAKE_TRAIN = r"""#!/bin/bash
+echo "$REPLICA_GROUP_ID $SLURMD_NODENAME $MASTER_PORT $MARDUK_REPLICA_GROUP $NUM_REPLICA_GROUPS" \
+  >> "$FAKE_SLURM/runs"
+[ "$SLURM_PROCID" = 0 ] || exit 0
+plan=$FAKE_SLURM/plan.$REPLICA_GROUP_ID
+action=$(head -n 1 "$plan" 2>/dev/null)
+[ -e "$plan" ] && sed -i 1d "$plan"
+case $action in
+drain\ *) touch "$FAKE_SLURM/drained.$SLURMD_NODENAME"; exit "${action#drain }" ;;
+"") exit 0 ;;
+*) exit "$action" ;;
+esac
+"""
+
+FAKE_LIGHTHOUSE = f"""#!{sys.executable}
+import socket, sys, time
+host, port = sys.argv[sys.argv.index("--bind") + 1].rsplit(":", 1)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, int(port)))
+s.listen(16)
+time.sleep(600)
+"""
+
+
+@dataclass
+class Outcome:
+    rc: int
+    log: str
+    sruns: list[str]  # the --nodelist of every srun, in order
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def supervise(tmp_path: Path, plans: dict[int, list[str]], **params: object) -> Outcome:
+    fake = tmp_path / "fake"
+    bin_dir = fake / "bin"
+    bin_dir.mkdir(parents=True)
+    write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
+    write_exe(bin_dir / "srun", FAKE_SRUN)
+    train = write_exe(fake / "train.sh", FAKE_TRAIN)
+    lighthouse = write_exe(fake / "lighthouse.py", FAKE_LIGHTHOUSE)
+    for group, plan in plans.items():
+        (fake / f"plan.{group}").write_text("".join(f"{a}\n" for a in plan))
+    values = {"replica_groups": 2, "nodes_per_group": 1, "spares": 0, "max_restarts": 3,
+              **params}
+    script = sbatch.render({
+        "train_script": str(train), "launcher": "", "gpus_per_node": 1, "poll_s": 0.05,
+        "lighthouse": str(lighthouse), "lighthouse_port": free_port(), "master_port": 40000,
+        **values,
+    })
+    groups, spares, per_group = (int(values[k]) for k in  # type: ignore[call-overload]
+                                 ("replica_groups", "spares", "nodes_per_group"))
+    total = (groups + spares) * per_group
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_SLURM": str(fake),
+           "FAKE_NODES": " ".join(f"n{i}" for i in range(1, total + 1)),
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": f"n[1-{total}]", "SLURMD_NODENAME": "n1"}
+    job = write_exe(fake / "job.sh", script)
+    result = subprocess.run(["bash", str(job)], env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    sruns = (fake / "sruns").read_text().split() if (fake / "sruns").exists() else []
+    return Outcome(result.returncode, result.stdout + result.stderr, sruns)
+
+
+def test_all_groups_finish(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {})
+    assert out.rc == 0, out.log
+    assert sorted(out.sruns) == ["n1", "n2"]
+    assert "all groups done after 0 restart(s)" in out.log
+    runs = (tmp_path / "fake" / "runs").read_text().splitlines()
+    assert sorted(runs) == ["0 n1 40000 0 2", "1 n2 40001 1 2"]  # MASTER_PORT per group
+
+
+def test_crash_respawns_on_the_same_healthy_node(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {1: ["3"]}, spares=1)
+    assert out.rc == 0, out.log
+    assert "group 1: crashed (exit 3); respawning" in out.log
+    assert out.sruns.count("n2") == 2 and "n3" not in out.sruns
+
+
+def test_crash_on_drained_node_moves_to_a_spare(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {0: ["drain 134"]}, spares=1)
+    assert out.rc == 0, out.log
+    assert "group 0: crashed (exit 134); respawning" in out.log
+    assert "group 0: starting on n3" in out.log
+    assert out.sruns.count("n1") == 1
+
+
+def test_leave_moves_to_a_spare_and_never_returns(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {1: ["75", "75"]}, spares=2)
+    assert out.rc == 0, out.log
+    assert out.log.count("group 1: told to leave (exit 75); respawning on other nodes") == 2
+    assert [n for n in out.sruns if n != "n1"] == ["n2", "n3", "n4"]
+
+
+def test_stop_is_not_respawned(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {0: ["76"]}, spares=1)
+    assert out.rc == 0, out.log
+    assert "group 0: told to stop (exit 76); not respawning" in out.log
+    assert sorted(out.sruns) == ["n1", "n2"]
+
+
+def test_restarts_are_counted_over_the_job(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {0: ["1", "1"], 1: ["1"]}, max_restarts=2)
+    assert out.rc == 1, out.log
+    assert "restarts exhausted (2 of 2); not respawning" in out.log
+    assert "1 group(s) did not finish after 2 restart(s); exit 1" in out.log
+
+
+def test_waiting_group_takes_a_node_freed_by_a_finished_group(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {0: ["drain 1"], 1: []}, spares=0)
+    assert out.rc == 0, out.log
+    assert "group 0: no healthy spare node free; waiting" in out.log
+    assert out.sruns[-1] == "n2"  # group 1 finished, its node is healthy
+
+
+def test_gives_up_when_no_healthy_node_is_left(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {0: ["drain 1"]}, replica_groups=1)
+    assert out.rc == 1, out.log
+    assert "group 0: no healthy node left to respawn on; giving up" in out.log
+
+
+def test_multi_node_group_replaces_only_the_drained_node(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {0: ["drain 1"]}, nodes_per_group=2, spares=1)
+    assert out.rc == 0, out.log
+    assert "group 0: starting on n2,n5" in out.log
+    assert sorted(out.sruns[:2]) == ["n1,n2", "n3,n4"]
+
+
+def test_lighthouse_that_dies_fails_the_job(tmp_path: Path) -> None:
+    out = supervise(tmp_path, {}, lighthouse="/bin/false")
+    assert out.rc == 1
+    assert "lighthouse exited before listening; giving up" in out.log
+    assert out.sruns == []
