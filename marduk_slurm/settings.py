@@ -53,6 +53,8 @@ class SlurmSettings:
     conf: str = ""  # SLURM_CONF for the Slurm commands; empty: Slurm's default
     command_timeout_s: float = 10.0  # time limit of one Slurm command or API call
     reason_prefix: str = "marduk"  # drain reasons start with it; it marks drains Marduk set
+    resume_check: str = ""  # command that must pass before a resume; {node} is replaced
+    resume_check_timeout_s: float = 900.0  # time limit of resume_check
 
 
 @dataclasses.dataclass(frozen=True)

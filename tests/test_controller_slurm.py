@@ -155,3 +155,31 @@ def test_a_fault_on_a_node_someone_else_drained_keeps_their_reason(
         what="the drain skipped")
     assert "memory test" in history[0]["reason"]
     assert node_info(conf, "n2")["reason"] == "memory test"
+
+
+def test_resume_is_gated_by_health_checks(tmp_path: Path, nats_server: NatsServerProcess,
+                                          cluster: SlurmCluster) -> None:
+    conf = cluster.slurm_conf
+    marker = tmp_path / "healthy"
+    # The configured check: passes only once the marker exists (a repaired GPU, say).
+    env = {"MARDUK_SLURM_CONF": conf,
+           "MARDUK_SLURM_RESUME_CHECK": f"test -e {marker}.{{node}}"}
+    ctl = ControllerProcess(tmp_path / "state", nats_server.url, slurm_backend="commands",
+                            extra_env=env).start()
+    try:
+        url = ctl.url
+        assert run_cli("drain", "n4", "reason=burn-in", "--nats-url", url).returncode == 0
+        proc = run_cli("resume", "n4", "--nats-url", url)
+        assert proc.returncode == 1 and "health check failed on n4" in proc.stderr
+        assert "DRAIN" in node_info(conf, "n4")["state"]
+        # The operator's own check fails too: refused, and recorded.
+        proc = run_cli("resume", "n4", "--check", "false", "--nats-url", url)
+        assert proc.returncode == 1
+        marker.with_name("healthy.n4").touch()
+        proc = run_cli("resume", "n4", "--check", "true {node}", "--nats-url", url)
+        assert proc.returncode == 0, proc.stderr
+        kinds = [e["kind"] for e in cli_json("history", "--node", "n4", "--nats-url", url)]
+        assert kinds.count("resume_check_failed") == 3  # configured twice, operator once
+        assert kinds.count("resume_check_passed") == 2 and "resumed" in kinds
+    finally:
+        assert ctl.stop() == 0

@@ -4,6 +4,7 @@ inject. Each parses its arguments, makes one request, and prints a table or JSON
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import pwd
 import re
@@ -11,6 +12,7 @@ import time
 from typing import Any
 
 from marduk_slurm import settings as settings_mod
+from marduk_slurm.adapters.health_check import run_check
 from marduk_slurm.cli import render
 from marduk_slurm.cli.client import call_sync, resolve_nats_url
 from marduk_slurm.domain import hostlist
@@ -159,13 +161,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
     nodes, _ = parse_scontrol_args(args.words)
     if not nodes:
         raise ValueError("usage: marduk resume NODES [--force]")
-    data = ask(args, "resume", {"nodes": nodes, "force": args.force})
+    check = run_local_check(args.check, nodes) if args.check else None
+    data = ask(args, "resume", {"nodes": nodes, "force": args.force, "check": check})
     if args.json:
         render.as_json(data)
         return 0
     for node, outcome in data["slurm"].items():
         print(f"{node}: resume {outcome}")
     return 0 if all(v == "done" or v.startswith("queued") for v in data["slurm"].values()) else 1
+
+
+def run_local_check(template: str, nodes: str) -> dict[str, Any]:
+    """Run the operator's --check here, once for the node list ({node} -> the hostlist),
+    and hand its result to the controller, which records it and resumes only if it passed."""
+    result = asyncio.run(run_check(template, nodes, timeout_s=3600))
+    print(f"check '{result.command}': exit {result.returncode} in {result.duration_s:.1f} s")
+    return result.evidence()
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
@@ -204,6 +215,8 @@ def add_parsers(sub: Any, add: Any) -> None:
             "marduk resume n3", cmd_resume)
     p.add_argument("words", nargs="+", metavar="NODES")
     p.add_argument("--force", action="store_true", help="also resume drains set by others")
+    p.add_argument("--check", metavar="CMD",
+                   help="run CMD first ({node} is replaced by NODES); resume only if it exits 0")
     p = add(sub, "inject", "inject a GPU fault (an XID) for drills",
             "marduk inject --node n2 --gpu 1 --xid 79", cmd_inject)
     p.add_argument("--node", required=True)

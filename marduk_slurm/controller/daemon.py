@@ -103,7 +103,9 @@ class Controller:
         self.notifier.status("reconciling with Slurm")
         if not await reconciler.reconcile_once():
             log.warning("starting without a first Slurm reconcile: %s", reconciler.last_error)
-        ops = Operations(ctx, self.slurm, fault_policy(self.settings), reconciler.refresh_nodes)
+        ops = Operations(ctx, self.slurm, fault_policy(self.settings), reconciler.refresh_nodes,
+                         resume_check=self.settings.slurm.resume_check,
+                         resume_check_timeout_s=self.settings.slurm.resume_check_timeout_s)
         self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
         self.ctx, self.ops = ctx, ops
         sup = self.supervisor

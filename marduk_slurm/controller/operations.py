@@ -10,6 +10,7 @@ import asyncio
 import time
 from typing import Any
 
+from marduk_slurm.adapters.health_check import run_check
 from marduk_slurm.adapters.slurm.base import SlurmBackend
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
@@ -23,8 +24,11 @@ from marduk_slurm.errors import BusError, BusTimeout, NotFound
 
 class Operations:
     def __init__(self, ctx: Context, slurm: SlurmBackend, fault_policy: FaultPolicy,
-                 refresh_nodes: Any) -> None:
+                 refresh_nodes: Any, *, resume_check: str = "",
+                 resume_check_timeout_s: float = 900.0) -> None:
         self.ctx = ctx
+        self.resume_check = resume_check
+        self.resume_check_timeout_s = resume_check_timeout_s
         self.slurm = slurm
         self.fault_policy = fault_policy
         self.refresh_nodes = refresh_nodes  # async () -> None: read nodes back from Slurm
@@ -68,9 +72,10 @@ class Operations:
         return {"nodes": names, "events": ids, "leaves": len(effects.leaves),
                 "slurm": await self._await_outbox("drain", names, wait_s)}
 
-    async def resume(self, expr: str, *, actor: str, force: bool, wait_s: float
-                     ) -> dict[str, Any]:
+    async def resume(self, expr: str, *, actor: str, force: bool, wait_s: float,
+                     operator_check: dict[str, Any] | None = None) -> dict[str, Any]:
         names = await self._known_nodes(expr)
+        await self._health_checks(names, actor, operator_check)
         await self.refresh_nodes()  # judge on what Slurm says now, not on an old copy
         rows = {n["name"]: n for n in await self.ctx.db(self.ctx.db.store.nodes)}
         refused = {}
@@ -99,6 +104,36 @@ class Operations:
 
         await self.ctx.carry_out(await self.ctx.db.tx(decide))
         return {"nodes": names, "slurm": await self._await_outbox("resume", names, wait_s)}
+
+    async def _health_checks(self, names: list[str], actor: str,
+                             operator_check: dict[str, Any] | None) -> None:
+        """Gate the resume on health checks: the one the operator ran (`--check`, its result
+        sent along) and the configured `slurm.resume_check`. Each outcome is an event."""
+        results: list[tuple[str, str, bool, dict[str, Any]]] = []
+        if operator_check is not None:
+            ok = operator_check.get("returncode") == 0
+            results += [(n, "operator", ok, operator_check) for n in names]
+        if self.resume_check:
+            checks = await asyncio.gather(*(
+                run_check(self.resume_check, n, timeout_s=self.resume_check_timeout_s)
+                for n in names))
+            results += [(n, "configured", r.passed, r.evidence())
+                        for n, r in zip(names, checks, strict=True)]
+        if not results:
+            return
+        now = time.time()
+
+        def record(store: Store) -> list[int]:
+            return [store.add_event(
+                "resume_check_passed" if ok else "resume_check_failed", now=now,
+                source=actor, node=node, reason=f"{kind} check: {ev.get('command', '')}",
+                evidence=ev) for node, kind, ok, ev in results]
+
+        await self.ctx.publish_feed(await self.ctx.db.tx(record))
+        failed = sorted({n for n, _, ok, _ in results if not ok})
+        if failed:
+            raise ValueError(f"health check failed on {hostlist.compress(failed)}; not resumed "
+                             "(see marduk history)")
 
     async def _await_outbox(self, kind: str, names: list[str], wait_s: float) -> dict[str, str]:
         """Wait up to `wait_s` for Slurm to confirm; report per node."""

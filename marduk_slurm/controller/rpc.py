@@ -168,8 +168,12 @@ class RpcServer:
         nodes = _opt_str(args, "nodes")
         if not nodes:
             raise ValueError("name the nodes to resume, e.g. n3 or n[1-4]")
+        check = args.get("check")
+        if check is not None and not isinstance(check, dict):
+            raise ValueError("check must be an object with the operator's check result")
         return await self.ops.resume(nodes, actor=actor, force=bool(args.get("force", False)),
-                                     wait_s=float(args.get("wait_s", 5.0)))
+                                     wait_s=float(args.get("wait_s", 5.0)),
+                                     operator_check=check)
 
     async def inject(self, args: dict[str, Any], actor: str) -> Any:
         node = _opt_str(args, "node")
