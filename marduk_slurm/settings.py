@@ -30,6 +30,7 @@ class ControllerSettings:
     log_level: str = "info"  # debug, info, warning, error
     heartbeat_flush_ms: int = 50  # write-behind period of heartbeats
     reconcile_interval_s: float = 30.0  # how often Slurm state is read back
+    step_grace_s: float = 30.0  # a reported step missing from Slurm for this long has ended
     outbox_retry_max_s: float = 30.0  # longest wait between retries of a Slurm action
     leave_on_drain: bool = True  # tell replicas on a drained node to leave
     task_max_restarts: int = 5  # crashes of one task within task_restart_window_s before exit

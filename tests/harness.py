@@ -40,7 +40,9 @@ class ControllerProcess:
     """`marduk controller` as a child process with its own state directory."""
 
     def __init__(self, state_dir: Path, nats_url: str, *, slurm_backend: str = "none",
-                 extra_env: dict[str, str] | None = None, reconcile_s: float = 2.0) -> None:
+                 extra_env: dict[str, str] | None = None, reconcile_s: float = 2.0,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.extra_args = extra_args
         self.state_dir = state_dir
         self.nats_url = nats_url
         self.slurm_backend = slurm_backend
@@ -52,7 +54,8 @@ class ControllerProcess:
     def start(self, timeout_s: float = 30.0) -> ControllerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         argv = marduk_argv("controller", "--state-dir", str(self.state_dir),
-                           "--slurm-backend", self.slurm_backend, "--log-level", "info")
+                           "--slurm-backend", self.slurm_backend, "--log-level", "info",
+                           *self.extra_args)
         if self.nats_url:
             argv += ["--nats-url", self.nats_url]
         with self.log_path.open("ab") as log:

@@ -99,7 +99,8 @@ class Controller:
 
     async def _serve(self, ctx: Context) -> int:
         c = self.settings.controller
-        reconciler = Reconciler(ctx, self.slurm, interval_s=c.reconcile_interval_s)
+        reconciler = Reconciler(ctx, self.slurm, interval_s=c.reconcile_interval_s,
+                                step_grace_s=c.step_grace_s)
         self.notifier.status("reconciling with Slurm")
         if not await reconciler.reconcile_once():
             log.warning("starting without a first Slurm reconcile: %s", reconciler.last_error)

@@ -17,15 +17,14 @@ from marduk_slurm.errors import SlurmError
 
 log = logging.getLogger(__name__)
 
-# A step reported by SPANK may not be visible in squeue yet; give it this long.
-STEP_GRACE_S = 30.0
-
-
 class Reconciler:
-    def __init__(self, ctx: Context, slurm: SlurmBackend, *, interval_s: float) -> None:
+    def __init__(self, ctx: Context, slurm: SlurmBackend, *, interval_s: float,
+                 step_grace_s: float = 30.0) -> None:
         self.ctx = ctx
         self.slurm = slurm
         self.interval_s = interval_s
+        # A step reported by SPANK may not be visible in Slurm's step list yet.
+        self.step_grace_s = step_grace_s
         self.last_ok: float | None = None
         self.last_error = ""
 
@@ -70,7 +69,7 @@ class Reconciler:
             ids = []
             for row in store.running_steps():
                 key = (row["job_id"], row["step_id"], row["node"])
-                if key in live or now - row["started_at"] < STEP_GRACE_S:
+                if key in live or now - row["started_at"] < self.step_grace_s:
                     continue
                 if row["step_id"] >= 0xFFFFFFF0 and row["job_id"] in live_jobs:
                     continue  # batch/extern steps are not listed as steps by every Slurm
