@@ -181,7 +181,31 @@ static int wait_writable(int fd, long long deadline_ms)
 	return (pfd.revents & POLLOUT) ? 0 : -1;
 }
 
-static int connect_agent(long long deadline_ms)
+/*
+ * The socket path with "%n" replaced by the node name, as in slurm.conf's SlurmdSpoolDir:
+ * several slurmd on one host (a test cluster, multiple-slurmd setups) each have their agent.
+ */
+static void socket_path_for(const char *node, char *out, size_t size)
+{
+	const char *src = conf.socket_path;
+	size_t used = 0;
+
+	while (*src && used + 1 < size) {
+		if (src[0] == '%' && src[1] == 'n') {
+			int n = snprintf(out + used, size - used, "%s", node);
+
+			if (n < 0 || (size_t) n >= size - used)
+				break;
+			used += (size_t) n;
+			src += 2;
+		} else {
+			out[used++] = *src++;
+		}
+	}
+	out[used] = '\0';
+}
+
+static int connect_agent(const char *node, long long deadline_ms)
 {
 	struct sockaddr_un addr = { .sun_family = AF_UNIX };
 	int fd, err = 0;
@@ -190,7 +214,7 @@ static int connect_agent(long long deadline_ms)
 	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -1;
-	snprintf(addr.sun_path, sizeof(addr.sun_path), "%s", conf.socket_path);
+	socket_path_for(node, addr.sun_path, sizeof(addr.sun_path));
 	if (connect(fd, (struct sockaddr *) &addr, sizeof(addr)) == 0)
 		return fd;
 	/* A full listen backlog gives EAGAIN on Unix sockets: wait, but only until the deadline. */
@@ -202,13 +226,13 @@ static int connect_agent(long long deadline_ms)
 }
 
 /* Send one line to the agent; 0 on success, -1 (errno kept) otherwise. */
-static int send_to_agent(const char *line)
+static int send_to_agent(const char *node, const char *line)
 {
 	long long deadline = now_ms() + conf.timeout_ms;
 	size_t off = 0, len = strlen(line);
 	int fd, saved;
 
-	fd = connect_agent(deadline);
+	fd = connect_agent(node, deadline);
 	if (fd < 0)
 		return -1;
 	while (off < len) {
@@ -359,7 +383,7 @@ static void json_tail(char *out, size_t size, const struct step_info *info)
 
 static int report(const char *line, const struct step_info *info, const char *event)
 {
-	if (send_to_agent(line) == 0) {
+	if (send_to_agent(info->node, line) == 0) {
 		slurm_debug("marduk: reported %s of %u.%u", event, info->job_id, info->step_id);
 		return 0;
 	}

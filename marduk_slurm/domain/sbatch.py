@@ -8,8 +8,8 @@ value that lands in a shell command goes through the `q` filter (shlex.quote).
 
 The rendered script allocates replica_groups * nodes_per_group nodes for training plus
 spares * nodes_per_group spare nodes, starts the torchft lighthouse on the first node, one
-srun step per replica group, and a bash supervisor that respawns failed groups (see
-docs/operations or the template's comments for the exit-code contract).
+srun step per replica group, and a bash supervisor that respawns failed groups according to
+the runtime's exit codes (marduk_slurm.domain.exit_codes; docs/cli.md, `marduk sbatch`).
 """
 
 from __future__ import annotations
@@ -17,20 +17,25 @@ from __future__ import annotations
 import inspect
 import re
 import shlex
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import jinja2
 
-TEMPLATE_NAME: Final = "torchft.sbatch.j2"
-# The repository's templates/ folder; installs that move it pass template_dir.
-DEFAULT_TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "templates"
+from marduk_slurm.domain.exit_codes import EXIT_LEAVE, EXIT_STOP
 
-# Exit codes of the runtime hooks that the supervisor honours (docs/operations.md).
-EXIT_DONE: Final = 0
-EXIT_LEAVE: Final = 75  # told to leave: the node is being drained, respawn elsewhere
-EXIT_STOP: Final = 76  # told to stop: do not respawn
+TEMPLATE_NAME: Final = "torchft.sbatch.j2"
+# A checkout's templates/ folder first (editable installs, development), then the copy an
+# installed package puts under <prefix>/share/marduk-slurm/templates (pyproject data-files).
+_PACKAGE = Path(__file__).resolve().parents[1]
+TEMPLATE_DIRS: Final = (_PACKAGE.parent / "templates",
+                        Path(sys.prefix) / "share" / "marduk-slurm" / "templates")
+
+
+def default_template_dir() -> Path:
+    return next((d for d in TEMPLATE_DIRS if (d / TEMPLATE_NAME).is_file()), TEMPLATE_DIRS[-1])
 
 # sbatch options the template sets itself; passing them through would contradict it.
 _RESERVED_SBATCH = frozenset({
@@ -79,7 +84,7 @@ def sbatch_script(
     params = dict(locals())
     _check(params)
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(template_dir or str(DEFAULT_TEMPLATE_DIR)),
+        loader=jinja2.FileSystemLoader(template_dir or str(default_template_dir())),
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True,
         # bash's ${#array[@]} would open a jinja comment with the default "{#".
