@@ -36,6 +36,12 @@ class ControllerSettings:
     task_max_restarts: int = 5  # crashes of one task within task_restart_window_s before exit
     task_restart_window_s: float = 60.0  # the window for task_max_restarts
     watchdog: bool = True  # ping systemd's watchdog from the main loop when asked to
+    http_listen: str = "127.0.0.1:9108"  # dashboard, JSON API and /metrics; empty: off
+    straggler_policy: str = "report"  # report, evict, evict_and_drain; per job: marduk straggler
+    straggler_factor: float = 1.5  # a straggler's work time exceeds this x the job median
+    straggler_mad_k: float = 5.0  # ... and the median + this x robust deviation (1.4826 MAD)
+    straggler_sustain_s: float = 3.0  # ... for this long before it is flagged (or cleared)
+    risk_drain_threshold: int = 0  # drain a node when a GPU's risk score reaches it; 0: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,7 @@ class NatsSettings:
     request_timeout_s: float = 10.0  # how long the CLI waits for the controller's answer
     stream_replicas: int = 1  # JetStream replicas of the events stream on a NATS cluster
     stream_max_age_s: float = 7 * 24 * 3600.0  # events stream retention
+    auth: bool = False  # embedded server: users and subject permissions from <state_dir>/auth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +237,7 @@ def _env_name(name: str) -> tuple[str, str] | None:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STRAGGLER_POLICIES = ("report", "evict", "evict_and_drain")
 SLURM_BACKENDS = ("auto", "commands", "pyslurm", "none")
 
 
@@ -244,6 +252,19 @@ def validate(s: Settings) -> None:
     if s.slurm.backend not in SLURM_BACKENDS:
         raise SettingsError(f"{where('slurm.backend')}: slurm.backend must be one of "
                             f"{', '.join(SLURM_BACKENDS)}")
+    if s.controller.straggler_policy not in STRAGGLER_POLICIES:
+        raise SettingsError(f"{where('controller.straggler_policy')}: controller.straggler_policy "
+                            f"must be one of {', '.join(STRAGGLER_POLICIES)}")
+    if s.controller.straggler_factor < 1.0 or s.controller.straggler_mad_k < 0 \
+            or s.controller.straggler_sustain_s < 0:
+        raise SettingsError(f"{where('controller.straggler_factor')}: straggler_factor must be "
+                            ">= 1, straggler_mad_k and straggler_sustain_s >= 0")
+    host, _, port = s.controller.http_listen.rpartition(":")
+    if s.controller.http_listen and (not host or not port.isdigit() or int(port) > 65535):
+        raise SettingsError(f"{where('controller.http_listen')}: controller.http_listen must be "
+                            "HOST:PORT (e.g. 127.0.0.1:9108) or empty")
+    if not 0 <= s.controller.risk_drain_threshold <= 100:
+        raise SettingsError(f"{where('controller.risk_drain_threshold')}: must be 0 (off) to 100")
     if s.controller.heartbeat_flush_ms <= 0:
         raise SettingsError(f"{where('controller.heartbeat_flush_ms')}: must be > 0")
     if s.nats.url and not s.nats.url.startswith(("nats://", "tls://", "ws://", "wss://")):

@@ -1,8 +1,15 @@
-"""The fault drill: a real local Slurm cluster, the controller on its embedded NATS and SQLite,
-one agent per node with simulated GPUs, an injected XID 79, and what marduk does about it.
+"""The end-to-end fault drill on a real local Slurm cluster.
 
-Run by scripts/demo.sh (which sets up the environment and the cluster first). Prints what it
-does at each stage and ends with a summary. Leaves nothing running.
+What runs: the controller (embedded NATS, SQLite, the Slurm-commands backend), one agent per
+node with simulated GPUs, marduk's SPANK plugin in every slurmd, and a job submitted from the
+rendered sbatch template: a real torchft lighthouse and 2 replica groups training on CPU
+(scripts/train_tiny.py) plus 1 spare node. Then XID 79 is injected on a GPU used by one
+replica, and the drill follows what happens: the node is drained in Slurm with the reason,
+that replica leaves, the supervisor starts it on the spare, torchft heals it, and training
+reaches max_steps.
+
+Run by scripts/demo.sh (which prepares the environment and the cluster), and by
+tests/test_drill.py. Prints what it does at each stage and ends with a summary.
 """
 
 from __future__ import annotations
@@ -15,47 +22,77 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 MARDUK = [sys.executable, "-m", "marduk_slurm.cli.main"]
+NODES = ["n1", "n2", "n3", "n4"]
 
 
 def say(text: str) -> None:
     print(f"[drill {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def slurm_conf() -> str:
+def cluster_paths() -> tuple[str, Path]:
+    """SLURM_CONF of the local cluster and its run directory (where agent sockets live)."""
     out = subprocess.run(["bash", str(REPO / "scripts" / "slurm-cluster.sh"), "env"],
                          capture_output=True, text=True, check=True).stdout
-    return out.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    conf = out.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    return conf, Path(conf).parent.parent / "run"
+
+
+@dataclass
+class DrillResult:
+    job_id: int = 0
+    node: str = ""
+    spare: str = ""
+    gpu_uuid: str = ""
+    reason: str = ""
+    fault_to_drain_s: float = 0.0
+    fault_to_full_strength_s: float = 0.0
+    step_at_fault: int = 0
+    step_rejoined: int = 0
+    final_step: int = 0
+    steps_lost: int = 0
+    job_state: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    replicas: list[dict[str, Any]] = field(default_factory=list)
+    work: str = ""
 
 
 class Drill:
-    def __init__(self, work: Path, nodes: list[str], conf: str) -> None:
+    def __init__(self, work: Path, *, max_steps: int, step_sleep_s: float) -> None:
         self.work = work
-        self.nodes = nodes
+        self.conf, self.run_dir = cluster_paths()
         self.state = work / "controller"
-        self.env = {**os.environ, "SLURM_CONF": conf, "MARDUK_SLURM_CONF": conf,
-                    "MARDUK_CONTROLLER_RECONCILE_INTERVAL_S": "5"}
+        self.max_steps = max_steps
+        self.env = {**os.environ, "SLURM_CONF": self.conf, "MARDUK_SLURM_CONF": self.conf,
+                    "MARDUK_CONTROLLER_RECONCILE_INTERVAL_S": "5",
+                    "MAX_STEPS": str(max_steps), "STEP_SLEEP_S": str(step_sleep_s),
+                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.job_id = 0
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    # -- plumbing --------------------------------------------------------------------------
+
+    def spawn(self, name: str, *args: str) -> None:
         log = (self.work / f"{name}.log").open("ab")
-        proc = subprocess.Popen([*MARDUK, *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=self.env, cwd=REPO)
-        self.procs.append(proc)
-        return proc
+        self.procs.append(subprocess.Popen([*MARDUK, *args], stdout=log,
+                                           stderr=subprocess.STDOUT, env=self.env, cwd=REPO))
 
     def marduk(self, *args: str) -> Any:
-        out = subprocess.run([*MARDUK, *args, "--state-dir", str(self.state), "--json"],
-                             capture_output=True, text=True, env=self.env, cwd=REPO)
+        # Options right after the verb: `sbatch` passes everything after SCRIPT to it.
+        argv = [*MARDUK, "--state-dir", str(self.state), args[0], "--json", *args[1:]]
+        out = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=REPO)
         if out.returncode != 0:
             raise RuntimeError(f"marduk {' '.join(args)}: {out.stderr.strip()}")
         return json.loads(out.stdout)
 
-    def wait(self, what: str, check: Any, timeout_s: float = 60.0) -> Any:
+    def wait(self, what: str, check: Callable[[], Any], timeout_s: float = 120.0) -> Any:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -64,24 +101,96 @@ class Drill:
                 value = None
             if value:
                 return value
-            time.sleep(0.1)
-        raise SystemExit(f"drill failed: timed out waiting for {what}; logs in {self.work}")
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}; "
+                           f"logs in {self.work}")
 
-    def start(self) -> None:
+    def scontrol(self, *args: str) -> str:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True,
+                              env=self.env).stdout
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def start_services(self) -> None:
         say(f"starting the controller (embedded NATS + SQLite in {self.state})")
         self.spawn("controller", "controller", "--state-dir", str(self.state),
                    "--slurm-backend", "commands")
-        self.wait("the controller", lambda: self.marduk("status"))
-        for node in self.nodes:
+        self.wait("the controller", lambda: self.marduk("status"), 60)
+        for node in NODES:
             self.spawn(f"agent-{node}", "agent", "--node", node, "--simulate-gpus", "2",
-                       "--socket", str(self.work / f"agent-{node}.sock"),
+                       "--socket", str(self.run_dir / f"agent-{node}.sock"),
                        "--state-dir", str(self.work / f"agent-{node}"),
                        "--controller-state-dir", str(self.state))
-        say(f"started {len(self.nodes)} agents with 2 simulated GPUs each")
-        self.wait("every agent's GPU inventory", lambda: self.marduk("status")["gpus"]
-                  >= 2 * len(self.nodes))
+        self.wait("every agent's GPU inventory",
+                  lambda: self.marduk("status")["gpus"] >= 2 * len(NODES), 60)
+        say(f"{len(NODES)} agents up, 2 simulated GPUs each; SPANK plugin reports steps to them")
+
+    def submit_job(self) -> None:
+        args = ["sbatch", "--replica-groups", "2", "--nodes-per-group", "1",
+                "--gpus-per-node", "1", "--spares", "1", "--max-restarts", "2",
+                "--job-name", "marduk-drill", "--launcher", str(BIN / "python"),
+                "--param", f"lighthouse={BIN / 'torchft_lighthouse'}",
+                "--sbatch-arg", f"output={self.work}/job-%j.out", "--submit",
+                str(REPO / "scripts" / "train_tiny.py")]
+        self.job_id = int(self.marduk(*args)["job_id"])
+        say(f"submitted job {self.job_id} from the rendered template: lighthouse + 2 replica "
+            f"groups + 1 spare node, {self.max_steps} steps")
+
+    def replicas(self) -> list[dict[str, Any]]:
+        return list(self.marduk("replicas", "--job", str(self.job_id)))
+
+    def wait_training(self) -> list[dict[str, Any]]:
+        def ready() -> list[dict[str, Any]] | None:
+            rows = self.replicas()
+            live = [r for r in rows if r["gpu_uuids"] and r["last_step"] >= 20
+                    and r["participants"] == 2]
+            return rows if len(live) == 2 else None
+        rows = self.wait("2 replica groups registered and training together", ready, 240)
+        for r in rows:
+            say(f"  group {r['replica_group']} on {r['node']}: step {r['last_step']}, "
+                f"GPU {r['gpu_uuids'][0]}")
+        return rows
+
+    def inject(self, victim: dict[str, Any]) -> tuple[float, int]:
+        node, uuid = victim["node"], victim["gpu_uuids"][0]
+        index = next(g["idx"] for n in self.marduk("nodes", node) for g in n["gpus"]
+                     if g["uuid"] == uuid)
+        say(f"injecting XID 79 (GPU has fallen off the bus) on {node} GPU {index}, "
+            f"used by replica group {victim['replica_group']}")
+        t0 = time.time()
+        injected = self.marduk("inject", "--node", node, "--gpu", str(index), "--xid", "79")
+        say(f"  agent verdict: {injected.get('action')} ({injected.get('reason')})")
+        return t0, victim["last_step"]
+
+    def follow(self, victim: dict[str, Any], t0: float, result: DrillResult) -> None:
+        node, group = victim["node"], victim["replica_group"]
+        drained = self.wait(f"{node} drained in Slurm", lambda: [
+            n for n in self.marduk("nodes", node) if "DRAIN" in n["flags"]], 60)
+        result.reason = drained[0]["reason"]
+        say(f"{node} drained in Slurm: {result.reason}")
+
+        def rejoined() -> dict[str, Any] | None:
+            for r in self.replicas():
+                if (r["replica_group"] == group and r["node"] != node
+                        and r["participants"] == 2 and r["last_step"] > 0):
+                    return r
+            return None
+        new = self.wait(f"group {group} respawned on a spare and healed", rejoined, 180)
+        result.fault_to_full_strength_s = time.time() - t0
+        result.spare, result.step_rejoined = new["node"], new["last_step"]
+        say(f"group {group} back on {new['node']} at step {new['last_step']}: full strength "
+            f"{result.fault_to_full_strength_s:.1f} s after the fault")
+
+    def wait_job(self) -> str:
+        def finished() -> str | None:
+            out = self.scontrol("show", "-o", "job", str(self.job_id))
+            state = out.split("JobState=", 1)[1].split()[0] if "JobState=" in out else ""
+            return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
+        return str(self.wait(f"job {self.job_id} to finish", finished, 300))
 
     def stop(self) -> None:
+        if self.job_id:
+            subprocess.run(["scancel", str(self.job_id)], env=self.env, capture_output=True)
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -92,51 +201,83 @@ class Drill:
                 proc.kill()
 
 
-def run(drill: Drill, node: str, gpu: int) -> dict[str, Any]:
-    t0 = time.time()
-    say(f"injecting XID 79 (GPU has fallen off the bus) on {node} GPU {gpu}")
-    injected = drill.marduk("inject", "--node", node, "--gpu", str(gpu), "--xid", "79")
-    say(f"  -> verdict {injected.get('action')} via {injected.get('via')}")
-    drained = drill.wait(f"{node} drained in Slurm", lambda: [
-        n for n in drill.marduk("nodes", node) if "DRAIN" in n["flags"]])
-    t_drain = time.time()
-    say(f"{node} drained in Slurm after {(t_drain - t0) * 1000:.0f} ms: {drained[0]['reason']}")
-    history = drill.marduk("history", "--node", node, "--since", str(t0 - 1))
-    say(f"resuming {node} (marduk set this drain, so it may undo it)")
-    drill.marduk("resume", node)
-    return {"node": node, "gpu": injected.get("gpu_uuid"), "fault_to_drain_ms":
-            round((t_drain - t0) * 1000), "reason": drained[0]["reason"], "history": history}
+def event_times(history: list[dict[str, Any]], t0: float) -> tuple[float, float]:
+    """(verdict, drained) timestamps from the controller's own history."""
+    verdict = next(e["ts"] for e in history if e["kind"] == "gpu_verdict" and e["ts"] >= t0
+                   and e.get("xid") == 79)
+    drained = next(e["ts"] for e in history if e["kind"] == "drained" and e["ts"] >= verdict)
+    return verdict, drained
 
 
-def summary(result: dict[str, Any], work: Path) -> None:
-    print("\n=== drill summary ===")
-    print(f"fault        : XID 79 on {result['node']} GPU {result['gpu']}")
-    print(f"drained      : {result['node']} in {result['fault_to_drain_ms']} ms, "
-          f"reason '{result['reason']}'")
-    print("timeline     :")
-    t0 = result["history"][0]["ts"] if result["history"] else 0
-    for ev in result["history"]:
-        print(f"  +{(ev['ts'] - t0) * 1000:7.0f} ms  {ev['kind']:<18} {ev['reason']}")
-    print(f"logs         : {work}")
-    print("look next    : marduk nodes, marduk history --node "
-          f"{result['node']}, marduk status (with --state-dir of a running controller)")
+def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05) -> DrillResult:
+    drill = Drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s)
+    result = DrillResult(work=str(work))
+    try:
+        drill.start_services()
+        drill.submit_job()
+        result.job_id = drill.job_id
+        rows = drill.wait_training()
+        victim = max(rows, key=lambda r: r["replica_group"])
+        t0, result.step_at_fault = drill.inject(victim)
+        result.node, result.gpu_uuid = victim["node"], victim["gpu_uuids"][0]
+        drill.follow(victim, t0, result)
+        result.job_state = drill.wait_job()
+        say(f"job {drill.job_id} finished: {result.job_state}")
+        result.history = drill.marduk("history", "--since", str(t0 - 1), "--limit", "1000")
+        result.replicas = drill.marduk("replicas", "--job", str(drill.job_id), "--all")
+        verdict_ts, drained_ts = event_times(result.history, t0 - 1)
+        result.fault_to_drain_s = drained_ts - verdict_ts
+        result.final_step = max(r["last_step"] for r in result.replicas)
+        # The respawned group heals to the survivors' step; anything below the step at the
+        # fault would be work done twice.
+        result.steps_lost = max(0, result.step_at_fault - result.step_rejoined)
+        say(f"resuming {result.node} (marduk set this drain, so it may undo it)")
+        drill.marduk("resume", result.node)
+    finally:
+        say("stopping the agents and the controller")
+        drill.stop()
+    return result
+
+
+def summary(r: DrillResult) -> str:
+    lines = ["", "=== drill summary ===",
+             f"job            : {r.job_id}, {r.job_state}, reached step {r.final_step}",
+             f"fault          : XID 79 on {r.node} GPU {r.gpu_uuid}",
+             f"drained        : {r.node}, {r.fault_to_drain_s * 1000:.0f} ms after the verdict; "
+             f"reason '{r.reason}'",
+             f"replica moved  : {r.node} -> {r.spare} (the spare)",
+             f"full strength  : {r.fault_to_full_strength_s:.1f} s after the fault; the "
+             f"surviving group kept committing (step {r.step_at_fault} at the fault, "
+             f"{r.step_rejoined} when the respawned group had healed from it)",
+             f"steps lost     : {r.steps_lost} (steps the job had to redo: the global step "
+             "never went back)",
+             "timeline (marduk history):"]
+    t0 = r.history[0]["ts"] if r.history else 0.0
+    for ev in r.history:
+        if ev["kind"] in ("gpu_inventory",) or (ev["kind"] == "gpu_verdict"
+                                                 and ev.get("xid") is None):
+            continue
+        lines.append(f"  +{ev['ts'] - t0:7.2f} s  {ev['kind']:<17} {ev['node'] or '-':<4} "
+                     f"{ev['reason'][:90]}")
+    lines += [f"logs           : {r.work}",
+              "look next      : marduk nodes, marduk history --node "
+              f"{r.node}, marduk replicas --all (add --state-dir of a running controller)"]
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--node", default="n2")
-    ap.add_argument("--gpu", type=int, default=1)
+    ap.add_argument("--max-steps", type=int, default=300)
+    ap.add_argument("--step-sleep", type=float, default=0.05, help="seconds per step")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="marduk-drill-"))
-    drill = Drill(work, ["n1", "n2", "n3", "n4"], slurm_conf())
     try:
-        drill.start()
-        result = run(drill, args.node, args.gpu)
-    finally:
-        say("stopping the agents and the controller")
-        drill.stop()
-    summary(result, work)
-    return 0
+        result = run_drill(work, max_steps=args.max_steps, step_sleep_s=args.step_sleep)
+    except RuntimeError as exc:
+        say(f"drill failed: {exc}")
+        return 1
+    print(summary(result))
+    return 0 if result.job_state == "COMPLETED" else 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@
 #                               "extra"; they list and drain like real nodes (benchmarks) (0)
 #   MARDUK_SLURM_EXTRA_STATE    their configured state: DOWN (listed by sinfo/scontrol) or
 #                               FUTURE (hidden unless `scontrol --future`)          (DOWN)
-#   MARDUK_SLURM_PLUGSTACK      plugstack.conf lines, e.g. "required /path/x.so arg=1"
+#   MARDUK_SLURM_PLUGSTACK      plugstack.conf lines, e.g. "required /path/x.so arg=1";
+#                               unset: marduk's own SPANK plugin (built from spank/), on by
+#                               default, reporting to $BASE/run/agent-<node>.sock; empty: none
 #   MARDUK_SLURM_CTLD_PORT      slurmctld port                     (6917)
 #   MARDUK_SLURM_SLURMD_PORT    slurmd of node i listens on this + i (17100)
 #   MARDUK_SLURM_TIMEOUT_S      how long `up` waits for idle nodes (60)
@@ -35,7 +37,8 @@ GPUS=${MARDUK_SLURM_GPUS_PER_NODE:-2}
 CPUS=${MARDUK_SLURM_CPUS_PER_NODE:-2}
 EXTRA=${MARDUK_SLURM_EXTRA_NODES:-0}
 EXTRA_STATE=${MARDUK_SLURM_EXTRA_STATE:-DOWN}
-PLUGSTACK=${MARDUK_SLURM_PLUGSTACK:-}
+REPO=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
+PLUGSTACK=${MARDUK_SLURM_PLUGSTACK-default}
 CTLD_PORT=${MARDUK_SLURM_CTLD_PORT:-6917}
 SLURMD_PORT=${MARDUK_SLURM_SLURMD_PORT:-17100}
 TIMEOUT_S=${MARDUK_SLURM_TIMEOUT_S:-60}
@@ -188,7 +191,19 @@ write_gres_conf() {
 }
 
 write_plugstack_conf() {
-  if [ -n "$PLUGSTACK" ]; then printf '%s\n' "$PLUGSTACK"; fi
+  if [ "$PLUGSTACK" = default ]; then
+    printf 'optional %s default=on socket=%s\n' "$REPO/spank/marduk_spank.so" \
+      "$RUN/agent-%n.sock"
+  elif [ -n "$PLUGSTACK" ]; then
+    printf '%s\n' "$PLUGSTACK"
+  fi
+}
+
+# build_spank: the default plugstack loads marduk's SPANK plugin; build it (needs gcc and
+# libslurm-dev, which install_packages provides).
+build_spank() {
+  [ "$PLUGSTACK" = default ] || return 0
+  make -s -C "$REPO/spank" >&2
 }
 
 # install_if_changed SRC DST: replace DST by SRC when they differ; return 0 if replaced
@@ -267,6 +282,7 @@ cmd_up() {
   t0=$(date +%s.%N)
   require_root
   install_packages
+  build_spank
   prepare_dirs
   if write_configs && any_slurm_daemon_alive; then
     say "config changed while daemons run: restarting the cluster"

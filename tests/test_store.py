@@ -140,3 +140,25 @@ def test_fault_storms_share_one_slurm_call_and_operator_lists_share_theirs() -> 
         ("marduk: xid=79 nodes=20 first_event=101", 20),
         ("marduk: xid=48 gpu=G21 event=121", 1), ("marduk: xid=48 gpu=G22 event=122", 1),
         ("marduk: swap event=7", 2)])
+
+
+def test_replicas_without_cuda_take_their_steps_gpus_whichever_report_comes_first(
+        store: Store) -> None:
+    step = m.StepStart(job_id=8, step_id=1, node="n2", gpu_uuids=["GPU-s1", "GPU-s2"])
+    # Step first, then the replica (reporting only its CPU id).
+    with store.transaction():
+        store.record_step_start(step, now=1.0)
+    register(store, "job8_rg1:a", 8, 1, "n2", ["cpu:n2:0"], step=1)
+    assert store.replicas(gpu_uuid="GPU-s1")[0]["replica_id"] == "job8_rg1:a"
+    # Replica first, then the step of another group.
+    register(store, "job8_rg2:b", 8, 2, "n3", ["cpu:n3:0"], step=2)
+    with store.transaction():
+        store.record_step_start(m.StepStart(job_id=8, step_id=2, node="n3",
+                                            gpu_uuids=["GPU-t"]), now=2.0)
+        mapped = store.map_step_gpus_to_replicas(8, 2, "n3", ["GPU-t"], now=2.0)
+    assert mapped == ["job8_rg2:b"]
+    assert store.replicas(node="n3")[0]["gpu_uuids"] == ["GPU-t"]
+    # A replica that named real GPUs keeps them.
+    register(store, "job8_rg3:c", 8, 3, "n4", ["GPU-own"], step=3)
+    with store.transaction():
+        assert store.map_step_gpus_to_replicas(8, 3, "n4", ["GPU-x"], now=3.0) == []

@@ -22,6 +22,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 
+from marduk_slurm.adapters import nats_auth
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError, BusTimeout
 
@@ -34,10 +35,14 @@ class Bus:
     """One NATS connection of one process."""
 
     def __init__(self, url: str, *, name: str, creds: str = "", connect_timeout_s: float = 5.0,
-                 on_state: Callable[[str], None] | None = None) -> None:
+                 on_state: Callable[[str], None] | None = None, user: str = "",
+                 password: str = "") -> None:
         self.url = url
         self.name = name
+        # A marduk credential file (user, password, inbox prefix) or a NATS .creds file.
         self.creds = creds
+        self.user = user
+        self.password = password
         self.connect_timeout_s = connect_timeout_s
         self.on_state = on_state or (lambda state: None)
         self.nc: Client | None = None
@@ -54,8 +59,14 @@ class Bus:
         self.on_state("connecting")
         self._quiet = not retry  # the CLI reports the failure itself, once
         try:
+            auth = nats_auth.connect_options(self.creds)
+        except nats_auth.AuthError as exc:
+            raise BusError(str(exc)) from None
+        if self.user:
+            auth.update(user=self.user, password=self.password)
+        try:
             self.nc = await nats.connect(
-                self.url, name=self.name, user_credentials=self.creds or None,
+                self.url, name=self.name, **auth,
                 connect_timeout=self.connect_timeout_s, allow_reconnect=retry,
                 max_reconnect_attempts=-1 if retry else 1, reconnect_time_wait=0.2,
                 error_cb=self._on_error, disconnected_cb=self._on_disconnect,

@@ -21,6 +21,8 @@ from marduk_slurm.errors import BusError
 
 log = logging.getLogger(__name__)
 
+PID_FILE = "nats-server.pid"
+
 
 def find_binary() -> str:
     """The nats-server executable: beside this Python first (a virtualenv), then PATH."""
@@ -45,6 +47,8 @@ class NatsServerProcess:
         self.binary = binary or find_binary()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
+        # Lets `marduk auth` (another process) ask the running server to reload its users.
+        self.pid_path = self.store_dir / PID_FILE
 
     @property
     def url(self) -> str:
@@ -62,7 +66,7 @@ class NatsServerProcess:
         self.log_path.write_bytes(b"")
         argv = [self.binary, "-js", "-a", self.host, "-p", str(self.port or -1),
                 "-sd", str(self.store_dir / "jetstream"), "--ports_file_dir", str(ports_dir),
-                "-l", str(self.log_path)]
+                "-l", str(self.log_path), "-P", str(self.pid_path)]
         if self.config_file:
             argv += ["-c", str(self.config_file)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -111,6 +115,13 @@ class NatsServerProcess:
             self.proc.wait()
         self.proc = None
 
+    def reload(self) -> None:
+        """SIGHUP: the server rereads its config file (users, permissions) without dropping
+        the connections of users that still exist."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise BusError("nats-server is not running")
+        self.proc.send_signal(signal.SIGHUP)
+
     def restart(self) -> str:
         """Stop and start again on the same port and store."""
         self.stop()
@@ -119,3 +130,20 @@ class NatsServerProcess:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def reload_running(store_dir: Path) -> bool:
+    """SIGHUP the nats-server whose pid file is in `store_dir`, if it still runs; False when
+    there is none (the new config then takes effect at its next start)."""
+    try:
+        pid = int((Path(store_dir) / PID_FILE).read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (OSError, ValueError):
+        return False
+    if comm != "nats-server":  # a stale pid file whose number was reused
+        return False
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return False
+    return True

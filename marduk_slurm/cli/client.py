@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
 from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.nats_auth import OPERATOR_CREDS
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError, MardukError, NotFound
@@ -36,6 +38,15 @@ def resolve_nats_url(settings: Settings, flag_url: str | None) -> str:
             f"no NATS URL: set --nats-url or MARDUK_NATS_URL, or point --state-dir at a "
             f"running controller's state directory ({url_file} not found)"
         ) from None
+
+
+def resolve_creds(settings: Settings) -> str:
+    """nats.creds, else the operator credential that `marduk auth init` (or a controller with
+    nats.auth) left in the state directory, when this user can read it."""
+    if settings.nats.creds:
+        return settings.nats.creds
+    operator = Path(settings.controller.state_dir) / "auth" / OPERATOR_CREDS
+    return str(operator) if os.access(operator, os.R_OK) else ""
 
 
 async def call(url: str, verb: str, args: dict[str, Any], *, creds: str = "",

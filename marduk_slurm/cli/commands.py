@@ -14,7 +14,7 @@ from typing import Any
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters.health_check import run_check
 from marduk_slurm.cli import render
-from marduk_slurm.cli.client import call_sync, resolve_nats_url
+from marduk_slurm.cli.client import call_sync, resolve_creds, resolve_nats_url
 from marduk_slurm.domain import hostlist
 
 
@@ -29,7 +29,7 @@ def ask(args: argparse.Namespace, verb: str, params: dict[str, Any]) -> Any:
     flags = {"controller.state_dir": args.state_dir} if args.state_dir else {}
     s = settings_mod.from_environment(args.config, flags)
     url = resolve_nats_url(s, args.nats_url)
-    return call_sync(url, verb, params, creds=s.nats.creds,
+    return call_sync(url, verb, params, creds=resolve_creds(s),
                      timeout_s=args.timeout or s.nats.request_timeout_s,
                      actor=os.environ.get("MARDUK_ACTOR", _actor()))
 

@@ -28,6 +28,7 @@ def controller_flags(args: argparse.Namespace) -> dict[str, Any]:
         "nats.url": args.nats_url,
         "controller.log_level": args.log_level,
         "slurm.backend": args.slurm_backend,
+        "controller.http_listen": args.listen,
     }
 
 
@@ -92,6 +93,9 @@ def add_parsers(sub: Any, add: Any) -> None:
             cmd_controller, json_flag=False)
     p.add_argument("--log-level", choices=settings_mod.LOG_LEVELS)
     p.add_argument("--slurm-backend", choices=settings_mod.SLURM_BACKENDS)
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help='dashboard and /metrics address (default 127.0.0.1:9108; "" turns '
+                        "them off)")
     # Built without the shared options: their --state-dir names the controller's directory,
     # while the agent's --state-dir is its own (the step journal).
     help_ = "run the node agent (GPU health, SPANK step relay) in the foreground"

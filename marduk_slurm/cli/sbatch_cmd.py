@@ -15,7 +15,9 @@ from typing import Any
 
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.cli import render as out
+from marduk_slurm.cli.client import resolve_nats_url
 from marduk_slurm.domain import sbatch
+from marduk_slurm.errors import BusError
 
 EXAMPLE = ("marduk sbatch --replica-groups 4 --nodes-per-group 2 --gpus-per-node 8 --spares 1 "
            "--time 24:00:00 train.py -- --lr 3e-4")
@@ -85,8 +87,22 @@ def _strip_dashes(words: list[str]) -> list[str]:
     return words[1:] if words[:1] == ["--"] else words
 
 
+def _default_nats_url(args: argparse.Namespace) -> str | None:
+    """The controller's NATS URL for the job's runtime hooks, when one can be found (flag,
+    settings, or a local controller's state directory); else None, and the hooks rely on
+    MARDUK_NATS_URL from the SPANK plugin or the job's environment."""
+    flags = {"controller.state_dir": args.state_dir} if getattr(args, "state_dir", None) else {}
+    s = settings_mod.from_environment(getattr(args, "config", None), flags)
+    try:
+        return resolve_nats_url(s, getattr(args, "nats_url", None))
+    except BusError:
+        return None
+
+
 def cmd_sbatch(args: argparse.Namespace) -> int:
     params = parameters(args)
+    if "nats_url" not in params:
+        params["nats_url"] = _default_nats_url(args)
     script = sbatch.render(params)
     if not args.submit:
         if args.json:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.nats_auth import CONTROLLER_CREDS, AuthDir
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.adapters.slurm.base import SlurmBackend, make_backend
 from marduk_slurm.adapters.slurm.none import NoSlurm
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.adapters.systemd import Notifier
-from marduk_slurm.controller import config_service
+from marduk_slurm.controller import config_service, observe
 from marduk_slurm.controller.context import Context, StoreRunner
 from marduk_slurm.controller.handlers import Policy
 from marduk_slurm.controller.ingest import EventIngest, HeartbeatWriter
@@ -68,7 +69,14 @@ class Controller:
         if self.settings.nats.url:
             return self.settings.nats.url
         self.notifier.status("starting embedded nats-server")
-        self.nats_server = NatsServerProcess(self.state_dir / "nats")
+        config = None
+        if self.settings.nats.auth:
+            auth = AuthDir(self.state_dir / "auth")
+            if await asyncio.to_thread(auth.ensure_initialised):
+                log.info("NATS auth: created controller and operator credentials in %s",
+                         auth.path)
+            config = auth.server_config
+        self.nats_server = NatsServerProcess(self.state_dir / "nats", config_file=config)
         url = await asyncio.to_thread(self.nats_server.start)
         (self.state_dir / NATS_URL_FILE).write_text(url + "\n")
         log.info("embedded nats-server at %s (JetStream in %s)", url, self.state_dir / "nats")
@@ -89,6 +97,8 @@ class Controller:
         bus.on_state = lambda state: setattr(ctx, "nats_state", state)
         try:
             bus.url = await self._start_nats()
+            if self.nats_server is not None and self.settings.nats.auth and not bus.creds:
+                bus.creds = str(self.state_dir / "auth" / CONTROLLER_CREDS)
             self.notifier.status(f"connecting to NATS at {bus.url}")
             await bus.connect(retry=True)
             await bus.ensure_events_stream(replicas=self.settings.nats.stream_replicas,
@@ -116,6 +126,7 @@ class Controller:
         sup.start("reconcile", reconciler.run)
         rpc = RpcServer(ctx, ops)
         config_service.install(ctx, rpc)
+        observe.install(ctx, rpc, ops, sup, self.heartbeats, lambda: self.settings.controller)
         sup.start("rpc", rpc.run)
         sup.start("housekeeping", lambda: self._housekeeping(ctx))
         self._install_signals()

@@ -65,11 +65,12 @@ def on_step_start(store: Store, msg: m.StepStart, now: float, policy: Policy) ->
         uuids = [u for i in msg.gpu_indices if (u := store.gpu_uuid(msg.node, i))]
         msg = _with_uuids(msg, uuids)
     store.record_step_start(msg, now)
+    joined = store.map_step_gpus_to_replicas(msg.job_id, msg.step_id, msg.node, uuids, now)
     eid = store.add_event(
         "step_start", now=now, source="agent", node=msg.node, job_id=msg.job_id,
         reason=f"step {msg.job_id}.{msg.step_id} started on {msg.node}",
         evidence={"step_id": msg.step_id, "gpu_indices": msg.gpu_indices, "gpu_uuids": uuids,
-                  "pid": msg.pid, "uid": msg.uid},
+                  "pid": msg.pid, "uid": msg.uid, "replicas_mapped": joined},
     )
     return Effects(feed=[eid])
 

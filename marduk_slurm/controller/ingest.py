@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
@@ -127,6 +128,9 @@ class HeartbeatWriter:
         self._received_reported = 0
         self.written = 0
         self.last_lag_ms = 0.0
+        # Called with each written batch (newest beat per replica) and the flush time: the
+        # place for per-batch analysis (stragglers, metrics), never the per-message path.
+        self.on_flush: list[Callable[[list[m.Heartbeat], float], None]] = []
 
     async def on_message(self, msg: Msg) -> None:
         # The hot path: decode, check the subject, keep the newest beat per replica.
@@ -175,3 +179,9 @@ class HeartbeatWriter:
         self.ctx.stats["heartbeats_written"] += len(batch)
         oldest = min(b.ts for b in batch) if batch else now
         self.last_lag_ms = max(0.0, (time.time() - oldest) * 1000) if oldest else 0.0
+        for callback in self.on_flush:
+            try:
+                callback(batch, now)
+            except Exception:  # analysis must never stop the write-behind
+                self.ctx.stats["heartbeat_flush_callback_errors"] += 1
+                log.exception("heartbeat flush callback failed")

@@ -71,7 +71,11 @@ class ReplicaIdentity:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ReplicaIdentity:
-        """MARDUK_* first (exported by the SPANK plugin), then Slurm's and torchft's names."""
+        """MARDUK_* first (exported by the SPANK plugin), then Slurm's and torchft's names.
+
+        MARDUK_GPUS holds the step's GPU indices as Slurm prints them (or UUIDs, where a
+        site's GRES reports those): indices name no GPU the controller can match, so they are
+        left out and the controller joins the step's GPUs (resolved by the agent) instead."""
         def pick(*names: str) -> str:
             return next((env[n] for n in names if env.get(n, "") != ""), "")
 
@@ -82,7 +86,7 @@ class ReplicaIdentity:
         return cls(job_id=int(job or 0), replica_group=int(group or 0),
                    node=_name(pick("MARDUK_NODE", "SLURMD_NODENAME") or socket.gethostname()),
                    step_id=int(step) if step.isdigit() else None,
-                   gpu_uuids=tuple(g for g in gpus.split(",") if g))
+                   gpu_uuids=tuple(g for g in gpus.split(",") if g and not g.isdigit()))
 
 
 class ManagerMarduk(Manager):

@@ -11,6 +11,9 @@ import sqlite_utils
 
 from marduk_slurm.domain import messages as m
 
+# What a replica without CUDA reports as its device (runtime: `cpu:<node>:<rank>`).
+CPU_PREFIX = "cpu:"
+
 HEARTBEAT_SQL = (
     "UPDATE replicas SET last_step=?, step_time_ms=?, allreduce_ms=?, participants=?, "
     "quorum_id=?, loss=?, config_revision=?, last_seen=? WHERE replica_id=? AND state!='left'"
@@ -89,11 +92,43 @@ class MappingMixin:
              msg.group_world_size, msg.node, msg.pid, now, msg.step, msg.config_revision, now),
         )
         self.conn.execute("DELETE FROM mapping WHERE replica_id=?", (msg.replica_id,))
+        gpus = [g for g in msg.gpu_uuids if not g.startswith(CPU_PREFIX)]
+        if not gpus and msg.step_id is not None:
+            gpus = self._step_gpus(msg.job_id, msg.step_id, msg.node)
+        self._map(msg.replica_id, msg.job_id, msg.step_id, msg.node, gpus or msg.gpu_uuids, now)
+        self.set_hyperparams(msg.replica_id, msg.hyperparams, msg.config_revision, now)
+
+    def _map(self, replica_id: str, job_id: int, step_id: int | None, node: str,
+             gpus: Sequence[str], now: float) -> None:
         self.conn.executemany(
             "INSERT OR REPLACE INTO mapping VALUES (?,?,?,?,?,?)",
-            [(msg.replica_id, g, msg.job_id, msg.step_id, msg.node, now) for g in msg.gpu_uuids],
+            [(replica_id, g, job_id, step_id, node, now) for g in gpus],
         )
-        self.set_hyperparams(msg.replica_id, msg.hyperparams, msg.config_revision, now)
+
+    def _step_gpus(self, job_id: int, step_id: int, node: str) -> list[str]:
+        row = self.conn.execute(
+            "SELECT gpu_uuids FROM job_steps WHERE job_id=? AND step_id=? AND node=?",
+            (job_id, step_id, node),
+        ).fetchone()
+        return list(json.loads(row[0])) if row else []
+
+    def map_step_gpus_to_replicas(self, job_id: int, step_id: int, node: str,
+                                  gpus: Sequence[str], now: float) -> list[str]:
+        """Join a step's GPUs (from SPANK and the agent) to replicas of that step that could
+        not name their own (a process without CUDA reports a `cpu:` id): the DR mapping is
+        complete whichever of the two reports arrives first. Returns the replicas mapped."""
+        if not gpus:
+            return []
+        rows = self.conn.execute(
+            "SELECT replica_id FROM replicas WHERE job_id=? AND step_id=? AND node=? AND "
+            "state!='left' AND NOT EXISTS (SELECT 1 FROM mapping m WHERE m.replica_id="
+            "replicas.replica_id AND m.gpu_uuid NOT LIKE ?)",
+            (job_id, step_id, node, CPU_PREFIX + "%"),
+        ).fetchall()
+        for (replica_id,) in rows:
+            self.conn.execute("DELETE FROM mapping WHERE replica_id=?", (replica_id,))
+            self._map(replica_id, job_id, step_id, node, gpus, now)
+        return [r[0] for r in rows]
 
     def set_hyperparams(self, replica_id: str, values: dict[str, Any], revision: int,
                         now: float) -> None:

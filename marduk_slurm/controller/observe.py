@@ -1,0 +1,107 @@
+"""Observability, wired into the controller: stragglers, GPU risk, metrics, the dashboard.
+
+`install` builds the parts, hooks the straggler detector and the ingest-lag histogram onto
+the heartbeat flush, registers the request verbs (``straggler_policy``, ``straggler_show``,
+``risk``, ``top``) and starts the supervised tasks. The views here (replicas with their live
+numbers, nodes with GPUs, risk and replicas) are shared by the HTTP API, the SSE stream and
+`marduk top`, so they all show the same thing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.context import Context
+from marduk_slurm.controller.ingest import HeartbeatWriter
+from marduk_slurm.controller.metrics import MetricsCollector
+from marduk_slurm.controller.operations import Operations
+from marduk_slurm.controller.risk_watch import RiskWatch
+from marduk_slurm.controller.rpc import RpcServer
+from marduk_slurm.controller.stragglers import StragglerWatch
+from marduk_slurm.controller.supervisor import Supervisor
+from marduk_slurm.settings import ControllerSettings
+
+
+class Observability:
+    def __init__(self, ctx: Context, ops: Operations, supervisor: Supervisor,
+                 heartbeats: HeartbeatWriter, settings: Callable[[], ControllerSettings]
+                 ) -> None:
+        self.ctx = ctx
+        self.ops = ops
+        self.settings = settings
+        self.heartbeats = heartbeats
+        self.stragglers = StragglerWatch(ctx, settings)
+        self.risk = RiskWatch(ctx, settings)
+        self.metrics = MetricsCollector(ctx, supervisor, self.stragglers, self.risk)
+
+    # -- shared views -----------------------------------------------------------------------
+
+    async def replicas(self, job_id: int | None = None) -> list[dict[str, Any]]:
+        rows = await self.ctx.db(lambda: self.ctx.db.store.replicas(job_id=job_id))
+        live = self.stragglers.replica_view()
+        for row in rows:
+            view = live.get(row["replica_id"], {})
+            row["step_rate"] = view.get("step_rate")
+            row["work_ms"] = view.get("work_ms")
+            row["straggler"] = bool(view.get("straggler"))
+        return rows
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        def read(store: Store) -> list[dict[str, Any]]:
+            out = []
+            for node in store.nodes():
+                node["gpus"] = store.gpus(node["name"])
+                node["replicas"] = store.replicas(node=node["name"])
+                out.append(node)
+            return out
+        rows = await self.ctx.db(lambda: read(self.ctx.db.store))
+        scores = {s.gpu_uuid: s for s in self.risk.refresh()}
+        for node in rows:
+            for gpu in node["gpus"]:
+                score = scores.get(gpu["uuid"])
+                gpu["risk"] = score.score if score else 0
+                gpu["risk_factors"] = [f.detail for f in score.factors] if score else []
+            node["risk"] = max((g["risk"] for g in node["gpus"]), default=0)
+        return rows
+
+    async def status(self) -> dict[str, Any]:
+        data = await self.ops.status()
+        data["stragglers"] = len(self.stragglers.detector.flagged())
+        data["heartbeat_lag_ms"] = round(self.heartbeats.last_lag_ms, 1)
+        return data
+
+    async def top(self, args: dict[str, Any], actor: str) -> dict[str, Any]:
+        """Everything `marduk top` shows, in one request."""
+        nodes = await self.nodes()
+        return {
+            "ts": time.time(),
+            "status": await self.status(),
+            "replicas": await self.replicas(),
+            "job_rates": {str(j): r for j, r in self.stragglers.job_rates().items()},
+            "drained": [{"name": n["name"], "reason": n["reason"],
+                         "by_marduk": n["drained_by_marduk"], "risk": n["risk"]}
+                        for n in nodes if "DRAIN" in n["flags"]],
+        }
+
+
+def install(ctx: Context, rpc: RpcServer, ops: Operations, supervisor: Supervisor,
+            heartbeats: HeartbeatWriter, settings: Callable[[], ControllerSettings]
+            ) -> Observability:
+    """Build, hook up and start the observability tasks of the controller."""
+    from marduk_slurm.controller.http import HttpServer  # aiohttp only where it is used
+
+    obs = Observability(ctx, ops, supervisor, heartbeats, settings)
+    heartbeats.on_flush += [obs.stragglers.on_flush, obs.metrics.on_flush]
+    rpc.register("straggler_policy", obs.stragglers.rpc_policy)
+    rpc.register("straggler_show", obs.stragglers.rpc_show)
+    rpc.register("risk", obs.risk.rpc_risk)
+    rpc.register("top", obs.top)
+    supervisor.start("stragglers", obs.stragglers.run)
+    supervisor.start("risk", obs.risk.run)
+    if settings().http_listen:
+        supervisor.start("http", HttpServer(obs, settings().http_listen,
+                                            settings().state_dir).run)
+    return obs

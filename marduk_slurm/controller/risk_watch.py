@@ -1,0 +1,141 @@
+"""GPU failure risk, live: evidence in, scores out, and (when configured) predictive drains.
+
+Evidence comes from the verdicts already in the history (read once at start, then as the
+controller's own feed publishes them) and from the agents' health summaries on
+``marduk.v1.health.<node>``. Scores are recomputed every few seconds by `domain.risk`. With
+``controller.risk_drain_threshold`` > 0, a GPU reaching it drains its node (event
+``risk_drain``, then the usual drain path); a node resumed by an operator starts with a
+clean history, since a resume follows a repair or a passed health check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.context import Context
+from marduk_slurm.controller.handlers import Effects, queue_drain, queue_leaves, replica_refs
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+from marduk_slurm.domain.fault_response import respond_to_operator_drain
+from marduk_slurm.domain.risk import RiskScore, RiskTracker
+from marduk_slurm.errors import ProtocolError
+from marduk_slurm.settings import ControllerSettings
+
+log = logging.getLogger(__name__)
+
+SCORE_EVERY_S = 5.0
+RESUME_KINDS = ("resumed", "operator_resume")
+
+
+class RiskWatch:
+    def __init__(self, ctx: Context, settings: Callable[[], ControllerSettings], *,
+                 window_s: float = 24 * 3600.0) -> None:
+        self.ctx = ctx
+        self.settings = settings
+        self.tracker = RiskTracker(window_s=window_s)
+        self.latest: list[RiskScore] = []
+        self.drained: set[str] = set()  # GPUs whose risk drained their node
+        self.summaries = 0
+
+    async def load(self) -> None:
+        since = time.time() - self.tracker.window_s
+        rows = await self.ctx.db(lambda: self.ctx.db.store.events(
+            kinds=["gpu_verdict", "risk_drain", *RESUME_KINDS], since=since, limit=100000))
+        for row in rows:
+            self._apply(row["kind"], row["node"], row["gpu_uuid"], row["evidence"], row["ts"])
+        self.latest = self.tracker.scores(time.time())
+
+    def _apply(self, kind: str, node: str | None, gpu: str | None, evidence: dict[str, Any],
+               ts: float) -> None:
+        if kind == "gpu_verdict" and node and gpu:
+            index = evidence.get("gpu_index")
+            self.tracker.add_verdict(gpu, node, index if isinstance(index, int) else None,
+                                     evidence, ts)
+        elif kind == "risk_drain" and gpu:
+            self.drained.add(gpu)
+        elif kind in RESUME_KINDS and node:
+            self.drained -= {u for u, h in self.tracker.gpus.items() if h.node == node}
+            self.tracker.forget_node(node)
+
+    async def on_feed(self, msg: Msg) -> None:
+        try:
+            ev = m.decode_feed(msg.data)
+        except ProtocolError:
+            return  # our own feed; the publisher is not going to get it wrong
+        self._apply(ev.kind, ev.node, ev.gpu_uuid, ev.evidence, ev.ts or time.time())
+
+    async def on_health(self, msg: Msg) -> None:
+        node = msg.subject.rsplit(".", 1)[-1]
+        try:
+            summary = msgspec.json.decode(msg.data)
+        except msgspec.DecodeError:
+            self.ctx.reject("malformed_json", msg.subject, "health summary")
+            return
+        if not isinstance(summary, dict) or summary.get("node") != node:
+            self.ctx.reject("subject_mismatch", msg.subject, "health summary of another node")
+            return
+        self.summaries += 1
+        self.tracker.add_summary(node, summary, time.time())
+
+    async def run(self) -> None:
+        await self.load()
+        await self.ctx.bus.subscribe(subjects.FEED, self.on_feed)
+        await self.ctx.bus.subscribe(subjects.node_health("*"), self.on_health)
+        while True:
+            await asyncio.sleep(SCORE_EVERY_S)
+            self.latest = self.tracker.scores(time.time())
+            threshold = self.settings().risk_drain_threshold
+            if threshold > 0:
+                for score in self.latest:
+                    if score.score >= threshold and score.gpu_uuid not in self.drained:
+                        await self.drain(score, threshold)
+
+    async def drain(self, score: RiskScore, threshold: int) -> None:
+        now = time.time()
+        prefix = self.ctx.policy.reason_prefix
+        leave_on_drain = self.ctx.policy.leave_on_drain
+        why = "; ".join(f.detail for f in score.factors)
+
+        def decide(store: Store) -> Effects:
+            effects = Effects()
+            node = store.node(score.node)
+            if node is not None and "DRAIN" in node["flags"]:
+                return effects  # drained already, by us or someone else
+            eid = store.add_event("risk_drain", now=now, source="risk", node=score.node,
+                                  gpu_uuid=score.gpu_uuid,
+                                  reason=f"risk {score.score} >= {threshold}: {why}"[:500],
+                                  evidence=score.as_dict())
+            effects.feed.append(eid)
+            queue_drain(store, score.node, f"{prefix}: risk={score.score} "
+                        f"gpu={score.gpu_uuid} event={eid}", eid, "risk", now, effects)
+            leaves = respond_to_operator_drain(
+                replicas_on_node=replica_refs(store.replicas(node=score.node)),
+                reason=f"risk {score.score}", leave_on_drain=leave_on_drain)
+            queue_leaves(store, leaves, eid, "risk", now, effects)
+            return effects
+
+        self.drained.add(score.gpu_uuid)
+        effects = await self.ctx.db.tx(decide)
+        if effects.feed:
+            log.warning("predictive drain of %s: GPU %s risk %d (%s)", score.node,
+                        score.gpu_uuid, score.score, why)
+        await self.ctx.carry_out(effects)
+
+    def refresh(self) -> list[RiskScore]:
+        """Scores as of now (cheap: a few points per GPU), for readers between ticks."""
+        self.latest = self.tracker.scores(time.time())
+        return self.latest
+
+    async def rpc_risk(self, args: dict[str, Any], actor: str) -> Any:
+        node = args.get("node")
+        if node is not None and not isinstance(node, str):
+            raise ValueError("node must be a node name")
+        return [s.as_dict() for s in self.refresh() if not node or s.node == node]

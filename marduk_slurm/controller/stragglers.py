@@ -1,0 +1,174 @@
+"""Live straggler detection: fed by each heartbeat flush, acted on by a supervised task.
+
+`on_flush` runs inside the heartbeat write-behind (one batch of newest beats per period): it
+only updates the detector's numbers and queues the flags it raises or clears. The task
+`run` records each change as an event (``straggler`` / ``straggler_cleared``) and applies the
+job's policy: report (record only), evict (the replica leaves at its next step boundary, so
+torchft carries on without it and the supervisor respawns it), or evict_and_drain (its node
+is drained too). Per-job policies are events as well (``straggler_policy``), so they survive
+a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.context import Context
+from marduk_slurm.controller.handlers import Effects, queue_drain, queue_leaves, replica_refs
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain.fault_response import Leave
+from marduk_slurm.domain.straggler import (
+    StragglerChange,
+    StragglerConfig,
+    StragglerDetector,
+    suggest_torchft_timeouts,
+)
+from marduk_slurm.errors import NotFound
+from marduk_slurm.settings import STRAGGLER_POLICIES, ControllerSettings
+
+log = logging.getLogger(__name__)
+
+PRUNE_EVERY_S = 5.0
+
+
+def config_from(s: ControllerSettings) -> StragglerConfig:
+    return StragglerConfig(factor=s.straggler_factor, mad_k=s.straggler_mad_k,
+                           sustain_s=s.straggler_sustain_s)
+
+
+class StragglerWatch:
+    def __init__(self, ctx: Context, settings: Callable[[], ControllerSettings]) -> None:
+        self.ctx = ctx
+        self.settings = settings  # read at use: a SIGHUP reload takes effect at once
+        self.detector = StragglerDetector(config_from(settings()))
+        self.policies: dict[int, str] = {}
+        self.changes: asyncio.Queue[StragglerChange] = asyncio.Queue(maxsize=10000)
+        self.counts: Counter[tuple[str, str]] = Counter()  # (kind, policy) -> events
+        self._last_prune = 0.0
+
+    # -- fed by the heartbeat flush (keep it cheap) ------------------------------------------
+
+    def on_flush(self, batch: list[m.Heartbeat], now: float) -> None:
+        config = config_from(self.settings())
+        if config != self.detector.config:
+            self.detector.config = config
+        touched = {hb.job_id for hb in batch
+                   if self.detector.observe(hb.replica_id, hb.job_id, hb.step, hb.step_time_ms,
+                                            hb.allreduce_ms, hb.ts or now, now)}
+        changes = [c for job in touched for c in self.detector.evaluate(job, now)]
+        if now - self._last_prune > PRUNE_EVERY_S:
+            self._last_prune = now
+            changes += self.detector.prune(now)
+        for change in changes:
+            try:
+                self.changes.put_nowait(change)
+            except asyncio.QueueFull:
+                self.ctx.stats["straggler_changes_dropped"] += 1
+
+    # -- the task ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.load_policies()
+        while True:
+            change = await self.changes.get()
+            await self.record(change)
+
+    async def load_policies(self) -> None:
+        rows = await self.ctx.db(lambda: self.ctx.db.store.events(
+            kinds=["straggler_policy"], limit=100000))
+        for row in rows:  # oldest first: the newest per job wins
+            if row["job_id"] is not None and row["reason"] in STRAGGLER_POLICIES:
+                self.policies[row["job_id"]] = row["reason"]
+
+    def policy(self, job_id: int) -> str:
+        return self.policies.get(job_id, self.settings().straggler_policy)
+
+    async def record(self, change: StragglerChange) -> None:
+        policy = self.policy(change.job_id)
+        kind = "straggler" if change.flagged else "straggler_cleared"
+        now = time.time()
+        prefix = self.ctx.policy.reason_prefix
+
+        def decide(store: Store) -> Effects:
+            row = store.replica(change.replica_id)
+            node = row["node"] if row else None
+            eid = store.add_event(kind, now=now, source="stragglers", node=node,
+                                  job_id=change.job_id, replica_id=change.replica_id,
+                                  reason=change.reason,
+                                  evidence={**change.evidence(), "policy": policy})
+            effects = Effects(feed=[eid])
+            if not change.flagged or policy == "report" or row is None \
+                    or row["state"] != "active":
+                return effects
+            leave = Leave(replica_refs([row])[0], immediate=False,
+                          reason=f"straggler: {change.reason}")
+            queue_leaves(store, [leave], eid, "stragglers", now, effects)
+            if policy == "evict_and_drain" and node:
+                queue_drain(store, node, f"{prefix}: straggler replica={change.replica_id} "
+                            f"event={eid}", eid, "stragglers", now, effects)
+            return effects
+
+        effects = await self.ctx.db.tx(decide)
+        self.counts[(kind, policy)] += 1
+        log.warning("%s: job %d replica %s: %s (policy %s)", kind, change.job_id,
+                    change.replica_id, change.reason, policy)
+        await self.ctx.carry_out(effects)
+
+    # -- views and requests -----------------------------------------------------------------
+
+    def replica_view(self) -> dict[str, dict[str, Any]]:
+        """Per replica: step rate, own work time, straggler flag (for the API and `top`)."""
+        n = self.detector.config.smoothing
+        return {r: {"step_rate": round(t.step_rate(), 3), "straggler": t.flagged,
+                    "work_ms": round(t.smoothed(n, "work_ms"), 3) if t.samples else None}
+                for r, t in self.detector.tracks.items()}
+
+    def job_rates(self) -> dict[int, float]:
+        out = {}
+        for job in self.detector.jobs():
+            stats = self.detector.stats(job)
+            if stats is not None:
+                out[job] = stats.step_rate
+        return out
+
+    async def rpc_policy(self, args: dict[str, Any], actor: str) -> Any:
+        job, policy = args.get("job"), args.get("policy")
+        if isinstance(job, bool) or not isinstance(job, int) or job < 0:
+            raise ValueError("job must be a Slurm job id")
+        if policy not in STRAGGLER_POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(STRAGGLER_POLICIES)}")
+        previous = self.policy(job)
+        now = time.time()
+        eid = await self.ctx.db.tx(lambda store: store.add_event(
+            "straggler_policy", now=now, source=actor, job_id=job, reason=policy,
+            evidence={"previous": previous}))
+        self.policies[job] = policy
+        await self.ctx.publish_feed([eid])
+        return {"job": job, "policy": policy, "previous": previous, "event": eid}
+
+    async def rpc_show(self, args: dict[str, Any], actor: str) -> Any:
+        job = args.get("job")
+        if isinstance(job, bool) or not isinstance(job, int):
+            raise ValueError("job must be a Slurm job id")
+        stats = self.detector.stats(job)
+        if stats is None and job not in self.policies:
+            raise NotFound(f"no heartbeats from job {job} in the last "
+                           f"{self.detector.config.stale_s:.0f} s")
+        n = self.detector.config.smoothing
+        replicas = [{"replica_id": t.replica_id, "straggler": t.flagged,
+                     "step": t.samples[-1].step, "step_rate": round(t.step_rate(), 3),
+                     "step_ms": round(t.smoothed(n, "step_time_ms"), 3),
+                     "allreduce_ms": round(t.smoothed(n, "allreduce_ms"), 3),
+                     "work_ms": round(t.smoothed(n, "work_ms"), 3)}
+                    for t in self.detector.job_tracks(job)]
+        suggestions = [s.__dict__ for s in suggest_torchft_timeouts(stats.p99_step_ms)] \
+            if stats else []
+        return {"job": job, "policy": self.policy(job),
+                "stats": stats.as_dict() if stats else None, "replicas": replicas,
+                "timeouts": suggestions}

@@ -1,0 +1,235 @@
+"""GPU failure risk: a points table over NVML evidence trends, not a model.
+
+Each GPU gets a score from 0 to 100, the sum of the points below (capped), with every
+contributing factor named, so an operator can see why. The rule is a heuristic in the spirit
+of NVIDIA's field guidance (pending row remaps and page retirements need a reset; growing
+corrected-ECC counts, many retired pages and repeated memory XIDs precede uncorrectable
+errors); it has not been fitted to failure data and claims no predictive accuracy.
+
+| evidence (within `window_s`) | points |
+|---|---|
+| corrected (single-bit) ECC growth: >=1, >=10, >=100 | 5, 15, 30 |
+| retired pages (sbe+dbe): >=1, >=16, >=48 | 5, 15, 25 |
+| page retirement pending a reset | 20 |
+| row remap pending a reset | 25 |
+| uncorrectable row remaps > 0 | 10 |
+| row remap failure | 60 |
+| thermal throttling in >=10% / >=50% of polls (at least 3 polls known) | 5 / 15 |
+| each XID seen (memory XIDs 48 63 64 92 94 95 count 15, others 10), at most | 45 |
+
+Evidence arrives in two forms: the full NVML evidence attached to every verdict (counters,
+remap state, throttle reasons, XIDs), and the agent's periodic health summary (per GPU only
+its verdict action and reason; counters when a newer agent adds them).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+MEMORY_XIDS = frozenset({48, 63, 64, 92, 94, 95})
+THERMAL_REASONS = frozenset({"hw_thermal_slowdown", "sw_thermal_slowdown", "hw_slowdown"})
+MAX_SCORE = 100
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one reading says about a GPU; None: this reading does not tell."""
+
+    ts: float
+    corrected_ecc: int | None = None
+    retired_pages: int | None = None
+    retired_pending: bool | None = None
+    remap_pending: bool | None = None
+    remap_uncorrectable: int | None = None
+    remap_failure: bool | None = None
+    thermal_throttled: bool | None = None
+    xids: tuple[int, ...] = ()
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _sum(*values: int | None) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def from_evidence(evidence: dict[str, Any], ts: float) -> Observation:
+    """The evidence dict of a verdict (domain.gpu_health._evidence's shape)."""
+    ecc = evidence.get("ecc") or {}
+    pages = evidence.get("retired_pages") or {}
+    remap = evidence.get("row_remap") or {}
+    throttle = evidence.get("throttle_reasons")
+    corrected = _int(ecc.get("sbe_aggregate"))
+    return Observation(
+        ts=ts,
+        corrected_ecc=corrected if corrected is not None else _int(ecc.get("sbe_volatile")),
+        retired_pages=_sum(_int(pages.get("sbe")), _int(pages.get("dbe"))),
+        retired_pending=pages.get("pending") if isinstance(pages.get("pending"), bool) else None,
+        remap_pending=remap.get("pending") if isinstance(remap.get("pending"), bool) else None,
+        remap_uncorrectable=_int(remap.get("uncorrectable")),
+        remap_failure=remap.get("failure") if isinstance(remap.get("failure"), bool) else None,
+        thermal_throttled=(bool(THERMAL_REASONS & set(throttle))
+                           if isinstance(throttle, list) else None),
+        xids=tuple(x for x in evidence.get("xids") or () if _int(x) is not None),
+    )
+
+
+_THERMAL_TEXT = re.compile(r"clocks throttled:.*(thermal|hw_slowdown)")
+
+
+def from_summary_gpu(gpu: dict[str, Any], ts: float) -> Observation:
+    """One GPU of the agent's health summary: its verdict action and reason (the worst
+    finding only), plus the verdict evidence fields when the agent sends them."""
+    if isinstance(gpu.get("evidence"), dict):
+        return from_evidence(gpu["evidence"], ts)
+    action, reason = str(gpu.get("action", "")), str(gpu.get("reason", ""))
+    healthy = action == "none"
+    return Observation(
+        ts=ts,
+        thermal_throttled=True if _THERMAL_TEXT.search(reason) else (False if healthy else None),
+        remap_pending=True if "row remapping pending" in reason else (False if healthy else None),
+        retired_pending=True if "page retirement pending" in reason else
+        (False if healthy else None),
+    )
+
+
+@dataclass(frozen=True)
+class RiskFactor:
+    name: str
+    points: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class RiskScore:
+    gpu_uuid: str
+    node: str
+    index: int | None
+    score: int
+    factors: tuple[RiskFactor, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"gpu_uuid": self.gpu_uuid, "node": self.node, "index": self.index,
+                "score": self.score,
+                "factors": [{"name": f.name, "points": f.points, "detail": f.detail}
+                            for f in self.factors]}
+
+
+def _tier(value: int, tiers: Iterable[tuple[int, int]]) -> int:
+    points = 0
+    for minimum, pts in tiers:
+        if value >= minimum:
+            points = pts
+    return points
+
+
+def _latest(observations: list[Observation], attr: str) -> Any:
+    for obs in reversed(observations):
+        value = getattr(obs, attr)
+        if value is not None:
+            return value
+    return None
+
+
+def _counter_factors(obs: list[Observation]) -> list[RiskFactor]:
+    out = []
+    ecc = [o.corrected_ecc for o in obs if o.corrected_ecc is not None]
+    if len(ecc) >= 2:
+        growth = max(0, ecc[-1] - ecc[0])
+        pts = _tier(growth, [(1, 5), (10, 15), (100, 30)])
+        if pts:
+            out.append(RiskFactor("corrected_ecc_growth", pts,
+                                  f"+{growth} corrected ECC errors ({ecc[0]} -> {ecc[-1]})"))
+    pages = _latest(obs, "retired_pages")
+    if pages:
+        out.append(RiskFactor("retired_pages", _tier(pages, [(1, 5), (16, 15), (48, 25)]),
+                              f"{pages} retired pages"))
+    if _latest(obs, "retired_pending"):
+        out.append(RiskFactor("retirement_pending", 20, "page retirement pending a reset"))
+    if _latest(obs, "remap_pending"):
+        out.append(RiskFactor("remap_pending", 25, "row remap pending a reset"))
+    uncorrectable = _latest(obs, "remap_uncorrectable")
+    if uncorrectable:
+        out.append(RiskFactor("remap_uncorrectable", 10,
+                              f"{uncorrectable} rows remapped for uncorrectable errors"))
+    if _latest(obs, "remap_failure"):
+        out.append(RiskFactor("remap_failure", 60, "row remapping failed"))
+    return out
+
+
+def _trend_factors(obs: list[Observation]) -> list[RiskFactor]:
+    out = []
+    known = [o.thermal_throttled for o in obs if o.thermal_throttled is not None]
+    if len(known) >= 3:
+        share = sum(known) / len(known)
+        pts = _tier(round(share * 100), [(10, 5), (50, 15)])
+        if pts:
+            out.append(RiskFactor("thermal_throttling", pts,
+                                  f"thermally throttled in {share:.0%} of {len(known)} polls"))
+    xids = [x for o in obs for x in o.xids]
+    if xids:
+        pts = min(45, sum(15 if x in MEMORY_XIDS else 10 for x in xids))
+        out.append(RiskFactor("recent_xids", pts,
+                              f"xids {', '.join(str(x) for x in xids[-8:])}"))
+    return out
+
+
+def score(observations: list[Observation]) -> tuple[int, tuple[RiskFactor, ...]]:
+    """The score of one GPU from its observations in the window, oldest first."""
+    ordered = sorted(observations, key=lambda o: o.ts)
+    factors = tuple(_counter_factors(ordered) + _trend_factors(ordered))
+    return min(MAX_SCORE, sum(f.points for f in factors)), factors
+
+
+@dataclass
+class GpuHistory:
+    node: str
+    index: int | None
+    readings: deque[Observation] = field(default_factory=lambda: deque(maxlen=500))
+    polls: deque[Observation] = field(default_factory=lambda: deque(maxlen=720))
+
+
+@dataclass
+class RiskTracker:
+    """Observations per GPU within `window_s`, and their scores."""
+
+    window_s: float = 24 * 3600.0
+    gpus: dict[str, GpuHistory] = field(default_factory=dict)
+
+    def _history(self, uuid: str, node: str, index: int | None) -> GpuHistory:
+        hist = self.gpus.get(uuid)
+        if hist is None or hist.node != node:
+            hist = self.gpus[uuid] = GpuHistory(node, index)
+        if index is not None:
+            hist.index = index
+        return hist
+
+    def add_verdict(self, uuid: str, node: str, index: int | None,
+                    evidence: dict[str, Any], ts: float) -> None:
+        self._history(uuid, node, index).readings.append(from_evidence(evidence, ts))
+
+    def add_summary(self, node: str, summary: dict[str, Any], ts: float) -> None:
+        for gpu in summary.get("gpus") or ():
+            if isinstance(gpu, dict) and isinstance(gpu.get("uuid"), str):
+                index = _int(gpu.get("index"))
+                self._history(gpu["uuid"], node, index).polls.append(from_summary_gpu(gpu, ts))
+
+    def scores(self, now: float) -> list[RiskScore]:
+        out = []
+        for uuid, hist in sorted(self.gpus.items(), key=lambda kv: (kv[1].node, kv[1].index
+                                                                     or 0)):
+            recent = [o for o in (*hist.readings, *hist.polls) if now - o.ts <= self.window_s]
+            points, factors = score(recent)
+            out.append(RiskScore(uuid, hist.node, hist.index, points, factors))
+        return out
+
+    def forget_node(self, node: str) -> None:
+        """A node came back (resumed after repair): its history no longer describes it."""
+        for uuid in [u for u, h in self.gpus.items() if h.node == node]:
+            del self.gpus[uuid]

@@ -1,0 +1,80 @@
+"""A tiny fault-tolerant training script with marduk's runtime hooks: what a train.py looks
+like under `marduk sbatch`. Used by the fault drill (scripts/drill.py).
+
+One process is one replica group here (the template's `python3 train_tiny.py` per group,
+group world size 1), so it hosts its group's TCPStore itself; under torchrun, torchrun does.
+It trains a small MLP on CPU with ProcessGroupGloo and prints one line per step.
+
+    MAX_STEPS (default 300)   STEP_SLEEP_S (default 0.05, to make the run last a while)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed import TCPStore
+from torchft import Optimizer, ProcessGroupGloo
+
+from marduk_slurm.runtime import ManagerMarduk, SafeDDP
+
+
+def main() -> int:
+    max_steps = int(os.environ.get("MAX_STEPS", "300"))
+    step_sleep_s = float(os.environ.get("STEP_SLEEP_S", "0.05"))
+    group = int(os.environ.get("REPLICA_GROUP_ID", "0"))
+    store = None
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # no torchrun: host the group's store
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        store = TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                         int(os.environ["MASTER_PORT"]), is_master=True,
+                         wait_for_workers=False)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    inner = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def load_state(sd: dict[str, Any]) -> None:  # torchft heals a new replica with this
+        model.load_state_dict(sd["model"])
+        inner.load_state_dict(sd["optim"])
+
+    def save_state() -> dict[str, Any]:
+        return {"model": model.state_dict(), "optim": inner.state_dict()}
+
+    manager = ManagerMarduk.from_env(
+        optimizer=inner, max_steps=max_steps, batch_size=8,
+        pg=ProcessGroupGloo(timeout=timedelta(seconds=5)), min_replica_size=1,
+        load_state_dict=load_state, state_dict=save_state,
+        timeout=timedelta(seconds=10), quorum_timeout=timedelta(seconds=60),
+    )
+    ddp = SafeDDP(manager, model)  # survives a peer dying mid-allreduce
+    opt = Optimizer(manager, inner)
+    data = torch.Generator().manual_seed(group)
+    print(f"group {group}: replica {manager.full_replica_id} on "
+          f"{os.environ.get('SLURMD_NODENAME', '?')}", flush=True)
+    while not manager.should_stop():
+        x = torch.randn(8, 16, generator=data)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(ddp(x), x.sum(dim=1, keepdim=True))
+        loss.backward()
+        opt.step()
+        manager.report_loss(float(loss))
+        step = manager.current_step()
+        if step % 25 == 0:
+            print(f"group {group}: step {step} loss {float(loss):.4f} "
+                  f"participants {manager.num_participants()}", flush=True)
+        time.sleep(step_sleep_s)
+    code = manager.finish()
+    print(f"group {group}: exit {code} at step {manager.current_step()}", flush=True)
+    del store
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

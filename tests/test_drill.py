@@ -1,0 +1,58 @@
+"""The end-to-end drill on the real local Slurm cluster: controller, agents with simulated
+GPUs, the SPANK plugin, NATS, and a job from the rendered template running real TorchFT
+training with 2 replica groups and a spare node. XID 79 on a replica's GPU must end with the
+node drained, the replica respawned on the spare and healed, and the job completed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
+
+pytestmark = [pytest.mark.slurm, pytest.mark.torch, pytest.mark.slow]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_drill():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("drill", REPO / "scripts" / "drill.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["drill"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fault_drill(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:  # noqa: F811
+    pytest.importorskip("torchft", reason="the drill trains with torchft")
+    drill = _load_drill()
+    result = drill.run_drill(tmp_path, max_steps=200, step_sleep_s=0.05)
+    print(drill.summary(result))
+    print(f"fault -> drain {result.fault_to_drain_s * 1000:.0f} ms, fault -> full strength "
+          f"{result.fault_to_full_strength_s:.1f} s")
+    assert result.job_state == "COMPLETED"
+    assert result.final_step == 200
+    assert result.reason.startswith(f"marduk: xid=79 gpu={result.gpu_uuid} event=")
+    assert result.spare not in ("", result.node)
+    assert result.steps_lost == 0
+    # The chains of events, each in order (the leave and the drain run side by side).
+    kinds = [(e["kind"], e["node"]) for e in result.history]
+    replica_chain = [("gpu_verdict", result.node), ("leave_requested", result.node),
+                     ("replica_leave", result.node), ("step_end", result.node),
+                     ("step_start", result.spare), ("replica_register", result.spare)]
+    node_chain = [("gpu_verdict", result.node), ("drain_requested", result.node),
+                  ("drained", result.node)]
+    for chain in (replica_chain, node_chain):
+        positions = [kinds.index(link) for link in chain]
+        assert positions == sorted(positions), kinds
+    leave = next(e for e in result.history if e["kind"] == "replica_leave"
+                 and e["node"] == result.node)
+    assert leave["evidence"]["exit_code"] == 75  # told to leave: respawn elsewhere
+    # `marduk replicas --all`: the group now runs on the spare; its old incarnation left.
+    moved = [r for r in result.replicas if r["node"] == result.spare]
+    old = [r for r in result.replicas if r["node"] == result.node]
+    assert moved and old and moved[0]["replica_group"] == old[0]["replica_group"]
+    assert old[0]["state"] == "left" and old[0]["gpu_uuids"] == []
