@@ -147,8 +147,9 @@ class Controller:
             if self.settings.controller.watchdog:
                 self.notifier.watchdog()
             if time.time() - last_prune > 3600:
+                # Sequences older than the stream's retention can never be redelivered.
                 cutoff = time.time() - self.settings.nats.stream_max_age_s
-                await ctx.db.tx(lambda store, cutoff=cutoff: store.prune_ingested(cutoff))
+                await ctx.db(ctx.db.store.prune_ingested, cutoff)
                 last_prune = time.time()
             await asyncio.sleep(min(period, 5.0))
 

@@ -263,7 +263,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
 
 def decode_durable(data: bytes) -> DurableMessage:
     """Decode an agent or replica event from the durable stream."""
-    return _decode(_durable_decoder, data)  # type: ignore[no-any-return]
+    return _decode(_durable_decoder, data)
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat:
@@ -274,11 +274,11 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
 
 
 def decode_command(data: bytes) -> JobCommand | ReplicaCommand:
-    return _decode(_command_decoder, data)  # type: ignore[no-any-return]
+    return _decode(_command_decoder, data)
 
 
 def decode_request(data: bytes) -> Request:
-    return _decode(_request_decoder, data)  # type: ignore[no-any-return]
+    return _decode(_request_decoder, data)
 
 
 def decode_reply(data: bytes) -> Reply:
@@ -289,7 +289,7 @@ def decode_reply(data: bytes) -> Reply:
 
 
 def decode_feed(data: bytes) -> FeedEvent:
-    return _decode(_feed_decoder, data)  # type: ignore[no-any-return]
+    return _decode(_feed_decoder, data)
 
 
 def to_builtins(msg: msgspec.Struct) -> dict[str, Any]:

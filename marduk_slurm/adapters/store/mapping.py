@@ -168,7 +168,8 @@ class MappingMixin:
                  gpu_uuid: str | None = None, replica_id: str | None = None,
                  include_left: bool = False) -> list[dict[str, Any]]:
         """The DR mapping joined up: one row per replica with its GPU UUIDs."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if not include_left:
             where.append("r.state != 'left'")
         if job_id is not None:

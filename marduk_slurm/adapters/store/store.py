@@ -138,7 +138,8 @@ class Store(MappingMixin, OutboxMixin):
     def events(self, *, node: str | None = None, job_id: int | None = None,
                since: float | None = None, after_id: int = 0, kinds: Sequence[str] = (),
                limit: int = 200) -> list[dict[str, Any]]:
-        where, params = ["id > ?"], [after_id]
+        where: list[str] = ["id > ?"]
+        params: list[Any] = [after_id]
         if node:
             where.append("node = ?")
             params.append(node)
