@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -14,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import REPO, marduk_argv
+from harness import REPO, DaemonProcess, marduk_argv
 
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import subjects
 
 
-class AgentProcess:
+class AgentProcess(DaemonProcess):
     """`marduk agent` with simulated GPUs, its socket and state directory under tmp_path."""
+
+    name = "agent"
 
     def __init__(
         self,
@@ -83,23 +84,9 @@ class AgentProcess:
             time.sleep(0.05)
         raise RuntimeError(f"agent log has no {text!r} after {timeout_s} s:\n{self.log()}")
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout_s: float = 15.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"agent ignored SIGTERM:\n{self.log()}") from None
 
     def report(self, *lines: dict[str, Any] | bytes) -> None:
         """Write lines to the socket the way the SPANK plugin does: connect, write, close."""

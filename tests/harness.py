@@ -36,8 +36,39 @@ def cli_json(*args: str, env: dict[str, str] | None = None) -> Any:
     return json.loads(proc.stdout)
 
 
-class ControllerProcess:
+class DaemonProcess:
+    """What the test harness does with any marduk daemon child: log, stop, kill."""
+
+    name = "daemon"
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM and wait: a daemon that ignores it fails the test."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"{self.name} ignored SIGTERM:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash the durability tests are about."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+class ControllerProcess(DaemonProcess):
     """`marduk controller` as a child process with its own state directory."""
+
+    name = "controller"
 
     def __init__(self, state_dir: Path, nats_url: str, *, slurm_backend: str = "none",
                  extra_env: dict[str, str] | None = None, reconcile_s: float = 2.0,
@@ -87,25 +118,6 @@ class ControllerProcess:
                 ) -> Any:
         return asyncio.run(call(self.url, verb, args or {}, timeout_s=timeout_s))
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self, timeout_s: float = 20.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"controller ignored SIGTERM:\n{self.log()}") from None
-
-    def kill(self) -> None:
-        """SIGKILL: the crash the durability tests are about."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
 
 
 async def publish_durable(url: str, items: list[tuple[str, bytes]]) -> list[int]:
