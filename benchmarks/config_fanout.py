@@ -24,13 +24,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import ControllerProcess
-
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.runtime.client import Command, ReplicaLink
+
+from harness import ControllerProcess
 
 JOB = 900
 

@@ -27,11 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import ControllerProcess  # noqa: E402
-from marduk_slurm.adapters.bus import Bus  # noqa: E402
-from marduk_slurm.adapters.nats_server import NatsServerProcess  # noqa: E402
-from marduk_slurm.domain import messages as m  # noqa: E402
-from marduk_slurm.domain import subjects  # noqa: E402
+import contextlib
+
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+
+from harness import ControllerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_ENV = {
@@ -66,7 +69,7 @@ def drained_in_slurm(conf: str) -> set[str]:
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def verdict(node: str, i: int) -> tuple[str, bytes]:
@@ -137,10 +140,8 @@ def main() -> int:
         return 0
     print("bringing up the benchmark cluster (2 slurmd + 1,000 absent nodes)...", flush=True)
     conf = cluster("up")
-    try:
+    with contextlib.suppress(subprocess.CalledProcessError):
         scontrol(conf, "update", "nodename=x[1-1000]", "state=resume")
-    except subprocess.CalledProcessError:
-        pass
     baseline = raw_scontrol(conf)
     with tempfile.TemporaryDirectory() as tmp:
         server = NatsServerProcess(Path(tmp) / "nats")

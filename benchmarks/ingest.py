@@ -24,11 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import ControllerProcess  # noqa: E402
-from marduk_slurm.adapters.bus import Bus  # noqa: E402
-from marduk_slurm.adapters.nats_server import NatsServerProcess  # noqa: E402
-from marduk_slurm.domain import messages as m  # noqa: E402
-from marduk_slurm.domain import subjects  # noqa: E402
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+
+from harness import ControllerProcess
 
 JOBS = 10  # replicas are spread over this many jobs
 

@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import itertools
 
-from harness import ControllerProcess, wait_for
-from runtime_worker import Lighthouse, WorkerProcess
-
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+
+from harness import ControllerProcess, wait_for
+from runtime_worker import Lighthouse, WorkerProcess
 
 JOB = 77
 

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import REPO, DaemonProcess, marduk_argv
 
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import subjects
+
+from harness import REPO, DaemonProcess, marduk_argv
 
 
 class AgentProcess(DaemonProcess):

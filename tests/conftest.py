@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import ControllerProcess
 from marduk_slurm.adapters.nats_server import NatsServerProcess
+
+from harness import ControllerProcess
 
 
 @pytest.fixture

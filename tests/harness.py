@@ -77,7 +77,9 @@ class ControllerProcess(DaemonProcess):
         self.state_dir = state_dir
         self.nats_url = nats_url
         self.slurm_backend = slurm_backend
+        # Port 0 for the HTTP server: tests run many controllers, never on a fixed port.
         self.env = {**os.environ, "MARDUK_CONTROLLER_RECONCILE_INTERVAL_S": str(reconcile_s),
+                    "MARDUK_CONTROLLER_HTTP_LISTEN": "127.0.0.1:0",
                     **(extra_env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = state_dir / "controller.log"

@@ -11,8 +11,6 @@ import time
 from typing import Any
 
 import pytest
-from agent_fixtures import AgentProcess, agent, next_health, step_end, step_start
-from harness import ControllerProcess, publish_durable, run_cli, wait_for
 
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.adapters.nvml import simulated_gpu_uuid
@@ -20,6 +18,9 @@ from marduk_slurm.agent.outbox import Outbox
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError, NotFound
+
+from agent_fixtures import AgentProcess, agent, next_health, step_end, step_start
+from harness import ControllerProcess, publish_durable, run_cli, wait_for
 
 __all__ = ["agent"]  # the fixture, imported for pytest
 

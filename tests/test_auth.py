@@ -15,7 +15,6 @@ from typing import Any
 import nats
 import nats.errors
 import pytest
-from harness import ControllerProcess, run_cli, wait_for
 
 from marduk_slurm.adapters import nats_auth
 from marduk_slurm.adapters.bus import Bus
@@ -24,6 +23,8 @@ from marduk_slurm.cli.client import call
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError, BusTimeout
+
+from harness import ControllerProcess, run_cli, wait_for
 
 pytest.importorskip("bcrypt")
 

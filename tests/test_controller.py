@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import ControllerProcess, cli_json, publish_core, publish_durable, run_cli, wait_for
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+
+from harness import ControllerProcess, cli_json, publish_core, publish_durable, run_cli, wait_for
 
 
 def register_msg(job: int, group: int, node: str, gpus: list[str]) -> tuple[str, bytes]:
@@ -60,7 +61,7 @@ def test_register_then_step_end_removes_mapping_and_keeps_history(controller: Co
     history = cli_json("history", "--job", "7", *cli(controller))
     kinds = [e["kind"] for e in history]
     assert kinds.count("replica_register") == 2 and "step_end" in kinds
-    ended = [e for e in history if e["kind"] == "step_end"][0]
+    ended = next(e for e in history if e["kind"] == "step_end")
     assert ended["evidence"]["replicas_removed"] == ["job7_rg0:uuid-0"]
     everyone = cli_json("replicas", "--all", *cli(controller))
     assert {r["state"] for r in everyone} == {"active", "left"}

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import ControllerProcess, cli_json, publish_durable, run_cli, wait_for
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+
+from harness import ControllerProcess, cli_json, publish_durable, run_cli, wait_for
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
 
 pytestmark = pytest.mark.slurm

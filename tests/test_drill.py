@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.slurm, pytest.mark.torch, pytest.mark.slow]

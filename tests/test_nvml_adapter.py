@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from fakes import fake_nvml
-from fakes.fake_nvml import FakeGpu, FakeNvml
 
 from marduk_slurm.adapters.nvml import (
     GpuInfo,
@@ -20,6 +18,9 @@ from marduk_slurm.adapters.nvml import (
     simulated_gpu_uuid,
 )
 from marduk_slurm.domain.gpu_health import FaultPolicy, GpuAction, GpuReading
+
+from fakes import fake_nvml
+from fakes.fake_nvml import FakeGpu, FakeNvml
 
 NODE = "gpu-node-01"
 

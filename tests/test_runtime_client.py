@@ -7,11 +7,11 @@ import statistics
 import time
 from datetime import timedelta
 
-from harness import ControllerProcess, cli_json, wait_for
-
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.runtime.client import MardukClient
+
+from harness import ControllerProcess, cli_json, wait_for
 
 JOB = 31
 

@@ -18,13 +18,14 @@ pytest.importorskip("torchft",
 import itertools
 
 import torch
-from harness import ControllerProcess, cli_json, run_cli, wait_for
-from runtime_worker import Lighthouse, WorkerProcess, build_model, digest
 
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.exit_codes import EXIT_DONE, EXIT_LEAVE
+
+from harness import ControllerProcess, cli_json, run_cli, wait_for
+from runtime_worker import Lighthouse, WorkerProcess, build_model, digest
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 JOB = 4242

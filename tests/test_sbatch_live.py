@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from spank_fixtures import NODES, SpankCluster, spank_cluster_fixture  # noqa: F401  (fixture)
 
 from marduk_slurm.cli.main import main as marduk_main
+
+from spank_fixtures import NODES, SpankCluster, spank_cluster_fixture  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slurm
 

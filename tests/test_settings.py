@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import run_cli
 from marduk_slurm import settings
 from marduk_slurm.errors import SettingsError
+
+from harness import run_cli
 
 
 def write(tmp_path: Path, text: str) -> Path:

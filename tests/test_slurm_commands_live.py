@@ -11,12 +11,13 @@ import signal
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
-from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
 
 from marduk_slurm.adapters.slurm.base import SlurmJob
 from marduk_slurm.adapters.slurm.commands import CommandsBackend, SlurmCommandRunner
 from marduk_slurm.domain.slurm_state import JobState
 from marduk_slurm.errors import SlurmError, SlurmUnavailable
+
+from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slurm
 

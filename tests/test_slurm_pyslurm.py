@@ -13,12 +13,13 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from fakes import fake_pyslurm
 
 from marduk_slurm.adapters.slurm.base import BATCH_STEP
 from marduk_slurm.adapters.slurm.pyslurm_backend import PyslurmBackend
 from marduk_slurm.domain.slurm_state import JobState, NodeBase
 from marduk_slurm.errors import SlurmError, SlurmUnavailable
+
+from fakes import fake_pyslurm
 
 
 @pytest.fixture

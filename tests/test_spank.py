@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from spank_fixtures import (  # noqa: F401  (fixtures)
     NATS_URL,
     AgentListener,

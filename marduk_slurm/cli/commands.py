@@ -107,17 +107,27 @@ def cmd_replicas(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
+    from marduk_slurm.cli.client import RequestFailed
+
     rows = ask(args, "nodes", {"node": args.node})
+    try:
+        scores = ask(args, "risk", {"node": args.node})
+    except RequestFailed:  # a controller from before risk scores: the column shows "-"
+        scores = []
+    risk = {r["gpu_uuid"]: r["score"] for r in scores}
+    for n in rows:
+        n["risk"] = max((risk[g["uuid"]] for g in n["gpus"] if g["uuid"] in risk), default=None)
     if args.json:
         render.as_json(rows)
         return 0
     render.table(
-        ["NODE", "STATE", "FLAGS", "BY_MARDUK", "GPUS", "UNHEALTHY", "REPLICAS", "REASON"],
+        ["NODE", "STATE", "FLAGS", "BY_MARDUK", "GPUS", "UNHEALTHY", "RISK", "REPLICAS",
+         "REASON"],
         [[n["name"], n["state"], ",".join(n["flags"]) or "-",
           "yes" if n["drained_by_marduk"] else "no",
           f"{len(n['gpus'])}{' (simulated)' if n['simulated_gpus'] else ''}",
           ",".join(f"{g['idx']}:{g['health']}" for g in n["gpus"] if g["health"] != "none")
-          or "-", len(n["replicas"]),
+          or "-", n["risk"], len(n["replicas"]),
           (n["reason"] + (f" [{n['reason_user']}]" if n["reason_user"] else "")) or "-"]
          for n in rows],
     )

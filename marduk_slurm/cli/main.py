@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from marduk_slurm import __version__
-from marduk_slurm.cli import auth_cmd, commands, daemons, sbatch_cmd
+from marduk_slurm.cli import auth_cmd, commands, daemons, observe, sbatch_cmd
 from marduk_slurm.cli import jobs as job_commands
 from marduk_slurm.cli.client import RequestFailed
 from marduk_slurm.errors import BusError, BusTimeout, MardukError, NotFound, SettingsError
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sbatch_cmd.add_parsers(sub, _add)
     job_commands.add_parsers(sub, _add)
     auth_cmd.add_parsers(sub, _add)
+    observe.add_parsers(sub, _add)
     return parser
 
 

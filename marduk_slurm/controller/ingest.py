@@ -9,6 +9,7 @@ as rejections and acknowledged too: redelivering them would never make them vali
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -28,15 +29,20 @@ from marduk_slurm.errors import ProtocolError, StoreError
 log = logging.getLogger(__name__)
 
 DURABLE_NAME = "marduk-controller"
+# How long JetStream waits for an ack before it redelivers: after a crash, the batch the dead
+# controller had fetched comes back this much later. Redeliveries are skipped by sequence, so
+# a short wait costs nothing but a re-read.
+ACK_WAIT_S = 10.0
 
 
 class EventIngest:
     def __init__(self, ctx: Context, *, batch: int = 256) -> None:
         self.ctx = ctx
         self.batch = batch
+        self._store_failures = 0
 
     async def run(self) -> None:
-        psub = await self.ctx.bus.durable_consumer(DURABLE_NAME)
+        psub = await self.ctx.bus.durable_consumer(DURABLE_NAME, ack_wait_s=ACK_WAIT_S)
         while True:
             try:
                 msgs = await psub.fetch(self.batch, timeout=1.0)
@@ -52,7 +58,12 @@ class EventIngest:
 
     async def process(self, msgs: list[Msg]) -> None:
         items = [(_seq(msg), msg.subject, bytes(msg.data)) for msg in msgs]
-        effects, rejected = await self.ctx.db.tx(lambda store: self._apply(store, items))
+        try:
+            effects, rejected = await self.ctx.db.tx(lambda store: self._apply(store, items))
+        except (sqlite3.Error, StoreError) as exc:
+            await self._hold_back(msgs, exc)
+            return
+        self._store_failures = 0
         for reason, subject, detail in rejected:
             self.ctx.reject(reason, subject, detail)
         for msg in msgs:  # only now, after the commit
@@ -62,6 +73,21 @@ class EventIngest:
                 log.warning("ack failed (message will be redelivered and skipped): %s", exc)
         self.ctx.stats["events_ingested"] += len(msgs) - len(rejected)
         await self.ctx.carry_out(effects)
+
+    async def _hold_back(self, msgs: list[Msg], exc: Exception) -> None:
+        """The database refused the batch (locked, disk full): leave it in JetStream, ask for
+        redelivery soon, and wait before fetching again. The daemon stays up; it catches up
+        by itself once the database takes writes again."""
+        self._store_failures += 1
+        self.ctx.stats["ingest_store_failures"] += 1
+        delay = min(0.5 * 2 ** min(self._store_failures, 5), 10.0)
+        log.error("database write failed (%s): %d event(s) left in JetStream, retrying in "
+                  "%.1f s", exc, len(msgs), delay)
+        for msg in msgs:
+            # If even the nak fails, the message is still unacked: redelivered after ACK_WAIT_S.
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await msg.nak(delay=delay)
+        await asyncio.sleep(delay)
 
     def _apply(self, store: Store, items: list[tuple[int, str, bytes]]
                ) -> tuple[Effects, list[tuple[str, str, str]]]:

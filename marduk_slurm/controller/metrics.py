@@ -109,7 +109,7 @@ class MetricsCollector(Collector):
         yield _gauge("marduk_replicas", "Replicas in the DR mapping by job and state",
                      ["job", "state"], d.replicas.items())
         yield _counter("marduk_events", "History events committed, by kind", ["kind"],
-                       ((k,), v) for k, v in d.events.items())
+                       [((k,), v) for k, v in d.events.items()])
         yield _counter("marduk_gpu_faults", "GPU verdicts by XID ('' when none) and action",
                        ["xid", "action"], d.faults.items())
         yield _counter("marduk_node_drains", "Drains Slurm confirmed", [],
@@ -125,29 +125,30 @@ class MetricsCollector(Collector):
     def _live_metrics(self) -> Iterator[Metric]:
         ctx = self.ctx
         yield _counter("marduk_rejected_messages", "Messages rejected since start, by reason",
-                       ["reason"], ((r,), n) for r, n in ctx.rejected.items())
+                       ["reason"], [((r,), n) for r, n in ctx.rejected.items()])
         yield _gauge("marduk_nats_connected", "1 when the controller's NATS link is up", [],
                      [((), int(ctx.nats_state == "connected"))])
         yield _gauge("marduk_nats_state", "The NATS link's state (1 for the current one)",
-                     ["state"], ((s,), int(ctx.nats_state == s)) for s in NATS_STATES)
+                     ["state"], [((s,), int(ctx.nats_state == s)) for s in NATS_STATES])
         yield _counter("marduk_task_crashes", "Crashes of supervised controller tasks",
-                       ["task"], ((t,), n) for t, n in self.supervisor.crashes.items())
+                       ["task"], [((t,), n) for t, n in self.supervisor.crashes.items()])
         yield _counter("marduk_controller_operations", "Controller work counters "
                        "(heartbeats, events, leave commands, RPCs...)", ["op"],
-                       ((k,), v) for k, v in ctx.stats.items())
+                       [((k,), v) for k, v in ctx.stats.items()])
         yield _gauge("marduk_controller_uptime_seconds", "Seconds since the controller started",
                      [], [((), time.time() - ctx.started_at)])
 
     def _analysis_metrics(self) -> Iterator[Metric]:
         watch = self.stragglers
+        rates = watch.job_rates()
         yield _gauge("marduk_job_step_rate", "Steps per second (median over the job's "
-                     "replicas)", ["job"], ((str(j),), r) for j, r in watch.job_rates().items())
+                     "replicas)", ["job"], [((str(j),), r) for j, r in rates.items()])
         flagged: Counter[int] = Counter(t.job_id for t in watch.detector.tracks.values()
                                         if t.flagged)
         yield _gauge("marduk_stragglers", "Replicas flagged as stragglers now", ["job"],
-                     ((str(j),), n) for j, n in flagged.items())
+                     [((str(j),), n) for j, n in flagged.items()])
         yield _counter("marduk_straggler_events", "Straggler flags raised and cleared, by "
                        "policy", ["kind", "policy"], watch.counts.items())
         yield _gauge("marduk_gpu_risk_score", "GPU failure risk score, 0-100 (see "
                      "docs/observability.md)", ["node", "gpu"],
-                     ((s.node, s.gpu_uuid), s.score) for s in self.risk.latest)
+                     [((s.node, s.gpu_uuid), s.score) for s in self.risk.latest])

@@ -51,10 +51,18 @@ class Observability:
 
     async def nodes(self) -> list[dict[str, Any]]:
         def read(store: Store) -> list[dict[str, Any]]:
+            # A drain Slurm has not confirmed yet is shown too: the decision stands, and
+            # "queued, Slurm unreachable" is what an operator needs to see.
+            pending = {a["node"]: a for a in store.latest_actions("drain")
+                       if a["state"] == "pending"}
             out = []
             for node in store.nodes():
                 node["gpus"] = store.gpus(node["name"])
                 node["replicas"] = store.replicas(node=node["name"])
+                action = pending.get(node["name"])
+                node["drain_pending"] = None if action is None else {
+                    "reason": action["reason"], "last_error": action["last_error"],
+                    "since": action["created_at"]}
                 out.append(node)
             return out
         rows = await self.ctx.db(lambda: read(self.ctx.db.store))
@@ -81,9 +89,10 @@ class Observability:
             "status": await self.status(),
             "replicas": await self.replicas(),
             "job_rates": {str(j): r for j, r in self.stragglers.job_rates().items()},
-            "drained": [{"name": n["name"], "reason": n["reason"],
-                         "by_marduk": n["drained_by_marduk"], "risk": n["risk"]}
-                        for n in nodes if "DRAIN" in n["flags"]],
+            "drained": [{"name": n["name"], "by_marduk": n["drained_by_marduk"],
+                         "risk": n["risk"], "pending": n["drain_pending"] is not None,
+                         "reason": n["reason"] or (n["drain_pending"] or {}).get("reason", "")}
+                        for n in nodes if "DRAIN" in n["flags"] or n["drain_pending"]],
         }
 
 

@@ -255,8 +255,8 @@ def suggest_torchft_timeouts(p99_step_ms: float) -> list[TimeoutSuggestion]:
                           "collectives and should_commit: 10 x p99 step, at least 10 s"),
         TimeoutSuggestion("Manager(quorum_timeout=)", round(max(30.0, 20 * p99_s), 1),
                           "a quorum may include healing from a peer: 20 x p99, at least 30 s"),
-        TimeoutSuggestion("torchft_lighthouse --heartbeat_timeout_ms",
+        TimeoutSuggestion("torchft_lighthouse heartbeat timeout",
                           round(max(1.0, 2 * p99_s), 1),
-                          "drop a dead replica within about two steps; at least 1 s of "
-                          "jitter allowance"),
+                          "--heartbeat_timeout_ms: drop a dead replica within about two "
+                          "steps, at least 1 s of jitter allowance"),
     ]

@@ -1,0 +1,137 @@
+"""Observability commands: `straggler policy|show`, `risk`, and `top`, a live terminal view.
+
+`top` redraws with plain ANSI escapes (home, clear to end), so it needs no curses; `--once`
+prints one frame without them, for scripts and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, TextIO
+
+from marduk_slurm.cli import render
+from marduk_slurm.cli.commands import ask
+
+POLICIES = ("report", "evict", "evict_and_drain")
+HOME_CLEAR = "\x1b[H\x1b[2J"
+CLEAR_BELOW = "\x1b[J"
+
+
+def cmd_straggler_policy(args: argparse.Namespace) -> int:
+    data = ask(args, "straggler_policy", {"job": args.job, "policy": args.policy})
+    if args.json:
+        render.as_json(data)
+    else:
+        print(f"job {data['job']}: straggler policy {data['policy']} (was {data['previous']})")
+    return 0
+
+
+def cmd_straggler_show(args: argparse.Namespace) -> int:
+    data = ask(args, "straggler_show", {"job": args.job})
+    if args.json:
+        render.as_json(data)
+        return 0
+    stats = data["stats"] or {}
+    print(f"job {data['job']}: policy {data['policy']}, {stats.get('replicas', 0)} replica(s) "
+          f"reporting, {stats.get('step_rate', 0):.2f} steps/s")
+    if stats:
+        print(f"median step {stats['median_step_ms']:.1f} ms (p99 {stats['p99_step_ms']:.1f}), "
+              f"allreduce wait {stats['median_allreduce_ms']:.1f} ms, own work "
+              f"{stats['median_work_ms']:.1f} ms (MAD {stats['mad_work_ms']:.1f}); flagged "
+              f"above {stats['threshold_ms']:.1f} ms" if stats["threshold_ms"] else
+              "; too few replicas to flag")
+    print()
+    render.table(["REPLICA", "STEP", "STEPS/S", "STEP_MS", "ALLREDUCE_MS", "WORK_MS",
+                  "STRAGGLER"],
+                 [[r["replica_id"], r["step"], r["step_rate"], r["step_ms"], r["allreduce_ms"],
+                   r["work_ms"], "yes" if r["straggler"] else "-"] for r in data["replicas"]])
+    if data["timeouts"]:
+        print("\ntorchft timeouts that fit the observed step times:")
+        render.table(["SETTING", "SECONDS", "WHY"],
+                     [[t["name"], t["seconds"], t["why"]] for t in data["timeouts"]])
+    return 0
+
+
+def cmd_risk(args: argparse.Namespace) -> int:
+    rows = ask(args, "risk", {"node": args.node})
+    if args.json:
+        render.as_json(rows)
+        return 0
+    render.table(["NODE", "GPU", "UUID", "RISK", "FACTORS"],
+                 [[r["node"], r["index"], r["gpu_uuid"], r["score"],
+                   "; ".join(f"{f['detail']} (+{f['points']})" for f in r["factors"]) or "-"]
+                  for r in sorted(rows, key=lambda r: -r["score"])])
+    return 0
+
+
+def frame(data: dict[str, Any], out: TextIO) -> None:
+    """One screen of `marduk top`."""
+    s = data["status"]
+    print(f"marduk top  {render.fmt_time(data['ts'])}  NATS {s['nats']}  nodes {s['nodes']} "
+          f"({s['nodes_drained']} drained)  replicas {s['replicas_active']}  stragglers "
+          f"{s.get('stragglers', 0)}  Slurm actions pending {s['outbox_pending']}", file=out)
+    rates = data["job_rates"]
+    if rates:
+        print("jobs: " + "  ".join(f"{j} {r:.2f} steps/s" for j, r in sorted(rates.items())),
+              file=out)
+    print(file=out)
+    render.table(["JOB", "GROUP", "NODE", "STATE", "STEP", "STEPS/S", "STEP_MS", "CFG",
+                  "LAST_SEEN", "STRAGGLER", "REPLICA"],
+                 [[r["job_id"], r["replica_group"], r["node"], r["state"], r["last_step"],
+                   "-" if r.get("step_rate") is None else f"{r['step_rate']:.2f}",
+                   f"{r['step_time_ms']:.1f}", r["config_revision"],
+                   render.fmt_ago(r["last_seen"]), "YES" if r.get("straggler") else "-",
+                   r["replica_id"]] for r in data["replicas"]], out=out)
+    print(file=out)
+    render.table(["DRAINED", "STATE", "BY_MARDUK", "RISK", "REASON"],
+                 [[n["name"], "queued" if n["pending"] else "drained",
+                   "yes" if n["by_marduk"] else "no", n["risk"], n["reason"] or "-"]
+                  for n in data["drained"]], out=out)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    if args.once:
+        data = ask(args, "top", {})
+        if args.json:
+            render.as_json(data)
+        else:
+            frame(data, sys.stdout)
+        return 0
+    try:
+        while True:
+            data = ask(args, "top", {})
+            sys.stdout.write(HOME_CLEAR if not args.json else "")
+            if args.json:
+                render.as_json(data)
+            else:
+                frame(data, sys.stdout)
+                sys.stdout.write(CLEAR_BELOW)
+            sys.stdout.flush()
+            time.sleep(max(0.2, args.interval))
+    except KeyboardInterrupt:
+        print()
+        return 0
+
+
+def add_parsers(sub: Any, add: Any) -> None:
+    p = add(sub, "straggler", "straggler detection of a running job (policy, show)",
+            "marduk straggler show 1234", None, json_flag=False)
+    p.set_defaults(func=lambda _args, group=p: group.print_help() or 2)
+    ssub = p.add_subparsers(dest="straggler_command", metavar="ACTION")
+    q = add(ssub, "policy", "what to do with a job's stragglers: report (record only), "
+            "evict (the replica leaves at its next step), evict_and_drain (and drain its node)",
+            "marduk straggler policy 1234 evict", cmd_straggler_policy)
+    q.add_argument("job", type=int, help="Slurm job id")
+    q.add_argument("policy", choices=POLICIES)
+    q = add(ssub, "show", "a job's step statistics, flagged replicas and the torchft "
+            "timeouts that fit its step times", "marduk straggler show 1234", cmd_straggler_show)
+    q.add_argument("job", type=int, help="Slurm job id")
+    p = add(sub, "risk", "GPU failure risk scores and what they are made of",
+            "marduk risk n3", cmd_risk)
+    p.add_argument("node", nargs="?", help="only this node's GPUs")
+    p = add(sub, "top", "live view of replicas, step rates, stragglers and drained nodes "
+            "(Ctrl-C exits)", "marduk top --interval 2", cmd_top)
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between frames")

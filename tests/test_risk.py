@@ -1,0 +1,75 @@
+"""GPU failure risk (domain.risk): the points table, evidence parsing, the tracker."""
+
+from __future__ import annotations
+
+from marduk_slurm.domain.gpu_health import FaultPolicy, GpuReading
+from marduk_slurm.domain.risk import (
+    Observation,
+    RiskTracker,
+    from_evidence,
+    from_summary_gpu,
+    score,
+)
+
+
+def evidence(**fields: object) -> dict[str, object]:
+    reading = GpuReading(uuid="GPU-a", index=0, node="n1", **fields)  # type: ignore[arg-type]
+    return FaultPolicy().evaluate(reading).evidence
+
+
+def names(points_factors: tuple[int, tuple[object, ...]]) -> dict[str, int]:
+    return {f.name: f.points for f in points_factors[1]}  # type: ignore[attr-defined]
+
+
+def test_a_healthy_gpu_scores_zero() -> None:
+    obs = [from_evidence(evidence(ecc_sbe_aggregate=3, retired_pages_sbe=0,
+                                  retired_pages_dbe=0), ts) for ts in (1.0, 2.0, 3.0)]
+    assert score(obs) == (0, ())
+
+
+def test_each_trend_adds_its_points() -> None:
+    obs = [
+        from_evidence(evidence(ecc_sbe_aggregate=10), 1.0),
+        from_evidence(evidence(ecc_sbe_aggregate=40, retired_pages_sbe=20, retired_pages_dbe=1,
+                               remap_pending=True, xids=(92,),
+                               throttle_reasons=frozenset({"hw_thermal_slowdown"})), 2.0),
+        Observation(ts=3.0, thermal_throttled=True),
+    ]
+    got = names(score(obs))
+    assert got == {"corrected_ecc_growth": 15, "retired_pages": 15, "remap_pending": 25,
+                   "thermal_throttling": 15, "recent_xids": 15}
+    assert score(obs)[0] == 85
+
+
+def test_the_score_is_capped() -> None:
+    obs = [from_evidence(evidence(remap_failure=True, remap_pending=True,
+                                  retired_pages_pending=True, xids=(48, 95, 94)), 1.0)]
+    assert score(obs)[0] == 100
+
+
+def test_summary_entries_say_what_their_reason_says() -> None:
+    hot = from_summary_gpu({"uuid": "GPU-a", "action": "watch",
+                            "reason": "clocks throttled: hw_thermal_slowdown"}, 1.0)
+    power = from_summary_gpu({"uuid": "GPU-a", "action": "watch",
+                              "reason": "clocks throttled: sw_power_cap"}, 1.0)
+    healthy = from_summary_gpu({"uuid": "GPU-a", "action": "none", "reason": "healthy"}, 1.0)
+    remap = from_summary_gpu({"uuid": "GPU-a", "action": "reset_gpu",
+                              "reason": "row remapping pending a GPU reset"}, 1.0)
+    assert hot.thermal_throttled is True and power.thermal_throttled is None
+    assert healthy.thermal_throttled is False and healthy.remap_pending is False
+    assert remap.remap_pending is True and remap.thermal_throttled is None
+
+
+def test_tracker_windows_and_forgets_a_resumed_node() -> None:
+    tracker = RiskTracker(window_s=100.0)
+    tracker.add_verdict("GPU-a", "n1", 0, evidence(xids=(79,)), 10.0)
+    summary = {"node": "n1", "gpus": [{"uuid": "GPU-a", "index": 0, "action": "watch",
+                                       "reason": "clocks throttled: hw_slowdown"}]}
+    for ts in (20.0, 21.0, 22.0):
+        tracker.add_summary("n1", summary, ts)
+    [now] = tracker.scores(50.0)
+    assert now.node == "n1" and now.index == 0 and now.score == 25  # xid 10 + thermal 15
+    [later] = tracker.scores(115.0)  # the XID left the window, the polls did not
+    assert later.score == 15
+    tracker.forget_node("n1")
+    assert tracker.scores(115.0) == []
