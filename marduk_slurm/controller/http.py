@@ -12,6 +12,7 @@ elsewhere cannot read the API through DNS rebinding. The bound address is writte
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import json
 import logging
@@ -45,6 +46,9 @@ KEEPALIVE_S = 15.0
 CLIENT_QUEUE = 256
 RETRY_BIND_S = 30.0
 URL_FILE = "http.url"
+# The operator token that changes over HTTP require (reads never do); see docs/security.md.
+TOKEN_FILE = "auth/http-token"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -170,10 +174,27 @@ class HttpServer:
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._allowed_hosts and request.host.lower() not in self._allowed_hosts:
             raise web.HTTPMisdirectedRequest(text="unexpected Host header")
+        if request.method not in READ_METHODS:
+            self._check_operator(request)
         response = await handler(request)
         if not response.prepared:
             response.headers.update(SECURITY_HEADERS)
         return response
+
+    def _check_operator(self, request: web.Request) -> None:
+        """Anything but a read needs the operator token (<state_dir>/auth/http-token), in the
+        Authorization header only: never a cookie or a query string, which end up in logs."""
+        try:
+            token = (self.state_dir / TOKEN_FILE).read_text().strip()
+        except OSError:
+            token = ""
+        if not token:
+            raise web.HTTPForbidden(text="changes over HTTP are off: no operator token in "
+                                         f"{self.state_dir / TOKEN_FILE}")
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not given or not hmac.compare_digest(given.encode(), token.encode()):
+            raise web.HTTPUnauthorized(text="operator token required",
+                                       headers={"WWW-Authenticate": "Bearer"})
 
     async def run(self) -> None:
         runner = web.AppRunner(self.app(), access_log=None)
@@ -210,6 +231,9 @@ class HttpServer:
         if _is_loopback(self.host):
             self._allowed_hosts = {f"{h}:{port}" for h in
                                    ("127.0.0.1", "localhost", "[::1]", host)}
+        else:
+            log.warning("the dashboard listens on %s, beyond this host: its read-only pages "
+                        "and /metrics are open to anyone who can reach it", self.url)
         (self.state_dir / URL_FILE).write_text(self.url + "\n")
         log.info("dashboard and /metrics at %s", self.url)
 
