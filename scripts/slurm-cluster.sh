@@ -299,7 +299,7 @@ cancel_jobs() {
   live_pid "$RUN/slurmctld.pid" slurmctld >/dev/null || return 0
   jobs=$(squeue -h -o %i 2>/dev/null || true)
   [ -z "$jobs" ] && return 0
-  say "cancelling jobs: $(echo $jobs)"
+  say "cancelling jobs: ${jobs//$'\n'/ }"
   # shellcheck disable=SC2086
   scancel $jobs 2>/dev/null || true
   for _ in $(seq 150); do # KillWait=5, so 15 s is plenty
