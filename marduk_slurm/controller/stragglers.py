@@ -35,6 +35,12 @@ from marduk_slurm.settings import STRAGGLER_POLICIES, ControllerSettings
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 5.0
+# A job's statistics are recomputed at most this often: flags need seconds of evidence
+# (straggler_sustain_s) anyway, and a large job must not cost a median every 50 ms flush.
+EVALUATE_EVERY_S = 0.5
+# ...and all of the analysis may take at most this share of the event loop: after an
+# evaluation that took t seconds, the next one (of any job) waits t / EVALUATE_BUDGET.
+EVALUATE_BUDGET = 0.05
 
 
 def config_from(s: ControllerSettings) -> StragglerConfig:
@@ -51,6 +57,8 @@ class StragglerWatch:
         self.changes: asyncio.Queue[StragglerChange] = asyncio.Queue(maxsize=10000)
         self.counts: Counter[tuple[str, str]] = Counter()  # (kind, policy) -> events
         self._last_prune = 0.0
+        self._last_evaluation: dict[int, float] = {}  # job -> when its statistics last ran
+        self._pause_until = 0.0  # no evaluation before this: the budget was spent
 
     # -- fed by the heartbeat flush (keep it cheap) ------------------------------------------
 
@@ -61,7 +69,7 @@ class StragglerWatch:
         touched = {hb.job_id for hb in batch
                    if self.detector.observe(hb.replica_id, hb.job_id, hb.step, hb.step_time_ms,
                                             hb.allreduce_ms, hb.ts or now, now)}
-        changes = [c for job in touched for c in self.detector.evaluate(job, now)]
+        changes = self._evaluate_due(touched, now)
         if now - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = now
             changes += self.detector.prune(now)
@@ -70,6 +78,20 @@ class StragglerWatch:
                 self.changes.put_nowait(change)
             except asyncio.QueueFull:
                 self.ctx.stats["straggler_changes_dropped"] += 1
+
+    def _evaluate_due(self, touched: set[int], now: float) -> list[StragglerChange]:
+        """Evaluate the jobs that waited longest, within the time budget."""
+        changes: list[StragglerChange] = []
+        due = sorted((self._last_evaluation.get(j, 0.0), j) for j in touched
+                     if now - self._last_evaluation.get(j, 0.0) >= EVALUATE_EVERY_S)
+        for _, job in due:
+            if now < self._pause_until:
+                break
+            t0 = time.perf_counter()
+            changes += self.detector.evaluate(job, now)
+            self._last_evaluation[job] = now
+            self._pause_until = now + (time.perf_counter() - t0) / EVALUATE_BUDGET
+        return changes
 
     # -- the task ---------------------------------------------------------------------------
 

@@ -18,12 +18,13 @@ replicas: with two, the median sits halfway between them and cannot tell which i
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 MAD_TO_SIGMA = 1.4826  # MAD x this estimates the standard deviation of normal data
 
@@ -68,8 +69,9 @@ def percentile(values: Iterable[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(NamedTuple):
+    """One step of one replica (a tuple: tens of thousands are made per second)."""
+
     step: int
     ts: float  # the replica's send time
     step_time_ms: float
@@ -90,10 +92,19 @@ class ReplicaTrack:
     flagged_at: float = 0.0
     above_since: float | None = None
     below_since: float | None = None
+    # (n, attr) -> (step of the newest sample, value): a job's statistics ask for the same
+    # smoothed values several times per evaluation, and most tracks have no new sample.
+    _smoothed: dict[tuple[int, str], tuple[int, float]] = field(default_factory=dict)
 
     def smoothed(self, n: int, attr: str) -> float:
-        recent = list(self.samples)[-n:]
-        return median([getattr(s, attr) for s in recent])
+        newest = self.samples[-1].step if self.samples else -1
+        cached = self._smoothed.get((n, attr))
+        if cached is not None and cached[0] == newest:
+            return cached[1]
+        recent = list(itertools.islice(reversed(self.samples), n))
+        value = median([getattr(s, attr) for s in recent])
+        self._smoothed[(n, attr)] = (newest, value)
+        return value
 
     def step_rate(self) -> float:
         """Steps per second over the kept samples (sender clock)."""
@@ -139,6 +150,8 @@ class StragglerChange:
 class StragglerDetector:
     config: StragglerConfig = field(default_factory=StragglerConfig)
     tracks: dict[str, ReplicaTrack] = field(default_factory=dict)
+    # The same tracks by job: a job's statistics must not scan every replica of the cluster.
+    by_job: dict[int, dict[str, ReplicaTrack]] = field(default_factory=dict)
 
     def observe(self, replica_id: str, job_id: int, step: int, step_time_ms: float,
                 allreduce_ms: float, ts: float, now: float) -> bool:
@@ -147,6 +160,7 @@ class StragglerDetector:
         if track is None:
             track = self.tracks[replica_id] = ReplicaTrack(
                 replica_id, job_id, deque(maxlen=self.config.history))
+            self.by_job.setdefault(job_id, {})[replica_id] = track
         if step_time_ms <= 0 or (track.samples and track.samples[-1].step >= step):
             return False
         track.samples.append(Sample(step, ts, step_time_ms, allreduce_ms))
@@ -154,10 +168,10 @@ class StragglerDetector:
         return True
 
     def job_tracks(self, job_id: int) -> list[ReplicaTrack]:
-        return [t for t in self.tracks.values() if t.job_id == job_id and t.samples]
+        return [t for t in self.by_job.get(job_id, {}).values() if t.samples]
 
     def jobs(self) -> list[int]:
-        return sorted({t.job_id for t in self.tracks.values()})
+        return sorted(self.by_job)
 
     def stats(self, job_id: int) -> JobStats | None:
         tracks = self.job_tracks(job_id)
@@ -175,7 +189,8 @@ class StragglerDetector:
             threshold_ms=threshold if enough else 0.0,
             median_step_ms=median([t.smoothed(n, "step_time_ms") for t in tracks]),
             median_allreduce_ms=median([t.smoothed(n, "allreduce_ms") for t in tracks]),
-            p99_step_ms=percentile((s.step_time_ms for t in tracks for s in t.samples), 99),
+            p99_step_ms=percentile((s.step_time_ms for t in tracks
+                                    for s in itertools.islice(reversed(t.samples), n)), 99),
             step_rate=median([t.step_rate() for t in tracks]),
         )
 
@@ -220,7 +235,7 @@ class StragglerDetector:
         gone = [t for t in self.tracks.values() if now - t.seen_at > self.config.stale_s]
         changes = []
         for track in gone:
-            del self.tracks[track.replica_id]
+            self.forget(track.replica_id)
             stats = self.stats(track.job_id)
             if track.flagged and stats is not None:
                 changes.append(StragglerChange(track.replica_id, track.job_id, False, 0.0,
@@ -228,7 +243,13 @@ class StragglerDetector:
         return changes
 
     def forget(self, replica_id: str) -> None:
-        self.tracks.pop(replica_id, None)
+        track = self.tracks.pop(replica_id, None)
+        if track is None:
+            return
+        job = self.by_job.get(track.job_id, {})
+        job.pop(replica_id, None)
+        if not job:
+            self.by_job.pop(track.job_id, None)
 
     def flagged(self) -> set[str]:
         return {r for r, t in self.tracks.items() if t.flagged}
