@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from marduk_slurm.domain.gpu_health import FaultPolicy
 from marduk_slurm.errors import SettingsError
 
 DEFAULT_PATH = Path("/etc/marduk/marduk.toml")
@@ -108,6 +109,13 @@ class Settings:
     agent: AgentSettings
     policy: PolicySettings
     sources: Mapping[str, str]  # "section.key" -> "default" | file path | env var | "flag"
+
+    def fault_policy(self) -> FaultPolicy:
+        """The [policy] section as the domain's XID table (validated there)."""
+        return FaultPolicy.from_settings(
+            drain_xids=self.policy.drain_xids, app_xids=self.policy.app_xids,
+            ignore_xids=self.policy.ignore_xids, reset_xids=self.policy.reset_xids,
+        )
 
     @property
     def database_path(self) -> Path:

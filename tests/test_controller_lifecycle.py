@@ -12,9 +12,9 @@ import pytest
 
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
-from marduk_slurm.controller.supervisor import Supervisor
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.supervisor import Supervisor
 
 from harness import ControllerProcess, cli_json, publish_durable, run_cli, wait_for
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401

@@ -7,7 +7,6 @@ connection state is reported through `on_state` for metrics and logs.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time

@@ -6,9 +6,11 @@ a terminal, a test or a unit with Type=notify.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 
 class Notifier:
@@ -25,6 +27,11 @@ class Notifier:
     @property
     def enabled(self) -> bool:
         return bool(self.address)
+
+    @property
+    def watchdog_period_s(self) -> float:
+        """How often to ping: a third of WatchdogSec, and at least every 5 s."""
+        return min(self.watchdog_s / 3, 5.0) if self.watchdog_s else 5.0
 
     def _send(self, text: str) -> bool:
         if not self.address:
@@ -59,3 +66,12 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def install_signal_handlers(on_stop: Callable[[], None], on_reload: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT stop the daemon, SIGHUP reloads its settings (systemctl stop/reload).
+    Installed on the running loop from `main`, never at import time."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)

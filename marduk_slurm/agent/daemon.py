@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import socket
 from collections.abc import Callable
 from datetime import timedelta
@@ -28,16 +27,15 @@ from marduk_slurm.adapters.nvml import (
     NvmlRunner,
     SimulatedGpuSource,
 )
-from marduk_slurm.adapters.systemd import Notifier
+from marduk_slurm.adapters.systemd import Notifier, install_signal_handlers
 from marduk_slurm.agent.health import GpuWatcher
 from marduk_slurm.agent.journal import StepJournal
 from marduk_slurm.agent.outbox import Outbox
 from marduk_slurm.agent.rpc import AgentRpc
 from marduk_slurm.agent.step_relay import StepRelay
-from marduk_slurm.controller.supervisor import Supervisor
-from marduk_slurm.domain.gpu_health import FaultPolicy
 from marduk_slurm.errors import BusError, SettingsError
 from marduk_slurm.settings import Settings
+from marduk_slurm.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +46,6 @@ def node_name(s: Settings) -> str:
     """agent.node, else the short host name (what Slurm calls most nodes)."""
     return s.agent.node or socket.gethostname().split(".")[0]
 
-
-def fault_policy(s: Settings) -> FaultPolicy:
-    return FaultPolicy.from_settings(
-        drain_xids=s.policy.drain_xids,
-        app_xids=s.policy.app_xids,
-        ignore_xids=s.policy.ignore_xids,
-        reset_xids=s.policy.reset_xids,
-    )
 
 
 def check_settings(s: Settings) -> None:
@@ -126,7 +116,7 @@ class Agent:
             node=self.node,
             outbox=self.outbox,
             bus=self.bus,
-            policy=fault_policy(self.settings),
+            policy=self.settings.fault_policy(),
             poll_interval_s=a.poll_interval_s,
             allow_inject=a.allow_inject,
             extra_summary=self._counters,
@@ -175,7 +165,7 @@ class Agent:
             sup.start("xid_events", self.watcher.watch_xids)
             sup.start("health_poll", self.watcher.poll)
         sup.start("housekeeping", self._housekeeping)
-        self._install_signals()
+        install_signal_handlers(self.stop_event.set, self._reload)
         self.notifier.ready(f"ready: node {self.node}, socket {self.settings.agent.socket}")
         log.info(
             "agent ready on %s (socket %s, NATS %s)",
@@ -208,16 +198,9 @@ class Agent:
 
     async def _housekeeping(self) -> None:
         """Watchdog pings from the main loop (a stuck loop stops them)."""
-        period = self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else 5.0
         while True:
             self.notifier.watchdog()
-            await asyncio.sleep(min(period, 5.0))
-
-    def _install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop_event.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
+            await asyncio.sleep(self.notifier.watchdog_period_s)
 
     def _reload(self) -> None:
         if self.reload_settings is None:
@@ -226,7 +209,7 @@ class Agent:
         try:
             new = self.reload_settings()
             check_settings(new)
-            policy = fault_policy(new)
+            policy = new.fault_policy()
         except SettingsError as exc:
             log.error("reload refused, keeping current settings: %s", exc)
             self.notifier.ready("reload refused")

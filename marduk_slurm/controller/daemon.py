@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.adapters.slurm.base import SlurmBackend, make_backend
 from marduk_slurm.adapters.slurm.none import NoSlurm
 from marduk_slurm.adapters.store import Store
-from marduk_slurm.adapters.systemd import Notifier
+from marduk_slurm.adapters.systemd import Notifier, install_signal_handlers
 from marduk_slurm.controller import config_service, observe
 from marduk_slurm.controller.context import Context, StoreRunner
 from marduk_slurm.controller.handlers import Policy
@@ -29,9 +28,8 @@ from marduk_slurm.controller.operations import Operations
 from marduk_slurm.controller.outbox import OutboxWorker
 from marduk_slurm.controller.reconcile import Reconciler
 from marduk_slurm.controller.rpc import RpcServer
-from marduk_slurm.controller.supervisor import Supervisor
-from marduk_slurm.domain.gpu_health import FaultPolicy
 from marduk_slurm.settings import Settings
+from marduk_slurm.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +42,6 @@ def build_slurm(s: Settings) -> SlurmBackend:
     return make_backend(s.slurm.backend, timeout_s=s.slurm.command_timeout_s,
                         slurm_conf=s.slurm.conf or None)
 
-
-def fault_policy(s: Settings) -> FaultPolicy:
-    return FaultPolicy.from_settings(
-        drain_xids=s.policy.drain_xids, app_xids=s.policy.app_xids,
-        ignore_xids=s.policy.ignore_xids, reset_xids=s.policy.reset_xids,
-    )
 
 
 class Controller:
@@ -114,7 +106,7 @@ class Controller:
         self.notifier.status("reconciling with Slurm")
         if not await reconciler.reconcile_once():
             log.warning("starting without a first Slurm reconcile: %s", reconciler.last_error)
-        ops = Operations(ctx, self.slurm, fault_policy(self.settings), reconciler.refresh_nodes,
+        ops = Operations(ctx, self.slurm, self.settings.fault_policy(), reconciler.refresh_nodes,
                          resume_check=self.settings.slurm.resume_check,
                          resume_check_timeout_s=self.settings.slurm.resume_check_timeout_s)
         self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
@@ -129,7 +121,7 @@ class Controller:
         observe.install(ctx, rpc, ops, sup, self.heartbeats, lambda: self.settings.controller)
         sup.start("rpc", rpc.run)
         sup.start("housekeeping", lambda: self._housekeeping(ctx))
-        self._install_signals()
+        install_signal_handlers(self.stop_event.set, self._reload)
         self.notifier.ready(f"ready: NATS {ctx.bus.url}, Slurm backend {self.slurm.name}")
         log.info("controller ready (NATS %s, Slurm backend %s)", ctx.bus.url, self.slurm.name)
         stop = asyncio.create_task(self.stop_event.wait())
@@ -141,7 +133,6 @@ class Controller:
 
     async def _housekeeping(self, ctx: Context) -> None:
         """Watchdog pings from the main loop (a stuck loop stops them) and pruning."""
-        period = self.notifier.watchdog_s / 3 if self.notifier.watchdog_s else 5.0
         last_prune = 0.0
         while True:
             if self.settings.controller.watchdog:
@@ -151,13 +142,7 @@ class Controller:
                 cutoff = time.time() - self.settings.nats.stream_max_age_s
                 await ctx.db(ctx.db.store.prune_ingested, cutoff)
                 last_prune = time.time()
-            await asyncio.sleep(min(period, 5.0))
-
-    def _install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop_event.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
+            await asyncio.sleep(self.notifier.watchdog_period_s)
 
     def _reload(self) -> None:
         if not callable(self.reload_settings):
@@ -173,7 +158,7 @@ class Controller:
                    if v["value"] != self.settings.effective()[k]["value"]]
         logging.getLogger().setLevel(new.controller.log_level.upper())
         self.ctx.policy = Policy(new.slurm.reason_prefix, new.controller.leave_on_drain)
-        self.ops.fault_policy = fault_policy(new)
+        self.ops.fault_policy = new.fault_policy()
         self.settings = new
         log.info("settings reloaded; changed: %s (NATS, database and Slurm settings take "
                  "effect at the next restart)", ", ".join(changed) or "nothing")

@@ -22,8 +22,8 @@ from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.risk_watch import RiskWatch
 from marduk_slurm.controller.stragglers import StragglerWatch
-from marduk_slurm.controller.supervisor import Supervisor
 from marduk_slurm.domain import messages as m
+from marduk_slurm.supervisor import Supervisor
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 NATS_STATES = ("connecting", "connected", "disconnected", "closed")

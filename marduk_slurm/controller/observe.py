@@ -21,8 +21,8 @@ from marduk_slurm.controller.operations import Operations
 from marduk_slurm.controller.risk_watch import RiskWatch
 from marduk_slurm.controller.rpc import RpcServer
 from marduk_slurm.controller.stragglers import StragglerWatch
-from marduk_slurm.controller.supervisor import Supervisor
 from marduk_slurm.settings import ControllerSettings
+from marduk_slurm.supervisor import Supervisor
 
 
 class Observability:
