@@ -114,6 +114,10 @@ class ManagerMarduk(Manager):
         if optimizer is not None:
             self.config.add_optimizer(optimizer)
         self.full_replica_id: str = self._store.get(REPLICA_ID_KEY).decode()
+        # torchft gives every rank of a group the same replica id; marduk's mapping is per
+        # process (each rank has its own GPU), so ranks beyond a single one get a suffix.
+        self.marduk_replica_id = (self.full_replica_id if self._group_world_size == 1
+                                  else f"{self.full_replica_id}/{self._group_rank}")
         self.gpu_uuids = list(identity.gpu_uuids) or local_gpu_uuids(identity.node,
                                                                      self._group_rank)
         self.register_state_dict_fn("marduk", self.config.load_state_dict,
@@ -128,7 +132,7 @@ class ManagerMarduk(Manager):
         self._participants = 0
         self.last_step_time_s = 0.0
         if client is not None:
-            client.start(self.full_replica_id, self._registration)
+            client.start(self.marduk_replica_id, self._registration)
             client.wait_first_config(first_config_timeout)
             self._boundary()
 
@@ -219,7 +223,7 @@ class ManagerMarduk(Manager):
         self._participants = self.num_participants()
         if self.client is not None:
             self.client.send_heartbeat(m.Heartbeat(
-                replica_id=self.full_replica_id, job_id=self.identity.job_id,
+                replica_id=self.marduk_replica_id, job_id=self.identity.job_id,
                 step=self.current_step(), step_time_ms=self.last_step_time_s * 1000.0,
                 allreduce_ms=(self._allreduce_s + now - started) * 1000.0,
                 participants=self._participants, quorum_id=max(self._quorum_id, 0),
@@ -293,7 +297,7 @@ class ManagerMarduk(Manager):
         """Built on the client's thread at every (re)connect: a snapshot of plain values."""
         ident = self.identity
         return m.ReplicaRegister(
-            replica_id=self.full_replica_id, job_id=ident.job_id, step_id=ident.step_id,
+            replica_id=self.marduk_replica_id, job_id=ident.job_id, step_id=ident.step_id,
             replica_group=ident.replica_group, group_rank=self._group_rank,
             group_world_size=self._group_world_size, node=ident.node,
             gpu_uuids=self.gpu_uuids,
