@@ -259,9 +259,16 @@ def summary(r: DrillResult) -> str:
             continue
         lines.append(f"  +{ev['ts'] - t0:7.2f} s  {ev['kind']:<17} {ev['node'] or '-':<4} "
                      f"{ev['reason'][:90]}")
+    state = f"{r.work}/controller"
     lines += [f"logs           : {r.work}",
-              "look next      : marduk nodes, marduk history --node "
-              f"{r.node}, marduk replicas --all (add --state-dir of a running controller)"]
+              f"look next      : the drill's controller state is kept in {state}; reopen it "
+              "with",
+              f"                 .venv/bin/marduk controller --state-dir {state} "
+              "--slurm-backend none &",
+              f"                 then .venv/bin/marduk history --node {r.node} --state-dir "
+              f"{state},",
+              "                 marduk nodes, marduk replicas --all, and the dashboard at "
+              "http://127.0.0.1:9108"]
     return "\n".join(lines)
 
 
