@@ -225,3 +225,28 @@ def test_read_commands_print_tables(controller: ControllerProcess, verb: str) ->
     proc = run_cli(verb, *cli(controller))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_answers_from_sqlite_while_nats_is_down(controller: ControllerProcess,
+                                                nats_server: NatsServerProcess) -> None:
+    import json
+    import urllib.request
+
+    asyncio.run(publish_durable(controller.url, [register_msg(31, 0, "n1", ["GPU-q"])]))
+    wait_for(lambda: cli_json("replicas", *cli(controller)), what="registration")
+    base = wait_for(lambda: (controller.state_dir / "http.url").exists()
+                    and (controller.state_dir / "http.url").read_text().strip(), what="http")
+    nats_server.stop()
+
+    def get(path: str) -> object:
+        with urllib.request.urlopen(base + path, timeout=5) as resp:
+            return json.load(resp)
+
+    status = wait_for(lambda: (s := get("/api/status"))["nats"] != "connected" and s,
+                      what="the controller to notice NATS is gone")
+    assert status["replicas_active"] == 1
+    rows = get("/api/replicas")
+    assert isinstance(rows, list) and rows[0]["gpu_uuids"] == ["GPU-q"]
+    nats_server.start()
+    controller.wait_ready(30)
+    assert controller.request("status")["nats"] == "connected"
