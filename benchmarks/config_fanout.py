@@ -1,22 +1,28 @@
 """`config set` -> acknowledged by 1,000 simulated replicas, against the raw NATS fan-out.
 
 Simulated replicas are `ReplicaLink`s (the real replica-side protocol code, no torch) spread
-over a few NATS connections. Each acknowledges a JobCommand the moment it arrives with a
-durable ConfigAck, as a replica whose apply step has already passed would. Measured per replica:
+over a few NATS connections and, like real replicas on many hosts, over several processes
+(`--processes`). Each acknowledges a JobCommand the moment it arrives with a durable
+ConfigAck, as a replica whose apply step has already passed would. Measured per replica:
 from sending the `config_set` request to JetStream confirming that replica's ack. The baseline,
 in the same run: one core-NATS publish fanned out to 1,000 subscriptions on the same
 connections, from publish to receipt.
 
     .venv/bin/python benchmarks/config_fanout.py [--replicas 1000] [--connections 20]
+                                                 [--processes 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import queue
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,12 +49,15 @@ def pct(values: list[float], q: float) -> float:
 class Fleet:
     """N simulated replicas over C connections; records when each one's ack is stored."""
 
-    def __init__(self, buses: list[Bus], n: int) -> None:
+    def __init__(self, buses: list[Bus], n: int, *, first: int = 0, report: bool = False
+                 ) -> None:
         self.links: list[ReplicaLink] = []
         self.acked: dict[int, float] = {}
         self.received: dict[int, float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        for i in range(n):
+        self.report = report  # print each ack (worker processes) instead of keeping it
+        self.first = first
+        for i in range(first, first + n):
             bus = buses[i % len(buses)]
             link = ReplicaLink(bus, JOB, i, f"job{JOB}_rg{i}:sim", self.handler(i))
             self.links.append(link)
@@ -58,16 +67,77 @@ class Fleet:
 
     def got(self, i: int, cmd: Command) -> None:
         if isinstance(cmd, m.JobCommand):
-            self.received[i] = time.perf_counter()
-            task = asyncio.ensure_future(self.ack(i, cmd))
+            received = time.time()  # wall clock: comparable across the fleet's processes
+            task = asyncio.ensure_future(self.ack(i, cmd, received))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    async def ack(self, i: int, cmd: m.JobCommand) -> None:
-        link = self.links[i]
+    async def ack(self, i: int, cmd: m.JobCommand, received: float) -> None:
+        link = self.links[i - self.first]
         subject, data, msg_id = link.ack_message(cmd.revision, cmd.apply_at_step)
         await link.bus.publish_durable(subject, data, msg_id=msg_id, timeout_s=10)
-        self.acked[i] = time.perf_counter()
+        acked = time.time()
+        if self.report:
+            print(json.dumps([cmd.revision, i, received, acked]), flush=True)
+        else:
+            self.received[i], self.acked[i] = received, acked
+
+
+async def worker(url: str, first: int, count: int, conns: int) -> None:
+    """A process of the fleet: `count` replicas from index `first`; one line per ack on
+    stdout: revision, replica, wall-clock receive and ack-stored times."""
+    buses = [Bus(url, name=f"fleet-{first}-{c}") for c in range(conns)]
+    for b in buses:
+        await b.connect()
+    fleet = Fleet(buses, count, first=first, report=True)
+    for link in fleet.links:
+        await link.subscribe()
+    for b in buses:
+        await b.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+class ProcessFleet:
+    """The fleet spread over child processes running `worker`."""
+
+    def __init__(self, url: str, n: int, conns: int, processes: int) -> None:
+        share, extra = divmod(n, processes)
+        self.procs: list[subprocess.Popen[str]] = []
+        first = 0
+        for p in range(processes):
+            count = share + (p < extra)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, __file__, "--worker", url, str(first), str(count),
+                 str(max(1, conns // processes))], stdout=subprocess.PIPE, text=True))
+            first += count
+        for proc in self.procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        self.lines: queue.Queue[str] = queue.Queue()
+        for proc in self.procs:
+            threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.put(line)
+
+    def collect(self, revision: int, n: int, timeout_s: float = 30.0
+                ) -> tuple[list[float], list[float]]:
+        """(receive times, ack times) of the n replicas for `revision` (wall clock)."""
+        recv, acked = [], []
+        deadline = time.monotonic() + timeout_s
+        while len(acked) < n and time.monotonic() < deadline:
+            rev, _, r, a = json.loads(self.lines.get(timeout=timeout_s))
+            if rev == revision:
+                recv.append(r)
+                acked.append(a)
+        return recv, acked
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
 
 
 async def raw_fanout(buses: list[Bus], n: int, trials: int) -> list[float]:
@@ -91,41 +161,42 @@ async def raw_fanout(buses: list[Bus], n: int, trials: int) -> list[float]:
     return lat
 
 
-async def config_fanout(buses: list[Bus], url: str, n: int, trials: int
+async def config_fanout(bus: Bus, fleet: ProcessFleet, n: int, trials: int
                         ) -> tuple[list[float], list[float], list[float]]:
-    fleet = Fleet(buses, n)
-    for link in fleet.links:
-        await link.subscribe()
-    for b in buses:
-        await b.flush()
     per_replica, all_acked, received = [], [], []
     for t in range(trials):
-        fleet.acked.clear()
-        fleet.received.clear()
         request = m.Request(args={"job": JOB, "changes": {"lr": 1e-3 * (t + 1)}}, actor="bench")
-        start = time.perf_counter()
-        raw = await buses[-1].request(subjects.rpc("config_set"), m.encode(request), 10)
-        assert m.decode_reply(raw).ok
-        while len(fleet.acked) < n:
-            await asyncio.sleep(0.001)
-        per_replica += [v - start for v in fleet.acked.values()]
-        received += [v - start for v in fleet.received.values()]
-        all_acked.append(max(fleet.acked.values()) - start)
+        start = time.time()
+        raw = await bus.request(subjects.rpc("config_set"), m.encode(request), 10)
+        reply = m.decode_reply(raw)
+        assert reply.ok, reply.error
+        recv, acked = await asyncio.to_thread(fleet.collect, reply.data["revision"], n)
+        assert len(acked) == n, f"{len(acked)} of {n} acks"
+        per_replica += [a - start for a in acked]
+        received += [r - start for r in recv]
+        all_acked.append(max(acked) - start)
         await asyncio.sleep(0.3)
     return per_replica, all_acked, received
 
 
-async def run(url: str, n: int, conns: int, trials: int) -> None:
+async def run(url: str, n: int, conns: int, trials: int, processes: int) -> None:
     buses = [Bus(url, name=f"bench-{i}") for i in range(conns)]
     for b in buses:
         await b.connect()
     try:
         base = await raw_fanout(buses, n, trials)
-        per, whole, received = await config_fanout(buses, url, n, trials)
     finally:
         for b in buses:
             await b.close()
-    print(f"{n} replicas over {conns} connections, {trials} trials")
+    fleet = await asyncio.to_thread(ProcessFleet, url, n, conns, processes)
+    operator = Bus(url, name="bench-operator")
+    await operator.connect()
+    try:
+        per, whole, received = await config_fanout(operator, fleet, n, trials)
+    finally:
+        await operator.close()
+        fleet.stop()
+    print(f"{n} replicas over {conns} connections in {processes} process(es), {trials} trials")
     print(f"raw NATS fan-out, publish -> received:   p50 {pct(base, .5) * 1e3:7.1f} ms"
           f"   p99 {pct(base, .99) * 1e3:7.1f} ms")
     print(f"config set -> command received:        p50 {pct(received, .5) * 1e3:7.1f} ms"
@@ -143,13 +214,21 @@ def main() -> int:
     parser.add_argument("--replicas", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--processes", type=int, default=2,
+                        help="processes the simulated replicas are spread over")
+    parser.add_argument("--worker", nargs=4, metavar=("URL", "FIRST", "COUNT", "CONNS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        url, first, count, conns = args.worker
+        asyncio.run(worker(url, int(first), int(count), int(conns)))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         nats = NatsServerProcess(Path(tmp) / "nats")
         url = nats.start()
         ctl = ControllerProcess(Path(tmp) / "state", url).start()
         try:
-            asyncio.run(run(url, args.replicas, args.connections, args.trials))
+            asyncio.run(run(url, args.replicas, args.connections, args.trials, args.processes))
         finally:
             ctl.stop()
             nats.stop()
