@@ -77,6 +77,7 @@ class AgentSettings:
     log_level: str = "info"  # debug, info, warning, error
     allow_inject: bool = False  # let `marduk inject` feed synthetic XIDs on real NVML GPUs
     buffer_max: int = 10000  # reports kept in memory while NATS is away (oldest dropped)
+    job_credentials_dir: str = ""  # write each job's NATS credential here; "" = off
 
 
 @dataclasses.dataclass(frozen=True)

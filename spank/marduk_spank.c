@@ -21,7 +21,7 @@
  * error, and Slurm fails the step for that only when the plugin line says `required`.
  *
  * plugstack.conf arguments: default=on|off  socket=PATH  nats_url=URL  strict=0|1
- *                           timeout_ms=N
+ *                           timeout_ms=N  creds_dir=PATH
  * Build: see the Makefile (gcc -shared -fPIC, no -lslurm: slurmstepd provides the symbols).
  */
 #include <errno.h>
@@ -55,6 +55,7 @@ struct marduk_conf {
 	int timeout_ms;
 	char socket_path[sizeof(((struct sockaddr_un *) 0)->sun_path)];
 	char nats_url[512];
+	char creds_dir[512];
 };
 
 static struct marduk_conf conf = {
@@ -63,6 +64,7 @@ static struct marduk_conf conf = {
 	.timeout_ms = MARDUK_DEFAULT_TIMEOUT_MS,
 	.socket_path = MARDUK_DEFAULT_SOCKET,
 	.nats_url = "",
+	.creds_dir = "",
 };
 
 /* -1 until the user gives --marduk; then 0 (off) or 1 (on). */
@@ -143,6 +145,8 @@ static void parse_plugstack_args(int ac, char **av)
 			copy_arg(conf.socket_path, sizeof(conf.socket_path), arg + 7, "socket");
 		} else if (strncmp(arg, "nats_url=", 9) == 0) {
 			copy_arg(conf.nats_url, sizeof(conf.nats_url), arg + 9, "nats_url");
+		} else if (strncmp(arg, "creds_dir=", 10) == 0) {
+			copy_arg(conf.creds_dir, sizeof(conf.creds_dir), arg + 10, "creds_dir");
 		} else if (strncmp(arg, "timeout_ms=", 11) == 0) {
 			conf.timeout_ms = atoi(arg + 11);
 			if (conf.timeout_ms <= 0)
@@ -454,6 +458,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 {
 	struct step_info info;
 	char num[32];
+	char creds[sizeof(conf.creds_dir) + 32];
 
 	(void) ac;
 	(void) av;
@@ -467,6 +472,12 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	spank_setenv(sp, "MARDUK_GPUS", info.gpus, 1);
 	if (conf.nats_url[0])
 		spank_setenv(sp, "MARDUK_NATS_URL", conf.nats_url, 1);
+	if (conf.creds_dir[0]) {
+		/* The agent writes the file (agent.job_credentials_dir) when it relays the step's
+		 * start, a moment from now; the runtime waits for it to appear. */
+		snprintf(creds, sizeof(creds), "%s/%u.json", conf.creds_dir, info.job_id);
+		spank_setenv(sp, "MARDUK_NATS_CREDS", creds, 1);
+	}
 	return 0;
 }
 

@@ -34,6 +34,7 @@ PLUGIN = SPANK_DIR / "marduk_spank.so"
 BASE = Path("/tmp/marduk-slurm-spank")
 AGENT_SOCKET = BASE / "agent.sock"
 NATS_URL = "nats://127.0.0.1:4222"
+CREDS_DIR = BASE / "jobs"  # creds_dir=: the plugin only names the file, nobody writes it here
 NODES = ["n1", "n2", "n3"]
 # Ports are picked free at session start (other clusters run side by side on this machine).
 CLUSTER_ENV = {"MARDUK_SLURM_BASE": str(BASE), "MARDUK_SLURM_NODES": str(len(NODES))}
@@ -81,7 +82,8 @@ class SpankCluster:
 
 def plugstack_line(*args: str, required: bool = False) -> str:
     kind = "required" if required else "optional"
-    return " ".join([kind, str(PLUGIN), f"socket={AGENT_SOCKET}", f"nats_url={NATS_URL}", *args])
+    return " ".join([kind, str(PLUGIN), f"socket={AGENT_SOCKET}", f"nats_url={NATS_URL}",
+                     f"creds_dir={CREDS_DIR}", *args])
 
 
 def _up(plugstack: str) -> None:

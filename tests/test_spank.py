@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from spank_fixtures import (  # noqa: F401  (fixtures)
+    CREDS_DIR,
     NATS_URL,
     AgentListener,
     SpankCluster,
@@ -73,6 +74,7 @@ def test_srun_step_reports_start_and_end_per_node(
         assert env[node]["MARDUK_NODE"] == node
         assert env[node]["MARDUK_GPUS"] == env[node]["SLURM_STEP_GPUS"]
         assert env[node]["MARDUK_NATS_URL"] == NATS_URL
+        assert env[node]["MARDUK_NATS_CREDS"] == f"{CREDS_DIR}/{job_id}.json"
 
 
 def test_sbatch_job_reports_batch_step_and_failed_srun_step(

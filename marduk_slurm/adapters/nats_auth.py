@@ -4,8 +4,8 @@ Four roles, each bound to the subjects of docs/protocol.md (docs/security.md exp
 
 - ``controller``: everything (it serves every subject and owns the events stream);
 - ``operator``: asks the controller (``marduk.v1.rpc.>``) and reads the event feed;
-- ``agent`` of one node: publishes only that node's events and health, answers only that
-  node's agent requests;
+- ``agent`` of one node: publishes only that node's events and health, asks for job
+  credentials only on its node's subject, answers only that node's agent requests;
 - ``job`` of one Slurm job: publishes only that job's heartbeats, events and job requests,
   and hears only that job's commands.
 
@@ -37,6 +37,7 @@ ROSTER_FILE = "roster.json"
 SERVER_CONFIG_FILE = "nats-auth.conf"
 CONTROLLER_CREDS = "controller.json"
 OPERATOR_CREDS = "operator.json"
+JOBS_DIR = "jobs"  # the controller's copies of the job credentials it hands to agents
 BCRYPT_ROUNDS = 11  # nats-server checks the hash at every connect: ~0.1 s at 11
 _SCOPE_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _FORMAT = "marduk-nats-credentials-v1"
@@ -96,7 +97,8 @@ def permissions(user: User) -> dict[str, Any] | None:
     if user.role == "agent":
         # js.publish is a plain request on the event subject; the stream's ack comes back to
         # the agent's inbox, so no $JS.API subject is needed (tests/test_auth.py proves it).
-        pub = [f"{p}.evt.node.{user.scope}.>", subjects.node_health(user.scope)]
+        pub = [f"{p}.evt.node.{user.scope}.>", subjects.node_health(user.scope),
+               subjects.cred_rpc(user.scope)]
         sub = [f"{p}.agent.{user.scope}.>", inbox]
         # allow_responses: it may answer the requests it receives, and nothing else.
         return {"publish": {"allow": pub}, "subscribe": {"allow": sub}, "allow_responses": True}
@@ -220,7 +222,26 @@ class AuthDir:
             users = self.users()
             kept = [u for u in users if u.name != name]
             self._save(kept)
+            if name.startswith("job-"):
+                self.job_credential_path(name[4:]).unlink(missing_ok=True)
         return len(kept) != len(users)
+
+    def job_credential_path(self, job: str) -> Path:
+        return self.path / JOBS_DIR / f"{job}.json"
+
+    def job_credential(self, job: str) -> tuple[Credentials, bool]:
+        """The credential of job `job` for the automatic path: the one kept from an earlier
+        request while its user exists (every node of a job gets the same), else a new one,
+        kept in `jobs/<job>.json` (0600). Returns it and whether it is new."""
+        name = user_name("job", job)
+        path = self.job_credential_path(job)
+        if path.exists() and any(u.name == name for u in self.users()):
+            kept = read_credentials(path)
+            if kept is not None and kept.user == name:
+                return kept, False
+        creds = self.issue("job", job)
+        write_private(path, creds.to_json())
+        return creds, True
 
     def ensure_initialised(self) -> bool:
         """Create the controller and operator users with their credential files, once.

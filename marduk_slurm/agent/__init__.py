@@ -7,6 +7,8 @@
 - `journal`: the on-disk list of running steps, re-announced after a restart.
 - `outbox`: durable publishing that survives NATS being away (bounded, retried in order).
 - `rpc`: the agent's request/reply verbs on NATS (`inject`).
+- `job_creds`: each job's NATS credential, fetched from the controller and written for the
+  job's user while its steps run on the node (agent.job_credentials_dir).
 
 docs/agent.md describes the agent for operators and the SPANK socket protocol.
 """

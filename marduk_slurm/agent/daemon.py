@@ -29,6 +29,7 @@ from marduk_slurm.adapters.nvml import (
 )
 from marduk_slurm.adapters.systemd import Notifier, install_signal_handlers
 from marduk_slurm.agent.health import GpuWatcher
+from marduk_slurm.agent.job_creds import JobCredentials
 from marduk_slurm.agent.journal import StepJournal
 from marduk_slurm.agent.outbox import Outbox
 from marduk_slurm.agent.rpc import AgentRpc
@@ -88,6 +89,9 @@ class Agent:
         self.runner: NvmlRunner | None = None
         self.watcher: GpuWatcher | None = None
         self.relay: StepRelay | None = None
+        creds_dir = settings.agent.job_credentials_dir
+        self.job_creds = (JobCredentials(self.bus, self.node, Path(creds_dir))
+                          if creds_dir else None)
 
     def _source_factory(self) -> Callable[[], GpuSource]:
         count = self.settings.agent.simulate_gpus
@@ -133,6 +137,7 @@ class Agent:
                 "malformed_by_reason": dict(relay.malformed) if relay else {},
                 "running_steps": len(relay.journal.steps) if relay else 0,
             },
+            "job_credentials": dict(self.job_creds.stats) if self.job_creds else None,
         }
 
     def _inventory(self) -> dict[int, str]:
@@ -150,6 +155,7 @@ class Agent:
                 journal=StepJournal(self.state_dir / JOURNAL_FILE),
                 outbox=self.outbox,
                 inventory=self._inventory,
+                job_creds=self.job_creds,
             )
             await self.relay.restore()
             await self.relay.start()
@@ -234,6 +240,8 @@ class Agent:
         if self.bus.connected and len(self.outbox):
             await self.outbox.flush(2.0)
         await self.supervisor.stop()
+        if self.job_creds is not None:
+            await self.job_creds.close()
         if self.runner is not None:
             await self.runner.aclose()
         await self.bus.close()

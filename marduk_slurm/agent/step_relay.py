@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from marduk_slurm.agent.job_creds import JobCredentials
 from marduk_slurm.agent.journal import StepEntry, StepJournal
 from marduk_slurm.agent.outbox import Outbox
 from marduk_slurm.domain import messages as m
@@ -85,6 +86,7 @@ class StepRelay:
         outbox: Outbox,
         inventory: Inventory,
         idle_timeout_s: float = 10.0,
+        job_creds: JobCredentials | None = None,
     ) -> None:
         self.node = node
         self.socket_path = socket_path
@@ -92,6 +94,7 @@ class StepRelay:
         self.outbox = outbox
         self.inventory = inventory
         self.idle_timeout_s = idle_timeout_s
+        self.job_creds = job_creds  # agent.job_credentials_dir; None when off
         self.stats: Counter[str] = Counter()
         self.malformed: Counter[str] = Counter()
         self._server: asyncio.AbstractServer | None = None
@@ -118,6 +121,8 @@ class StepRelay:
                 self._queue_end(entry)
             else:
                 self._queue_start(entry, again=True)
+                if self.job_creds is not None:
+                    self.job_creds.step_started(entry.job_id, entry.step_id, entry.uid)
         if changed:
             await self.journal.save()
         if entries:
@@ -232,6 +237,8 @@ class StepRelay:
             self.journal.steps[entry.key] = entry
             await self.journal.save()
             self._queue_start(entry, again=False)
+            if self.job_creds is not None:  # fetched in a task of its own: never waits
+                self.job_creds.step_started(report.job_id, report.step_id, report.uid)
         else:
             if entry is None:  # an end without a start we saw: still worth reporting
                 entry = StepEntry(
@@ -246,6 +253,8 @@ class StepRelay:
             entry.ended, entry.exit_status, entry.ended_at = True, report.exit_status, now
             await self.journal.save()
             self._queue_end(entry)
+            if self.job_creds is not None:
+                await self.job_creds.step_ended(report.job_id, report.step_id)
         self.stats[report.event] += 1
 
     def _queue_start(self, entry: StepEntry, *, again: bool) -> None:

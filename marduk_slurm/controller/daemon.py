@@ -24,6 +24,7 @@ from marduk_slurm.controller import config_service, observe
 from marduk_slurm.controller.context import Context, StoreRunner
 from marduk_slurm.controller.handlers import Policy
 from marduk_slurm.controller.ingest import EventIngest, HeartbeatWriter
+from marduk_slurm.controller.job_creds import JobCredentialService
 from marduk_slurm.controller.operations import Operations
 from marduk_slurm.controller.outbox import OutboxWorker
 from marduk_slurm.controller.reconcile import Reconciler
@@ -120,6 +121,7 @@ class Controller:
         config_service.install(ctx, rpc)
         observe.install(ctx, rpc, ops, sup, self.heartbeats, lambda: self.settings.controller)
         sup.start("rpc", rpc.run)
+        sup.start("job_credentials", self._job_credentials(ctx).run)
         sup.start("housekeeping", lambda: self._housekeeping(ctx))
         install_signal_handlers(self.stop_event.set, self._reload)
         self.notifier.ready(f"ready: NATS {ctx.bus.url}, Slurm backend {self.slurm.name}")
@@ -130,6 +132,14 @@ class Controller:
         stop.cancel()
         fatal.cancel()
         return 1 if sup.fatal.is_set() else 0
+
+    def _job_credentials(self, ctx: Context) -> JobCredentialService:
+        """Agents' requests for job credentials: answered with a credential only when the
+        roster is ours to change (the embedded server with auth), else with a clear error."""
+        if self.nats_server is not None and self.settings.nats.auth:
+            return JobCredentialService(ctx.bus, AuthDir(self.state_dir / "auth"),
+                                        self.nats_server)
+        return JobCredentialService(ctx.bus, None, None)
 
     async def _housekeeping(self, ctx: Context) -> None:
         """Watchdog pings from the main loop (a stuck loop stops them) and pruning."""

@@ -67,3 +67,11 @@ JOB_RPC_ALL: Final = f"{PREFIX}.jobrpc.*.*"
 def agent_rpc(node: str, verb: str) -> str:
     """Requests to the agent of one node (fault injection through its own policy)."""
     return f"{PREFIX}.agent.{node}.{verb}"
+
+
+def cred_rpc(node: str) -> str:
+    """An agent asks the controller for the credential of a job running on its node."""
+    return f"{PREFIX}.credrpc.{node}"
+
+
+CRED_RPC_ALL: Final = f"{PREFIX}.credrpc.*"

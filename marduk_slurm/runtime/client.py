@@ -9,7 +9,9 @@ waits for NATS:
 * durable messages (register, ack, leave) wait in a queue and are retried until JetStream
   confirms them; after a reconnect the replica registers again and fetches the latest config;
 * commands arrive on the loop thread and wait in a queue that the training thread drains at a
-  step boundary (`poll_commands`).
+  step boundary (`poll_commands`);
+* a credential file that is not there yet (the node agent writes it when it relays the step's
+  start, docs/security.md) is waited for on the loop thread, up to `creds_wait`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -115,13 +118,15 @@ class MardukClient:
     def __init__(self, nats_url: str, job_id: int, replica_group: int, *, name: str = "",
                  creds: str = "", heartbeat_buffer: int = 1024, durable_buffer: int = 4096,
                  send_interval: timedelta = timedelta(milliseconds=25),
-                 connect_timeout: timedelta = timedelta(seconds=2)) -> None:
+                 connect_timeout: timedelta = timedelta(seconds=2),
+                 creds_wait: timedelta = timedelta(seconds=60)) -> None:
         self.nats_url = nats_url
         self.job_id = job_id
         self.replica_group = replica_group
         self.bus = Bus(nats_url, name=name or f"marduk-replica-{job_id}-{replica_group}",
                        creds=creds, connect_timeout_s=connect_timeout.total_seconds())
         self.send_interval_s = send_interval.total_seconds()
+        self.creds_wait_s = creds_wait.total_seconds()
         self._heartbeats: collections.deque[m.Heartbeat] = collections.deque(
             maxlen=heartbeat_buffer)
         self._durable: collections.deque[tuple[str, bytes, str]] = collections.deque(
@@ -227,6 +232,9 @@ class MardukClient:
     async def _main(self) -> None:
         self._wake = asyncio.Event()
         self.bus.on_state = self._on_state
+        if not await self._wait_for_creds():
+            self._first_config.set()  # nobody should wait for a config that cannot come
+            return
         while not self._closed:
             try:
                 await self.bus.connect(retry=True)
@@ -241,6 +249,23 @@ class MardukClient:
         self._call(self._send_heartbeats)
         self._call(self._send_durable)
         await self._on_connected()
+
+    async def _wait_for_creds(self) -> bool:
+        """Wait (bounded) for the credential file to appear; False when it did not. Until
+        then heartbeats are buffered and dropped as when NATS is away."""
+        path = self.bus.creds
+        deadline = time.monotonic() + self.creds_wait_s
+        while path and not os.path.exists(path):
+            if self._closed:
+                return False
+            if time.monotonic() >= deadline:
+                self.stats["creds_missing"] += 1
+                log.warning("no NATS credential at %s after %.0f s: training goes on without "
+                            "telemetry or commands", path, self.creds_wait_s)
+                return False
+            self.stats["creds_waits"] += 1
+            await asyncio.sleep(0.2)
+        return True
 
     def _on_state(self, state: str) -> None:
         # The first connect is handled by _main once the subscriptions exist.
