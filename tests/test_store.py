@@ -162,3 +162,13 @@ def test_replicas_without_cuda_take_their_steps_gpus_whichever_report_comes_firs
     register(store, "job8_rg3:c", 8, 3, "n4", ["GPU-own"], step=3)
     with store.transaction():
         assert store.map_step_gpus_to_replicas(8, 3, "n4", ["GPU-x"], now=3.0) == []
+
+
+def test_a_late_heartbeat_does_not_take_the_config_revision_back(store: Store) -> None:
+    register(store, "r:9", 9, 0, "n1", [])
+    with store.transaction():
+        store.record_config_ack(9, 2, "r:9", 40, True, "", now=5.0)
+        store.write_heartbeats([m.Heartbeat(replica_id="r:9", job_id=9, step=39,
+                                            config_revision=1)], now=6.0)
+    row = store.replicas()[0]
+    assert (row["config_revision"], row["last_step"]) == (2, 39)

@@ -14,9 +14,12 @@ from marduk_slurm.domain import messages as m
 # What a replica without CUDA reports as its device (runtime: `cpu:<node>:<rank>`).
 CPU_PREFIX = "cpu:"
 
+# A replica's revision only moves forward: a heartbeat written behind, sent before the ack
+# of a newer revision was committed, must not take the row back.
 HEARTBEAT_SQL = (
     "UPDATE replicas SET last_step=?, step_time_ms=?, allreduce_ms=?, participants=?, "
-    "quorum_id=?, loss=?, config_revision=?, last_seen=? WHERE replica_id=? AND state!='left'"
+    "quorum_id=?, loss=?, config_revision=MAX(config_revision, ?), last_seen=? "
+    "WHERE replica_id=? AND state!='left'"
 )
 
 
