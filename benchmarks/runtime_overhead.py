@@ -13,25 +13,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import itertools
 
-from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
-from marduk_slurm.domain import messages as m
-from marduk_slurm.domain import subjects
 
 from harness import ControllerProcess, wait_for
-from runtime_worker import Lighthouse, WorkerProcess
+from runtime_worker import Lighthouse, WorkerProcess, commit_gap, send_leave
 
 JOB = 77
 
@@ -57,24 +51,6 @@ def run_pair(tmp: Path, manager: str, steps: int, env: dict[str, str]) -> float:
     return statistics.median(times)
 
 
-def commit_gap(records: list[dict[str, Any]], after: float) -> float:
-    times = [r["t"] for r in records if r.get("committed")]
-    times = [t for t in times if t < after][-1:] + [t for t in times if t >= after]
-    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
-
-
-def send_leave(url: str, replica_id: str, group: int) -> None:
-    async def send() -> None:
-        bus = Bus(url, name="bench")
-        await bus.connect()
-        cmd = m.ReplicaCommand(replica_id=replica_id, job_id=JOB, action="leave",
-                               reason="bench", ts=time.time())
-        await bus.publish(subjects.replica_commands(JOB, group), m.encode(cmd))
-        await bus.flush()
-        await bus.close()
-    asyncio.run(send())
-
-
 def stall(tmp: Path, url: str, timeout_ms: int) -> tuple[float, float]:
     lh = Lighthouse(tmp / f"lh-{timeout_ms}.log", heartbeat_timeout_ms=timeout_ms)
     env = {"MARDUK_NATS_URL": url, "MARDUK_JOB_ID": str(JOB), "STEP_SLEEP_S": "0.02"}
@@ -97,7 +73,7 @@ def stall(tmp: Path, url: str, timeout_ms: int) -> tuple[float, float]:
         wait_for(three, 120, 0.1, "group 2 back")
         replica_id = ws[1].events("ready")[0]["replica_id"]
         left = time.time()
-        send_leave(url, replica_id, 1)
+        send_leave(url, JOB, replica_id, 1, "bench")
         ws[1].wait(30)
         mark = ws[0].last_step()
         wait_for(lambda: past([0, 2], mark + 10), 60, 0.1, "survivors after the leave")

@@ -13,7 +13,9 @@ and per step to stdout. Settings come from the environment, as in a real sbatch 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -30,6 +32,9 @@ from torch import nn
 from torch.distributed import TCPStore
 from torchft import DistributedDataParallel, Manager, Optimizer, ProcessGroupGloo
 
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
 from marduk_slurm.runtime import ManagerMarduk, SafeDDP
 
 
@@ -129,6 +134,26 @@ def main() -> int:
 
 
 # -- launching (used by the tests and the benchmarks) ------------------------------------------
+
+
+def commit_gap(records: list[dict[str, Any]], after: float) -> float:
+    """The longest wait between two commits, counted from the last commit before `after`."""
+    times = [r["t"] for r in records if r.get("committed")]
+    times = [t for t in times if t < after][-1:] + [t for t in times if t >= after]
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def send_leave(url: str, job_id: int, replica_id: str, group: int, reason: str) -> None:
+    """Tell one replica group to leave, as the controller would."""
+    async def send() -> None:
+        bus = Bus(url, name="leave-sender")
+        await bus.connect()
+        cmd = m.ReplicaCommand(replica_id=replica_id, job_id=job_id, action="leave",
+                               reason=reason, ts=time.time())
+        await bus.publish(subjects.replica_commands(job_id, group), m.encode(cmd))
+        await bus.flush()
+        await bus.close()
+    asyncio.run(send())
 
 WORKER = Path(__file__).resolve()
 REPO = WORKER.parent.parent

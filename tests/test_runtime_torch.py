@@ -4,7 +4,6 @@ through the real `marduk` command line."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,17 +14,20 @@ import pytest
 pytest.importorskip("torchft",
                     reason="torchft is not importable (pip install marduk-slurm[runtime])")
 
-import itertools
 
 import torch
 
-from marduk_slurm.adapters.bus import Bus
-from marduk_slurm.domain import messages as m
-from marduk_slurm.domain import subjects
 from marduk_slurm.domain.exit_codes import EXIT_DONE, EXIT_LEAVE
 
 from harness import ControllerProcess, cli_json, run_cli, wait_for
-from runtime_worker import Lighthouse, WorkerProcess, build_model, digest
+from runtime_worker import (
+    Lighthouse,
+    WorkerProcess,
+    build_model,
+    commit_gap,
+    digest,
+    send_leave,
+)
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 JOB = 4242
@@ -146,26 +148,6 @@ def test_config_revisions_apply_at_the_same_step_on_every_group(cluster: Cluster
              "both groups left the mapping")
 
 
-def commit_gaps(records: list[dict[str, Any]], after: float) -> float:
-    """The longest wait between two commits, counted from the last commit before `after`."""
-    times = [r["t"] for r in records if r.get("committed")]
-    before = [t for t in times if t < after][-1:]
-    times = before + [t for t in times if t >= after]
-    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
-
-
-def leave_command(url: str, replica_id: str, group: int) -> None:
-    async def send() -> None:
-        bus = Bus(url, name="test")
-        await bus.connect()
-        cmd = m.ReplicaCommand(replica_id=replica_id, job_id=JOB, action="leave",
-                               reason="test: leave", ts=time.time())
-        await bus.publish(subjects.replica_commands(JOB, group), m.encode(cmd))
-        await bus.flush()
-        await bus.close()
-    asyncio.run(send())
-
-
 def test_survivors_keep_committing_through_kills_and_a_leave(cluster: Cluster) -> None:
     workers = cluster.workers
     for g in range(3):
@@ -181,7 +163,7 @@ def test_survivors_keep_committing_through_kills_and_a_leave(cluster: Cluster) -
         killed_at = time.time()
         cluster.wait_steps([0, 1], max(workers[g].last_step() for g in (0, 1)) + 10, 60)
         crashes += sum(workers[g].proc.poll() is not None for g in (0, 1))
-        print(f"SIGKILL: survivor waited {commit_gaps(workers[0].steps(), killed_at):.2f} s")
+        print(f"SIGKILL: survivor waited {commit_gap(workers[0].steps(), killed_at):.2f} s")
         cluster.start(2)
     assert crashes == 0
 
@@ -189,10 +171,10 @@ def test_survivors_keep_committing_through_kills_and_a_leave(cluster: Cluster) -
     rows = cli_json(*cluster.cli("replicas", "--job", str(JOB)))
     leaver = next(r for r in rows if r["replica_group"] == 1)
     left_at = time.time()
-    leave_command(cluster.ctl.url, leaver["replica_id"], 1)
+    send_leave(cluster.ctl.url, JOB, leaver["replica_id"], 1, "test: leave")
     assert workers[1].wait(30) == EXIT_LEAVE
     cluster.wait_steps([0, 2], max(workers[g].last_step() for g in (0, 2)) + 10, 60)
-    stall = commit_gaps(workers[0].steps(), left_at)
+    stall = commit_gap(workers[0].steps(), left_at)
     print(f"commanded leave: survivor waited {stall:.2f} s")
     assert stall < 5.0
     history = cli_json(*cluster.cli("history", "--job", str(JOB)))

@@ -290,9 +290,3 @@ def decode_reply(data: bytes) -> Reply:
 
 def decode_feed(data: bytes) -> FeedEvent:
     return _decode(_feed_decoder, data)
-
-
-def to_builtins(msg: msgspec.Struct) -> dict[str, Any]:
-    """A message as plain JSON-able values (for storing evidence)."""
-    out: dict[str, Any] = msgspec.to_builtins(msg)
-    return out
