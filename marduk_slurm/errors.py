@@ -24,6 +24,16 @@ class ProtocolError(MardukError, ValueError):
         self.detail = detail
 
 
+class IdentityError(ProtocolError):
+    """A message speaks for an identity its sender does not own (another job's replica, another
+    node's GPU). `retry` marks a conflict that may resolve itself once an earlier message of
+    the sender arrives (a step start still on its way)."""
+
+    def __init__(self, reason: str, detail: str = "", *, retry: bool = False) -> None:
+        super().__init__(reason, detail)
+        self.retry = retry
+
+
 class NotFound(MardukError, LookupError):
     """A node, job or replica that the request names does not exist."""
 

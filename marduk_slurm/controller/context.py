@@ -20,6 +20,7 @@ from marduk_slurm.errors import BusError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MAX_REJECTION_KEYS = 1000
 
 
 class StoreRunner:
@@ -52,19 +53,32 @@ class Context:
         self.bus = bus
         self.policy = policy
         self.stats: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
+        # Rejected input by (subject class, message kind, cause); see reject().
+        self.rejected: Counter[tuple[str, str, str]] = Counter()
         self.outbox_kick = asyncio.Event()
         self.started_at = time.time()
         self.nats_state = "disconnected"
 
-    def reject(self, reason: str, subject: str, detail: str) -> None:
-        self.rejected[reason] += 1
-        log.warning("rejected message on %s: %s %s", subject, reason, detail[:200])
+    def reject(self, reason: str, subject: str, detail: str, kind: str = "") -> None:
+        """Count input that was refused at the edge (never stored), by subject class, message
+        kind and cause. The set of keys is bounded: senders choose subjects, not counters."""
+        key = (subjects.subject_class(subject), kind or "?", reason)
+        if key not in self.rejected and len(self.rejected) >= MAX_REJECTION_KEYS:
+            key = ("other", kind or "?", reason)
+        self.rejected[key] += 1
+        log.warning("rejected message on %r: %s %r", subject[:200], reason, detail[:200])
+
+    def rejections(self) -> list[dict[str, Any]]:
+        """The counters as rows, most frequent first."""
+        return [{"subject": s, "kind": k, "cause": c, "count": n}
+                for (s, k, c), n in self.rejected.most_common()]
 
     async def carry_out(self, effects: Effects) -> None:
         """Publish what a commit decided. A failure here is logged, not raised: the decision
-        is already on record, and a replica that misses a leave command is caught by the
-        next reconcile or by the node drain itself."""
+        is already on record, and a leave command that does not arrive is re-sent from its
+        stored intent (controller.leaves) until the replica confirms it."""
+        for cause, subject, detail, kind in effects.rejected:
+            self.reject(cause, subject, detail, kind)
         if effects.outbox:
             self.outbox_kick.set()
         for leave, event_id in effects.leaves:
@@ -74,7 +88,7 @@ class Context:
                 event_id=event_id, ts=time.time(),
             )
             subject = subjects.replica_commands(leave.replica.job_id, leave.replica.replica_group)
-            await self._publish(subject, m.encode(cmd))
+            await self.publish(subject, m.encode(cmd))
             self.stats["leave_commands"] += 1
         if effects.feed:
             await self.publish_feed(effects.feed)
@@ -87,9 +101,9 @@ class Context:
             ev = m.FeedEvent(id=row["id"], ts=row["ts"], kind=row["kind"], reason=row["reason"],
                              node=row["node"], gpu_uuid=row["gpu_uuid"], job_id=row["job_id"],
                              replica_id=row["replica_id"], evidence=row["evidence"])
-            await self._publish(subjects.FEED, m.encode(ev))
+            await self.publish(subjects.FEED, m.encode(ev))
 
-    async def _publish(self, subject: str, data: bytes) -> None:
+    async def publish(self, subject: str, data: bytes) -> None:
         try:
             await self.bus.publish(subject, data)
         except BusError as exc:

@@ -25,6 +25,7 @@ from marduk_slurm.controller.context import Context, StoreRunner
 from marduk_slurm.controller.handlers import Policy
 from marduk_slurm.controller.ingest import EventIngest, HeartbeatWriter
 from marduk_slurm.controller.job_creds import JobCredentialService
+from marduk_slurm.controller.leaves import LeaveSender
 from marduk_slurm.controller.operations import Operations
 from marduk_slurm.controller.outbox import OutboxWorker
 from marduk_slurm.controller.reconcile import Reconciler
@@ -117,6 +118,7 @@ class Controller:
         sup.start("heartbeats", self.heartbeats.run)
         sup.start("outbox", OutboxWorker(ctx, self.slurm, retry_max_s=c.outbox_retry_max_s).run)
         sup.start("reconcile", reconciler.run)
+        sup.start("leaves", LeaveSender(ctx).run)
         rpc = RpcServer(ctx, ops)
         config_service.install(ctx, rpc)
         observe.install(ctx, rpc, ops, sup, self.heartbeats, lambda: self.settings.controller)

@@ -12,10 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
 from marduk_slurm.domain.fault_response import Leave, ReplicaRef, respond_to_verdict
 from marduk_slurm.domain.gpu_health import GpuAction
+from marduk_slurm.errors import IdentityError
+
+# A leave command goes out at once after the commit; the re-sender takes over from here.
+FIRST_LEAVE_RESEND_S = 1.0
 
 
 @dataclass
@@ -25,11 +32,14 @@ class Effects:
     leaves: list[tuple[Leave, int]] = field(default_factory=list)  # (leave, event id)
     feed: list[int] = field(default_factory=list)  # event ids to publish on the feed
     outbox: bool = False  # Slurm actions were queued
+    # Parts of a message refused while the rest applied: (cause, subject, detail, kind).
+    rejected: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def extend(self, other: Effects) -> None:
         self.leaves += other.leaves
         self.feed += other.feed
         self.outbox = self.outbox or other.outbox
+        self.rejected += other.rejected
 
 
 @dataclass(frozen=True)
@@ -54,15 +64,21 @@ def queue_leaves(store: Store, leaves: list[Leave], cause_event: int, source: st
             replica_id=r.replica_id, reason=leave.reason,
             evidence={"cause_event": cause_event, "immediate": leave.immediate},
         )
+        # The intent is stored with the decision: re-sent until the replica confirms it left
+        # or is gone, whatever happens to the first command (crash, NATS blip, reconnect).
+        store.put_leave_command(r.replica_id, r.job_id, r.replica_group, leave.reason,
+                                leave.immediate, eid, now + FIRST_LEAVE_RESEND_S)
         effects.leaves.append((leave, eid))
         effects.feed.append(eid)
 
 
 def on_step_start(store: Store, msg: m.StepStart, now: float, policy: Policy) -> Effects:
     store.ensure_node(msg.node, now)
-    uuids = list(msg.gpu_uuids)
+    effects = Effects()
+    uuids = _own_gpus(store, msg.node, list(msg.gpu_uuids), now, "step_start", effects)
     if not uuids:  # resolve indices the agent could not, from the inventory we keep
         uuids = [u for i in msg.gpu_indices if (u := store.gpu_uuid(msg.node, i))]
+    if uuids != list(msg.gpu_uuids):
         msg = _with_uuids(msg, uuids)
     store.record_step_start(msg, now)
     joined = store.map_step_gpus_to_replicas(msg.job_id, msg.step_id, msg.node, uuids, now)
@@ -72,7 +88,8 @@ def on_step_start(store: Store, msg: m.StepStart, now: float, policy: Policy) ->
         evidence={"step_id": msg.step_id, "gpu_indices": msg.gpu_indices, "gpu_uuids": uuids,
                   "pid": msg.pid, "uid": msg.uid, "replicas_mapped": joined},
     )
-    return Effects(feed=[eid])
+    effects.feed.append(eid)
+    return effects
 
 
 def _with_uuids(msg: m.StepStart, uuids: list[str]) -> m.StepStart:
@@ -80,8 +97,30 @@ def _with_uuids(msg: m.StepStart, uuids: list[str]) -> m.StepStart:
                        gpu_indices=msg.gpu_indices, gpu_uuids=uuids, pid=msg.pid, uid=msg.uid)
 
 
+def _own_gpus(store: Store, node: str, uuids: list[str], now: float, what: str,
+              effects: Effects) -> list[str]:
+    """The UUIDs of `uuids` that are not bound to another node. A GPU belongs to the node that
+    first reported it; a report from elsewhere is refused, with an event, until an operator
+    releases it (`marduk gpus release`)."""
+    owners = store.gpu_owners(uuids)
+    mine = [u for u in uuids if owners.get(u, node) == node]
+    for uuid in uuids:
+        if owners.get(uuid, node) != node:
+            store.add_event(
+                "gpu_identity_conflict", now=now, source="controller", node=node,
+                gpu_uuid=uuid, reason=f"{what} from {node} names GPU {uuid} of {owners[uuid]}",
+                evidence={"bound_to": owners[uuid], "reported_by": node, "message": what})
+            detail = f"GPU {uuid} of {owners[uuid]} reported by {node}"
+            store.count_rejection("identity_conflict", f"evt.node.*.{what}", what, detail, now)
+            effects.rejected.append(("identity_conflict", subjects.node_event(node, what),
+                                     detail, what))
+    return mine
+
+
 def on_step_end(store: Store, msg: m.StepEnd, now: float, policy: Policy) -> Effects:
     gone = store.end_step(msg.job_id, msg.step_id, msg.node, msg.exit_status, now)
+    for replica_id in gone:
+        store.finish_leave_command(replica_id, "step ended", now)
     eid = store.add_event(
         "step_end", now=now, source="agent", node=msg.node, job_id=msg.job_id,
         reason=f"step {msg.job_id}.{msg.step_id} ended on {msg.node}",
@@ -92,17 +131,29 @@ def on_step_end(store: Store, msg: m.StepEnd, now: float, policy: Policy) -> Eff
 
 
 def on_inventory(store: Store, msg: m.GpuInventory, now: float, policy: Policy) -> Effects:
-    store.upsert_gpus(msg.node, msg.gpus, msg.simulated, now)
+    effects = Effects()
+    mine = set(_own_gpus(store, msg.node, [g.uuid for g in msg.gpus], now, "gpu_inventory",
+                         effects))
+    gpus = [g for g in msg.gpus if g.uuid in mine]
+    store.upsert_gpus(msg.node, gpus, msg.simulated, now)
     eid = store.add_event(
         "gpu_inventory", now=now, source="agent", node=msg.node,
-        reason=f"{len(msg.gpus)} {'simulated ' if msg.simulated else ''}GPUs on {msg.node}",
-        evidence={"gpus": [g.uuid for g in msg.gpus], "simulated": msg.simulated},
+        reason=f"{len(gpus)} {'simulated ' if msg.simulated else ''}GPUs on {msg.node}",
+        evidence={"gpus": [g.uuid for g in gpus], "simulated": msg.simulated,
+                  "refused": sorted({g.uuid for g in msg.gpus} - mine)},
     )
-    return Effects(feed=[eid])
+    effects.feed.append(eid)
+    return effects
 
 
 def on_verdict(store: Store, msg: m.Verdict, now: float, policy: Policy) -> Effects:
-    """A GPU verdict: persist it, then act on it (see domain.fault_response)."""
+    """A GPU verdict: persist it, then act on it (see domain.fault_response). A verdict only
+    ever concerns its own node: a GPU bound to another node is refused, and only replicas on
+    the verdict's node are asked to leave."""
+    owner = store.gpu_owners([msg.gpu_uuid]).get(msg.gpu_uuid, msg.node)
+    if owner != msg.node:
+        raise IdentityError("identity_conflict",
+                            f"verdict from {msg.node} for GPU {msg.gpu_uuid} of {owner}")
     store.set_gpu_health(msg.gpu_uuid, msg.node, msg.gpu_index, msg.action.value, msg.reason, now)
     eid = store.add_event(
         "gpu_verdict", now=now, source=msg.source, node=msg.node, gpu_uuid=msg.gpu_uuid,
@@ -112,7 +163,7 @@ def on_verdict(store: Store, msg: m.Verdict, now: float, policy: Policy) -> Effe
     effects = Effects(feed=[eid])
     response = respond_to_verdict(
         action=msg.action, gpu_uuid=msg.gpu_uuid, xid=msg.xid, event_id=eid,
-        replicas_on_gpu=replica_refs(store.replicas(gpu_uuid=msg.gpu_uuid)),
+        replicas_on_gpu=replica_refs(store.replicas(gpu_uuid=msg.gpu_uuid, node=msg.node)),
         replicas_on_node=replica_refs(store.replicas(node=msg.node)),
         reason_prefix=policy.reason_prefix, leave_on_drain=policy.leave_on_drain,
     )
@@ -136,7 +187,27 @@ def queue_drain(store: Store, node: str, reason: str, cause_event: int, source: 
     effects.outbox = True
 
 
+def _check_replica_owner(store: Store, replica_id: str, job_id: int) -> None:
+    """A replica id belongs to the job that first registered it."""
+    owner = store.replica_job(replica_id)
+    if owner is not None and owner != job_id:
+        raise IdentityError("identity_conflict",
+                            f"job {job_id} used replica id {replica_id} of job {owner}")
+
+
 def on_register(store: Store, msg: m.ReplicaRegister, now: float, policy: Policy) -> Effects:
+    _check_replica_owner(store, msg.replica_id, msg.job_id)
+    nodes = store.job_nodes(msg.job_id)
+    if nodes is not None and msg.node not in nodes:
+        # The step relay may not have reported this node's step yet: retried a few times
+        # before it counts as a rejection.
+        raise IdentityError("node_not_in_job",
+                            f"replica {msg.replica_id} of job {msg.job_id} on {msg.node}, "
+                            f"where the job has no running step", retry=True)
+    effects = Effects()
+    uuids = _own_gpus(store, msg.node, list(msg.gpu_uuids), now, "replica_register", effects)
+    if len(uuids) != len(msg.gpu_uuids):
+        msg = msgspec.structs.replace(msg, gpu_uuids=uuids)
     store.register_replica(msg, now)
     eid = store.add_event(
         "replica_register", now=now, source="replica", node=msg.node, job_id=msg.job_id,
@@ -146,12 +217,21 @@ def on_register(store: Store, msg: m.ReplicaRegister, now: float, policy: Policy
         evidence={"gpu_uuids": msg.gpu_uuids, "step_id": msg.step_id, "step": msg.step,
                   "hyperparams": msg.hyperparams, "pid": msg.pid},
     )
-    return Effects(feed=[eid])
+    effects.feed.append(eid)
+    pending = store.pending_leave(msg.replica_id)
+    if pending is not None:  # told to leave before it reconnected: tell it again
+        ref = replica_refs(store.replicas(replica_id=msg.replica_id))
+        if ref:
+            effects.leaves.append((Leave(ref[0], immediate=bool(pending["immediate"]),
+                                         reason=pending["reason"]), pending["event_id"] or eid))
+    return effects
 
 
 def on_leave(store: Store, msg: m.ReplicaLeave, now: float, policy: Policy) -> Effects:
+    _check_replica_owner(store, msg.replica_id, msg.job_id)
     row = store.replica(msg.replica_id)
     left = store.leave_replica(msg.replica_id, msg.reason or "left", now)
+    store.finish_leave_command(msg.replica_id, "replica confirmed", now)
     eid = store.add_event(
         "replica_leave", now=now, source="replica", job_id=msg.job_id,
         node=row["node"] if row else None, replica_id=msg.replica_id,
@@ -163,6 +243,7 @@ def on_leave(store: Store, msg: m.ReplicaLeave, now: float, policy: Policy) -> E
 
 
 def on_config_ack(store: Store, msg: m.ConfigAck, now: float, policy: Policy) -> Effects:
+    _check_replica_owner(store, msg.replica_id, msg.job_id)
     store.record_config_ack(msg.job_id, msg.revision, msg.replica_id, msg.applied_at_step,
                             msg.ok, msg.error, now)
     return Effects()

@@ -14,17 +14,19 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
 from nats.aio.msg import Msg
 
 from marduk_slurm.adapters.store import Store
+from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.handlers import Effects, apply_message
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import ProtocolError, StoreError
+from marduk_slurm.errors import IdentityError, ProtocolError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,31 @@ DURABLE_NAME = "marduk-controller"
 ACK_WAIT_S = 10.0
 
 
+# A message whose handling fails this many times is set aside (dead letter) and terminated.
+MAX_DELIVERIES = 3
+POISON_RETRY_S = 1.0
+
+
+@dataclass
+class _Item:
+    seq: int
+    subject: str
+    data: bytes
+    deliveries: int
+    outcome: str = "ack"  # ack, nak (try again later), term (dead-lettered)
+
+
+@dataclass
+class _BatchResult:
+    effects: Effects = field(default_factory=Effects)
+    rejected: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+
 class EventIngest:
     def __init__(self, ctx: Context, *, batch: int = 256) -> None:
         self.ctx = ctx
         self.batch = batch
-        self._store_failures = 0
+        self._store_failures = Backoff(base_s=0.5, max_s=10.0)
 
     async def run(self) -> None:
         psub = await self.ctx.bus.durable_consumer(DURABLE_NAME, ack_wait_s=ACK_WAIT_S)
@@ -57,30 +79,27 @@ class EventIngest:
             await self.process(msgs)
 
     async def process(self, msgs: list[Msg]) -> None:
-        items = [(_seq(msg), msg.subject, bytes(msg.data)) for msg in msgs]
+        items = [_Item(_seq(msg), msg.subject, bytes(msg.data), _deliveries(msg)) for msg in msgs]
         try:
-            effects, rejected = await self.ctx.db.tx(lambda store: self._apply(store, items))
+            result = await self.ctx.db.tx(lambda store: self._apply(store, items))
         except (sqlite3.Error, StoreError) as exc:
             await self._hold_back(msgs, exc)
             return
-        self._store_failures = 0
-        for reason, subject, detail in rejected:
-            self.ctx.reject(reason, subject, detail)
-        for msg in msgs:  # only now, after the commit
-            try:
-                await msg.ack()
-            except (nats.errors.Error, OSError) as exc:
-                log.warning("ack failed (message will be redelivered and skipped): %s", exc)
-        self.ctx.stats["events_ingested"] += len(msgs) - len(rejected)
-        await self.ctx.carry_out(effects)
+        self._store_failures.reset()
+        for reason, subject, kind, detail in result.rejected:
+            self.ctx.reject(reason, subject, detail, kind)
+        for msg, item in zip(msgs, items, strict=True):  # only now, after the commit
+            await _settle(msg, item.outcome)
+        self.ctx.stats["events_ingested"] += sum(i.outcome == "ack" for i in items) - len(
+            result.rejected)
+        await self.ctx.carry_out(result.effects)
 
     async def _hold_back(self, msgs: list[Msg], exc: Exception) -> None:
         """The database refused the batch (locked, disk full): leave it in JetStream, ask for
         redelivery soon, and wait before fetching again. The daemon stays up; it catches up
         by itself once the database takes writes again."""
-        self._store_failures += 1
+        delay = self._store_failures.next()
         self.ctx.stats["ingest_store_failures"] += 1
-        delay = min(0.5 * 2 ** min(self._store_failures, 5), 10.0)
         log.error("database write failed (%s): %d event(s) left in JetStream, retrying in "
                   "%.1f s", exc, len(msgs), delay)
         for msg in msgs:
@@ -89,26 +108,91 @@ class EventIngest:
                 await msg.nak(delay=delay)
         await asyncio.sleep(delay)
 
-    def _apply(self, store: Store, items: list[tuple[int, str, bytes]]
-               ) -> tuple[Effects, list[tuple[str, str, str]]]:
-        effects = Effects()
-        rejected: list[tuple[str, str, str]] = []
+    def _apply(self, store: Store, items: list[_Item]) -> _BatchResult:
+        result = _BatchResult()
         now = time.time()
-        for seq, subject, data in items:
-            if seq and store.already_ingested(seq):
+        for item in items:
+            if item.seq and store.already_ingested(item.seq):
                 self.ctx.stats["events_redelivered"] += 1
                 continue
-            try:
-                msg = m.decode_durable(data)
-                check_subject(subject, msg)
-            except ProtocolError as exc:
-                store.count_rejection(exc.reason, subject, exc.detail, now)
-                rejected.append((exc.reason, subject, exc.detail))
-            else:
-                effects.extend(apply_message(store, msg, now, self.ctx.policy))
-            if seq:
-                store.mark_ingested(seq, now)
-        return effects, rejected
+            self._apply_one(store, item, now, result)
+            if item.seq and item.outcome != "nak":
+                store.mark_ingested(item.seq, now)
+        return result
+
+    def _apply_one(self, store: Store, item: _Item, now: float, result: _BatchResult) -> None:
+        """Decode, check and apply one message in its own savepoint: whatever it raises, the
+        rest of the batch commits."""
+        kind = item.subject.rsplit(".", 1)[-1][:32]
+        try:
+            msg = m.decode_durable(item.data)
+            check_subject(item.subject, msg)
+            with store.savepoint():
+                result.effects.extend(apply_message(store, msg, now, self.ctx.policy))
+        except IdentityError as exc:
+            if exc.retry and item.deliveries < MAX_DELIVERIES:
+                item.outcome = "nak"
+                return
+            self._refuse(store, item, kind, exc, now, result)
+            store.add_event("identity_rejected", now=now, source="controller",
+                            reason=f"{exc.reason}: {exc.detail}"[:500],
+                            evidence={"subject": item.subject[:200], "stream_seq": item.seq})
+        except ProtocolError as exc:
+            self._refuse(store, item, kind, exc, now, result)
+        except sqlite3.OperationalError as exc:
+            if transient_store_error(exc):
+                raise  # the database, not the message: hold the whole batch back
+            self._poison(store, item, exc, now)
+        except Exception as exc:
+            self._poison(store, item, exc, now)
+
+    def _refuse(self, store: Store, item: _Item, kind: str, exc: ProtocolError, now: float,
+                result: _BatchResult) -> None:
+        subject = subjects.subject_class(item.subject)
+        store.count_rejection(exc.reason, subject, kind, exc.detail, now)
+        result.rejected.append((exc.reason, item.subject, kind, exc.detail))
+
+    def _poison(self, store: Store, item: _Item, exc: BaseException, now: float) -> None:
+        """A message whose handling raised: retried a few times (the cause may pass), then
+        kept in the dead-letter table and terminated in JetStream. Never a crash loop."""
+        error = f"{type(exc).__name__}: {exc}"[:1000]
+        self.ctx.stats["ingest_message_failures"] += 1
+        if item.deliveries < MAX_DELIVERIES:
+            log.warning("event on %r failed (delivery %d of %d), will retry: %s",
+                        item.subject[:200], item.deliveries, MAX_DELIVERIES, error)
+            item.outcome = "nak"
+            return
+        store.add_dead_letter(item.subject, item.seq, item.deliveries, error, item.data, now)
+        self.ctx.stats["dead_letters"] += 1
+        log.error("event on %r dead-lettered after %d deliveries: %s", item.subject[:200],
+                  item.deliveries, error)
+        item.outcome = "term"
+
+
+def transient_store_error(exc: sqlite3.OperationalError) -> bool:
+    """Whether the database itself failed (locked, full, I/O), as opposed to one statement."""
+    text = str(exc).lower()
+    return any(word in text for word in ("locked", "busy", "disk", "full", "i/o", "readonly",
+                                         "read-only", "unable to open", "interrupted"))
+
+
+async def _settle(msg: Msg, outcome: str) -> None:
+    try:
+        if outcome == "nak":
+            await msg.nak(delay=POISON_RETRY_S)
+        elif outcome == "term":
+            await msg.term()
+        else:
+            await msg.ack()
+    except (nats.errors.Error, OSError) as exc:
+        log.warning("%s failed (message will be redelivered and skipped): %s", outcome, exc)
+
+
+def _deliveries(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except (AttributeError, ValueError, TypeError, nats.errors.Error):
+        return 1
 
 
 def _seq(msg: Msg) -> int:
@@ -163,17 +247,38 @@ class HeartbeatWriter:
         try:
             hb = m.decode_heartbeat(msg.data)
         except ProtocolError as exc:
-            self.ctx.reject(exc.reason, msg.subject, exc.detail)
+            self.ctx.reject(exc.reason, msg.subject, exc.detail, "heartbeat")
             return
         subject = self._subjects.get(hb.job_id)
         if subject is None:
             subject = self._subjects[hb.job_id] = subjects.heartbeat(hb.job_id)
         if msg.subject != subject:
-            self.ctx.reject("subject_mismatch", msg.subject, "heartbeat of another job")
+            self.ctx.reject("subject_mismatch", msg.subject, "heartbeat of another job",
+                            "heartbeat")
             return
         self.received += 1
         # Newer beats of one replica replace older ones: the row keeps the latest state.
         self.pending[hb.replica_id] = hb
+
+    def _keep_for_next_period(self, batch: list[m.Heartbeat], exc: Exception) -> None:
+        # Keep the batch for the next period unless a newer beat replaced it meanwhile.
+        for hb in batch:
+            self.pending.setdefault(hb.replica_id, hb)
+        self.ctx.stats["heartbeat_flush_failures"] += 1
+        log.warning("heartbeat write-behind failed, retrying next period: %s", exc)
+
+    async def _write_one_by_one(self, batch: list[m.Heartbeat], now: float) -> None:
+        """A batch failed because of its content: write beats singly and drop the bad ones
+        (counted), so one beat can never stop the write-behind."""
+        try:
+            _written, bad = await self.ctx.db.tx(
+                lambda store: store.write_heartbeats_one_by_one(batch, now))
+        except (sqlite3.Error, StoreError) as exc:
+            self._keep_for_next_period(batch, exc)
+            return
+        for hb, error in bad:
+            self.ctx.reject("unstorable", subjects.heartbeat(hb.job_id), error, "heartbeat")
+        self.ctx.stats["heartbeats_written"] += len(batch) - len(bad)
 
     async def run(self) -> None:
         await self.ctx.bus.subscribe(subjects.HEARTBEATS_ALL, self.on_message)
@@ -189,17 +294,19 @@ class HeartbeatWriter:
         batch, self.pending = list(self.pending.values()), {}
         now = time.time()
 
-        def write(store: Store) -> int:
-            return store.write_heartbeats(batch, now)
-
         try:
-            await self.ctx.db.tx(write)
+            await self.ctx.db.tx(lambda store: store.write_heartbeats(batch, now))
+        except sqlite3.OperationalError as exc:
+            if not transient_store_error(exc):
+                await self._write_one_by_one(batch, now)
+                return
+            self._keep_for_next_period(batch, exc)
+            return
         except (sqlite3.Error, StoreError) as exc:
-            # Keep the batch for the next period unless a newer beat replaced it meanwhile.
-            for hb in batch:
-                self.pending.setdefault(hb.replica_id, hb)
-            self.ctx.stats["heartbeat_flush_failures"] += 1
-            log.warning("heartbeat write-behind failed, retrying next period: %s", exc)
+            self._keep_for_next_period(batch, exc)
+            return
+        except Exception:
+            await self._write_one_by_one(batch, now)
             return
         self.written += len(batch)
         self.ctx.stats["heartbeats_written"] += len(batch)

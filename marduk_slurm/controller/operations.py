@@ -217,7 +217,8 @@ class Operations:
                 "events": q("SELECT COUNT(*) FROM events").fetchone()[0],
                 "outbox_pending": q("SELECT COUNT(*) FROM outbox WHERE state='pending'"
                                     ).fetchone()[0],
-                "rejected_total": sum(store.rejections().values()),
+                "rejected_total": store.rejection_total(),
+                "dead_letters": store.dead_letter_count(),
             }
         data = await self.ctx.db(lambda: read(self.ctx.db.store))
         data.update({
@@ -226,7 +227,7 @@ class Operations:
             "slurm_backend": self.slurm.name,
             "slurm_calls": self.slurm.stats(),
             "counters": dict(self.ctx.stats),
-            "rejected": dict(self.ctx.rejected),
+            "rejections": self.ctx.rejections(),
         })
         return data
 

@@ -59,6 +59,8 @@ class RpcServer:
             "drain": self.drain,
             "resume": self.resume,
             "inject": self.inject,
+            "deadletters": self.deadletters,
+            "gpu_release": self.gpu_release,
         }
         # Requests a training job makes about itself (marduk.v1.jobrpc.<job>.<verb>); the
         # job id from the subject is passed in args["job"], so a job cannot ask for another.
@@ -182,3 +184,33 @@ class RpcServer:
         if not node or gpu in (None, "") or xid is None:
             raise ValueError("inject needs node, gpu (UUID or index) and xid")
         return await self.ops.inject(node, str(gpu), xid, actor=actor, at=time.time())
+
+    # -- the trust boundary ----------------------------------------------------------------
+
+    async def deadletters(self, args: dict[str, Any], actor: str) -> Any:
+        """Messages whose handling kept failing, set aside instead of blocking ingest."""
+        limit = _opt_int(args, "limit") or 100
+        if not 1 <= limit <= 10000:
+            raise ValueError("limit must be between 1 and 10000")
+        return await self.ctx.db(lambda: self.ctx.db.store.dead_letters(limit))
+
+    async def gpu_release(self, args: dict[str, Any], actor: str) -> Any:
+        """Forget which node a GPU UUID belongs to, so that the next node to report it binds
+        it (a GPU moved between nodes, or a board swap reused a UUID)."""
+        uuid = _opt_str(args, "uuid")
+        if not uuid or not m.printable(uuid) or len(uuid) > 96:
+            raise ValueError("name the GPU UUID to release")
+        now = time.time()
+
+        def release(store: Any) -> dict[str, Any]:
+            owner = store.gpu_owners([uuid]).get(uuid)
+            if owner is None:
+                raise NotFound(f"unknown GPU {uuid}")
+            store.release_gpu(uuid)
+            eid = store.add_event("gpu_released", now=now, source=actor[:128], node=owner,
+                                  gpu_uuid=uuid, reason=f"GPU {uuid} released from {owner}")
+            return {"uuid": uuid, "node": owner, "event": eid}
+
+        result = await self.ctx.db.tx(release)
+        await self.ctx.publish_feed([result["event"]])
+        return result

@@ -9,6 +9,7 @@ human description of this module and of `marduk_slurm.domain.subjects`.
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -18,18 +19,41 @@ from marduk_slurm.errors import ProtocolError
 
 PROTOCOL_VERSION: Final = 1
 
-# Slurm node names and similar identifiers: what a NATS subject token can hold.
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")]
+# Every integer on the wire fits SQLite's INTEGER (int64) and a range that makes sense for
+# its field; every float is finite and bounded; every string is bounded and printable. What
+# does not fit is rejected here, at the edge, and never reaches the store.
+INT64_MAX: Final = 2**63 - 1
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*$"
+
+# Slurm node names: what a NATS subject token can hold, never starting like an option.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
+                                   pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")]
 # torchft replica ids are "<prefix>:<uuid>"; keep them printable and bounded.
 ReplicaId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[!-~]+$")]
 GpuUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=96, pattern=r"^[A-Za-z0-9_:\-]+$")]
 JobId = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
 StepId = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
-NonNeg = Annotated[int, msgspec.Meta(ge=0)]
-Seconds = Annotated[float, msgspec.Meta(ge=0)]
-Millis = Annotated[float, msgspec.Meta(ge=0)]
-Text = Annotated[str, msgspec.Meta(max_length=1024)]
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+NonNeg = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+# Training steps, revisions and counters: far beyond any run, within JSON's exact integers.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+Pid = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
+GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=4095)]
+Xid = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
+GroupSize = Annotated[int, msgspec.Meta(ge=0, le=2**20)]
+ExitStatus = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**32)]
+Int64 = Annotated[int, msgspec.Meta(ge=-INT64_MAX, le=INT64_MAX)]
+# Unix seconds up to the year 2286; durations up to ~11 days.
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e10)]
+Millis = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
+Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
+Text = Annotated[str, msgspec.Meta(max_length=1024, pattern=_PRINTABLE)]
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=_PRINTABLE)]
+
+# Free-form JSON objects (evidence, hyperparameters, config changes, request args) are checked
+# after decoding: nesting depth, total size, and the same integer/float/string rules.
+JSON_MAX_DEPTH: Final = 8
+JSON_MAX_ITEMS: Final = 4096
+JSON_MAX_STRING: Final = 4096
 
 # Slurm's step id of the batch script (SLURM_BATCH_SCRIPT).
 BATCH_STEP_ID: Final = 4294967291
@@ -51,10 +75,10 @@ class StepStart(Message, tag="step_start", kw_only=True):
     job_id: JobId
     step_id: StepId
     node: Name
-    gpu_indices: list[NonNeg] = []
-    gpu_uuids: list[GpuUuid] = []
-    pid: NonNeg = 0
-    uid: NonNeg = 0
+    gpu_indices: Annotated[list[GpuIndex], msgspec.Meta(max_length=64)] = []
+    gpu_uuids: Annotated[list[GpuUuid], msgspec.Meta(max_length=64)] = []
+    pid: Pid = 0
+    uid: Pid = 0
 
 
 class StepEnd(Message, tag="step_end", kw_only=True):
@@ -63,7 +87,7 @@ class StepEnd(Message, tag="step_end", kw_only=True):
     job_id: JobId
     step_id: StepId
     node: Name
-    exit_status: int | None = None
+    exit_status: ExitStatus | None = None
 
 
 class Verdict(Message, tag="verdict", kw_only=True):
@@ -71,17 +95,17 @@ class Verdict(Message, tag="verdict", kw_only=True):
 
     node: Name
     gpu_uuid: GpuUuid
-    gpu_index: NonNeg | None = None
+    gpu_index: GpuIndex | None = None
     action: GpuAction
     reason: Reason
-    xid: NonNeg | None = None
+    xid: Xid | None = None
     evidence: dict[str, Any] = {}
     source: Name = "agent"
 
 
 class GpuDescriptor(msgspec.Struct, forbid_unknown_fields=True):
     uuid: GpuUuid
-    index: NonNeg
+    index: GpuIndex
     name: Text = ""
     pci_bus_id: Text = ""
 
@@ -90,7 +114,7 @@ class GpuInventory(Message, tag="gpu_inventory", kw_only=True):
     """The GPUs an agent found on its node (sent on agent start)."""
 
     node: Name
-    gpus: list[GpuDescriptor]
+    gpus: Annotated[list[GpuDescriptor], msgspec.Meta(max_length=256)]
     simulated: bool = False
 
 
@@ -103,15 +127,15 @@ class ReplicaRegister(Message, tag="replica_register", kw_only=True):
     replica_id: ReplicaId
     job_id: JobId
     step_id: StepId | None = None
-    replica_group: NonNeg
-    group_rank: NonNeg = 0
-    group_world_size: Annotated[int, msgspec.Meta(ge=1)] = 1
+    replica_group: GroupSize
+    group_rank: GroupSize = 0
+    group_world_size: Annotated[int, msgspec.Meta(ge=1, le=2**20)] = 1
     node: Name
-    gpu_uuids: list[GpuUuid] = []
-    pid: NonNeg = 0
+    gpu_uuids: Annotated[list[GpuUuid], msgspec.Meta(max_length=64)] = []
+    pid: Pid = 0
     hyperparams: dict[str, Any] = {}
-    config_revision: NonNeg = 0
-    step: NonNeg = 0
+    config_revision: Count = 0
+    step: Count = 0
 
 
 class ReplicaLeave(Message, tag="replica_leave", kw_only=True):
@@ -120,8 +144,8 @@ class ReplicaLeave(Message, tag="replica_leave", kw_only=True):
     replica_id: ReplicaId
     job_id: JobId
     reason: Text = ""
-    exit_code: int | None = None
-    step: NonNeg | None = None
+    exit_code: ExitStatus | None = None
+    step: Count | None = None
 
 
 class ConfigAck(Message, tag="config_ack", kw_only=True):
@@ -129,8 +153,8 @@ class ConfigAck(Message, tag="config_ack", kw_only=True):
 
     replica_id: ReplicaId
     job_id: JobId
-    revision: NonNeg
-    applied_at_step: NonNeg
+    revision: Count
+    applied_at_step: Count
     ok: bool = True
     error: Text = ""
 
@@ -143,13 +167,13 @@ class Heartbeat(Message, tag="heartbeat", kw_only=True):
 
     replica_id: ReplicaId
     job_id: JobId
-    step: NonNeg
+    step: Count
     step_time_ms: Millis = 0.0
     allreduce_ms: Millis = 0.0
-    participants: NonNeg = 0
-    quorum_id: int = 0
-    loss: float | None = None
-    config_revision: NonNeg = 0
+    participants: GroupSize = 0
+    quorum_id: Int64 = 0
+    loss: Finite | None = None
+    config_revision: Count = 0
 
 
 # -- controller -> jobs and replicas (core NATS) ---------------------------------------------
@@ -159,8 +183,8 @@ class JobCommand(Message, tag="job_command", kw_only=True):
     """A config revision for every replica of a job, applied at `apply_at_step`."""
 
     job_id: JobId
-    revision: NonNeg
-    apply_at_step: NonNeg
+    revision: Count
+    apply_at_step: Count
     changes: dict[str, Any] = {}
 
 
@@ -199,7 +223,7 @@ class Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     v: int = PROTOCOL_VERSION
     args: dict[str, Any] = {}
-    actor: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    actor: Annotated[str, msgspec.Meta(max_length=128, pattern=_PRINTABLE)] = ""
 
 
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -207,6 +231,141 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
     data: Any = None
     error: str = ""
     error_kind: str = ""
+
+
+# -- node agent -> controller (core NATS, not persisted) ---------------------------------------
+
+
+class HealthGpu(msgspec.Struct, kw_only=True):
+    """One GPU of a health summary; fields the controller does not read are ignored."""
+
+    uuid: GpuUuid
+    index: GpuIndex | None = None
+    action: Annotated[str, msgspec.Meta(max_length=32, pattern=_PRINTABLE)] = ""
+    reason: Text = ""
+    evidence: dict[str, Any] | None = None
+
+
+class HealthSummary(msgspec.Struct, kw_only=True):
+    """The agent's periodic health summary (``marduk.v1.health.<node>``)."""
+
+    node: Name
+    gpus: Annotated[list[HealthGpu], msgspec.Meta(max_length=256)] = []
+
+
+# -- the shape of verdict evidence -------------------------------------------------------------
+# Evidence is open (drills and future agents add keys), but the keys the controller reads must
+# have the shape the agent writes (domain.gpu_health._evidence); anything else is rejected.
+
+OptCount = Count | None
+
+
+class EccEvidence(msgspec.Struct, kw_only=True):
+    dbe_volatile: OptCount = None
+    dbe_aggregate: OptCount = None
+    sbe_volatile: OptCount = None
+    sbe_aggregate: OptCount = None
+
+
+class RetiredPagesEvidence(msgspec.Struct, kw_only=True):
+    sbe: OptCount = None
+    dbe: OptCount = None
+    pending: bool | None = None
+
+
+class RowRemapEvidence(msgspec.Struct, kw_only=True):
+    correctable: OptCount = None
+    uncorrectable: OptCount = None
+    pending: bool | None = None
+    failure: bool | None = None
+
+
+class EvidenceShape(msgspec.Struct, kw_only=True):
+    gpu_index: GpuIndex | None = None
+    index: GpuIndex | None = None
+    xids: Annotated[list[Xid], msgspec.Meta(max_length=256)] = []
+    ecc: EccEvidence | None = None
+    retired_pages: RetiredPagesEvidence | None = None
+    row_remap: RowRemapEvidence | None = None
+    recovery_action: Annotated[int, msgspec.Meta(ge=0, le=2**32)] | None = None
+    throttle_reasons: Annotated[list[Text], msgspec.Meta(max_length=64)] | None = None
+    temperature_c: Finite | None = None
+    power_w: Finite | None = None
+
+
+def check_json(value: Any, what: str, *, max_depth: int = JSON_MAX_DEPTH,
+               max_items: int = JSON_MAX_ITEMS) -> None:
+    """A free-form JSON value must be shallow, small, and hold only storable scalars:
+    integers within int64, finite floats, printable bounded strings (keys too)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    items = 0
+    while stack:
+        node, depth = stack.pop()
+        items += 1
+        if items > max_items:
+            raise ProtocolError("too_large", f"{what}: more than {max_items} values")
+        if isinstance(node, dict):
+            if depth >= max_depth:
+                raise ProtocolError("too_deep", f"{what}: nested deeper than {max_depth}")
+            for key, child in node.items():
+                _check_scalar(key, what)
+                stack.append((child, depth + 1))
+        elif isinstance(node, list):
+            if depth >= max_depth:
+                raise ProtocolError("too_deep", f"{what}: nested deeper than {max_depth}")
+            stack.extend((child, depth + 1) for child in node)
+        else:
+            _check_scalar(node, what)
+
+
+def _check_scalar(value: Any, what: str) -> None:
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int):
+        if not -INT64_MAX <= value <= INT64_MAX:
+            raise ProtocolError("out_of_range", f"{what}: integer beyond int64")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ProtocolError("out_of_range", f"{what}: non-finite number")
+    elif isinstance(value, str):
+        if len(value) > JSON_MAX_STRING:
+            raise ProtocolError("too_large", f"{what}: string over {JSON_MAX_STRING} characters")
+        if not printable(value):
+            raise ProtocolError("control_character", f"{what}: control character in a string")
+    else:
+        raise ProtocolError("invalid_field", f"{what}: unexpected {type(value).__name__}")
+
+
+_PRINTABLE_RE = re.compile(_PRINTABLE)
+
+
+def printable(text: str) -> bool:
+    """No control characters (C0, DEL, C1), line separators or bidi overrides."""
+    return _PRINTABLE_RE.match(text) is not None
+
+
+def _check_evidence(evidence: dict[str, Any]) -> None:
+    check_json(evidence, "evidence")
+    try:
+        msgspec.convert(evidence, EvidenceShape)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("invalid_evidence", str(exc)[:300]) from None
+
+
+def _check_free_json(msg: Any) -> None:
+    """The open dicts of a decoded message (the typed fields are checked by msgspec)."""
+    if isinstance(msg, Verdict):
+        _check_evidence(msg.evidence)
+    elif isinstance(msg, ReplicaRegister):
+        check_json(msg.hyperparams, "hyperparams", max_items=1024)
+    elif isinstance(msg, JobCommand):
+        check_json(msg.changes, "changes", max_items=1024)
+    elif isinstance(msg, Request):
+        check_json(msg.args, "args", max_items=100_000)
+    elif isinstance(msg, HealthSummary):
+        for gpu in msg.gpus:
+            if gpu.evidence is not None:
+                _check_evidence(gpu.evidence)
 
 
 DurableMessage = (
@@ -220,6 +379,7 @@ _command_decoder = msgspec.json.Decoder(JobCommand | ReplicaCommand)
 _request_decoder = msgspec.json.Decoder(Request)
 _reply_decoder = msgspec.json.Decoder(Reply)
 _feed_decoder = msgspec.json.Decoder(FeedEvent)
+_health_decoder = msgspec.json.Decoder(HealthSummary)
 
 
 def encode(msg: msgspec.Struct) -> bytes:
@@ -236,13 +396,19 @@ def _classify(exc: msgspec.DecodeError) -> ProtocolError:
         reason = "missing_field"
     elif "unknown field" in text:
         reason = "unknown_field"
+    elif "length <=" in text:
+        reason = "too_large"
+    elif "<=" in text or ">=" in text or "out of range" in text:
+        reason = "out_of_range"
+    elif "matching regex" in text:
+        reason = "bad_format"
     else:
         reason = "invalid_field"
     return ProtocolError(reason, text[:300])
 
 
 def _check_version(msg: Any) -> Any:
-    if msg.v != PROTOCOL_VERSION:
+    if getattr(msg, "v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
         raise ProtocolError("unsupported_version", f"v={msg.v}, this controller speaks v1")
     return msg
 
@@ -258,6 +424,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
         raise _classify(exc) from None
     except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
         raise ProtocolError("malformed_json", str(exc)[:300]) from None
+    _check_free_json(msg)
     return _check_version(msg)
 
 
@@ -271,6 +438,10 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
     if not math.isfinite(hb.step_time_ms) or not math.isfinite(hb.allreduce_ms):
         raise ProtocolError("invalid_field", "non-finite timing")
     return hb
+
+
+def decode_health(data: bytes) -> HealthSummary:
+    return _decode(_health_decoder, data)
 
 
 def decode_command(data: bytes) -> JobCommand | ReplicaCommand:

@@ -75,3 +75,22 @@ def cred_rpc(node: str) -> str:
 
 
 CRED_RPC_ALL: Final = f"{PREFIX}.credrpc.*"
+
+
+# Which tokens of a subject name a node or job (masked when counting), by the token after
+# the prefix: evt.node.<n>.<kind>, evt.job.<j>.<kind>, hb.<j>, health.<n>, jobrpc.<j>.<verb>,
+# credrpc.<n>, cmd.job.<j>, cmd.replica.<j>.<g>.
+_ID_TOKENS: Final = {"evt": (2,), "hb": (1,), "health": (1,), "jobrpc": (1,), "credrpc": (1,),
+                     "cmd": (2, 3), "agent": (1,)}
+
+
+def subject_class(subject: str) -> str:
+    """A subject with its node, job and group tokens masked (``evt.node.*.verdict``), so that
+    rejections can be counted per kind of subject without one counter per sender. Tokens a
+    sender chooses freely are cut short."""
+    tokens = subject.split(".")
+    if tokens[:2] == PREFIX.split("."):
+        tokens = tokens[2:]
+    masked = _ID_TOKENS.get(tokens[0] if tokens else "", ())
+    out = ["*" if i in masked else t[:32] for i, t in enumerate(tokens[:6])]
+    return ".".join(out) or "?"

@@ -166,4 +166,42 @@ MIGRATIONS: Final[list[str]] = [
     """
     ALTER TABLE outbox ADD COLUMN batch_reason TEXT NOT NULL DEFAULT '';
     """,
+    # 3: the trust boundary: poison messages kept aside, durable leave commands, GPUs bound
+    # to the node that first reported them, rejections counted by subject class and kind.
+    """
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        subject TEXT NOT NULL,
+        stream_seq INTEGER NOT NULL DEFAULT 0,
+        deliveries INTEGER NOT NULL DEFAULT 0,
+        error TEXT NOT NULL DEFAULT '',
+        size INTEGER NOT NULL DEFAULT 0,
+        data BLOB                                   -- the first 64 KiB of the message
+    );
+    CREATE TABLE leave_commands (
+        replica_id TEXT PRIMARY KEY,
+        job_id INTEGER NOT NULL,
+        replica_group INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        immediate INTEGER NOT NULL DEFAULT 0,
+        event_id INTEGER,
+        state TEXT NOT NULL DEFAULT 'pending',      -- pending, done
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        done_at REAL,
+        done_reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX leave_commands_pending ON leave_commands(state, next_attempt_at);
+    CREATE TABLE rejection_counts (
+        subject TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        cause TEXT NOT NULL,
+        count INTEGER NOT NULL DEFAULT 0,
+        last_at REAL NOT NULL,
+        last_detail TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (subject, kind, cause)
+    );
+    """,
 ]

@@ -20,6 +20,7 @@ import sqlite_utils
 from marduk_slurm.adapters.store.mapping import MappingMixin
 from marduk_slurm.adapters.store.migrations import MIGRATIONS
 from marduk_slurm.adapters.store.outbox import OutboxMixin
+from marduk_slurm.adapters.store.trust import TrustMixin
 from marduk_slurm.domain import messages as m
 from marduk_slurm.errors import StoreError
 
@@ -28,7 +29,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
 
 
-class Store(MappingMixin, OutboxMixin):
+class Store(MappingMixin, OutboxMixin, TrustMixin):
     """One SQLite database file. `path=":memory:"` is allowed for tests of pure queries."""
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
@@ -108,17 +109,6 @@ class Store(MappingMixin, OutboxMixin):
     def prune_ingested(self, older_than: float) -> int:
         cur = self.conn.execute("DELETE FROM ingested WHERE ts < ?", (older_than,))
         return cur.rowcount
-
-    def count_rejection(self, reason: str, subject: str, detail: str, now: float) -> None:
-        self.conn.execute(
-            "INSERT INTO rejections VALUES (?, 1, ?, ?, ?) ON CONFLICT(reason) DO UPDATE SET "
-            "count=count+1, last_at=excluded.last_at, last_subject=excluded.last_subject, "
-            "last_detail=excluded.last_detail",
-            (reason, now, subject[:200], detail[:300]),
-        )
-
-    def rejections(self) -> dict[str, int]:
-        return {r: c for r, c in self.conn.execute("SELECT reason, count FROM rejections")}
 
     # -- history ---------------------------------------------------------------------------
 
