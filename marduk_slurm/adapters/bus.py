@@ -129,6 +129,12 @@ class Bus:
 
     # -- core NATS -------------------------------------------------------------------------
 
+    def max_payload(self) -> int:
+        """The largest message the server takes (its max_payload, 1 MiB by default)."""
+        nc = self.nc
+        limit = getattr(nc, "max_payload", 0) if nc is not None else 0
+        return int(limit) if limit else 1024 * 1024
+
     async def publish(self, subject: str, data: bytes) -> None:
         try:
             await self._client().publish(subject, data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,12 +25,23 @@ MAX_REJECTION_KEYS = 1000
 
 
 class StoreRunner:
-    """Runs store calls on one dedicated thread, so SQLite never blocks the event loop and
-    the connection is only ever used from one thread."""
+    """Runs store calls off the event loop, in two lanes.
 
-    def __init__(self, store: Store) -> None:
+    The write lane is one dedicated thread with the one writing connection: ingest, the
+    outbox, leave commands and heartbeats, so a fault's decision never queues behind anything
+    but other writes. The read lane is a small pool of read-only connections (WAL lets them
+    read while the writer writes): operator queries, the dashboard and metrics go there, so a
+    burst of heavy queries cannot delay a fault.
+    """
+
+    def __init__(self, store: Store, *, readers: int = 2) -> None:
         self.store = store
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._local = threading.local()
+        self._readers: list[Store] = []
+        self._readers_lock = threading.Lock()
+        self.read_executor = ThreadPoolExecutor(max_workers=readers,
+                                                thread_name_prefix="sqlite-read")
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -42,7 +54,26 @@ class StoreRunner:
                 return fn(self.store)
         return await self(run)
 
+    async def read(self, fn: Callable[[Store], T]) -> T:
+        """Run `fn(store)` on a read-only connection of the read lane."""
+        if self.store.path == ":memory:":  # nothing to share a memory database with
+            return await self(fn, self.store)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.read_executor, self._read, fn)
+
+    def _read(self, fn: Callable[[Store], T]) -> T:
+        reader: Store | None = getattr(self._local, "store", None)
+        if reader is None:
+            reader = Store(self.store.path, read_only=True)
+            self._local.store = reader
+            with self._readers_lock:
+                self._readers.append(reader)
+        return fn(reader)
+
     def close(self) -> None:
+        self.read_executor.shutdown(wait=True)
+        for reader in self._readers:
+            reader.close()
         self.executor.shutdown(wait=True)
         self.store.close()
 

@@ -185,20 +185,27 @@ class Operations:
                 return row["uuid"], row["idx"]
         return gpu, None  # a UUID we have not seen yet is still a valid target
 
-    async def nodes(self, name: str | None) -> list[dict[str, Any]]:
+    async def nodes(self, name: str | None, *, after: str | None = None,
+                    page_size: int | None = None) -> Any:
+        """Nodes with their GPUs and replicas; paged (`page_size`, `after`) or all at once."""
         def read(store: Store) -> list[dict[str, Any]]:
             out = []
-            for node in store.nodes():
-                if name and node["name"] != name:
+            rows = [store.node(name)] if name else store.nodes(after=after, limit=page_size)
+            for node in rows:
+                if node is None:
                     continue
                 node["gpus"] = store.gpus(node["name"])
                 node["replicas"] = [r["replica_id"] for r in store.replicas(node=node["name"])]
                 out.append(node)
             return out
-        rows = await self.ctx.db(lambda: read(self.ctx.db.store))
+        rows = await self.ctx.db.read(read)
         if name and not rows:
             raise NotFound(f"unknown node {name}")
-        return rows
+        if page_size is None:
+            return rows
+        total = await self.ctx.db.read(lambda store: store.count_nodes())
+        last = rows[-1]["name"] if len(rows) == page_size else None
+        return {"items": rows, "next": last, "total": total}
 
     async def status(self) -> dict[str, Any]:
         def read(store: Store) -> dict[str, Any]:
@@ -220,7 +227,7 @@ class Operations:
                 "rejected_total": store.rejection_total(),
                 "dead_letters": store.dead_letter_count(),
             }
-        data = await self.ctx.db(lambda: read(self.ctx.db.store))
+        data = await self.ctx.db.read(read)
         data.update({
             "uptime_s": round(time.time() - self.ctx.started_at, 1),
             "nats": self.ctx.nats_state,

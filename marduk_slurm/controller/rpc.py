@@ -8,6 +8,7 @@ Slurm is down; writes are committed before the reply.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,8 +16,16 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store.mapping import replica_page_key
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.operations import Operations
+from marduk_slurm.controller.request_queue import (
+    FairRequestQueue,
+    Pending,
+    deadline_for,
+    requester_of,
+)
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import MardukError, NotFound, ProtocolError
@@ -36,6 +45,25 @@ def _opt_int(args: dict[str, Any], key: str) -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"{key} must be an integer, got {value!r}") from None
+
+
+# Verbs that may read and send thousands of rows: they have their own lane (see RpcServer).
+HEAVY_VERBS = frozenset({"replicas", "nodes", "history", "top", "straggler_show", "risk",
+                         "config_show", "deadletters"})
+
+# Rows per page when a list verb is paged: small enough that a page of the widest rows stays
+# well under NATS's 1 MiB message limit.
+MAX_PAGE_SIZE = 1000
+
+
+def _page_size(args: dict[str, Any]) -> int | None:
+    """The page size of a paged request, or None for the one-answer form."""
+    size = _opt_int(args, "page_size")
+    if size is None:
+        return None
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+    return size
 
 
 def _opt_str(args: dict[str, Any], key: str) -> str | None:
@@ -65,55 +93,98 @@ class RpcServer:
         # Requests a training job makes about itself (marduk.v1.jobrpc.<job>.<verb>); the
         # job id from the subject is passed in args["job"], so a job cannot ask for another.
         self.job_handlers: dict[str, Handler] = {}
-        self._inflight: set[asyncio.Task[None]] = set()
+        # Two lanes: list queries that may read thousands of rows, and everything else
+        # (status, drains, resumes, config): an operator's drain never waits behind a
+        # dashboard's or a script's heavy reads.
+        self.queues = {"heavy": FairRequestQueue(workers=4), "light": FairRequestQueue(workers=4)}
 
     def register(self, verb: str, handler: Handler, *, job: bool = False) -> None:
         """Add a verb (used by services beyond the core, e.g. live configuration)."""
         (self.job_handlers if job else self.handlers)[verb] = handler
 
     async def run(self) -> None:
-        await self.ctx.bus.subscribe(subjects.RPC_ALL, self.on_message)
-        await self.ctx.bus.subscribe(subjects.JOB_RPC_ALL, self.on_message)
-        await asyncio.Event().wait()
+        subs = [await self.ctx.bus.subscribe(subjects.RPC_ALL, self.on_message),
+                await self.ctx.bus.subscribe(subjects.JOB_RPC_ALL, self.on_message)]
+        try:
+            await asyncio.gather(*(q.serve(self.answer) for q in self.queues.values()))
+        finally:  # a restart of this task subscribes afresh: never twice
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
     async def on_message(self, msg: Msg) -> None:
-        # Each request in its own task: a drain waiting on Slurm must not hold up `status`.
-        task = asyncio.create_task(self.answer(msg))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        """Admit a request: decoded here (cheap), answered by a worker in fair order."""
+        try:
+            request: m.Request | ProtocolError = m.decode_request(msg.data)
+        except ProtocolError as exc:
+            request = exc
+        timeout_ms = request.timeout_ms if isinstance(request, m.Request) else None
+        item = Pending(requester_of(msg.reply or msg.subject),
+                       deadline_for(timeout_ms, time.monotonic()), (msg, request))
+        queue = self.queues["heavy" if msg.subject.rsplit(".", 1)[-1] in HEAVY_VERBS
+                            else "light"]
+        if not queue.offer(item):
+            self.ctx.stats["rpc_refused_busy"] += 1
+            await self._respond(msg, m.Reply(
+                ok=False, error=f"the controller is busy ({queue.waiting()} requests "
+                "waiting); try again shortly", error_kind="busy"))
 
-    async def answer(self, msg: Msg) -> None:
+    async def answer(self, item: Pending) -> None:
+        msg, request = item.payload
         parts = msg.subject.split(".")
-        if parts[2] == "jobrpc":
-            reply = await self.dispatch_job(parts[3], parts[-1], msg.data, msg.subject)
-        else:
-            reply = await self.dispatch(parts[-1], msg.data, msg.subject)
-        if msg.reply:
-            try:
-                await msg.respond(m.encode(reply))
-            except Exception as exc:  # the asker may be gone; nothing else to do
-                log.warning("could not answer %s: %s", msg.subject, exc)
+        try:
+            if isinstance(request, ProtocolError):
+                self.ctx.reject(request.reason, msg.subject, request.detail, "request")
+                reply = m.Reply(ok=False, error=str(request), error_kind="invalid")
+            elif parts[2] == "jobrpc":
+                reply = await self.dispatch_job(parts[3], parts[-1], request, msg.subject)
+            else:
+                reply = await self.dispatch(parts[-1], request, msg.subject)
+        except Exception as exc:  # one request never stops the workers
+            log.exception("request on %r failed", msg.subject[:200])
+            reply = m.Reply(ok=False, error=f"internal error: {exc}", error_kind="internal")
+        if time.monotonic() > item.deadline:
+            self.ctx.stats["rpc_answered_late"] += 1  # its requester has stopped waiting
+            return
+        await self._respond(msg, reply)
 
-    async def dispatch_job(self, job: str, verb: str, data: bytes, subject: str) -> m.Reply:
-        if not job.isdigit() or verb not in self.job_handlers:
-            self.ctx.reject("unknown_verb", subject, verb)
+    async def _respond(self, msg: Msg, reply: m.Reply) -> None:
+        if not msg.reply:
+            return
+        data = m.encode(reply)
+        limit = self.ctx.bus.max_payload()
+        if len(data) > limit:
+            self.ctx.stats["rpc_reply_too_large"] += 1
+            data = m.encode(m.Reply(
+                ok=False, error_kind="too_large",
+                error=f"the answer ({len(data):,} bytes) is larger than NATS allows in one "
+                      f"message ({limit:,} bytes): ask for fewer rows (--limit) or page "
+                      "through them (the CLI does with --all)"))
+        try:
+            await msg.respond(data)
+        except Exception as exc:  # the asker may be gone; nothing else to do
+            log.warning("could not answer %r: %s", msg.subject[:200], exc)
+
+    async def dispatch_job(self, job: str, verb: str, request: m.Request, subject: str
+                           ) -> m.Reply:
+        if not job.isdigit() or len(job) > 10 or verb not in self.job_handlers:
+            self.ctx.reject("unknown_verb", subject, verb, "request")
             return m.Reply(ok=False, error=f"unknown job request {subject}", error_kind="invalid")
-        return await self.dispatch(verb, data, subject, self.job_handlers, job=int(job))
+        return await self.dispatch(verb, request, subject, self.job_handlers, job=int(job))
 
-    async def dispatch(self, verb: str, data: bytes, subject: str,
+    async def dispatch(self, verb: str, request: m.Request, subject: str,
                        handlers: dict[str, Handler] | None = None, job: int | None = None
                        ) -> m.Reply:
         handler = (self.handlers if handlers is None else handlers).get(verb)
         if handler is None:
-            self.ctx.reject("unknown_verb", subject, verb)
-            return m.Reply(ok=False, error=f"unknown request {verb!r}; valid: "
+            self.ctx.reject("unknown_verb", subject, verb, "request")
+            return m.Reply(ok=False, error=f"unknown request {verb[:64]!r}; valid: "
                            f"{', '.join(sorted(self.handlers))}", error_kind="invalid")
         try:
-            request = m.decode_request(data)
             args = request.args if job is None else {**request.args, "job": job}
             result = await handler(args, request.actor or "operator")
         except ProtocolError as exc:
-            self.ctx.reject(exc.reason, subject, exc.detail)
+            self.ctx.reject(exc.reason, subject, exc.detail, "request")
             return m.Reply(ok=False, error=str(exc), error_kind="invalid")
         except NotFound as exc:
             return m.Reply(ok=False, error=str(exc), error_kind="not_found")
@@ -128,16 +199,36 @@ class RpcServer:
     # -- reads -----------------------------------------------------------------------------
 
     async def status(self, args: dict[str, Any], actor: str) -> Any:
-        return await self.ops.status()
+        data = await self.ops.status()
+        data["requests"] = {
+            key: sum(q.stats[key] for q in self.queues.values())
+            for key in ("admitted", "refused_busy", "expired", "served")}
+        data["requests"]["waiting"] = sum(q.waiting() for q in self.queues.values())
+        return data
 
     async def replicas(self, args: dict[str, Any], actor: str) -> Any:
         job_id, node = _opt_int(args, "job"), _opt_str(args, "node")
         include_left = bool(args.get("all", False))
-        return await self.ctx.db(lambda: self.ctx.db.store.replicas(
-            job_id=job_id, node=node, include_left=include_left))
+        page_size = _page_size(args)
+        if page_size is None:
+            return await self.ctx.db.read(lambda store: store.replicas(
+                job_id=job_id, node=node, include_left=include_left))
+        after = args.get("cursor")
+        if after is not None and not (isinstance(after, list) and len(after) == 4):
+            raise ValueError("cursor must be the `next` of the previous page")
+
+        def page(store: Store) -> dict[str, Any]:
+            rows = store.replicas(job_id=job_id, node=node, include_left=include_left,
+                                  after=after, limit=page_size)
+            total = store.count_replicas(job_id=job_id, node=node, include_left=include_left)
+            last = replica_page_key(rows[-1]) if len(rows) == page_size else None
+            return {"items": rows, "next": last, "total": total}
+        return await self.ctx.db.read(page)
 
     async def nodes(self, args: dict[str, Any], actor: str) -> Any:
-        return await self.ops.nodes(_opt_str(args, "node"))
+        page_size = _page_size(args)
+        after = _opt_str(args, "cursor")
+        return await self.ops.nodes(_opt_str(args, "node"), after=after, page_size=page_size)
 
     async def history(self, args: dict[str, Any], actor: str) -> Any:
         node, job_id = _opt_str(args, "node"), _opt_int(args, "job")
@@ -149,9 +240,19 @@ class RpcServer:
         kinds = args.get("kinds") or []
         if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
             raise ValueError("kinds must be a list of strings")
-        return await self.ctx.db(lambda: self.ctx.db.store.events(
-            node=node, job_id=job_id, since=since, after_id=after_id, kinds=kinds,
-            limit=min(limit, 10000)))
+        page_size = _page_size(args)
+        if page_size is None:
+            return await self.ctx.db.read(lambda store: store.events(
+                node=node, job_id=job_id, since=since, after_id=after_id, kinds=kinds,
+                limit=min(limit, 10000)))
+        after_id = _opt_int(args, "cursor") or after_id
+
+        def page(store: Store) -> dict[str, Any]:
+            rows = store.events(node=node, job_id=job_id, since=since, after_id=after_id,
+                                kinds=kinds, limit=page_size, oldest_first=True)
+            last = rows[-1]["id"] if len(rows) == page_size else None
+            return {"items": rows, "next": last}
+        return await self.ctx.db.read(page)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -192,7 +293,7 @@ class RpcServer:
         limit = _opt_int(args, "limit") or 100
         if not 1 <= limit <= 10000:
             raise ValueError("limit must be between 1 and 10000")
-        return await self.ctx.db(lambda: self.ctx.db.store.dead_letters(limit))
+        return await self.ctx.db.read(lambda store: store.dead_letters(limit))
 
     async def gpu_release(self, args: dict[str, Any], actor: str) -> Any:
         """Forget which node a GPU UUID belongs to, so that the next node to report it binds

@@ -224,6 +224,8 @@ class Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     v: int = PROTOCOL_VERSION
     args: dict[str, Any] = {}
     actor: Annotated[str, msgspec.Meta(max_length=128, pattern=_PRINTABLE)] = ""
+    # How long the requester waits for the answer; the controller drops the request after.
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=600_000)] | None = None
 
 
 class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):

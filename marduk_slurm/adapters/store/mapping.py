@@ -173,10 +173,15 @@ class MappingMixin:
 
     def replicas(self, *, job_id: int | None = None, node: str | None = None,
                  gpu_uuid: str | None = None, replica_id: str | None = None,
-                 include_left: bool = False) -> list[dict[str, Any]]:
-        """The DR mapping joined up: one row per replica with its GPU UUIDs."""
+                 include_left: bool = False, after: Sequence[Any] | None = None,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+        """The DR mapping joined up: one row per replica with its GPU UUIDs. `after` (a
+        row's `replica_page_key`) and `limit` page through them in order."""
         where: list[str] = []
         params: list[Any] = []
+        if after is not None:
+            where.append("(r.job_id, r.replica_group, r.group_rank, r.replica_id) > (?,?,?,?)")
+            params.extend(after)
         if not include_left:
             where.append("r.state != 'left'")
         if job_id is not None:
@@ -196,11 +201,26 @@ class MappingMixin:
             "WHERE replica_id = r.replica_id ORDER BY gpu_uuid)) AS gpu_uuids FROM replicas r"
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY r.job_id, r.replica_group, r.group_rank, r.replica_id"
+            + ("" if limit is None else f" LIMIT {int(limit)}")
         )
         rows = list(self.db.query(sql, params))
         for row in rows:
             row["gpu_uuids"] = json.loads(row["gpu_uuids"])
         return rows
+
+    def count_replicas(self, *, job_id: int | None = None, node: str | None = None,
+                       include_left: bool = False) -> int:
+        where, params = ["1"], []
+        if not include_left:
+            where.append("state != 'left'")
+        if job_id is not None:
+            where.append("job_id = ?")
+            params.append(job_id)
+        if node:
+            where.append("node = ?")
+            params.append(node)
+        sql = f"SELECT COUNT(*) FROM replicas WHERE {' AND '.join(where)}"
+        return int(self.conn.execute(sql, params).fetchone()[0])
 
     def write_heartbeats(self, beats: Sequence[m.Heartbeat], now: float) -> int:
         """Write-behind of a batch of heartbeats in one transaction; returns rows updated.
@@ -228,3 +248,8 @@ class MappingMixin:
 def _beat_row(b: m.Heartbeat, now: float) -> tuple[Any, ...]:
     return (b.step, b.step_time_ms, b.allreduce_ms, b.participants, b.quorum_id, b.loss,
             b.config_revision, b.ts or now, b.replica_id, b.job_id)
+
+
+def replica_page_key(row: dict[str, Any]) -> list[Any]:
+    """Where a page of `replicas()` ended: pass it back as `after` for the next page."""
+    return [row["job_id"], row["replica_group"], row["group_rank"], row["replica_id"]]

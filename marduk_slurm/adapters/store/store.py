@@ -32,14 +32,18 @@ def _dumps(value: Any) -> str:
 class Store(MappingMixin, OutboxMixin, TrustMixin):
     """One SQLite database file. `path=":memory:"` is allowed for tests of pure queries."""
 
-    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000,
+                 read_only: bool = False) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode=WAL")
+            if read_only:  # a reader of the read lane: never writes, never changes the mode
+                conn.execute("PRAGMA query_only=1")
+            else:
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
@@ -127,7 +131,9 @@ class Store(MappingMixin, OutboxMixin, TrustMixin):
 
     def events(self, *, node: str | None = None, job_id: int | None = None,
                since: float | None = None, after_id: int = 0, kinds: Sequence[str] = (),
-               limit: int = 200) -> list[dict[str, Any]]:
+               limit: int = 200, oldest_first: bool = False) -> list[dict[str, Any]]:
+        """Events after `after_id` matching the filters, in id order: the newest `limit` of
+        them, or with `oldest_first` the first `limit` (to page forward through all)."""
         where: list[str] = ["id > ?"]
         params: list[Any] = [after_id]
         if node:
@@ -142,8 +148,9 @@ class Store(MappingMixin, OutboxMixin, TrustMixin):
         if kinds:
             where.append(f"kind IN ({','.join('?' * len(kinds))})")
             params.extend(kinds)
+        order = "ASC" if oldest_first else "DESC"
         sql = (f"SELECT * FROM (SELECT * FROM events WHERE {' AND '.join(where)} "
-               f"ORDER BY id DESC LIMIT ?) ORDER BY id")
+               f"ORDER BY id {order} LIMIT ?) ORDER BY id")
         rows = list(self.db.query(sql, [*params, limit]))
         for row in rows:
             row["evidence"] = json.loads(row["evidence"])
@@ -167,8 +174,18 @@ class Store(MappingMixin, OutboxMixin, TrustMixin):
         rows = list(self.db.query("SELECT * FROM nodes WHERE name=?", [name]))
         return _node_row(rows[0]) if rows else None
 
-    def nodes(self) -> list[dict[str, Any]]:
-        return [_node_row(r) for r in self.db.query("SELECT * FROM nodes ORDER BY name")]
+    def nodes(self, *, after: str | None = None, limit: int | None = None
+              ) -> list[dict[str, Any]]:
+        """Nodes by name; `after` (the last name of a page) and `limit` page through them."""
+        sql, params = "SELECT * FROM nodes", []
+        if after is not None:
+            sql += " WHERE name > ?"
+            params.append(after)
+        sql += " ORDER BY name" + ("" if limit is None else f" LIMIT {int(limit)}")
+        return [_node_row(r) for r in self.db.query(sql, params)]
+
+    def count_nodes(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0])
 
     def update_node_from_slurm(self, name: str, state: str, flags: Iterable[str], reason: str,
                                reason_user: str, now: float, marduk_prefix: str) -> None:
