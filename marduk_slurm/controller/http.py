@@ -17,11 +17,12 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from multidict import MultiMapping
 from nats.aio.msg import Msg
 
 from marduk_slurm.controller.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -110,11 +111,11 @@ QUERY_PARAMS: dict[str, dict[str, QueryParser]] = {
 }
 
 
-def parse_query(path: str, query: Mapping[str, str]) -> dict[str, Any]:
+def parse_query(path: str, query: MultiMapping[str]) -> dict[str, Any]:
     """The endpoint's query parameters, checked (BadQuery names the first bad one); a missing
     or empty parameter is None."""
     allowed = QUERY_PARAMS.get(path, {})
-    keys = list(query.keys())
+    keys = [key for key, _ in query.items()]  # with repeats (keys() has each key once)
     for key in keys:
         if key not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
