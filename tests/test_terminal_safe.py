@@ -104,3 +104,27 @@ def test_status_lines_show_rejections_when_the_controller_has_them() -> None:
     assert "evt.node.*.verdict verdict: out_of_range" in lines[1]
     assert lines[-1] == "dead letters 3 (marduk deadletters)"
     assert "\\x1b" in safe_text(lines[2])
+
+
+def test_deadletters_table_escapes_the_message_preview(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from marduk_slurm.cli import commands
+    from marduk_slurm.cli.main import main
+
+    rows = [{"id": 4, "ts": time.time(), "subject": "marduk.v1.evt.node.n1.verdict",
+             "stream_seq": 17, "deliveries": 5, "error": "out_of_range: gpu_index",
+             "data_preview": '{"reason": "' + CLEAR_SCREEN + '\\n"}' + FORGED_ROW}]
+    asked: list[tuple[str, dict[str, object]]] = []
+
+    def ask(args: object, verb: str, params: dict[str, object]) -> object:
+        asked.append((verb, params))
+        return rows
+
+    monkeypatch.setattr(commands, "ask", ask)
+    assert main(["deadletters", "--limit", "5"]) == 0
+    out = capsys.readouterr().out
+    assert asked == [("deadletters", {"limit": 5})]
+    assert "\x1b" not in out and len(out.splitlines()) == 3, out
+    assert "marduk.v1.evt.node.n1.verdict  17" in out and "\\x1b[2J" in out
+    assert main(["deadletters", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == rows

@@ -58,8 +58,9 @@ def short_uuid(uuid: str) -> str:
     return uuid if len(uuid) <= 16 else uuid[:13] + "..."
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO = sys.stdout
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO | None = None
           ) -> None:
+    out = out or sys.stdout  # looked up now: tests and pipes may have replaced it
     cells = [[safe_text(h) for h in headers]] + [["-" if c is None else safe_text(c)
                                                   for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -72,8 +73,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO = s
         print("(none)", file=out)
 
 
-def as_json(data: Any, out: TextIO = sys.stdout) -> None:
+def as_json(data: Any, out: TextIO | None = None) -> None:
     """Exact JSON: ensure_ascii escapes C0, C1 and every non-ASCII character as \\uXXXX;
     DEL, which JSON lets through raw, is escaped too (still the same string when parsed)."""
     text = json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=True)
-    out.write(text.replace("\x7f", "\\u007f") + "\n")
+    (out or sys.stdout).write(text.replace("\x7f", "\\u007f") + "\n")
