@@ -96,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{data['nodes_drained_by_marduk']} by marduk), GPUs {data['gpus']}")
     say(f"jobs {data['jobs_active']}, replicas {data['replicas_active']}, "
         f"events {data['events']}, Slurm actions pending {data['outbox_pending']}, "
-        f"messages rejected {data['rejected_total']}")
+        f"messages rejected {data.get('rejected_total', '-')}")
     for line in rejection_lines(data):
         say(line)
     return 0

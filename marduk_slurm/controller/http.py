@@ -6,7 +6,9 @@ responses) on the controller's own event loop, instead of a hand-written parser 
 network. Everything is GET; mutating endpoints wait for operator authentication. Bound to
 loopback by default, and then only loopback Host headers are answered, so that a web page
 elsewhere cannot read the API through DNS rebinding. The bound address is written to
-``<state_dir>/http.url`` (port 0 picks a free port, for tests).
+``<state_dir>/http.url`` (port 0 picks a free port, for tests). Every query parameter of
+the JSON API is checked against what its endpoint takes (`QUERY_PARAMS`); a bad one is a
+counted 400 with a JSON reason, never a 500.
 """
 
 from __future__ import annotations
