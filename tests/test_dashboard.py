@@ -107,6 +107,8 @@ def test_api_and_metrics_show_the_mapping_a_fault_and_a_queued_drain(
     assert get(base + "/api/status", method="POST")[0] == 403  # no operator token set up
     assert get(base + "/api/status", headers={"Host": "evil.example:80"})[0] == 421
     assert get(base + "/api/history?job=x")[0] == 400
+    page = get(base + "/")[1]
+    assert 'id="rejected"' in page and 'id="rejected-summary"' in page
 
     proc = run_cli("top", "--once", "--nats-url", ctl.url)
     assert proc.returncode == 0, proc.stderr
@@ -131,6 +133,8 @@ def test_dashboard_page_follows_faults_and_drains_live(
                      what="the DR mapping")
         browser.wait(f"document.querySelector('#replicas').textContent.includes('job{JOB}_rg0')",
                      what="the replica row")
+        browser.wait("document.querySelector('#rejected-summary').textContent"
+                     ".includes('rejected')", what="the rejected-input panel")
         browser.evaluate("window.__notReloaded = true")
         fault(ctl.url)
         browser.wait("!!document.querySelector('#history tr[data-kind=\"gpu_verdict\"]')",

@@ -18,11 +18,13 @@ import nats.errors
 import pytest
 
 from marduk_slurm.adapters import nats_auth
+from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess, reload_running
 from marduk_slurm.cli.client import call
 from marduk_slurm.controller.job_creds import NOT_EMBEDDED, JobCredentialService
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.errors import BusError
 from marduk_slurm.runtime.client import MardukClient
 
 from agent_fixtures import AgentProcess, step_end, step_start
@@ -120,8 +122,9 @@ def test_agent_writes_the_job_credential_that_the_job_then_uses(
         assert replicas[0]["replica_id"] == f"job{JOB}_rg0:u"
         assert client.stats["creds_waits"] > 0
         asyncio.run(refused_elsewhere(controller.url, creds))
-        # A second node of the same job gets the very same credential.
+        # A second node of the same job gets the very same credential, once it runs a step.
         n3 = add_node(state, "n3", tmp_path / "n3.json")
+        asyncio.run(relay_step(controller.url, n3, "n3", JOB, 0))
         reply = asyncio.run(ask_credential(controller.url, n3, "n3", JOB))
         assert reply.ok and json.loads(reply.data["credentials"]) == json.loads(creds.read_text())
         agent.report(step_end(JOB, 0))
@@ -133,6 +136,71 @@ def test_agent_writes_the_job_credential_that_the_job_then_uses(
     finally:
         client.close()
         assert agent.stop() == 0, agent.log()
+
+
+async def relay_step(url: str, agent_creds: Path, node: str, job: int, step: int, *,
+                     ended: bool = False, delay_s: float = 0.0) -> None:
+    """What an agent's step relay does: the step's start (or end) into the events stream,
+    with that node's own credential."""
+    await asyncio.sleep(delay_s)
+    bus = Bus(url, name=f"test-agent-{node}", creds=str(agent_creds))
+    for _ in range(40):  # a SIGHUP reload takes a moment to admit a new user
+        try:
+            await bus.connect()
+            break
+        except BusError:
+            await asyncio.sleep(0.05)
+    try:
+        msg: m.StepStart | m.StepEnd = (
+            m.StepEnd(job_id=job, step_id=step, node=node, exit_status=0, ts=time.time())
+            if ended else
+            m.StepStart(job_id=job, step_id=step, node=node, uid=UID, ts=time.time()))
+        event = "step_end" if ended else "step_start"
+        await bus.publish_durable(subjects.node_event(node, event), m.encode(msg))
+    finally:
+        await bus.close()
+
+
+def refusals(controller: AuthController) -> list[dict[str, Any]]:
+    rows = controller.request("history", {"kinds": ["job_credential_refused"]})
+    return [(r["node"], r["job_id"]) for r in rows]
+
+
+@pytest.mark.slow
+def test_job_credential_goes_only_to_nodes_running_a_step_of_that_job(
+        controller: AuthController, tmp_path: Path) -> None:
+    state, url = controller.state_dir, controller.url
+    n2 = add_node(state, "n2", tmp_path / "n2.json")
+    n3 = add_node(state, "n3", tmp_path / "n3.json")
+    asyncio.run(relay_step(url, n3, "n3", JOB, 0))
+
+    # n2 never ran a step of the job: it names the job, and is refused.
+    reply = asyncio.run(ask_credential(url, n2, "n2", JOB))
+    assert not reply.ok and reply.error_kind == "no_step", reply
+    assert "n2 runs no step of job 77" in reply.error
+    assert not nats_auth.AuthDir(state / "auth").job_credential_path(str(JOB)).exists()
+    assert refusals(controller) == [("n2", JOB)]
+    assert "credential refused to the agent of n2" in controller.log()
+
+    # The node that runs it gets it; and so does n2 when its request overtakes its own
+    # step_start on the way to the controller (the controller waits for the step).
+    assert asyncio.run(ask_credential(url, n3, "n3", JOB)).ok
+
+    async def ask_then_relay() -> m.Reply:
+        ask = asyncio.create_task(ask_credential(url, n2, "n2", JOB))
+        await relay_step(url, n2, "n2", JOB, 1, delay_s=1.0)
+        return await ask
+
+    assert asyncio.run(ask_then_relay()).ok
+
+    # After its last step there ended, n3 is refused again.
+    asyncio.run(relay_step(url, n3, "n3", JOB, 0, ended=True))
+    reply = wait_for(lambda: (r := asyncio.run(ask_credential(url, n3, "n3", JOB))) and
+                     not r.ok and r, what="a refusal after the step ended")
+    assert reply.error_kind == "no_step"
+    assert refusals(controller)[-1] == ("n3", JOB)
+    status = controller.request("status")
+    assert status["counters"]["job_credential_refused"] >= 2
 
 
 async def refused_elsewhere(url: str, creds: Path) -> None:
@@ -180,7 +248,7 @@ async def test_an_agent_cannot_ask_on_another_nodes_subject(tmp_path: Path) -> N
 
 
 async def test_without_the_embedded_auth_server_the_request_gets_a_clear_error() -> None:
-    service = JobCredentialService(bus=None, auth=None, server=None)  # type: ignore[arg-type]
+    service = JobCredentialService(ctx=None, auth=None, server=None)  # type: ignore[arg-type]
     reply = await service.handle("n1", m.encode(m.Request(args={"job": 1, "uid": 1000})))
     assert not reply.ok and reply.error == NOT_EMBEDDED and "docs/security.md" in reply.error
 

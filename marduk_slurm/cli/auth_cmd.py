@@ -15,7 +15,7 @@ from typing import Any
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters import nats_auth
 from marduk_slurm.adapters.nats_server import reload_running
-from marduk_slurm.cli import render
+from marduk_slurm.cli import arguments, render
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
@@ -90,7 +90,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", help="write the credential file here (mode 0600) "
                                           "instead of printing it")
-    p.add_argument("--owner", type=int, metavar="UID", help="chown the --output file to UID")
+    p.add_argument("--owner", type=arguments.int_in("--owner", 0, 2**32 - 2), metavar="UID",
+                   help="chown the --output file to UID")
 
 
 def add_parsers(sub: Any, add: Any) -> None:
@@ -102,20 +103,20 @@ def add_parsers(sub: Any, add: Any) -> None:
         "marduk auth init --state-dir /var/lib/marduk", cmd_init, json_flag=False)
     c = add(asub, "add-node", "issue the credential of one node's agent",
             "marduk auth add-node n17 -o /etc/marduk/n17.json", cmd_add_node, json_flag=False)
-    c.add_argument("node")
+    c.add_argument("node", type=arguments.node_name)
     _output_options(c)
     c = add(asub, "add-job", "issue the credential of one training job",
             "marduk auth add-job 4242 -o /run/marduk/jobs/4242.json --owner 1000",
             cmd_add_job, json_flag=False)
-    c.add_argument("job", type=int)
+    c.add_argument("job", type=arguments.job_id)
     _output_options(c)
     c = add(asub, "add-operator", "issue a named operator credential",
             "marduk auth add-operator alice -o ~alice/.config/marduk/nats.json --owner 1001",
             cmd_add_operator, json_flag=False)
-    c.add_argument("name")
+    c.add_argument("name", type=arguments.user_name)
     _output_options(c)
     c = add(asub, "remove", "remove a user (a job that ended, a retired node)",
             "marduk auth remove job-4242", cmd_remove, json_flag=False)
-    c.add_argument("user")
+    c.add_argument("user", type=arguments.user_name)
     add(asub, "list", "the users and their roles (never their passwords)",
         "marduk auth list --json", cmd_list)

@@ -1,5 +1,5 @@
-"""Operator commands that ask the controller: status, replicas, nodes, history, drain, resume,
-inject. Each parses its arguments, makes one request, and prints a table or JSON."""
+"""Operator commands that ask the controller: status, replicas, nodes, history, deadletters,
+drain, resume, inject. Each parses its arguments, makes one request, and prints a table or JSON."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from typing import Any
 
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters.health_check import run_check
-from marduk_slurm.cli import render
+from marduk_slurm.cli import arguments, render
 from marduk_slurm.cli.client import call_sync, resolve_creds, resolve_nats_url
 from marduk_slurm.domain import hostlist
+from marduk_slurm.domain import input_bounds as bounds
 
 
 def _actor() -> str:
@@ -39,20 +40,22 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
     if not text:
         return None
     now = time.time() if now is None else now
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    return bounds.bounded_float("--since", _since(text, now), 0, 2**40)
+
+
+def _since(text: str, now: float) -> float:
+    match = re.fullmatch(r"(\d{1,12}(?:\.\d{1,9})?)([smhd])", text.strip())
     if match:
         scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        return now - float(match.group(1)) * scale
-    try:
+        return max(0.0, now - float(match.group(1)) * scale)
+    if re.fullmatch(r"\d{1,12}(?:\.\d{1,9})?", text.strip()):
         return float(text)
-    except ValueError:
-        pass
     from datetime import datetime
     try:
         return datetime.fromisoformat(text).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ValueError(f"--since: expected 30m, 2h, 1d, unix seconds or an ISO time, "
-                         f"got {text!r}") from None
+                         f"got {bounds.shorten(text)!r}") from None
 
 
 def parse_scontrol_args(words: list[str]) -> tuple[str, dict[str, str]]:
@@ -67,8 +70,14 @@ def parse_scontrol_args(words: list[str]) -> tuple[str, dict[str, str]]:
         else:
             raise ValueError(f"unexpected argument {word!r}; did you mean reason=\"...\"?")
     nodes = pairs.pop("nodes", nodes)
-    if nodes:
-        hostlist.expand(nodes)  # a bad hostlist is a usage error, caught before asking
+    if nodes:  # a bad hostlist or node name is a usage error, caught before asking
+        bounds.check_text("node list", nodes)
+        for name in hostlist.expand(nodes):
+            bounds.check_name("node", name)
+    if "reason" in pairs:
+        bounds.check_text("reason", pairs["reason"], bounds.REASON_MAX)
+    if "gpu" in pairs:
+        bounds.check_name("gpu", pairs["gpu"], bounds.GPU_ID)
     return nodes, pairs
 
 
@@ -80,14 +89,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         render.as_json(data)
         return 0
-    print(f"controller up {data['uptime_s']:.0f}s, NATS {data['nats']}, "
-          f"Slurm backend {data['slurm_backend']}")
-    print(f"nodes {data['nodes']} ({data['nodes_drained']} drained, "
-          f"{data['nodes_drained_by_marduk']} by marduk), GPUs {data['gpus']}")
-    print(f"jobs {data['jobs_active']}, replicas {data['replicas_active']}, "
-          f"events {data['events']}, Slurm actions pending {data['outbox_pending']}, "
-          f"messages rejected {data['rejected_total']}")
+    say = render.say
+    say(f"controller up {data['uptime_s']:.0f}s, NATS {data['nats']}, "
+        f"Slurm backend {data['slurm_backend']}")
+    say(f"nodes {data['nodes']} ({data['nodes_drained']} drained, "
+        f"{data['nodes_drained_by_marduk']} by marduk), GPUs {data['gpus']}")
+    say(f"jobs {data['jobs_active']}, replicas {data['replicas_active']}, "
+        f"events {data['events']}, Slurm actions pending {data['outbox_pending']}, "
+        f"messages rejected {data.get('rejected_total', '-')}")
+    for line in rejection_lines(data):
+        say(line)
     return 0
+
+
+def rejection_lines(data: dict[str, Any], top: int = 5) -> list[str]:
+    """What `status` says about rejected input: the busiest causes since the controller
+    started and the dead letters kept. Controllers from before these keys print nothing."""
+    lines = []
+    rows = data.get("rejections")
+    if isinstance(rows, list) and rows:
+        total = sum(int(r.get("count", 0)) for r in rows)
+        lines.append(f"rejected since start {total}; top causes:")
+        for r in rows[:top]:
+            lines.append(f"  {r.get('count', 0):>6}  {r.get('subject', '?')} "
+                         f"{r.get('kind', '?')}: {r.get('cause', '?')}")
+        if len(rows) > top:
+            lines.append(f"  ... and {len(rows) - top} more (marduk status --json)")
+    if "dead_letters" in data:
+        lines.append(f"dead letters {data['dead_letters']} (marduk deadletters)")
+    return lines
 
 
 def cmd_replicas(args: argparse.Namespace) -> int:
@@ -149,6 +179,21 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deadletters(args: argparse.Namespace) -> int:
+    rows = ask(args, "deadletters", {"limit": args.limit})
+    if args.json:
+        render.as_json(rows)
+        return 0
+    render.table(
+        ["ID", "TIME", "SUBJECT", "SEQ", "DELIVERIES", "ERROR", "DATA"],
+        [[r.get("id"), render.fmt_time(r.get("ts")), r.get("subject"), r.get("stream_seq"),
+          r.get("deliveries"), r.get("error"), bounds.shorten(str(r.get("data_preview") or ""),
+                                                              60) or None]
+         for r in rows],
+    )
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     nodes, pairs = parse_scontrol_args(args.words)
     reason = args.reason or pairs.get("reason", "")
@@ -162,8 +207,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
         render.as_json(data)
         return 0
     for node, outcome in data["slurm"].items():
-        print(f"{node}: drain {outcome}")
-    print(f"{data['leaves']} replica(s) told to leave; events {data['events']}")
+        render.say(f"{node}: drain {outcome}")
+    render.say(f"{data['leaves']} replica(s) told to leave; events {data['events']}")
     return 0 if all(v == "done" or v.startswith("queued") for v in data["slurm"].values()) else 1
 
 
@@ -177,7 +222,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         render.as_json(data)
         return 0
     for node, outcome in data["slurm"].items():
-        print(f"{node}: resume {outcome}")
+        render.say(f"{node}: resume {outcome}")
     return 0 if all(v == "done" or v.startswith("queued") for v in data["slurm"].values()) else 1
 
 
@@ -185,7 +230,8 @@ def run_local_check(template: str, nodes: str) -> dict[str, Any]:
     """Run the operator's --check here, once for the node list ({node} -> the hostlist),
     and hand its result to the controller, which records it and resumes only if it passed."""
     result = asyncio.run(run_check(template, nodes, timeout_s=3600))
-    print(f"check '{result.command}': exit {result.returncode} in {result.duration_s:.1f} s")
+    render.say(f"check '{result.command}': exit {result.returncode} in "
+               f"{result.duration_s:.1f} s")
     return result.evidence()
 
 
@@ -194,8 +240,8 @@ def cmd_inject(args: argparse.Namespace) -> int:
     if args.json:
         render.as_json(data)
         return 0
-    print(f"injected xid {args.xid} on {args.node} gpu {args.gpu} via {data['via']}: "
-          f"{data.get('action', '?')} ({data.get('reason', '')})")
+    render.say(f"injected xid {args.xid} on {args.node} gpu {args.gpu} via {data['via']}: "
+               f"{data.get('action', '?')} ({data.get('reason', '')})")
     return 0
 
 
@@ -204,23 +250,29 @@ def add_parsers(sub: Any, add: Any) -> None:
         "marduk status --json", cmd_status)
     p = add(sub, "replicas", "the DR mapping: job, step, replica, group, node, GPU UUIDs",
             "marduk replicas --job 1234", cmd_replicas)
-    p.add_argument("--job", type=int, help="only this Slurm job id")
-    p.add_argument("--node", help="only replicas on this node")
+    p.add_argument("--job", type=arguments.job_id, help="only this Slurm job id")
+    p.add_argument("--node", type=arguments.node_name, help="only replicas on this node")
     p.add_argument("--all", action="store_true", help="include replicas that left")
     p = add(sub, "nodes", "nodes: Slurm state, drain reason and who set it, GPUs, replicas",
             "marduk nodes n3", cmd_nodes)
-    p.add_argument("node", nargs="?", help="one node")
+    p.add_argument("node", nargs="?", type=arguments.node_name, help="one node")
     p = add(sub, "history", "the failure and decision history, oldest first",
             "marduk history --node n2 --since 2h", cmd_history)
-    p.add_argument("--node", help="only events about this node")
-    p.add_argument("--job", type=int, help="only events about this job")
+    p.add_argument("--node", type=arguments.node_name, help="only events about this node")
+    p.add_argument("--job", type=arguments.job_id, help="only events about this job")
     p.add_argument("--since", help="30m, 2h, 1d, unix seconds or ISO time")
-    p.add_argument("--limit", type=int, default=200, help="newest N events (default 200)")
+    p.add_argument("--limit", type=arguments.limit, default=200,
+                   help="newest N events (default 200, at most 100000)")
+    p = add(sub, "deadletters", "messages the controller could not ingest and set aside, "
+            "newest first", "marduk deadletters --limit 20", cmd_deadletters)
+    p.add_argument("--limit", type=arguments.limit, default=100,
+                   help="newest N dead letters (default 100)")
     p = add(sub, "drain", "drain nodes in Slurm and tell their replicas to leave",
             'marduk drain n[3-4] reason="swap GPU"', cmd_drain)
     p.add_argument("words", nargs="*", metavar='NODES reason="..."')
-    p.add_argument("--reason", help="why (the same as reason=...)")
-    p.add_argument("--gpu", help="the GPU UUID this drain is about, for the record")
+    p.add_argument("--reason", type=arguments.reason, help="why (the same as reason=...)")
+    p.add_argument("--gpu", type=arguments.gpu_id,
+                   help="the GPU UUID this drain is about, for the record")
     p = add(sub, "resume", "resume nodes that marduk drained (others only with --force)",
             "marduk resume n3", cmd_resume)
     p.add_argument("words", nargs="+", metavar="NODES")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from marduk_slurm import settings as settings_mod
-from marduk_slurm.cli import render
+from marduk_slurm.cli import arguments, render
 
 DAEMONS = {"controller", "agent"}
 
@@ -115,7 +115,7 @@ def add_parsers(sub: Any, add: Any) -> None:
                    help="a local controller's state directory, to find its embedded NATS")
     p.add_argument("--node", help="this node's Slurm name (default: the short host name)")
     p.add_argument("--socket", help="the SPANK step socket (default /run/marduk/agent.sock)")
-    p.add_argument("--simulate-gpus", type=int, metavar="N",
+    p.add_argument("--simulate-gpus", type=arguments.int_in("--simulate-gpus", 0, 64), metavar="N",
                    help="present N simulated GPUs instead of NVML (demos, tests)")
     p.add_argument("--log-level", choices=settings_mod.LOG_LEVELS)
     p.add_argument("--allow-inject", action="store_true", default=None,

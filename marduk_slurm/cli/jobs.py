@@ -7,7 +7,7 @@ import argparse
 import json
 from typing import Any
 
-from marduk_slurm.cli import render
+from marduk_slurm.cli import arguments, render
 from marduk_slurm.cli.commands import ask
 
 
@@ -33,8 +33,8 @@ def parse_assignments(words: list[str]) -> dict[str, Any]:
 
 
 def _print_revision(data: dict[str, Any]) -> None:
-    print(f"job {data['job']}: revision {data['revision']} applies at step "
-          f"{data['apply_at_step']} ({data['replicas']} replica(s) running)")
+    render.say(f"job {data['job']}: revision {data['revision']} applies at step "
+               f"{data['apply_at_step']} ({data['replicas']} replica(s) running)")
 
 
 def cmd_config_set(args: argparse.Namespace) -> int:
@@ -60,7 +60,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     if args.json:
         render.as_json(data)
         return 0
-    print(f"job {data['job']}: latest revision {data['latest_revision']}")
+    render.say(f"job {data['job']}: latest revision {data['latest_revision']}")
     render.table(
         ["REV", "APPLY_AT", "CREATED", "ACTOR", "ACKED", "FAILED", "CHANGES"],
         [[r["revision"], r["apply_at_step"], render.fmt_time(r["created_at"]), r["actor"],
@@ -95,11 +95,11 @@ def add_parsers(sub: Any, add: Any) -> None:
             "keep_global_batch, max_steps, checkpoint, user.<name>)",
             "marduk config set 1234 lr=3e-4 optim.momentum=0.95 keep_global_batch=true",
             cmd_config_set)
-    q.add_argument("job", type=int, help="Slurm job id")
+    q.add_argument("job", type=arguments.job_id, help="Slurm job id")
     q.add_argument("pairs", nargs="+", metavar="key=value")
     q = add(csub, "show", "a job's config revisions, their acks, and which replica runs which",
             "marduk config show 1234 --json", cmd_config_show)
-    q.add_argument("job", type=int, help="Slurm job id")
+    q.add_argument("job", type=arguments.job_id, help="Slurm job id")
     p = add(sub, "checkpoint", "checkpoint actions on a running job (load)",
             "marduk checkpoint load 1234 /ckpt/step-5000.pt", None, json_flag=False)
     p.set_defaults(func=_group_help(p))
@@ -107,5 +107,6 @@ def add_parsers(sub: Any, add: Any) -> None:
     q = add(csub, "load", "every replica loads PATH through its registered loader at the same "
             "step (torchft's step stays monotonic)",
             "marduk checkpoint load 1234 /ckpt/step-5000.pt", cmd_checkpoint_load)
-    q.add_argument("job", type=int, help="Slurm job id")
-    q.add_argument("path", help="checkpoint path as the training processes see it")
+    q.add_argument("job", type=arguments.job_id, help="Slurm job id")
+    q.add_argument("path", type=arguments.path,
+                   help="checkpoint path as the training processes see it")

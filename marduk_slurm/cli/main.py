@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from marduk_slurm import __version__
-from marduk_slurm.cli import auth_cmd, commands, daemons, observe, sbatch_cmd
+from marduk_slurm.cli import arguments, auth_cmd, commands, daemons, observe, render, sbatch_cmd
 from marduk_slurm.cli import jobs as job_commands
 from marduk_slurm.cli.client import RequestFailed
 from marduk_slurm.errors import BusError, BusTimeout, MardukError, NotFound, SettingsError
@@ -31,7 +31,7 @@ def _common_options(parser: argparse.ArgumentParser, default: object) -> None:
                         help="NATS URL of the controller (default: settings, or the embedded "
                              "server's URL file in the state directory)")
     parser.add_argument("--state-dir", default=default, help="the controller's state directory")
-    parser.add_argument("--timeout", type=float, default=default,
+    parser.add_argument("--timeout", type=arguments.timeout_s, default=default,
                         help="request timeout, seconds (default: nats.request_timeout_s)")
 
 
@@ -79,16 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (SettingsError, ValueError) as exc:
-        print(f"marduk: {exc}", file=sys.stderr)
+        render.error(exc)
         return EXIT_USAGE
     except (NotFound, RequestFailed) as exc:
-        print(f"marduk: {exc}", file=sys.stderr)
+        render.error(exc)
         return EXIT_REFUSED
     except (BusError, BusTimeout) as exc:
-        print(f"marduk: cannot reach the controller: {exc}", file=sys.stderr)
+        render.error(f"cannot reach the controller: {exc}")
         return EXIT_UNREACHABLE
     except MardukError as exc:
-        print(f"marduk: {exc}", file=sys.stderr)
+        render.error(exc)
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return 130

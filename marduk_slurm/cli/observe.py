@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from marduk_slurm.cli import render
+from marduk_slurm.cli import arguments, render
 from marduk_slurm.cli.commands import ask
 
 POLICIES = ("report", "evict", "evict_and_drain")
@@ -24,7 +24,8 @@ def cmd_straggler_policy(args: argparse.Namespace) -> int:
     if args.json:
         render.as_json(data)
     else:
-        print(f"job {data['job']}: straggler policy {data['policy']} (was {data['previous']})")
+        render.say(f"job {data['job']}: straggler policy {data['policy']} "
+                   f"(was {data['previous']})")
     return 0
 
 
@@ -34,14 +35,15 @@ def cmd_straggler_show(args: argparse.Namespace) -> int:
         render.as_json(data)
         return 0
     stats = data["stats"] or {}
-    print(f"job {data['job']}: policy {data['policy']}, {stats.get('replicas', 0)} replica(s) "
-          f"reporting, {stats.get('step_rate', 0):.2f} steps/s")
+    render.say(f"job {data['job']}: policy {data['policy']}, {stats.get('replicas', 0)} "
+               f"replica(s) reporting, {stats.get('step_rate', 0):.2f} steps/s")
     if stats:
-        print(f"median step {stats['median_step_ms']:.1f} ms (p99 {stats['p99_step_ms']:.1f}), "
-              f"allreduce wait {stats['median_allreduce_ms']:.1f} ms, own work "
-              f"{stats['median_work_ms']:.1f} ms (MAD {stats['mad_work_ms']:.1f}); flagged "
-              f"above {stats['threshold_ms']:.1f} ms" if stats["threshold_ms"] else
-              "; too few replicas to flag")
+        render.say(f"median step {stats['median_step_ms']:.1f} ms (p99 "
+                   f"{stats['p99_step_ms']:.1f}), allreduce wait "
+                   f"{stats['median_allreduce_ms']:.1f} ms, own work "
+                   f"{stats['median_work_ms']:.1f} ms (MAD {stats['mad_work_ms']:.1f}); flagged "
+                   f"above {stats['threshold_ms']:.1f} ms" if stats["threshold_ms"] else
+                   "; too few replicas to flag")
     print()
     render.table(["REPLICA", "STEP", "STEPS/S", "STEP_MS", "ALLREDUCE_MS", "WORK_MS",
                   "STRAGGLER"],
@@ -69,13 +71,14 @@ def cmd_risk(args: argparse.Namespace) -> int:
 def frame(data: dict[str, Any], out: TextIO) -> None:
     """One screen of `marduk top`."""
     s = data["status"]
-    print(f"marduk top  {render.fmt_time(data['ts'])}  NATS {s['nats']}  nodes {s['nodes']} "
-          f"({s['nodes_drained']} drained)  replicas {s['replicas_active']}  stragglers "
-          f"{s.get('stragglers', 0)}  Slurm actions pending {s['outbox_pending']}", file=out)
+    render.say(f"marduk top  {render.fmt_time(data['ts'])}  NATS {s['nats']}  nodes "
+               f"{s['nodes']} ({s['nodes_drained']} drained)  replicas {s['replicas_active']}  "
+               f"stragglers {s.get('stragglers', 0)}  Slurm actions pending "
+               f"{s['outbox_pending']}", out=out)
     rates = data["job_rates"]
     if rates:
-        print("jobs: " + "  ".join(f"{j} {r:.2f} steps/s" for j, r in sorted(rates.items())),
-              file=out)
+        render.say("jobs: " + "  ".join(f"{j} {r:.2f} steps/s"
+                                        for j, r in sorted(rates.items())), out=out)
     print(file=out)
     render.table(["JOB", "GROUP", "NODE", "STATE", "STEP", "STEPS/S", "STEP_MS", "CFG",
                   "LAST_SEEN", "STRAGGLER", "REPLICA"],
@@ -123,15 +126,16 @@ def add_parsers(sub: Any, add: Any) -> None:
     q = add(ssub, "policy", "what to do with a job's stragglers: report (record only), "
             "evict (the replica leaves at its next step), evict_and_drain (and drain its node)",
             "marduk straggler policy 1234 evict", cmd_straggler_policy)
-    q.add_argument("job", type=int, help="Slurm job id")
+    q.add_argument("job", type=arguments.job_id, help="Slurm job id")
     q.add_argument("policy", choices=POLICIES)
     q = add(ssub, "show", "a job's step statistics, flagged replicas and the torchft "
             "timeouts that fit its step times", "marduk straggler show 1234", cmd_straggler_show)
-    q.add_argument("job", type=int, help="Slurm job id")
+    q.add_argument("job", type=arguments.job_id, help="Slurm job id")
     p = add(sub, "risk", "GPU failure risk scores and what they are made of",
             "marduk risk n3", cmd_risk)
-    p.add_argument("node", nargs="?", help="only this node's GPUs")
+    p.add_argument("node", nargs="?", type=arguments.node_name, help="only this node's GPUs")
     p = add(sub, "top", "live view of replicas, step rates, stragglers and drained nodes "
             "(Ctrl-C exits)", "marduk top --interval 2", cmd_top)
     p.add_argument("--once", action="store_true", help="print one frame and exit")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    p.add_argument("--interval", type=arguments.interval_s, default=1.0,
+                   help="seconds between frames (0.2 to 3600)")

@@ -139,9 +139,9 @@ class Controller:
         """Agents' requests for job credentials: answered with a credential only when the
         roster is ours to change (the embedded server with auth), else with a clear error."""
         if self.nats_server is not None and self.settings.nats.auth:
-            return JobCredentialService(ctx.bus, AuthDir(self.state_dir / "auth"),
+            return JobCredentialService(ctx, AuthDir(self.state_dir / "auth"),
                                         self.nats_server)
-        return JobCredentialService(ctx.bus, None, None)
+        return JobCredentialService(ctx, None, None)
 
     async def _housekeeping(self, ctx: Context) -> None:
         """Watchdog pings from the main loop (a stuck loop stops them) and pruning."""

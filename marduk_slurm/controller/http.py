@@ -6,7 +6,9 @@ responses) on the controller's own event loop, instead of a hand-written parser 
 network. Everything is GET; mutating endpoints wait for operator authentication. Bound to
 loopback by default, and then only loopback Host headers are answered, so that a web page
 elsewhere cannot read the API through DNS rebinding. The bound address is written to
-``<state_dir>/http.url`` (port 0 picks a free port, for tests).
+``<state_dir>/http.url`` (port 0 picks a free port, for tests). Every query parameter of
+the JSON API is checked against what its endpoint takes (`QUERY_PARAMS`); a bad one is a
+counted 400 with a JSON reason, never a 500.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from multidict import MultiMapping
 from nats.aio.msg import Msg
 
 from marduk_slurm.controller.metrics import CONTENT_TYPE as METRICS_TYPE
+from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.domain import subjects
 
 if TYPE_CHECKING:
@@ -49,6 +53,8 @@ URL_FILE = "http.url"
 # The operator token that changes over HTTP require (reads never do); see docs/security.md.
 TOKEN_FILE = "auth/http-token"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+HISTORY_LIMIT_MAX = 5000
+QUERY_VALUE_MAX = 4096
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -67,23 +73,71 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _query_int(request: web.Request, key: str) -> int | None:
-    value = request.query.get(key, "").strip()
-    if not value:
-        return None
-    if not value.isdigit():
-        raise web.HTTPBadRequest(text=f"{key} must be a non-negative integer")
-    return int(value)
+class BadQuery(ValueError):
+    """A query parameter the endpoint does not take, or one out of its bounds."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
-def _query_float(request: web.Request, key: str) -> float | None:
-    value = request.query.get(key, "").strip()
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"{key} must be unix seconds") from None
+QueryParser = Callable[[str, str], Any]
+
+
+def _int_param(low: int, high: int) -> QueryParser:
+    return lambda key, text: bounds.bounded_int(key, text, low, high)
+
+
+def _float_param(low: float, high: float) -> QueryParser:
+    return lambda key, text: bounds.bounded_float(key, text, low, high)
+
+
+def _name_param(key: str, text: str) -> str:
+    return bounds.check_name(key, text)
+
+
+def _kinds_param(key: str, text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    if len(kinds) > 100:
+        raise ValueError(f"{key}: at most 100 event kinds, got {len(kinds)}")
+    return [bounds.check_name(key, k) for k in kinds]
+
+
+# What each endpoint takes; anything else in its query string is a 400.
+JOB_PARAM = _int_param(0, bounds.JOB_ID_MAX)
+QUERY_PARAMS: dict[str, dict[str, QueryParser]] = {
+    "/api/replicas": {"job": JOB_PARAM},
+    "/api/history": {"node": _name_param, "job": JOB_PARAM,
+                     "since": _float_param(0, 2**40), "kind": _kinds_param,
+                     "limit": _int_param(1, HISTORY_LIMIT_MAX)},
+}
+
+
+def parse_query(path: str, query: MultiMapping[str]) -> dict[str, Any]:
+    """The endpoint's query parameters, checked (BadQuery names the first bad one); a missing
+    or empty parameter is None."""
+    allowed = QUERY_PARAMS.get(path, {})
+    keys = [key for key, _ in query.items()]  # with repeats (keys() has each key once)
+    for key in keys:
+        if key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise BadQuery(bounds.shorten(key, 40),
+                           f"unknown query parameter {bounds.shorten(key, 40)!r} "
+                           f"(this endpoint takes: {known})")
+        if keys.count(key) > 1:
+            raise BadQuery(key, f"query parameter {key!r} given more than once")
+    values: dict[str, Any] = dict.fromkeys(allowed)
+    for key, parse in allowed.items():
+        text = query.get(key, "").strip()
+        if not text:
+            continue
+        if len(text) > QUERY_VALUE_MAX:
+            raise BadQuery(key, f"{key}: at most {QUERY_VALUE_MAX} characters")
+        try:
+            values[key] = parse(key, text)
+        except ValueError as exc:
+            raise BadQuery(key, str(exc)) from None
+    return values
 
 
 def _json(data: Any) -> web.Response:
@@ -176,10 +230,23 @@ class HttpServer:
             raise web.HTTPMisdirectedRequest(text="unexpected Host header")
         if request.method not in READ_METHODS:
             self._check_operator(request)
-        response = await handler(request)
+        try:
+            if request.path.startswith("/api/"):  # the JSON API and the event stream
+                request["query"] = parse_query(request.path, request.query)
+            response = await handler(request)
+        except BadQuery as exc:
+            response = self._bad_query(request, exc)
         if not response.prepared:
             response.headers.update(SECURITY_HEADERS)
         return response
+
+    def _bad_query(self, request: web.Request, exc: BadQuery) -> web.Response:
+        """A 400 with the reason as JSON; counted (marduk_controller_operations
+        {op="http_bad_query"}) and logged without the raw value."""
+        self.obs.ctx.stats["http_bad_query"] += 1
+        log.warning("HTTP %s: bad query parameter %r", request.path, exc.parameter)
+        return web.Response(status=400, content_type="application/json",
+                            text=json.dumps({"error": str(exc), "parameter": exc.parameter}))
 
     def _check_operator(self, request: web.Request) -> None:
         """Anything but a read needs the operator token (<state_dir>/auth/http-token), in the
@@ -250,19 +317,17 @@ class HttpServer:
         return _json(await self.obs.status())
 
     async def api_replicas(self, request: web.Request) -> web.Response:
-        return _json(await self.obs.replicas(_query_int(request, "job")))
+        return _json(await self.obs.replicas(request["query"]["job"]))
 
     async def api_nodes(self, request: web.Request) -> web.Response:
         return _json(await self.obs.nodes())
 
     async def api_history(self, request: web.Request) -> web.Response:
-        node = request.query.get("node", "").strip() or None
-        job, since = _query_int(request, "job"), _query_float(request, "since")
-        kinds = [k for k in request.query.get("kind", "").split(",") if k.strip()]
-        limit = min(_query_int(request, "limit") or 200, 5000)
+        q = request["query"]
         store = self.obs.ctx.db.store
-        rows = await self.obs.ctx.db(lambda: store.events(node=node, job_id=job, since=since,
-                                                          kinds=kinds, limit=limit))
+        rows = await self.obs.ctx.db(lambda: store.events(
+            node=q["node"], job_id=q["job"], since=q["since"], kinds=q["kind"] or [],
+            limit=q["limit"] or 200))
         return _json(rows)
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -1,8 +1,15 @@
 """Job credentials for node agents: ``marduk.v1.credrpc.<node>`` (docs/security.md).
 
 An agent that relays a job's first step asks here for that job's NATS credential; only the
-agent of `<node>` may publish on that subject, so the node in the subject is who asks. The
-controller issues the credential once per job and hands the same one to every node of the
+agent of `<node>` may publish on that subject, so the node in the subject is who asks. It gets
+the credential only while the controller's store has a step of that job on `<node>` that has
+not ended: a node can obtain the credential of the jobs it runs, not of any job it names. The
+agent relays the step_start (durable, through its outbox) before it asks, but the request is
+a plain request and can overtake it, so a request with no step yet waits up to
+`STEP_WAIT_S` for the step to be ingested. A refusal is counted and recorded as a
+`job_credential_refused` event.
+
+The controller issues the credential once per job and hands the same one to every node of the
 job: passwords are kept only as bcrypt hashes in the roster, so the clear credential is kept
 in `auth/jobs/<job>.json` (0600). A new user is added to the server config and the embedded
 nats-server reloads it before the reply, so the job can connect as soon as the file lands.
@@ -25,6 +32,8 @@ from nats.aio.msg import Msg
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_auth import AuthDir, AuthError, Credentials
 from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.context import Context
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError, ProtocolError
@@ -34,6 +43,15 @@ log = logging.getLogger(__name__)
 NOT_EMBEDDED = ("job credentials are issued only with the embedded server and "
                 "nats.auth = true; see docs/security.md")
 RELOAD_WAIT_S = 5.0  # how long a new user may take to be accepted after the SIGHUP
+# How long a request waits for its step_start to be ingested: well inside the agent's request
+# timeout (10 s), long enough for a step_start relayed just before through JetStream.
+STEP_WAIT_S = 5.0
+STEP_POLL_S = 0.1
+REFUSED_EVENT = "job_credential_refused"
+
+
+class NoRunningStep(ValueError):
+    """The asking node runs no step of the job (as far as the controller's store knows)."""
 
 
 def job_and_uid(args: dict[str, Any]) -> tuple[str, int]:
@@ -52,9 +70,10 @@ class JobCredentialService:
     """Answers the agents' credential requests; `auth` and `server` are None when the
     controller does not run the embedded server with auth."""
 
-    def __init__(self, bus: Bus, auth: AuthDir | None, server: NatsServerProcess | None
-                 ) -> None:
-        self.bus = bus
+    def __init__(self, ctx: Context, auth: AuthDir | None, server: NatsServerProcess | None,
+                 *, step_wait_s: float = STEP_WAIT_S) -> None:
+        self.ctx = ctx
+        self.step_wait_s = step_wait_s
         self.auth = auth
         self.server = server
         self.stats: Counter[str] = Counter()
@@ -62,7 +81,7 @@ class JobCredentialService:
         self._inflight: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        await self.bus.subscribe(subjects.CRED_RPC_ALL, self.on_message)
+        await self.ctx.bus.subscribe(subjects.CRED_RPC_ALL, self.on_message)
         await asyncio.Event().wait()
 
     async def on_message(self, msg: Msg) -> None:
@@ -84,8 +103,12 @@ class JobCredentialService:
             return m.Reply(ok=False, error=NOT_EMBEDDED, error_kind="refused")
         try:
             job, uid = job_and_uid(m.decode_request(data).args)
+            await self._check_step(node, int(job))
             async with self._lock:
                 creds = await self._credential(job)
+        except NoRunningStep as exc:
+            await self._refuse(node, job, str(exc))
+            return m.Reply(ok=False, error=str(exc), error_kind="no_step")
         except (ProtocolError, ValueError) as exc:  # AuthError is a ValueError
             self.stats["invalid"] += 1
             return m.Reply(ok=False, error=str(exc), error_kind="invalid")
@@ -97,6 +120,33 @@ class JobCredentialService:
         log.info("job %s: credential handed to the agent of %s (uid %d)", job, node, uid)
         return m.Reply(ok=True, data={"job": job, "credentials": creds.to_json()})
 
+    async def _check_step(self, node: str, job_id: int) -> None:
+        """Return once the store has a running step of the job on `node`; NoRunningStep when
+        none shows up within step_wait_s."""
+        deadline = time.monotonic() + self.step_wait_s
+        while True:
+            if await self.ctx.db(running_step_of, self.ctx.db.store, job_id, node):
+                return
+            if time.monotonic() >= deadline:
+                raise NoRunningStep(f"node {node} runs no step of job {job_id}: a job's "
+                                    f"credential goes only to the nodes of its running steps")
+            await asyncio.sleep(STEP_POLL_S)
+
+    async def _refuse(self, node: str, job: str, why: str) -> None:
+        self.stats["refused_no_step"] += 1
+        self.ctx.stats["job_credential_refused"] += 1
+        log.warning("job %s: credential refused to the agent of %s: %s", job, node, why)
+
+        def record(store: Store) -> int:
+            return store.add_event(REFUSED_EVENT, now=time.time(), source="controller",
+                                   node=node, job_id=int(job), reason=why)
+        try:
+            event_id = await self.ctx.db.tx(record)
+        except Exception as exc:  # the refusal stands; only its record is missing
+            log.error("job %s: cannot record the refused credential request: %s", job, exc)
+            return
+        await self.ctx.publish_feed([event_id])
+
     async def _credential(self, job: str) -> Credentials:
         assert self.auth is not None and self.server is not None
         creds, new = await asyncio.to_thread(self.auth.job_credential, job)
@@ -106,10 +156,15 @@ class JobCredentialService:
         self.stats["issued"] += 1
         self.server.reload()
         path = self.auth.job_credential_path(job)
-        if not await accepted(self.bus.url, path, RELOAD_WAIT_S):
+        if not await accepted(self.ctx.bus.url, path, RELOAD_WAIT_S):
             log.warning("job %s: the server did not accept the new user within %.0f s; "
                         "the job's client keeps retrying", job, RELOAD_WAIT_S)
         return creds
+
+
+def running_step_of(store: Store, job_id: int, node: str) -> bool:
+    """Whether `node` has a step of the job that has not ended."""
+    return any(step["job_id"] == job_id for step in store.running_steps(node))
 
 
 async def accepted(url: str, creds: Path, within_s: float) -> bool:

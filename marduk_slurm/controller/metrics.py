@@ -72,6 +72,20 @@ def _counter(name: str, doc: str, labels: list[str], samples: Any) -> CounterMet
     return family
 
 
+def rejected_family(rejected: Counter[Any]) -> CounterMetricFamily:
+    """marduk_rejected_messages{subject,kind,cause}: the controller counts rejected input by
+    (subject class, message kind, cause); a plain-string key (an older counter) is a cause
+    with subject and kind unknown."""
+    samples = []
+    for key, count in rejected.items():
+        subject, kind, cause = key if isinstance(key, tuple) and len(key) == 3 else (
+            "", "", str(key))
+        samples.append(((str(subject), str(kind), str(cause)), count))
+    return _counter("marduk_rejected_messages", "Messages and requests rejected since start, "
+                    "by subject class, message kind and cause", ["subject", "kind", "cause"],
+                    samples)
+
+
 class MetricsCollector(Collector):
     def __init__(self, ctx: Context, supervisor: Supervisor, stragglers: StragglerWatch,
                  risk: RiskWatch) -> None:
@@ -124,8 +138,7 @@ class MetricsCollector(Collector):
 
     def _live_metrics(self) -> Iterator[Metric]:
         ctx = self.ctx
-        yield _counter("marduk_rejected_messages", "Messages rejected since start, by reason",
-                       ["reason"], [((r,), n) for r, n in ctx.rejected.items()])
+        yield rejected_family(ctx.rejected)
         yield _gauge("marduk_nats_connected", "1 when the controller's NATS link is up", [],
                      [((), int(ctx.nats_state == "connected"))])
         yield _gauge("marduk_nats_state", "The NATS link's state (1 for the current one)",

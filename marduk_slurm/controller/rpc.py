@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +27,7 @@ from marduk_slurm.controller.request_queue import (
     deadline_for,
     requester_of,
 )
+from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import MardukError, NotFound, ProtocolError
@@ -35,16 +37,16 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any], str], Awaitable[Any]]
 
 
-def _opt_int(args: dict[str, Any], key: str) -> int | None:
+def _opt_int(args: dict[str, Any], key: str, low: int | None = None,
+             high: int | None = None) -> int | None:
+    """An optional integer argument within the range of `key` (input_bounds.INT_RANGES,
+    int64 otherwise) or within [low, high]."""
     value = args.get(key)
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"{key} must be an integer")
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{key} must be an integer, got {value!r}") from None
+    return bounds.bounded_int(key, value, low, high)
 
 
 # Verbs that may read and send thousands of rows: they have their own lane (see RpcServer).
@@ -66,13 +68,30 @@ def _page_size(args: dict[str, Any]) -> int | None:
     return size
 
 
-def _opt_str(args: dict[str, Any], key: str) -> str | None:
+def _wait_s(args: dict[str, Any]) -> float:
+    """How long a drain or resume waits for Slurm before answering "queued"."""
+    wait_s = _opt_float(args, "wait_s", 0.0, 60.0)
+    return 5.0 if wait_s is None else wait_s
+
+
+def _opt_float(args: dict[str, Any], key: str, low: float, high: float) -> float | None:
+    value = args.get(key)
+    if value is None or value == "":
+        return None
+    return bounds.bounded_float(key, value, low, high)
+
+
+def _opt_str(args: dict[str, Any], key: str, max_len: int = bounds.TEXT_MAX,
+             pattern: re.Pattern[str] | None = None) -> str | None:
+    """An optional string argument: bounded, no control characters, and when `pattern` is
+    given a name that matches it (input_bounds.NODE_NAME for node names)."""
     value = args.get(key)
     if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string")
-    return value
+    bounds.check_text(key, value, max_len)
+    return value if pattern is None else bounds.check_name(key, value, pattern)
 
 
 class RpcServer:
@@ -207,7 +226,7 @@ class RpcServer:
         return data
 
     async def replicas(self, args: dict[str, Any], actor: str) -> Any:
-        job_id, node = _opt_int(args, "job"), _opt_str(args, "node")
+        job_id, node = _opt_int(args, "job"), _opt_str(args, "node", pattern=bounds.NODE_NAME)
         include_left = bool(args.get("all", False))
         page_size = _page_size(args)
         if page_size is None:
@@ -227,25 +246,28 @@ class RpcServer:
 
     async def nodes(self, args: dict[str, Any], actor: str) -> Any:
         page_size = _page_size(args)
-        after = _opt_str(args, "cursor")
-        return await self.ops.nodes(_opt_str(args, "node"), after=after, page_size=page_size)
+        after = _opt_str(args, "cursor", pattern=bounds.NODE_NAME)
+        return await self.ops.nodes(_opt_str(args, "node", pattern=bounds.NODE_NAME),
+                                    after=after, page_size=page_size)
 
     async def history(self, args: dict[str, Any], actor: str) -> Any:
-        node, job_id = _opt_str(args, "node"), _opt_int(args, "job")
+        node, job_id = _opt_str(args, "node", pattern=bounds.NODE_NAME), _opt_int(args, "job")
         since = args.get("since")
-        if since is not None and not isinstance(since, int | float):
+        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
             raise ValueError("since must be a unix time in seconds")
+        since = _opt_float(args, "since", 0, 2**40)
         limit = _opt_int(args, "limit") or 200
         after_id = _opt_int(args, "after_id") or 0
         kinds = args.get("kinds") or []
-        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
-            raise ValueError("kinds must be a list of strings")
+        if not isinstance(kinds, list) or len(kinds) > 100 or not all(
+                isinstance(k, str) and bounds.NODE_NAME.fullmatch(k) for k in kinds):
+            raise ValueError("kinds must be a list of at most 100 event kinds")
         page_size = _page_size(args)
         if page_size is None:
             return await self.ctx.db.read(lambda store: store.events(
                 node=node, job_id=job_id, since=since, after_id=after_id, kinds=kinds,
-                limit=min(limit, 10000)))
-        after_id = _opt_int(args, "cursor") or after_id
+                limit=limit))
+        after_id = _opt_int(args, "cursor", 0, 2**63 - 1) or after_id
 
         def page(store: Store) -> dict[str, Any]:
             rows = store.events(node=node, job_id=job_id, since=since, after_id=after_id,
@@ -257,30 +279,35 @@ class RpcServer:
     # -- writes ----------------------------------------------------------------------------
 
     async def drain(self, args: dict[str, Any], actor: str) -> Any:
-        nodes = _opt_str(args, "nodes")
-        reason = (_opt_str(args, "reason") or "").strip()
+        nodes = _opt_str(args, "nodes", bounds.TEXT_MAX)
+        reason = (_opt_str(args, "reason", bounds.REASON_MAX) or "").strip()
         if not nodes:
             raise ValueError("name the nodes to drain, e.g. n3 or n[1-4]")
         if not reason:
             raise ValueError('a reason is required: reason="..." (Slurm refuses drains '
                              "without one)")
-        return await self.ops.drain(nodes, reason, actor=actor, gpu=_opt_str(args, "gpu"),
-                                    wait_s=float(args.get("wait_s", 5.0)))
+        return await self.ops.drain(nodes, reason, actor=actor,
+                                    gpu=_opt_str(args, "gpu", pattern=bounds.GPU_ID),
+                                    wait_s=_wait_s(args))
 
     async def resume(self, args: dict[str, Any], actor: str) -> Any:
-        nodes = _opt_str(args, "nodes")
+        nodes = _opt_str(args, "nodes", bounds.TEXT_MAX)
         if not nodes:
             raise ValueError("name the nodes to resume, e.g. n3 or n[1-4]")
         check = args.get("check")
         if check is not None and not isinstance(check, dict):
             raise ValueError("check must be an object with the operator's check result")
         return await self.ops.resume(nodes, actor=actor, force=bool(args.get("force", False)),
-                                     wait_s=float(args.get("wait_s", 5.0)),
+                                     wait_s=_wait_s(args),
                                      operator_check=check)
 
     async def inject(self, args: dict[str, Any], actor: str) -> Any:
-        node = _opt_str(args, "node")
+        node = _opt_str(args, "node", pattern=bounds.NODE_NAME)
         gpu = args.get("gpu")
+        if isinstance(gpu, int) and not isinstance(gpu, bool):
+            gpu = str(_opt_int(args, "gpu", *bounds.int_range("gpu_index")))
+        elif gpu not in (None, ""):
+            gpu = _opt_str(args, "gpu", pattern=bounds.GPU_ID)
         xid = _opt_int(args, "xid")
         if not node or gpu in (None, "") or xid is None:
             raise ValueError("inject needs node, gpu (UUID or index) and xid")

@@ -5,7 +5,7 @@
 const FAULT_KINDS = new Set(["gpu_verdict", "drain_requested", "drained", "drain_skipped",
   "drain_failed", "operator_drain", "operator_resume", "resumed", "leave_requested",
   "replica_leave", "straggler", "straggler_cleared", "risk_drain", "step_gone",
-  "resume_check_failed"]);
+  "resume_check_failed", "job_credential_refused"]);
 const NODE_KINDS = new Set([...FAULT_KINDS, "gpu_inventory", "replica_register", "step_start",
   "step_end"]);
 
@@ -67,6 +67,26 @@ async function loadStatus() {
     `GPUs ${s.gpus} · jobs ${s.jobs_active} · replicas ${s.replicas_active} · ` +
     `stragglers ${s.stragglers} · Slurm actions pending ${s.outbox_pending} · ` +
     `rejected ${s.rejected_total}`;
+  renderRejected(s);
+}
+
+// What the controller refused: by (subject class, message kind, cause), busiest first. A
+// controller without these keys yet shows its per-reason counts, or nothing.
+function renderRejected(s) {
+  let rows = Array.isArray(s.rejections) ? s.rejections : null;
+  if (rows === null && s.rejected && typeof s.rejected === "object") {
+    rows = Object.entries(s.rejected).map(([cause, count]) => ({ subject: "-", kind: "-", cause, count }))
+      .sort((a, b) => b.count - a.count);
+  }
+  rows = rows || [];
+  const total = rows.reduce((sum, r) => sum + Number(r.count || 0), 0);
+  const dead = s.dead_letters === undefined ? "" : ` · dead letters ${s.dead_letters}`;
+  $("#rejected-summary").textContent = `${total} rejected${dead}`;
+  fill($("#rejected tbody"), rows.slice(0, 10).map((r) => {
+    const tr = row([el("span", r.subject, "mono"), r.kind, r.cause, el("td", r.count, "num")]);
+    tr.dataset.cause = String(r.cause);
+    return tr;
+  }), "nothing rejected", 4);
 }
 
 // -- replicas -------------------------------------------------------------------------------
