@@ -42,6 +42,7 @@ def text_up_to(name: str, max_len: int) -> ArgType:
 
 job_id = int_in("job")
 limit = int_in("limit")
+count = int_in("count", 0, 10**9)
 node_name = _typed(lambda text: bounds.check_name("node", text), "node")
 gpu_id = _typed(lambda text: bounds.check_name("gpu", text, bounds.GPU_ID), "gpu")
 user_name = _typed(lambda text: bounds.check_name("name", text), "name")

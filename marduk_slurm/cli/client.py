@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,50 @@ async def call(url: str, verb: str, args: dict[str, Any], *, creds: str = "",
     bus = Bus(url, name="marduk-cli", creds=creds, connect_timeout_s=min(timeout_s, 5.0))
     await bus.connect()
     try:
-        request = m.Request(args={k: v for k, v in args.items() if v is not None}, actor=actor)
+        request = m.Request(args={k: v for k, v in args.items() if v is not None}, actor=actor,
+                            timeout_ms=_timeout_ms(timeout_s))
         raw = await bus.request(subjects.rpc(verb), m.encode(request), timeout_s)
     finally:
         await bus.close()
-    reply = m.decode_reply(raw)
+    return _reply_data(m.decode_reply(raw))
+
+
+PAGE_SIZE = 1000
+
+
+async def call_pages(url: str, verb: str, args: dict[str, Any],
+                     on_page: Callable[[list[Any]], bool | None], *, creds: str = "",
+                     timeout_s: float = 10.0, actor: str = "", page_size: int = PAGE_SIZE
+                     ) -> int | None:
+    """Ask a list verb page after page over one connection, handing each page to `on_page`
+    as it arrives; `on_page` returns True to stop early. Returns the total the controller
+    reported (None when the verb does not count)."""
+    bus = Bus(url, name="marduk-cli", creds=creds, connect_timeout_s=min(timeout_s, 5.0))
+    await bus.connect()
+    total: int | None = None
+    cursor: Any = None
+    try:
+        while True:
+            params = {**{k: v for k, v in args.items() if v is not None},
+                      "page_size": page_size, "cursor": cursor}
+            request = m.Request(args={k: v for k, v in params.items() if v is not None},
+                                actor=actor, timeout_ms=_timeout_ms(timeout_s))
+            raw = await bus.request(subjects.rpc(verb), m.encode(request), timeout_s)
+            page = _reply_data(m.decode_reply(raw))
+            total = page.get("total", total)
+            if on_page(page["items"]) or page.get("next") is None:
+                return total
+            cursor = page["next"]
+    finally:
+        await bus.close()
+
+
+def _timeout_ms(timeout_s: float) -> int:
+    """What the controller is told: how long this call waits (it drops the request after)."""
+    return min(max(1, int(timeout_s * 1000)), 600_000)
+
+
+def _reply_data(reply: m.Reply) -> Any:
     if not reply.ok:
         if reply.error_kind == "not_found":
             raise NotFound(reply.error)

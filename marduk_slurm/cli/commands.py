@@ -8,13 +8,14 @@ import asyncio
 import os
 import pwd
 import re
+import sys
 import time
 from typing import Any
 
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters.health_check import run_check
 from marduk_slurm.cli import arguments, render
-from marduk_slurm.cli.client import call_sync, resolve_creds, resolve_nats_url
+from marduk_slurm.cli.client import call_pages, call_sync, resolve_creds, resolve_nats_url
 from marduk_slurm.domain import hostlist
 from marduk_slurm.domain import input_bounds as bounds
 
@@ -33,6 +34,59 @@ def ask(args: argparse.Namespace, verb: str, params: dict[str, Any]) -> Any:
     return call_sync(url, verb, params, creds=resolve_creds(s),
                      timeout_s=args.timeout or s.nats.request_timeout_s,
                      actor=os.environ.get("MARDUK_ACTOR", _actor()))
+
+
+# Rows a list verb prints for a person unless told otherwise (as squeue users page with less,
+# a table of 100,000 rows helps nobody); --json and --limit 0 print them all.
+HUMAN_LIMIT = 1000
+
+
+def ask_list(args: argparse.Namespace, verb: str, params: dict[str, Any], *,
+             limit: int | None, newest_first: bool = False) -> tuple[list[Any], int | None]:
+    """A list verb, page after page over one connection, up to `limit` rows (None: all).
+    With --json and no limit, each page is written out as it arrives (exact JSON, one array)
+    and nothing is kept; the rows returned are then empty."""
+    flags = {"controller.state_dir": args.state_dir} if args.state_dir else {}
+    s = settings_mod.from_environment(args.config, flags)
+    url = resolve_nats_url(s, args.nats_url)
+    rows: list[Any] = []
+    stream = getattr(args, "json", False) and limit is None and not newest_first
+    out = sys.stdout
+    first = [True]
+
+    def on_page(items: list[Any]) -> bool:
+        if stream:
+            for item in items:
+                out.write(("[\n" if first[0] else ",\n") + render.json_text(item))
+                first[0] = False
+            return False
+        rows.extend(items)
+        return limit is not None and len(rows) >= limit
+
+    if newest_first:
+        params = {**params, "newest_first": True}
+    total = asyncio.run(call_pages(url, verb, params, on_page, creds=resolve_creds(s),
+                                   timeout_s=args.timeout or s.nats.request_timeout_s,
+                                   actor=os.environ.get("MARDUK_ACTOR", _actor())))
+    if stream:
+        out.write("[]\n" if first[0] else "\n]\n")
+    if newest_first:  # pages came newest first, each in id order
+        rows = sorted(rows, key=lambda r: r["id"])[-limit:] if limit else rows
+    return (rows[:limit] if limit is not None else rows), total
+
+
+def _shown(args: argparse.Namespace) -> int | None:
+    """How many rows to fetch: --limit (0 for all), else all for --json, else HUMAN_LIMIT."""
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        return limit or None
+    return None if args.json else HUMAN_LIMIT
+
+
+def _footer(shown: int, total: int | None, what: str) -> None:
+    if total is not None and total > shown:
+        render.say(f"({shown:,} of {total:,} {what} shown; --limit N, --limit 0 or --json "
+                   "for more)")
 
 
 def parse_since(text: str | None, now: float | None = None) -> float | None:
@@ -121,9 +175,12 @@ def rejection_lines(data: dict[str, Any], top: int = 5) -> list[str]:
 
 
 def cmd_replicas(args: argparse.Namespace) -> int:
-    rows = ask(args, "replicas", {"job": args.job, "node": args.node, "all": args.all})
+    limit = _shown(args)
+    rows, total = ask_list(args, "replicas", {"job": args.job, "node": args.node,
+                                              "all": args.all}, limit=limit)
     if args.json:
-        render.as_json(rows)
+        if limit is not None:
+            render.as_json(rows)
         return 0
     render.table(
         ["JOB", "STEP", "GROUP", "RANK", "NODE", "STATE", "REPLICA", "GPUS", "LAST_STEP",
@@ -133,13 +190,18 @@ def cmd_replicas(args: argparse.Namespace) -> int:
           r["last_step"], f"{r['step_time_ms']:.1f}", r["config_revision"],
           render.fmt_ago(r["last_seen"])] for r in rows],
     )
+    _footer(len(rows), total, "replicas")
     return 0
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     from marduk_slurm.cli.client import RequestFailed
 
-    rows = ask(args, "nodes", {"node": args.node})
+    if args.node:
+        rows, total = ask(args, "nodes", {"node": args.node}), None
+    else:
+        limit = _shown(args)
+        rows, total = ask_list(args, "nodes", {}, limit=limit or 10**9)
     try:
         scores = ask(args, "risk", {"node": args.node})
     except RequestFailed:  # a controller from before risk scores: the column shows "-"
@@ -161,12 +223,16 @@ def cmd_nodes(args: argparse.Namespace) -> int:
           (n["reason"] + (f" [{n['reason_user']}]" if n["reason_user"] else "")) or "-"]
          for n in rows],
     )
+    _footer(len(rows), total, "nodes")
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    rows = ask(args, "history", {"node": args.node, "job": args.job,
-                                 "since": parse_since(args.since), "limit": args.limit})
+    params = {"node": args.node, "job": args.job, "since": parse_since(args.since)}
+    if args.limit <= 1000:
+        rows = ask(args, "history", {**params, "limit": args.limit})
+    else:  # more than one answer holds: newest first, page after page
+        rows, _ = ask_list(args, "history", params, limit=args.limit, newest_first=True)
     if args.json:
         render.as_json(rows)
         return 0
@@ -253,9 +319,13 @@ def add_parsers(sub: Any, add: Any) -> None:
     p.add_argument("--job", type=arguments.job_id, help="only this Slurm job id")
     p.add_argument("--node", type=arguments.node_name, help="only replicas on this node")
     p.add_argument("--all", action="store_true", help="include replicas that left")
+    p.add_argument("--limit", type=arguments.count, default=None,
+                   help=f"at most N rows (default {HUMAN_LIMIT}, all with --json; 0: all)")
     p = add(sub, "nodes", "nodes: Slurm state, drain reason and who set it, GPUs, replicas",
             "marduk nodes n3", cmd_nodes)
     p.add_argument("node", nargs="?", type=arguments.node_name, help="one node")
+    p.add_argument("--limit", type=arguments.count, default=None,
+                   help=f"at most N rows (default {HUMAN_LIMIT}, all with --json; 0: all)")
     p = add(sub, "history", "the failure and decision history, oldest first",
             "marduk history --node n2 --since 2h", cmd_history)
     p.add_argument("--node", type=arguments.node_name, help="only events about this node")

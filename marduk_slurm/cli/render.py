@@ -73,8 +73,12 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], out: TextIO | N
         print("(none)", file=out)
 
 
-def as_json(data: Any, out: TextIO | None = None) -> None:
+def json_text(data: Any) -> str:
     """Exact JSON: ensure_ascii escapes C0, C1 and every non-ASCII character as \\uXXXX;
     DEL, which JSON lets through raw, is escaped too (still the same string when parsed)."""
     text = json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=True)
-    (out or sys.stdout).write(text.replace("\x7f", "\\u007f") + "\n")
+    return text.replace("\x7f", "\\u007f")
+
+
+def as_json(data: Any, out: TextIO | None = None) -> None:
+    (out or sys.stdout).write(json_text(data) + "\n")

@@ -267,13 +267,21 @@ class RpcServer:
             return await self.ctx.db.read(lambda store: store.events(
                 node=node, job_id=job_id, since=since, after_id=after_id, kinds=kinds,
                 limit=limit))
-        after_id = _opt_int(args, "cursor", 0, 2**63 - 1) or after_id
+        cursor = _opt_int(args, "cursor", 0, 2**63 - 1)
+        newest_first = bool(args.get("newest_first", False))
 
         def page(store: Store) -> dict[str, Any]:
-            rows = store.events(node=node, job_id=job_id, since=since, after_id=after_id,
-                                kinds=kinds, limit=page_size, oldest_first=True)
-            last = rows[-1]["id"] if len(rows) == page_size else None
-            return {"items": rows, "next": last}
+            # Oldest first pages forward from the cursor; newest first pages back from it
+            # (each page itself in id order).
+            if newest_first:
+                rows = store.events(node=node, job_id=job_id, since=since, after_id=after_id,
+                                    kinds=kinds, limit=page_size, before_id=cursor)
+                return {"items": rows,
+                        "next": rows[0]["id"] if len(rows) == page_size else None}
+            rows = store.events(node=node, job_id=job_id, since=since,
+                                after_id=cursor or after_id, kinds=kinds, limit=page_size,
+                                oldest_first=True)
+            return {"items": rows, "next": rows[-1]["id"] if len(rows) == page_size else None}
         return await self.ctx.db.read(page)
 
     # -- writes ----------------------------------------------------------------------------

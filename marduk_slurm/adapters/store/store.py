@@ -131,11 +131,15 @@ class Store(MappingMixin, OutboxMixin, TrustMixin):
 
     def events(self, *, node: str | None = None, job_id: int | None = None,
                since: float | None = None, after_id: int = 0, kinds: Sequence[str] = (),
-               limit: int = 200, oldest_first: bool = False) -> list[dict[str, Any]]:
+               limit: int = 200, oldest_first: bool = False, before_id: int | None = None
+               ) -> list[dict[str, Any]]:
         """Events after `after_id` matching the filters, in id order: the newest `limit` of
         them, or with `oldest_first` the first `limit` (to page forward through all)."""
         where: list[str] = ["id > ?"]
         params: list[Any] = [after_id]
+        if before_id is not None:
+            where.append("id < ?")
+            params.append(before_id)
         if node:
             where.append("node = ?")
             params.append(node)
