@@ -1,0 +1,107 @@
+"""Process lifecycle: what survives a SIGKILLed controller, what a restart finds, and what
+reconnects by itself afterwards. Real processes throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+
+from harness import ControllerProcess, cli_json, publish_durable, wait_for
+
+
+def _servers_on(store_dir: Path) -> list[int]:
+    """Pids of live nats-servers whose JetStream is in `store_dir`."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if (argv and argv[0].endswith(b"nats-server") and state != "Z"
+                and str(store_dir / "jetstream").encode() in argv):
+            pids.append(int(name))
+    return pids
+
+
+def _register(job: int, group: int) -> tuple[str, bytes]:
+    msg = m.ReplicaRegister(replica_id=f"job{job}_rg{group}:x", job_id=job,
+                            replica_group=group, node="n1", gpu_uuids=[f"GPU-{group}"],
+                            ts=time.time())
+    return subjects.job_event(job, "replica_register"), m.encode(msg)
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Iterator[ControllerProcess]:
+    ctl = ControllerProcess(tmp_path / "state", "")
+    yield ctl
+    ctl.stop()
+
+
+def test_sigkilled_controller_takes_its_nats_server_and_restarts_on_the_same_url(
+        embedded: ControllerProcess) -> None:
+    ctl = embedded.start()
+    store = ctl.state_dir / "nats"
+    url = ctl.url
+    first = asyncio.run(publish_durable(url, [_register(41, 0)]))
+    wait_for(lambda: cli_json("replicas", "--job", "41", "--nats-url", url), 15,
+             what="the first replica")
+    assert len(_servers_on(store)) == 1
+    ctl.kill()
+    wait_for(lambda: not _servers_on(store), 5, what="the nats-server to die with its parent")
+    ctl.start()
+    assert ctl.url == url, "the restarted controller's NATS URL changed"
+    assert len(_servers_on(store)) == 1
+    # One JetStream directory, one server: the stream goes on where it stopped.
+    second = asyncio.run(publish_durable(url, [_register(41, 1)]))
+    assert second[0] == first[0] + 1
+    replicas = wait_for(lambda: len(r := cli_json("replicas", "--job", "41", "--nats-url", url))
+                        == 2 and r, 15, what="both replicas after the restart")
+    assert {r["replica_group"] for r in replicas} == {0, 1}
+
+
+def test_a_start_stops_a_leftover_server_on_its_store_and_keeps_its_port(
+        tmp_path: Path) -> None:
+    from marduk_slurm.adapters.nats_server import NatsServerProcess
+
+    port_file = tmp_path / "nats.port"
+    old = NatsServerProcess(tmp_path / "nats", port_file=port_file)
+    url = old.start()
+    new = NatsServerProcess(tmp_path / "nats", port_file=port_file)
+    try:
+        assert new.start() == url
+        assert old.proc is not None and old.proc.wait(5) is not None
+        assert _servers_on(tmp_path / "nats") == [new.proc.pid]  # type: ignore[union-attr]
+    finally:
+        new.stop()
+        old.stop()
+
+
+def test_a_taken_port_gives_a_new_one_and_remembers_it(tmp_path: Path) -> None:
+    from marduk_slurm.adapters.nats_server import NatsServerProcess
+
+    port_file = tmp_path / "nats.port"
+    server = NatsServerProcess(tmp_path / "nats", port_file=port_file)
+    first = server.start()
+    server.stop()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", int(port_file.read_text())))
+        squatter.listen()
+        server = NatsServerProcess(tmp_path / "nats", port_file=port_file)
+        try:
+            second = server.start()
+        finally:
+            server.stop()
+    assert second != first
+    assert port_file.read_text().strip() == second.rsplit(":", 1)[1]
