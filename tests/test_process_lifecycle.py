@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,16 @@ import pytest
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 
-from harness import ControllerProcess, cli_json, publish_durable, wait_for
+from agent_fixtures import AgentProcess
+from harness import (
+    REPO,
+    ControllerProcess,
+    cli_json,
+    marduk_argv,
+    publish_durable,
+    run_cli,
+    wait_for,
+)
 
 
 def _servers_on(store_dir: Path) -> list[int]:
@@ -105,3 +115,46 @@ def test_a_taken_port_gives_a_new_one_and_remembers_it(tmp_path: Path) -> None:
             server.stop()
     assert second != first
     assert port_file.read_text().strip() == second.rsplit(":", 1)[1]
+
+
+class LocalAgent(AgentProcess):
+    """An agent that finds NATS through a local controller's state directory."""
+
+    def __init__(self, base: Path, controller_state_dir: Path) -> None:
+        super().__init__(base, "")
+        self.controller_state_dir = controller_state_dir
+
+    def start(self, timeout_s: float = 20.0, *, wait_nats: bool = True) -> LocalAgent:
+        argv = marduk_argv("agent", "--node", self.node, "--simulate-gpus", str(self.gpus),
+                           "--socket", str(self.socket_path), "--state-dir", str(self.state_dir),
+                           "--controller-state-dir", str(self.controller_state_dir),
+                           "--log-level", "info")
+        self._log_offset = 0
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         env=self.env, cwd=REPO)
+        self.wait_log("connected to NATS", timeout_s)
+        return self
+
+
+def test_agent_with_controller_state_dir_follows_a_restart_on_a_new_port(
+        tmp_path: Path, embedded: ControllerProcess) -> None:
+    ctl = embedded.start()
+    old_url = ctl.url
+    agent = LocalAgent(tmp_path, ctl.state_dir).start()
+    try:
+        ctl.kill()
+        wait_for(lambda: not _servers_on(ctl.state_dir / "nats"), 5, what="the old server gone")
+        with socket.socket() as squatter:  # the old port is taken while the controller is down
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind(("127.0.0.1", int(old_url.rsplit(":", 1)[1])))
+            squatter.listen()
+            ctl.start()
+        new_url = ctl.url
+        assert new_url != old_url
+        agent.wait_log(f"connected to NATS at {new_url}", 20)
+        proc = run_cli("inject", "--node", "n2", "--gpu", "0", "--xid", "79",
+                       "--nats-url", new_url)
+        assert proc.returncode == 0 and "via agent" in proc.stdout, proc.stdout + proc.stderr
+    finally:
+        agent.stop()
