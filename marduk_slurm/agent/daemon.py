@@ -97,6 +97,7 @@ class Agent:
         self.supervisor = Supervisor()
         self.runner: NvmlRunner | None = None
         self.watcher: GpuWatcher | None = None
+        self.gpu_error = ""  # why there is no watcher, when there is none
         self.relay: StepRelay | None = None
         creds_dir = settings.agent.job_credentials_dir
         self.job_creds = (JobCredentials(self.bus, self.node, Path(creds_dir))
@@ -120,6 +121,8 @@ class Agent:
             self.runner = await NvmlRunner.open(self._source_factory(), call_timeout=timeout)
         except GpuSourceError as exc:
             # Steps must still be relayed; the controller sees a node with no inventory.
+            # A hung NVML init is abandoned in its thread (see NvmlRunner.open), not awaited.
+            self.gpu_error = str(exc)
             log.error("no GPU watching on %s: %s", self.node, exc)
             self.notifier.status(f"no GPU watching: {exc}")
             return
