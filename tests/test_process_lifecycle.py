@@ -8,13 +8,21 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller import risk_watch
+from marduk_slurm.controller.context import Context, StoreRunner
+from marduk_slurm.controller.handlers import Policy
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.settings import ControllerSettings
+from marduk_slurm.supervisor import Supervisor
 
 from agent_fixtures import AgentProcess
 from harness import (
@@ -83,8 +91,6 @@ def test_sigkilled_controller_takes_its_nats_server_and_restarts_on_the_same_url
 
 def test_a_start_stops_a_leftover_server_on_its_store_and_keeps_its_port(
         tmp_path: Path) -> None:
-    from marduk_slurm.adapters.nats_server import NatsServerProcess
-
     port_file = tmp_path / "nats.port"
     old = NatsServerProcess(tmp_path / "nats", port_file=port_file)
     url = old.start()
@@ -99,8 +105,6 @@ def test_a_start_stops_a_leftover_server_on_its_store_and_keeps_its_port(
 
 
 def test_a_taken_port_gives_a_new_one_and_remembers_it(tmp_path: Path) -> None:
-    from marduk_slurm.adapters.nats_server import NatsServerProcess
-
     port_file = tmp_path / "nats.port"
     server = NatsServerProcess(tmp_path / "nats", port_file=port_file)
     first = server.start()
@@ -158,3 +162,95 @@ def test_agent_with_controller_state_dir_follows_a_restart_on_a_new_port(
         assert proc.returncode == 0 and "via agent" in proc.stdout, proc.stdout + proc.stderr
     finally:
         agent.stop()
+
+
+# -- supervised restarts -----------------------------------------------------------------------
+
+
+async def test_supervisor_backoff_resets_after_a_stable_run() -> None:
+    sup = Supervisor(max_restarts=10, backoff_base_s=0.05, backoff_max_s=5.0, stable_s=0.3)
+    runs = 0
+
+    async def crashes_then_serves_then_crashes() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 4:
+            await asyncio.sleep(0.4)  # a stable run: longer than stable_s
+        if runs <= 4:
+            raise RuntimeError(f"crash {runs}")
+
+    sup.start("task", crashes_then_serves_then_crashes)
+    await asyncio.wait_for(_until(lambda: runs == 5), 10)
+    await sup.stop()
+    delays = sup.delays["task"]
+    assert delays[2] > 0.05, "the backoff did not grow over quick crashes"
+    assert delays[3] <= 0.05, f"the backoff was not reset after a stable run: {delays}"
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+async def test_risk_watch_restart_counts_each_reading_once(
+        tmp_path: Path, nats_server: NatsServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(risk_watch, "SCORE_EVERY_S", 0.05)
+    store = Store(tmp_path / "marduk.db")
+    store.migrate()
+    store.add_event("gpu_verdict", now=time.time(), node="n1", gpu_uuid="GPU-old",
+                    action="watch", evidence={"gpu_index": 0, "xids": [48]})
+    bus = Bus(nats_server.url, name="test-risk")
+    await bus.connect()
+    ctx = Context(StoreRunner(store), bus, Policy())
+    scored = 0
+
+    def settings() -> ControllerSettings:
+        nonlocal scored
+        scored += 1
+        if scored == 1:  # the first scoring round crashes the task once
+            raise RuntimeError("crash")
+        return ControllerSettings()
+
+    watch = risk_watch.RiskWatch(ctx, settings)
+    sup = Supervisor(backoff_base_s=0.01, backoff_max_s=0.01)
+    sup.start("risk", watch.run)
+    try:
+        await asyncio.wait_for(_until(lambda: scored >= 2), 10)
+        assert sup.crashes["risk"] == 1
+        event = m.FeedEvent(id=2, kind="gpu_verdict", node="n1", gpu_uuid="GPU-new",
+                            evidence={"gpu_index": 1, "xids": [48]}, ts=time.time())
+        await bus.publish(subjects.FEED, m.encode(event))
+        await bus.flush()
+        await asyncio.wait_for(_until(lambda: "GPU-new" in watch.tracker.gpus), 10)
+        await asyncio.sleep(0.3)  # time for a duplicate delivery to arrive
+        assert len(watch.tracker.gpus["GPU-new"].readings) == 1
+        assert len(watch.tracker.gpus["GPU-old"].readings) == 1
+    finally:
+        await sup.stop()
+        await bus.close()
+        store.close()
+
+
+def test_unreadable_history_row_is_skipped_and_counted(
+        tmp_path: Path, nats_server: NatsServerProcess) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    store = Store(state / "marduk.db")
+    store.migrate()
+    now = time.time()
+    store.add_event("gpu_verdict", now=now, node="n1", gpu_uuid="GPU-bad", action="watch",
+                    evidence={"ecc": [1]})
+    store.add_event("gpu_verdict", now=now, node="n1", gpu_uuid="GPU-good", action="watch",
+                    evidence={"gpu_index": 0, "xids": [48]})
+    store.add_event("straggler_policy", now=now, job_id=7, reason="no-such-policy")
+    store.close()
+    ctl = ControllerProcess(state, nats_server.url).start()
+    try:
+        status = wait_for(lambda: (s := ctl.request("status"))["counters"].get(
+            "startup_rows_skipped") == 2 and s, 15, what="the skipped rows counted")
+        assert status["counters"]["startup_rows_skipped"] == 2
+        risk = ctl.request("risk")
+        assert {r["gpu_uuid"] for r in risk} >= {"GPU-good"}
+        assert "crashed" not in ctl.log()
+    finally:
+        assert ctl.stop() == 0

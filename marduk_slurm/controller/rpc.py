@@ -20,6 +20,7 @@ from marduk_slurm.controller.operations import Operations
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import MardukError, NotFound, ProtocolError
+from marduk_slurm.supervisor import unsubscribe_all
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,13 @@ class RpcServer:
         (self.job_handlers if job else self.handlers)[verb] = handler
 
     async def run(self) -> None:
-        await self.ctx.bus.subscribe(subjects.RPC_ALL, self.on_message)
-        await self.ctx.bus.subscribe(subjects.JOB_RPC_ALL, self.on_message)
-        await asyncio.Event().wait()
+        subscriptions = []
+        try:  # released at the end of the run, so a restarted run answers each request once
+            for subject in (subjects.RPC_ALL, subjects.JOB_RPC_ALL):
+                subscriptions.append(await self.ctx.bus.subscribe(subject, self.on_message))
+            await asyncio.Event().wait()
+        finally:
+            await unsubscribe_all(subscriptions)
 
     async def on_message(self, msg: Msg) -> None:
         # Each request in its own task: a drain waiting on Slurm must not hold up `status`.
