@@ -21,10 +21,11 @@ from marduk_slurm.controller.context import Context, StoreRunner
 from marduk_slurm.controller.handlers import Policy
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.domain.inject import inject_request_id, is_repeat_of_applied_inject
 from marduk_slurm.settings import ControllerSettings
 from marduk_slurm.supervisor import Supervisor
 
-from agent_fixtures import AgentProcess
+from agent_fixtures import AgentProcess, agent
 from harness import (
     REPO,
     ControllerProcess,
@@ -34,6 +35,8 @@ from harness import (
     run_cli,
     wait_for,
 )
+
+__all__ = ["agent"]  # the fixture, imported for pytest
 
 
 def _servers_on(store_dir: Path) -> list[int]:
@@ -254,3 +257,58 @@ def test_unreadable_history_row_is_skipped_and_counted(
         assert "crashed" not in ctl.log()
     finally:
         assert ctl.stop() == 0
+
+
+# -- inject fallback -----------------------------------------------------------------------
+
+
+def _inventory(node: str, *, simulated: bool) -> tuple[str, bytes]:
+    msg = m.GpuInventory(node=node, gpus=[m.GpuDescriptor(f"GPU-{node}-0", 0)],
+                         simulated=simulated, ts=time.time())
+    return subjects.node_event(node, "gpu_inventory"), m.encode(msg)
+
+
+def _verdicts(ctl: ControllerProcess, node: str) -> list[dict[str, object]]:
+    return [e for e in ctl.request("history", {"node": node}) if e["kind"] == "gpu_verdict"]
+
+
+def test_inject_without_an_agent_publishes_only_for_simulated_gpus_unless_forced(
+        controller: ControllerProcess) -> None:
+    asyncio.run(publish_durable(controller.url, [_inventory("real1", simulated=False),
+                                                 _inventory("sim1", simulated=True)]))
+    wait_for(lambda: {"real1", "sim1"} <= {n["name"] for n in controller.request("nodes")},
+             what="both inventories")
+    url = ["--nats-url", controller.url]
+    refused = run_cli("inject", "--node", "real1", "--gpu", "0", "--xid", "79", *url)
+    assert refused.returncode != 0 and "--force" in refused.stderr, refused.stderr
+    simulated = cli_json("inject", "--node", "sim1", "--gpu", "0", "--xid", "79", *url)
+    forced = cli_json("inject", "--node", "real1", "--gpu", "0", "--xid", "79", "--force", *url)
+    assert simulated["via"] == forced["via"] == "bus"
+    for node, reply in (("sim1", simulated), ("real1", forced)):
+        verdict = wait_for(lambda n=node: _verdicts(controller, n), what=f"{node}'s verdict")
+        assert len(verdict) == 1  # the refused inject left nothing behind
+        assert verdict[0]["evidence"]["inject_request_id"] == reply["request_id"]
+
+
+def test_agent_verdict_carries_the_controllers_inject_request_id(
+        controller: ControllerProcess, agent: AgentProcess) -> None:
+    wait_for(lambda: any(n["name"] == "n2" and n["gpus"] for n in controller.request("nodes")),
+             what="the agent's inventory")
+    reply = cli_json("inject", "--node", "n2", "--gpu", "1", "--xid", "79",
+                     "--nats-url", controller.url)
+    assert reply["via"] == "agent" and reply["request_id"].startswith("inj-")
+    verdict = wait_for(lambda: [e for e in _verdicts(controller, "n2")
+                                if e["action"] == "drain_node"], what="the agent's verdict")
+    assert verdict[0]["source"] == "agent"
+    assert inject_request_id(verdict[0]["evidence"]) == reply["request_id"]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("evidence", "applied", "repeat"), [
+    ({"inject_request_id": "inj-" + "a" * 32}, {"inj-" + "a" * 32}, True),
+    ({"inject_request_id": "inj-" + "a" * 32}, {"inj-" + "b" * 32}, False),
+    ({"xids": [79]}, {"inj-" + "a" * 32}, False),  # a real fault is never a repeat
+    ({"inject_request_id": ["inj-" + "a" * 32]}, {"inj-" + "a" * 32}, False),  # wrong shape
+])
+def test_a_second_verdict_for_one_inject_request_is_a_repeat(
+        evidence: dict[str, object], applied: set[str], repeat: bool) -> None:
+    assert is_repeat_of_applied_inject(evidence, applied) is repeat

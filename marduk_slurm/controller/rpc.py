@@ -186,4 +186,8 @@ class RpcServer:
         xid = _opt_int(args, "xid")
         if not node or gpu in (None, "") or xid is None:
             raise ValueError("inject needs node, gpu (UUID or index) and xid")
-        return await self.ops.inject(node, str(gpu), xid, actor=actor, at=time.time())
+        force = args.get("force", False)
+        if not isinstance(force, bool):
+            raise ValueError("force must be true or false")
+        return await self.ops.inject(node, str(gpu), xid, actor=actor, at=time.time(),
+                                     force=force)
