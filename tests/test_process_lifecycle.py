@@ -101,7 +101,7 @@ def test_a_start_stops_a_leftover_server_on_its_store_and_keeps_its_port(
     try:
         assert new.start() == url
         assert old.proc is not None and old.proc.wait(5) is not None
-        assert _servers_on(tmp_path / "nats") == [new.proc.pid]  # type: ignore[union-attr]
+        assert _servers_on(tmp_path / "nats") == [new.proc.pid]
     finally:
         new.stop()
         old.stop()
@@ -300,7 +300,7 @@ def test_agent_verdict_carries_the_controllers_inject_request_id(
     verdict = wait_for(lambda: [e for e in _verdicts(controller, "n2")
                                 if e["action"] == "drain_node"], what="the agent's verdict")
     assert verdict[0]["source"] == "agent"
-    assert inject_request_id(verdict[0]["evidence"]) == reply["request_id"]  # type: ignore[arg-type]
+    assert inject_request_id(verdict[0]["evidence"]) == reply["request_id"]
 
 
 @pytest.mark.parametrize(("evidence", "applied", "repeat"), [
