@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -21,7 +22,11 @@ from marduk_slurm.controller.context import Context, StoreRunner
 from marduk_slurm.controller.handlers import Policy
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.domain.inject import inject_request_id, is_repeat_of_applied_inject
+from marduk_slurm.domain.inject import (
+    inject_request_id,
+    is_repeat_of_applied_inject,
+    mark_repeat,
+)
 from marduk_slurm.settings import ControllerSettings
 from marduk_slurm.supervisor import Supervisor
 
@@ -312,3 +317,11 @@ def test_agent_verdict_carries_the_controllers_inject_request_id(
 def test_a_second_verdict_for_one_inject_request_is_a_repeat(
         evidence: dict[str, object], applied: set[str], repeat: bool) -> None:
     assert is_repeat_of_applied_inject(evidence, applied) is repeat
+
+
+def test_risk_scores_ignore_a_recorded_repeat_of_an_inject() -> None:
+    watch = risk_watch.RiskWatch(cast(Context, None), ControllerSettings)
+    evidence = {"gpu_index": 0, "xids": [48], "inject_request_id": "inj-" + "c" * 32}
+    watch._apply("gpu_verdict", "n1", "GPU-0", evidence, time.time())
+    watch._apply("gpu_verdict", "n1", "GPU-0", mark_repeat(evidence), time.time())
+    assert len(watch.tracker.gpus["GPU-0"].readings) == 1

@@ -26,6 +26,7 @@ from marduk_slurm.controller.startup import BAD_ROW_ERRORS, apply_rows
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.fault_response import respond_to_operator_drain
+from marduk_slurm.domain.inject import is_marked_repeat
 from marduk_slurm.domain.risk import RiskScore, RiskTracker
 from marduk_slurm.errors import ProtocolError
 from marduk_slurm.settings import ControllerSettings
@@ -64,6 +65,8 @@ class RiskWatch:
                ts: float) -> None:
         if not isinstance(evidence, dict):
             raise TypeError(f"evidence is a {type(evidence).__name__}, not an object")
+        if kind == "gpu_verdict" and is_marked_repeat(evidence):
+            return  # a second verdict for one inject drill: the same reading again
         if kind == "gpu_verdict" and node and gpu:
             index = evidence.get("gpu_index")
             self.tracker.add_verdict(gpu, node, index if isinstance(index, int) else None,

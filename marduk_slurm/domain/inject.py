@@ -15,6 +15,9 @@ from collections.abc import Container, Mapping
 from typing import Any
 
 REQUEST_ID_KEY = "inject_request_id"
+# Set in the recorded evidence of a repeat: it is history only (no drain, no eviction, and
+# no second reading for the risk scores).
+REPEAT_KEY = "inject_repeat"
 AGENT_ANSWER_WAIT_S = 2.0  # how long the controller waits for the agent's own verdict
 _REQUEST_ID = re.compile(r"inj-[0-9a-f]{32}")
 
@@ -39,3 +42,12 @@ def is_repeat_of_applied_inject(evidence: Mapping[str, Any], applied: Container[
     it, do not drain or evict for it again. `applied` holds the ids of verdicts acted on."""
     request_id = inject_request_id(evidence)
     return request_id is not None and request_id in applied
+
+
+def mark_repeat(evidence: Mapping[str, Any]) -> dict[str, Any]:
+    """The evidence to record for a repeat (see `is_repeat_of_applied_inject`)."""
+    return {**evidence, REPEAT_KEY: True}
+
+
+def is_marked_repeat(evidence: Mapping[str, Any]) -> bool:
+    return evidence.get(REPEAT_KEY) is True
