@@ -84,6 +84,9 @@ def stop_leftover(store_dir: Path, timeout_s: float = 10.0) -> int | None:
             os.kill(pid, sig)
         except ProcessLookupError:
             return pid
+        except PermissionError:
+            raise BusError(f"nats-server pid {pid} runs on {store_dir} as another user; "
+                           "stop it first") from None
         if _wait_gone(pid, wait_s):
             return pid
     raise BusError(f"nats-server pid {pid} on {store_dir} does not stop")
