@@ -1,6 +1,12 @@
 """Supervised long-running tasks: a crash is logged with its traceback, counted, and the task
 restarted with backoff; a task that keeps crashing stops the daemon (non-zero exit), so systemd
-restarts the whole process instead of leaving a half-working one."""
+restarts the whole process instead of leaving a half-working one.
+
+A run that lasted `stable_s` or longer resets the backoff: a crash after hours of service is a
+new incident, not the next step of the last one. Each restart calls the task's factory again,
+so a task must be restartable: whatever one run subscribed to or opened, it releases in a
+`finally` (or the next run reuses it).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +14,44 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from marduk_slurm.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
 TaskFactory = Callable[[], Awaitable[None]]
 
 
+class Subscription(Protocol):
+    """What a task subscribed to (a nats-py subscription is one)."""
+
+    async def unsubscribe(self, limit: int = 0) -> Any: ...
+
+
+async def unsubscribe_all(subscriptions: Iterable[Subscription]) -> None:
+    """End a run's subscriptions, for its `finally`: the restarted run subscribes again, and
+    two live subscriptions would hand it every message twice."""
+    for subscription in subscriptions:
+        try:
+            await subscription.unsubscribe()
+        except Exception as exc:  # the connection may be closed already; nothing to undo
+            log.debug("unsubscribe failed: %s", exc)
+
+
 class Supervisor:
     def __init__(self, *, max_restarts: int = 5, window_s: float = 60.0,
-                 backoff_max_s: float = 10.0) -> None:
+                 backoff_base_s: float = 0.2, backoff_max_s: float = 10.0,
+                 stable_s: float = 60.0) -> None:
+        if stable_s <= 0 or backoff_base_s <= 0:
+            raise ValueError("stable_s and backoff_base_s must be > 0")
         self.max_restarts = max_restarts
         self.window_s = window_s
+        self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.stable_s = stable_s
+        self.delays: dict[str, list[float]] = {}  # the waits before each restart, per task
         self.crashes: Counter[str] = Counter()
         self.fatal = asyncio.Event()
         self.fatal_reason = ""
@@ -31,8 +62,9 @@ class Supervisor:
 
     async def _run(self, name: str, factory: TaskFactory) -> None:
         recent: deque[float] = deque()
-        delay = 0.2
+        backoff = Backoff(base_s=self.backoff_base_s, max_s=self.backoff_max_s)
         while True:
+            started = time.monotonic()
             try:
                 await factory()
                 log.info("task %s finished", name)
@@ -40,21 +72,29 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                self.crashes[name] += 1
                 now = time.monotonic()
-                recent.append(now)
-                while recent and now - recent[0] > self.window_s:
-                    recent.popleft()
-                log.exception("task %s crashed (%d in the last %.0f s)", name, len(recent),
-                              self.window_s)
-                if len(recent) > self.max_restarts:
-                    self.fatal_reason = (f"task {name} crashed {len(recent)} times in "
-                                         f"{self.window_s:.0f} s")
-                    log.critical("%s; stopping the daemon", self.fatal_reason)
-                    self.fatal.set()
+                if now - started >= self.stable_s:
+                    backoff.reset()
+                if not self._count_crash(name, recent, now):
                     return
+                delay = backoff.next()
+                self.delays.setdefault(name, []).append(delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max_s)
+
+    def _count_crash(self, name: str, recent: deque[float], now: float) -> bool:
+        """Count and log a crash; False (and the daemon told to stop) when there were too
+        many in the window."""
+        self.crashes[name] += 1
+        recent.append(now)
+        while recent and now - recent[0] > self.window_s:
+            recent.popleft()
+        log.exception("task %s crashed (%d in the last %.0f s)", name, len(recent), self.window_s)
+        if len(recent) > self.max_restarts:
+            self.fatal_reason = f"task {name} crashed {len(recent)} times in {self.window_s:.0f} s"
+            log.critical("%s; stopping the daemon", self.fatal_reason)
+            self.fatal.set()
+            return False
+        return True
 
     async def stop(self) -> None:
         for task in self._tasks.values():

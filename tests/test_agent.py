@@ -5,9 +5,11 @@ the real Unix socket, delivery after a NATS outage, and re-announcement after a 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -162,6 +164,26 @@ def test_restart_reannounces_running_steps(
     wait_for(lambda: events(controller, "step_end", job=52), what="the dead step ended")
     assert not events(controller, "step_end", job=51)
     assert "re-announced" in agent.new_log()
+
+
+def test_hung_nvml_init_is_abandoned_and_the_agent_keeps_relaying_steps(
+    tmp_path: Path, controller: ControllerProcess
+) -> None:
+    hung = Path(__file__).parent / "fakes" / "hung_nvml"
+    agent = AgentProcess(tmp_path, controller.url, gpus=0)  # 0: NVML, here the wedged one
+    agent.env.update(
+        PYTHONPATH=os.pathsep.join([str(hung), agent.env.get("PYTHONPATH", "")]),
+        MARDUK_AGENT_NVML_TIMEOUT_S="0.5",
+    )
+    try:
+        started = time.monotonic()
+        agent.start(timeout_s=10)
+        assert time.monotonic() - started < 10
+        assert "NVML init took over" in agent.log()
+        agent.report(step_start(61, 0, gpus=[]))
+        wait_for(lambda: events(controller, "step_start", job=61), what="the step relayed")
+    finally:
+        assert agent.stop() == 0
 
 
 def test_malformed_lines_are_counted_and_the_agent_stays_up(

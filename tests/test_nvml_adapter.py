@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -11,6 +13,7 @@ import pytest
 from marduk_slurm.adapters.nvml import (
     GpuInfo,
     GpuSourceError,
+    GpuSourceTimeout,
     NvmlGpuSource,
     NvmlRunner,
     SimulatedGpuSource,
@@ -273,3 +276,23 @@ def test_simulated_sticky_faults() -> None:
     assert not source.read(source.gpus()[1]).lost
     with pytest.raises(IndexError):
         source.set_fault(5, lost=True)
+
+
+async def test_runner_open_gives_up_on_a_hung_nvml_init() -> None:
+    wedged = threading.Event()
+    nvml = FakeNvml(two_gpus(), init_hang=wedged)
+    # Should the limit not hold, the init is released after 3 s instead of hanging the suite.
+    threading.Timer(3.0, wedged.set).start()
+    started = time.monotonic()
+    with pytest.raises(GpuSourceTimeout, match="NVML init took over"):
+        await NvmlRunner.open(lambda: NvmlGpuSource(NODE, module=nvml),
+                              call_timeout=timedelta(milliseconds=200))
+    assert time.monotonic() - started < 1.5, "open waited for the hung init thread"
+    wedged.set()
+    # The source built after the limit is nobody's: it is closed again.
+    for _ in range(100):
+        if "nvmlShutdown" in nvml.calls:
+            break
+        await asyncio.sleep(0.02)
+    assert nvml.calls[0] == "nvmlInit" and nvml.calls[-1] == "nvmlShutdown"
+    assert not nvml.initialized

@@ -278,3 +278,20 @@ def test_heartbeat_flood_with_out_of_range_step_leaves_the_daemon_up(
         time.sleep(0.1)
     wait_for(lambda: causes(controller).get("out_of_range", 0) >= 100, what="all counted")
     assert controller.proc is not None and controller.proc.poll() is None
+
+
+def test_a_drill_answered_twice_is_acted_on_once(controller: ControllerProcess) -> None:
+    """The controller's own fallback verdict and a late agent verdict carry the same inject
+    request id: both recorded, one drain."""
+    evidence = {"inject_request_id": "inj-" + "a" * 32, "xids": [79]}
+    asyncio.run(publish_durable(controller.url, [
+        inventory("n1", ["GPU-a"]),
+        raw(subjects.node_event("n1", "verdict"), {**VERDICT, "evidence": evidence}),
+        raw(subjects.node_event("n1", "verdict"), {**VERDICT, "evidence": evidence,
+                                                   "source": "controller"}),
+    ]))
+    verdicts = wait_for(lambda: len(v := controller.request(
+        "history", {"kinds": ["gpu_verdict"]})) == 2 and v, what="both verdicts recorded")
+    assert [bool(v["evidence"].get("inject_repeat")) for v in verdicts] == [False, True]
+    drains = controller.request("history", {"kinds": ["drain_requested"]})
+    assert len(drains) == 1

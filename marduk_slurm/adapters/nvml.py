@@ -15,17 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import logging
 import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 from marduk_slurm.domain.gpu_health import GpuReading
 from marduk_slurm.errors import MardukError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -406,6 +409,21 @@ class SimulatedGpuSource:
             self._ready.notify_all()
 
 
+def _build_source(factory: Callable[[], GpuSource], result: Future[GpuSource]) -> None:
+    """Run `factory` for `NvmlRunner.open`; a source nobody waits for any more is closed."""
+    try:
+        source = factory()
+    except BaseException as exc:  # handed to the waiter, which re-raises it
+        with contextlib.suppress(InvalidStateError):  # unless it gave up waiting
+            result.set_exception(exc)
+        return
+    try:
+        result.set_result(source)
+    except InvalidStateError:  # the waiter gave up (timeout); release NVML again
+        log.warning("NVML init answered after its time limit; closing it")
+        source.close()
+
+
 class NvmlRunner:
     """Makes `GpuSource` calls off the event loop, each with a time limit.
 
@@ -428,16 +446,20 @@ class NvmlRunner:
     async def open(
         cls, factory: Callable[[], GpuSource], *, call_timeout: timedelta = timedelta(seconds=5)
     ) -> NvmlRunner:
-        """Build the source (nvmlInit and enumeration block too) in a thread, with a limit."""
-        loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-init") as pool:
-            try:
-                source = await asyncio.wait_for(
-                    loop.run_in_executor(pool, factory), call_timeout.total_seconds()
-                )
-            except TimeoutError as err:
-                pool.shutdown(wait=False)
-                raise GpuSourceTimeout(f"NVML init took over {call_timeout}") from err
+        """Build the source (nvmlInit and enumeration block too) in a thread, with a limit.
+
+        The thread is a daemon thread of its own, not an executor's: leaving a `with
+        ThreadPoolExecutor` joins its threads, so a hung nvmlInit would hold the caller past
+        the limit. On timeout the thread is abandoned; a source it builds later is closed.
+        """
+        result: Future[GpuSource] = Future()
+        threading.Thread(target=_build_source, args=(factory, result), name="nvml-init",
+                         daemon=True).start()
+        try:
+            source = await asyncio.wait_for(asyncio.wrap_future(result),
+                                            call_timeout.total_seconds())
+        except TimeoutError as err:
+            raise GpuSourceTimeout(f"NVML init took over {call_timeout}") from err
         return cls(source, call_timeout=call_timeout)
 
     async def gpus(self) -> list[GpuInfo]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +35,7 @@ from marduk_slurm.agent.journal import StepJournal
 from marduk_slurm.agent.outbox import Outbox
 from marduk_slurm.agent.rpc import AgentRpc
 from marduk_slurm.agent.step_relay import StepRelay
+from marduk_slurm.backoff import Backoff
 from marduk_slurm.errors import BusError, SettingsError
 from marduk_slurm.settings import Settings
 from marduk_slurm.supervisor import Supervisor
@@ -41,6 +43,9 @@ from marduk_slurm.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "steps.json"
+# The URL file a controller with an embedded nats-server keeps in its state directory.
+CONTROLLER_URL_FILE = "nats.url"
+URL_CHECK_S = 1.0
 
 
 def node_name(s: Settings) -> str:
@@ -83,11 +88,16 @@ class Agent:
             creds=settings.nats.creds,
             connect_timeout_s=settings.nats.connect_timeout_s,
         )
+        # Without nats.url the agent found NATS through a local controller's URL file; it
+        # reads it again whenever the connection fails, so a moved server is followed.
+        self.url_file = (None if settings.nats.url else
+                         Path(settings.controller.state_dir) / CONTROLLER_URL_FILE)
         self.outbox = Outbox(self.bus, max_items=settings.agent.buffer_max)
         self.stop_event = asyncio.Event()
         self.supervisor = Supervisor()
         self.runner: NvmlRunner | None = None
         self.watcher: GpuWatcher | None = None
+        self.gpu_error = ""  # why there is no watcher, when there is none
         self.relay: StepRelay | None = None
         creds_dir = settings.agent.job_credentials_dir
         self.job_creds = (JobCredentials(self.bus, self.node, Path(creds_dir))
@@ -111,6 +121,8 @@ class Agent:
             self.runner = await NvmlRunner.open(self._source_factory(), call_timeout=timeout)
         except GpuSourceError as exc:
             # Steps must still be relayed; the controller sees a node with no inventory.
+            # A hung NVML init is abandoned in its thread (see NvmlRunner.open), not awaited.
+            self.gpu_error = str(exc)
             log.error("no GPU watching on %s: %s", self.node, exc)
             self.notifier.status(f"no GPU watching: {exc}")
             return
@@ -187,20 +199,59 @@ class Agent:
         return 1 if sup.fatal.is_set() else 0
 
     async def _connect(self) -> None:
-        """Connect to NATS (retrying until it answers), then answer agent requests."""
-        delay = 0.5
+        """Connect to NATS (retrying until it answers), answer agent requests, and follow a
+        local controller that came back on another URL."""
+        if self.bus.nc is not None:
+            # A supervised restart: drop the old connection and its subscription, or the
+            # agent would answer every inject twice.
+            await self.bus.close()
         while True:
+            await self._connect_once()
+            if self.watcher is not None:
+                rpc = AgentRpc(self.node, self.watcher)
+                await self.bus.subscribe(rpc.subject, rpc.on_message)
+            log.info("connected to NATS at %s", self.bus.url)
+            if self.url_file is None:
+                return
+            await self._wait_for_new_url()
+            log.warning("NATS lost; the controller's URL file now says %s", self._url_from_file())
+            await self.bus.close()
+
+    async def _connect_once(self) -> None:
+        backoff = Backoff(base_s=0.5, max_s=10.0)
+        while True:
+            self.bus.url = self._url_from_file() or self.bus.url
             try:
                 await self.bus.connect(retry=True)
-                break
+                return
             except BusError as exc:
-                log.warning("%s; retrying in %.0f s", exc, delay)
+                delay = backoff.next()
+                log.warning("%s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        if self.watcher is not None:
-            rpc = AgentRpc(self.node, self.watcher)
-            await self.bus.subscribe(rpc.subject, rpc.on_message)
-        log.info("connected to NATS at %s", self.bus.url)
+
+    def _url_from_file(self) -> str:
+        """The URL in the local controller's URL file; "" when there is none to follow."""
+        if self.url_file is None:
+            return ""
+        try:
+            return self.url_file.read_text().strip()
+        except OSError:
+            return ""
+
+    async def _wait_for_new_url(self) -> None:
+        """Return once NATS has been away for a while and the URL file names another server:
+        nats-py only ever retries the URL it was given."""
+        away_since: float | None = None
+        while True:
+            await asyncio.sleep(URL_CHECK_S)
+            if self.bus.connected:
+                away_since = None
+                continue
+            now = time.monotonic()
+            away_since = away_since or now
+            url = self._url_from_file()
+            if now - away_since >= URL_CHECK_S and url and url != self.bus.url:
+                return
 
     async def _housekeeping(self) -> None:
         """Watchdog pings from the main loop (a stuck loop stops them)."""

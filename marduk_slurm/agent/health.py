@@ -35,6 +35,7 @@ from marduk_slurm.domain.gpu_health import (
     GpuVerdict,
     verdict_changed,
 )
+from marduk_slurm.domain.inject import REQUEST_ID_KEY
 from marduk_slurm.errors import BusError, MardukError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class _Injection:
     xid: int
     actor: str
     done: asyncio.Future[GpuVerdict]
+    request_id: str | None = None  # the controller's, echoed in the verdict (domain.inject)
 
 
 class GpuWatcher:
@@ -183,6 +185,7 @@ class GpuWatcher:
                     "injected_by": sorted({i.actor for i in injected}),
                     "injected_xids": [i.xid for i in injected],
                     "gpu_source": "simulated" if self.simulated else "nvml",
+                    **_request_id(injected),
                 },
             )
         if verdict_changed(self.verdicts.get(gpu.uuid), verdict):
@@ -270,8 +273,10 @@ class GpuWatcher:
 
     # -- injection -------------------------------------------------------------------------
 
-    async def inject(self, ref: str, xid: int, actor: str, timeout_s: float = 1.5) -> GpuVerdict:
-        """Feed XID `xid` to GPU `ref` and return the verdict it led to."""
+    async def inject(self, ref: str, xid: int, actor: str, timeout_s: float = 1.5, *,
+                     request_id: str | None = None) -> GpuVerdict:
+        """Feed XID `xid` to GPU `ref` and return the verdict it led to; the verdict's
+        evidence carries `request_id`, the controller's id for this inject."""
         if isinstance(xid, bool) or not isinstance(xid, int) or not 0 <= xid <= MAX_XID:
             raise ValueError(f"xid must be a non-negative integer, got {xid!r}")
         gpu = self.find(ref)
@@ -281,7 +286,8 @@ class GpuWatcher:
                 "--allow-inject to allow synthetic XIDs"
             )
         done: asyncio.Future[GpuVerdict] = asyncio.get_running_loop().create_future()
-        self._injections.setdefault(gpu.uuid, []).append(_Injection(xid, actor, done))
+        self._injections.setdefault(gpu.uuid, []).append(
+            _Injection(xid, actor, done, request_id))
         self.stats["injected"] += 1
         log.warning("injecting xid %d on GPU %d (%s) for %s", xid, gpu.index, gpu.uuid, actor)
         if isinstance(self.runner.source, SimulatedGpuSource):
@@ -295,3 +301,10 @@ class GpuWatcher:
         except TimeoutError:
             done.cancel()
             raise
+
+
+def _request_id(injected: list[_Injection]) -> dict[str, str]:
+    """The evidence entry naming the inject request a verdict answers. Injections claimed by
+    one reading share one verdict, which can carry one id: the first one's."""
+    ids = [i.request_id for i in injected if i.request_id]
+    return {REQUEST_ID_KEY: ids[0]} if ids else {}

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from marduk_slurm.backoff import Backoff
 from marduk_slurm.errors import BusError, BusTimeout
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class Outbox:
                 self._idle.set()
 
     async def _drain(self) -> None:
-        delay = 0.1
+        backoff = Backoff(base_s=0.1, max_s=self.backoff_max_s)
         while self._queue:
             if not self.bus.connected:
                 await asyncio.sleep(0.1)  # nats-py reconnects by itself; just wait for it
@@ -121,10 +122,9 @@ class Outbox:
                     f"cannot publish {item.subject} yet ({exc}); {len(self._queue)} "
                     f"messages waiting, retrying"
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max_s)
+                await asyncio.sleep(backoff.next())
                 continue
-            delay = 0.1
+            backoff.reset()
             # The item may have been dropped (queue full) while we awaited the server.
             if self._queue and self._queue[0] is item:
                 self._queue.popleft()

@@ -16,9 +16,18 @@ from nats.aio.msg import Msg
 from marduk_slurm.agent.health import GpuWatcher, InjectRefused
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.domain.inject import valid_request_id
 from marduk_slurm.errors import ProtocolError
 
 log = logging.getLogger(__name__)
+
+
+def inject_request(args: dict[str, Any]) -> str | None:
+    """The controller's request id for this inject; None from an older controller."""
+    value = args.get("request_id")
+    if value is not None and valid_request_id(value) is None:
+        raise ValueError(f"inject request_id is malformed: {value!r}")
+    return value
 
 
 def inject_args(args: dict[str, Any]) -> tuple[str, int]:
@@ -60,7 +69,9 @@ class AgentRpc:
         try:
             request = m.decode_request(data)
             gpu, xid = inject_args(request.args)
-            verdict = await self.watcher.inject(gpu, xid, request.actor or "operator")
+            request_id = inject_request(request.args)
+            verdict = await self.watcher.inject(gpu, xid, request.actor or "operator",
+                                                request_id=request_id)
         except (ProtocolError, ValueError) as exc:
             return m.Reply(ok=False, error=str(exc), error_kind="invalid")
         except InjectRefused as exc:
@@ -82,5 +93,6 @@ class AgentRpc:
                 "action": verdict.action.value,
                 "reason": verdict.reason,
                 "simulated": self.watcher.simulated,
+                "request_id": request_id,
             },
         )

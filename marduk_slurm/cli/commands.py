@@ -302,7 +302,8 @@ def run_local_check(template: str, nodes: str) -> dict[str, Any]:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    data = ask(args, "inject", {"node": args.node, "gpu": args.gpu, "xid": args.xid})
+    data = ask(args, "inject", {"node": args.node, "gpu": args.gpu, "xid": args.xid,
+                                "force": args.force or None})
     if args.json:
         render.as_json(data)
         return 0
@@ -354,3 +355,6 @@ def add_parsers(sub: Any, add: Any) -> None:
     p.add_argument("--node", required=True)
     p.add_argument("--gpu", required=True, help="GPU UUID or index on the node")
     p.add_argument("--xid", type=int, required=True)
+    p.add_argument("--force", action="store_true",
+                   help="when the agent does not answer, let the controller publish the "
+                        "verdict even for real (not simulated) GPUs")

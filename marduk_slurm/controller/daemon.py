@@ -36,6 +36,8 @@ from marduk_slurm.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 NATS_URL_FILE = "nats.url"
+# The embedded server's port, kept across restarts so that the URL agents know stays valid.
+NATS_PORT_FILE = "nats.port"
 
 
 def build_slurm(s: Settings) -> SlurmBackend:
@@ -70,8 +72,13 @@ class Controller:
                 log.info("NATS auth: created controller and operator credentials in %s",
                          auth.path)
             config = auth.server_config
-        self.nats_server = NatsServerProcess(self.state_dir / "nats", config_file=config)
-        url = await asyncio.to_thread(self.nats_server.start)
+        self.nats_server = NatsServerProcess(self.state_dir / "nats", config_file=config,
+                                             port_file=self.state_dir / NATS_PORT_FILE)
+        await asyncio.to_thread(self.nats_server.prepare)
+        # Spawned from the loop's own thread: the kernel's parent-death signal follows the
+        # thread that forked, and a worker thread of to_thread may exit long before we do.
+        self.nats_server.launch()
+        url = await asyncio.to_thread(self.nats_server.wait_ready)
         (self.state_dir / NATS_URL_FILE).write_text(url + "\n")
         log.info("embedded nats-server at %s (JetStream in %s)", url, self.state_dir / "nats")
         return url

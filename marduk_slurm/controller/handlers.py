@@ -19,6 +19,7 @@ from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.fault_response import Leave, ReplicaRef, respond_to_verdict
 from marduk_slurm.domain.gpu_health import GpuAction
+from marduk_slurm.domain.inject import inject_request_id, mark_repeat
 from marduk_slurm.errors import IdentityError
 
 # A leave command goes out at once after the commit; the re-sender takes over from here.
@@ -154,6 +155,15 @@ def on_verdict(store: Store, msg: m.Verdict, now: float, policy: Policy) -> Effe
     if owner != msg.node:
         raise IdentityError("identity_conflict",
                             f"verdict from {msg.node} for GPU {msg.gpu_uuid} of {owner}")
+    request_id = inject_request_id(msg.evidence)
+    if request_id and store.inject_applied(request_id):
+        # The same drill answered twice (the agent late, after the controller's own verdict):
+        # on record, acted on once.
+        eid = store.add_event(
+            "gpu_verdict", now=now, source=msg.source, node=msg.node, gpu_uuid=msg.gpu_uuid,
+            xid=msg.xid, action=msg.action.value, reason=msg.reason,
+            evidence=mark_repeat({**msg.evidence, "gpu_index": msg.gpu_index}))
+        return Effects(feed=[eid])
     store.set_gpu_health(msg.gpu_uuid, msg.node, msg.gpu_index, msg.action.value, msg.reason, now)
     eid = store.add_event(
         "gpu_verdict", now=now, source=msg.source, node=msg.node, gpu_uuid=msg.gpu_uuid,

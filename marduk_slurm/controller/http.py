@@ -30,6 +30,7 @@ from nats.aio.msg import Msg
 from marduk_slurm.controller.metrics import CONTENT_TYPE as METRICS_TYPE
 from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.domain import subjects
+from marduk_slurm.supervisor import unsubscribe_all
 
 if TYPE_CHECKING:
     from marduk_slurm.controller.observe import Observability
@@ -266,12 +267,15 @@ class HttpServer:
     async def run(self) -> None:
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
+        subscriptions = []
         try:
             site = await self._bind(runner)
             self._publish_address(site)
-            await self.obs.ctx.bus.subscribe(subjects.FEED, self.stream.on_feed)
+            subscriptions.append(await self.obs.ctx.bus.subscribe(subjects.FEED,
+                                                                  self.stream.on_feed))
             await self.stream.tick()
         finally:
+            await unsubscribe_all(subscriptions)  # a restarted run subscribes again
             self.stream.close()
             await runner.cleanup()
             (self.state_dir / URL_FILE).unlink(missing_ok=True)

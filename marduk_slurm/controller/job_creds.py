@@ -37,6 +37,7 @@ from marduk_slurm.controller.context import Context
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError, ProtocolError
+from marduk_slurm.supervisor import unsubscribe_all
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,11 @@ class JobCredentialService:
         self._inflight: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
-        await self.ctx.bus.subscribe(subjects.CRED_RPC_ALL, self.on_message)
-        await asyncio.Event().wait()
+        subscription = await self.ctx.bus.subscribe(subjects.CRED_RPC_ALL, self.on_message)
+        try:  # released at the end of the run, so a restarted run answers each request once
+            await asyncio.Event().wait()
+        finally:
+            await unsubscribe_all([subscription])
 
     async def on_message(self, msg: Msg) -> None:
         task = asyncio.create_task(self._answer(msg))

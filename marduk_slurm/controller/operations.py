@@ -19,6 +19,7 @@ from marduk_slurm.domain import hostlist, subjects
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain.fault_response import may_resume, respond_to_operator_drain
 from marduk_slurm.domain.gpu_health import FaultPolicy, GpuReading
+from marduk_slurm.domain.inject import AGENT_ANSWER_WAIT_S, REQUEST_ID_KEY, new_request_id
 from marduk_slurm.errors import BusError, BusTimeout, NotFound
 
 
@@ -146,31 +147,48 @@ class Operations:
                 return {n: _describe(states.get(n, ("done", ""))) for n in names}
             await asyncio.sleep(0.02)
 
-    async def inject(self, node: str, gpu: str, xid: int, *, actor: str, at: float
-                     ) -> dict[str, Any]:
+    async def inject(self, node: str, gpu: str, xid: int, *, actor: str, at: float,
+                     force: bool = False) -> dict[str, Any]:
         """Fault injection for drills: through the node's agent when one answers (the same
-        verdict code as a real XID), else as the verdict an agent would publish."""
-        request = m.Request(args={"gpu": gpu, "xid": xid}, actor=actor)
+        verdict code as a real XID), else, for simulated GPUs or with `force`, as the verdict
+        an agent would publish. Both carry one request id, so that a slow agent's late verdict
+        is recorded but not acted on twice (domain.inject)."""
+        request_id = new_request_id()
+        request = m.Request(args={"gpu": gpu, "xid": xid, "request_id": request_id},
+                            actor=actor)
         try:
             raw = await self.ctx.bus.request(subjects.agent_rpc(node, "inject"),
-                                             m.encode(request), timeout_s=2.0)
+                                             m.encode(request), timeout_s=AGENT_ANSWER_WAIT_S)
             reply = m.decode_reply(raw)
             if not reply.ok:
                 raise ValueError(f"agent on {node}: {reply.error}")
-            return {"via": "agent", **(reply.data or {})}
-        except (BusError, BusTimeout):
-            pass
+            return {"via": "agent", "request_id": request_id, **(reply.data or {})}
+        except (BusError, BusTimeout) as exc:
+            silence = str(exc)
+        row = await self.ctx.db(self.ctx.db.store.node, node)
+        if not force and not (row is not None and row.get("simulated_gpus")):
+            # An agent that refuses drills on real GPUs must not be bypassed by its silence:
+            # the verdict could drain a production node.
+            raise ValueError(f"the agent on {node} did not answer ({silence}); the controller "
+                             "injects by itself only on nodes with simulated GPUs (use --force "
+                             "to inject on real GPUs anyway)")
+        return await self._publish_injected_verdict(node, gpu, xid, actor, at, request_id)
+
+    async def _publish_injected_verdict(self, node: str, gpu: str, xid: int, actor: str,
+                                        at: float, request_id: str) -> dict[str, Any]:
         uuid, index = await self._resolve_gpu(node, gpu)
         # The same policy code an agent runs on a real XID.
         verdict = self.fault_policy.evaluate(
             GpuReading(uuid=uuid, index=-1 if index is None else index, node=node, xids=(xid,)))
+        evidence = {**verdict.evidence, "injected": True, "injected_by": actor,
+                    REQUEST_ID_KEY: request_id}
         msg = m.Verdict(node=node, gpu_uuid=uuid, gpu_index=index, action=verdict.action,
                         reason=verdict.reason, xid=xid, ts=at, source="inject",
-                        evidence={**verdict.evidence, "injected_by": actor})
+                        evidence=evidence)
         seq = await self.ctx.bus.publish_durable(subjects.node_event(node, "verdict"),
                                                  m.encode(msg))
-        return {"via": "bus", "gpu_uuid": uuid, "action": verdict.action.value,
-                "reason": verdict.reason, "stream_seq": seq}
+        return {"via": "bus", "request_id": request_id, "gpu_uuid": uuid,
+                "action": verdict.action.value, "reason": verdict.reason, "stream_seq": seq}
 
     async def _resolve_gpu(self, node: str, gpu: str) -> tuple[str, int | None]:
         gpus = await self.ctx.db(self.ctx.db.store.gpus, node)

@@ -22,12 +22,15 @@ from nats.aio.msg import Msg
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.handlers import Effects, queue_drain, queue_leaves, replica_refs
+from marduk_slurm.controller.startup import BAD_ROW_ERRORS, apply_rows
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.fault_response import respond_to_operator_drain
+from marduk_slurm.domain.inject import is_marked_repeat
 from marduk_slurm.domain.risk import RiskScore, RiskTracker
 from marduk_slurm.errors import ProtocolError
 from marduk_slurm.settings import ControllerSettings
+from marduk_slurm.supervisor import unsubscribe_all
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +49,24 @@ class RiskWatch:
         self.summaries = 0
 
     async def load(self) -> None:
+        """Rebuild the scores from the history; a row that cannot be read is skipped."""
+        # From scratch: a supervised restart reloads the same verdicts, which must not count
+        # twice.
+        self.tracker = RiskTracker(window_s=self.tracker.window_s)
+        self.drained = set()
         since = time.time() - self.tracker.window_s
         rows = await self.ctx.db(lambda: self.ctx.db.store.events(
             kinds=["gpu_verdict", "risk_drain", *RESUME_KINDS], since=since, limit=100000))
-        for row in rows:
-            self._apply(row["kind"], row["node"], row["gpu_uuid"], row["evidence"], row["ts"])
+        apply_rows(self.ctx.stats, "risk", rows, lambda row: self._apply(
+            row["kind"], row["node"], row["gpu_uuid"], row["evidence"], row["ts"]))
         self.latest = self.tracker.scores(time.time())
 
     def _apply(self, kind: str, node: str | None, gpu: str | None, evidence: dict[str, Any],
                ts: float) -> None:
+        if not isinstance(evidence, dict):
+            raise TypeError(f"evidence is a {type(evidence).__name__}, not an object")
+        if kind == "gpu_verdict" and is_marked_repeat(evidence):
+            return  # a second verdict for one inject drill: the same reading again
         if kind == "gpu_verdict" and node and gpu:
             index = evidence.get("gpu_index")
             self.tracker.add_verdict(gpu, node, index if isinstance(index, int) else None,
@@ -68,9 +80,12 @@ class RiskWatch:
     async def on_feed(self, msg: Msg) -> None:
         try:
             ev = m.decode_feed(msg.data)
+            self._apply(ev.kind, ev.node, ev.gpu_uuid, ev.evidence, ev.ts or time.time())
         except ProtocolError:
             return  # our own feed; the publisher is not going to get it wrong
-        self._apply(ev.kind, ev.node, ev.gpu_uuid, ev.evidence, ev.ts or time.time())
+        except BAD_ROW_ERRORS as exc:  # an agent's evidence of an unexpected shape
+            self.ctx.stats["risk_feed_skipped"] += 1
+            log.debug("risk: feed event not applied: %s", exc)
 
     async def on_health(self, msg: Msg) -> None:
         node = msg.subject.rsplit(".", 1)[-1]
@@ -86,17 +101,27 @@ class RiskWatch:
         self.tracker.add_summary(node, summary, time.time())
 
     async def run(self) -> None:
+        """Load, subscribe, score. Restartable: the subscriptions end with the run, and the
+        next run loads from scratch, so a supervised restart never feeds a reading twice."""
         await self.load()
-        await self.ctx.bus.subscribe(subjects.FEED, self.on_feed)
-        await self.ctx.bus.subscribe(subjects.node_health("*"), self.on_health)
-        while True:
-            await asyncio.sleep(SCORE_EVERY_S)
-            self.latest = self.tracker.scores(time.time())
-            threshold = self.settings().risk_drain_threshold
-            if threshold > 0:
-                for score in self.latest:
-                    if score.score >= threshold and score.gpu_uuid not in self.drained:
-                        await self.drain(score, threshold)
+        subscriptions = []
+        try:
+            subscriptions.append(await self.ctx.bus.subscribe(subjects.FEED, self.on_feed))
+            subscriptions.append(await self.ctx.bus.subscribe(subjects.node_health("*"),
+                                                              self.on_health))
+            while True:
+                await asyncio.sleep(SCORE_EVERY_S)
+                await self.score_and_drain()
+        finally:
+            await unsubscribe_all(subscriptions)
+
+    async def score_and_drain(self) -> None:
+        self.latest = self.tracker.scores(time.time())
+        threshold = self.settings().risk_drain_threshold
+        if threshold > 0:
+            for score in self.latest:
+                if score.score >= threshold and score.gpu_uuid not in self.drained:
+                    await self.drain(score, threshold)
 
     async def drain(self, score: RiskScore, threshold: int) -> None:
         now = time.time()

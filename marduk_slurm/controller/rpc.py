@@ -8,7 +8,6 @@ Slurm is down; writes are committed before the reply.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -31,6 +30,7 @@ from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import MardukError, NotFound, ProtocolError
+from marduk_slurm.supervisor import unsubscribe_all
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +122,13 @@ class RpcServer:
         (self.job_handlers if job else self.handlers)[verb] = handler
 
     async def run(self) -> None:
-        subs = [await self.ctx.bus.subscribe(subjects.RPC_ALL, self.on_message),
-                await self.ctx.bus.subscribe(subjects.JOB_RPC_ALL, self.on_message)]
-        try:
+        subscriptions = []
+        try:  # released at the end of the run, so a restarted run answers each request once
+            for subject in (subjects.RPC_ALL, subjects.JOB_RPC_ALL):
+                subscriptions.append(await self.ctx.bus.subscribe(subject, self.on_message))
             await asyncio.gather(*(q.serve(self.answer) for q in self.queues.values()))
-        finally:  # a restart of this task subscribes afresh: never twice
-            for sub in subs:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+        finally:
+            await unsubscribe_all(subscriptions)
 
     async def on_message(self, msg: Msg) -> None:
         """Admit a request: decoded here (cheap), answered by a worker in fair order."""
@@ -319,34 +318,10 @@ class RpcServer:
         xid = _opt_int(args, "xid")
         if not node or gpu in (None, "") or xid is None:
             raise ValueError("inject needs node, gpu (UUID or index) and xid")
-        return await self.ops.inject(node, str(gpu), xid, actor=actor, at=time.time())
-
-    # -- the trust boundary ----------------------------------------------------------------
-
-    async def deadletters(self, args: dict[str, Any], actor: str) -> Any:
-        """Messages whose handling kept failing, set aside instead of blocking ingest."""
-        limit = _opt_int(args, "limit") or 100
-        if not 1 <= limit <= 10000:
-            raise ValueError("limit must be between 1 and 10000")
-        return await self.ctx.db.read(lambda store: store.dead_letters(limit))
-
-    async def gpu_release(self, args: dict[str, Any], actor: str) -> Any:
-        """Forget which node a GPU UUID belongs to, so that the next node to report it binds
-        it (a GPU moved between nodes, or a board swap reused a UUID)."""
-        uuid = _opt_str(args, "uuid")
-        if not uuid or not m.printable(uuid) or len(uuid) > 96:
-            raise ValueError("name the GPU UUID to release")
-        now = time.time()
-
-        def release(store: Any) -> dict[str, Any]:
-            owner = store.gpu_owners([uuid]).get(uuid)
-            if owner is None:
-                raise NotFound(f"unknown GPU {uuid}")
-            store.release_gpu(uuid)
-            eid = store.add_event("gpu_released", now=now, source=actor[:128], node=owner,
-                                  gpu_uuid=uuid, reason=f"GPU {uuid} released from {owner}")
-            return {"uuid": uuid, "node": owner, "event": eid}
-
-        result = await self.ctx.db.tx(release)
-        await self.ctx.publish_feed([result["event"]])
-        return result
+        subscriptions = []
+        try:  # released at the end of the run, so a restarted run answers each request once
+            for subject in (subjects.RPC_ALL, subjects.JOB_RPC_ALL):
+                subscriptions.append(await self.ctx.bus.subscribe(subject, self.on_message))
+            await asyncio.gather(*(q.serve(self.answer) for q in self.queues.values()))
+        finally:
+            await unsubscribe_all(subscriptions)

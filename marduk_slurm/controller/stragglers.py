@@ -21,6 +21,7 @@ from typing import Any
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.handlers import Effects, queue_drain, queue_leaves, replica_refs
+from marduk_slurm.controller.startup import apply_rows
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain.fault_response import Leave
 from marduk_slurm.domain.straggler import (
@@ -104,9 +105,16 @@ class StragglerWatch:
     async def load_policies(self) -> None:
         rows = await self.ctx.db(lambda: self.ctx.db.store.events(
             kinds=["straggler_policy"], limit=100000))
-        for row in rows:  # oldest first: the newest per job wins
-            if row["job_id"] is not None and row["reason"] in STRAGGLER_POLICIES:
-                self.policies[row["job_id"]] = row["reason"]
+        # Oldest first: the newest per job wins. A row that cannot be read is skipped.
+        apply_rows(self.ctx.stats, "straggler policies", rows, self._apply_policy)
+
+    def _apply_policy(self, row: dict[str, Any]) -> None:
+        job_id, policy = row["job_id"], row["reason"]
+        if isinstance(job_id, bool) or not isinstance(job_id, int):
+            raise ValueError(f"job_id {job_id!r} is not a job")
+        if policy not in STRAGGLER_POLICIES:
+            raise ValueError(f"unknown straggler policy {policy!r}")
+        self.policies[job_id] = policy
 
     def policy(self, job_id: int) -> str:
         return self.policies.get(job_id, self.settings().straggler_policy)

@@ -4,7 +4,8 @@ It is NOT NVML: it models only what `marduk_slurm.adapters.nvml` calls, with the
 constants and error classes as pynvml (nvidia-ml-py), so the adapter cannot tell the
 difference. Each `FakeGpu` says how its device behaves: counters, NVML error codes per field,
 lost (every call raises NVMLError_GpuIsLost), unsupported functions, or a hang (calls block
-until the test releases them). XID events are queued with `emit_xid`.
+until the test releases them); `init_hang` wedges nvmlInit itself. XID events are queued
+with `emit_xid`.
 """
 
 from __future__ import annotations
@@ -118,9 +119,11 @@ class FakeGpu:
 class FakeNvml:
     """Use an instance where the adapter expects the `pynvml` module."""
 
-    def __init__(self, gpus: list[FakeGpu], *, init_error: int | None = None) -> None:
+    def __init__(self, gpus: list[FakeGpu], *, init_error: int | None = None,
+                 init_hang: threading.Event | None = None) -> None:
         self.gpus = gpus
         self.init_error = init_error
+        self.init_hang = init_hang  # nvmlInit blocks until this is set (a wedged driver)
         self.initialized = False
         self.events: queue.Queue[tuple[int, int]] = queue.Queue()
         self.registered: set[int] = set()
@@ -150,11 +153,15 @@ class FakeNvml:
         return gpu
 
     def nvmlInit(self) -> None:
+        self.calls.append("nvmlInit")
+        if self.init_hang is not None:
+            self.init_hang.wait()
         if self.init_error is not None:
             raise NVMLError(self.init_error)
         self.initialized = True
 
     def nvmlShutdown(self) -> None:
+        self.calls.append("nvmlShutdown")
         self.initialized = False
 
     def nvmlDeviceGetCount(self) -> int:

@@ -194,6 +194,8 @@ MIGRATIONS: Final[list[str]] = [
         done_reason TEXT NOT NULL DEFAULT ''
     );
     CREATE INDEX leave_commands_pending ON leave_commands(state, next_attempt_at);
+    CREATE INDEX events_inject ON events(json_extract(evidence, '$.inject_request_id'))
+        WHERE kind = 'gpu_verdict';
     CREATE TABLE rejection_counts (
         subject TEXT NOT NULL,
         kind TEXT NOT NULL,

@@ -86,6 +86,13 @@ class TrustMixin:
         """Forget the GPU's node binding (and its health): the next report binds it anew."""
         self.conn.execute("DELETE FROM gpus WHERE uuid=?", (uuid,))
 
+    def inject_applied(self, request_id: str) -> bool:
+        """Whether a verdict of this drill request was already acted on."""
+        row = self.conn.execute(
+            "SELECT 1 FROM events WHERE kind='gpu_verdict' AND "
+            "json_extract(evidence, '$.inject_request_id')=? LIMIT 1", (request_id,)).fetchone()
+        return row is not None
+
     def job_nodes(self, job_id: int) -> set[str] | None:
         """Nodes where the job has a running step, or None when no step of it is known (no
         SPANK relay): then nothing can be checked."""
