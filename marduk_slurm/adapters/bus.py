@@ -57,6 +57,7 @@ class Bus:
         """Connect. With `retry` (daemons) keep trying until NATS answers, then reconnect
         forever after any loss; without (the CLI) fail at once with a clear error."""
         self.on_state("connecting")
+        self._closing = False  # a bus closed and connected again (a new URL) logs its losses
         self._quiet = not retry  # the CLI reports the failure itself, once
         try:
             auth = nats_auth.connect_options(self.creds)

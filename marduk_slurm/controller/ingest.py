@@ -27,6 +27,7 @@ from marduk_slurm.controller.handlers import Effects, apply_message
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import IdentityError, ProtocolError, StoreError
+from marduk_slurm.supervisor import unsubscribe_all
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +282,13 @@ class HeartbeatWriter:
         self.ctx.stats["heartbeats_written"] += len(batch) - len(bad)
 
     async def run(self) -> None:
-        await self.ctx.bus.subscribe(subjects.HEARTBEATS_ALL, self.on_message)
-        while True:
-            await asyncio.sleep(self.flush_s)
-            await self.flush()
+        subscription = await self.ctx.bus.subscribe(subjects.HEARTBEATS_ALL, self.on_message)
+        try:  # a restarted run subscribes again: never twice
+            while True:
+                await asyncio.sleep(self.flush_s)
+                await self.flush()
+        finally:
+            await unsubscribe_all([subscription])
 
     async def flush(self) -> None:
         self.ctx.stats["heartbeats_received"] += self.received - self._received_reported

@@ -90,15 +90,24 @@ class RiskWatch:
     async def on_health(self, msg: Msg) -> None:
         node = msg.subject.rsplit(".", 1)[-1]
         try:
-            summary = msgspec.json.decode(msg.data)
-        except msgspec.DecodeError:
-            self.ctx.reject("malformed_json", msg.subject, "health summary")
+            summary = m.decode_health(msg.data)
+        except ProtocolError as exc:
+            self.ctx.reject(exc.reason, msg.subject, exc.detail, "health")
             return
-        if not isinstance(summary, dict) or summary.get("node") != node:
-            self.ctx.reject("subject_mismatch", msg.subject, "health summary of another node")
+        if summary.node != node:
+            self.ctx.reject("subject_mismatch", msg.subject, "health summary of another node",
+                            "health")
             return
+        gpus = []
+        for gpu in summary.gpus:
+            known = self.tracker.gpus.get(gpu.uuid)
+            if known is not None and known.node != node:  # a GPU belongs to its first node
+                self.ctx.reject("identity_conflict", msg.subject,
+                                f"GPU {gpu.uuid} of {known.node}", "health")
+                continue
+            gpus.append(msgspec.structs.asdict(gpu))
         self.summaries += 1
-        self.tracker.add_summary(node, summary, time.time())
+        self.tracker.add_summary(node, {"node": node, "gpus": gpus}, time.time())
 
     async def run(self) -> None:
         """Load, subscribe, score. Restartable: the subscriptions end with the run, and the

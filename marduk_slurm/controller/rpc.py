@@ -318,10 +318,38 @@ class RpcServer:
         xid = _opt_int(args, "xid")
         if not node or gpu in (None, "") or xid is None:
             raise ValueError("inject needs node, gpu (UUID or index) and xid")
-        subscriptions = []
-        try:  # released at the end of the run, so a restarted run answers each request once
-            for subject in (subjects.RPC_ALL, subjects.JOB_RPC_ALL):
-                subscriptions.append(await self.ctx.bus.subscribe(subject, self.on_message))
-            await asyncio.gather(*(q.serve(self.answer) for q in self.queues.values()))
-        finally:
-            await unsubscribe_all(subscriptions)
+        force = args.get("force", False)
+        if not isinstance(force, bool):
+            raise ValueError("force must be true or false")
+        return await self.ops.inject(node, str(gpu), xid, actor=actor, at=time.time(),
+                                     force=force)
+
+    # -- the trust boundary ----------------------------------------------------------------
+
+    async def deadletters(self, args: dict[str, Any], actor: str) -> Any:
+        """Messages whose handling kept failing, set aside instead of blocking ingest."""
+        limit = _opt_int(args, "limit") or 100
+        if not 1 <= limit <= 10000:
+            raise ValueError("limit must be between 1 and 10000")
+        return await self.ctx.db.read(lambda store: store.dead_letters(limit))
+
+    async def gpu_release(self, args: dict[str, Any], actor: str) -> Any:
+        """Forget which node a GPU UUID belongs to, so that the next node to report it binds
+        it (a GPU moved between nodes, or a board swap reused a UUID)."""
+        uuid = _opt_str(args, "uuid")
+        if not uuid or not m.printable(uuid) or len(uuid) > 96:
+            raise ValueError("name the GPU UUID to release")
+        now = time.time()
+
+        def release(store: Any) -> dict[str, Any]:
+            owner = store.gpu_owners([uuid]).get(uuid)
+            if owner is None:
+                raise NotFound(f"unknown GPU {uuid}")
+            store.release_gpu(uuid)
+            eid = store.add_event("gpu_released", now=now, source=actor[:128], node=owner,
+                                  gpu_uuid=uuid, reason=f"GPU {uuid} released from {owner}")
+            return {"uuid": uuid, "node": owner, "event": eid}
+
+        result = await self.ctx.db.tx(release)
+        await self.ctx.publish_feed([result["event"]])
+        return result
