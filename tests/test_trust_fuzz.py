@@ -36,7 +36,7 @@ from marduk_slurm.adapters import nats_auth
 from marduk_slurm.adapters.nats_server import reload_running
 from marduk_slurm.cli.client import call
 
-from harness import ControllerProcess, run_cli, wait_for
+from harness import ControllerProcess, run_cli
 
 pytest.importorskip("bcrypt")
 
@@ -45,6 +45,9 @@ P = schema.PREFIX
 DRAWN_CASES = 300  # compound mutations drawn by hypothesis, on top of the systematic ones
 RESTART_WATCH_S = 30.0
 REQUEST_TIMEOUT_S = 3.0
+# A drain or resume may wait `wait_s` for Slurm (none here): no reply within the timeout is
+# what an operator asked for with these, not a fault.
+WAITS = {"1e308", "int 2**63", "int 2**64", "1e400", "Infinity"}
 AGENTS = ["n1", fuzz.OTHER_NODE, fuzz.DASH_NODE, fuzz.VICTIM_NODE]
 JOBS = [7, fuzz.OTHER_JOB, fuzz.VICTIM_JOB]
 
@@ -187,6 +190,16 @@ class Conns:
                 await nc.flush()
 
 
+async def until(predicate: Callable[[], Any], timeout_s: float, interval_s: float,
+                what: str) -> None:
+    """harness.wait_for for coroutines: the connections keep being served while it waits."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
 async def gather_limited(jobs: list[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
     sem = asyncio.Semaphore(limit)
 
@@ -225,6 +238,7 @@ class Tally:
         self.outcome: Counter[str] = Counter()
         self.internal: list[str] = []
         self.unanswered: list[str] = []
+        self.waiting: list[str] = []  # an operator asked to wait that long for Slurm
 
 
 async def send(conns: Conns, cases: list[fuzz.Case], how: str, tally: Tally) -> None:
@@ -246,7 +260,10 @@ async def send(conns: Conns, cases: list[fuzz.Case], how: str, tally: Tally) -> 
             msg = await conns.nc[cred].request(subject, case.data, timeout=REQUEST_TIMEOUT_S)
         except nats.errors.TimeoutError:
             tally.outcome["request: no reply"] += 1
-            tally.unanswered.append(f"{case.cls} at {case.path}")
+            if case.path == "args.wait_s" and case.mutation in WAITS:
+                tally.waiting.append(f"{case.cls} at {case.path}")
+            else:
+                tally.unanswered.append(f"{case.cls} at {case.path}")
             return
         except Exception as exc:
             tally.outcome[f"request failed: {type(exc).__name__}"] += 1
@@ -341,10 +358,10 @@ async def victim_setup(conns: Conns, db: Path) -> None:
     await jobc.jetstream().publish(f"{P}.evt.job.{job}.replica_register", valid(
         "replica_register", replica_id=fuzz.VICTIM_REPLICA, job_id=job, node=node,
         gpu_uuids=[gpu], step=5), timeout=10)
-    wait_for(lambda: query(db, "SELECT 1 FROM replicas WHERE replica_id=?",
+    await until(lambda: query(db, "SELECT 1 FROM replicas WHERE replica_id=?",
                            fuzz.VICTIM_REPLICA), 20, 0.1, "the victim registered")
     await heartbeats(conns, job, fuzz.VICTIM_REPLICA, 5)
-    wait_for(lambda: query(db, "SELECT 1 FROM replicas WHERE replica_id=? AND last_step=5",
+    await until(lambda: query(db, "SELECT 1 FROM replicas WHERE replica_id=? AND last_step=5",
                            fuzz.VICTIM_REPLICA), 10, 0.1, "the victim's heartbeat")
 
 
@@ -361,10 +378,10 @@ async def after_storm(conns: Conns, token: str, db: Path, failures: list[str]) -
         gpu_uuids=["GPU-n1-1"]), timeout=10)
     fresh = f"job7_rg1:{token}"
     try:
-        wait_for(lambda: query(db, "SELECT 1 FROM replicas WHERE replica_id=?", fresh), 20,
+        await until(lambda: query(db, "SELECT 1 FROM replicas WHERE replica_id=?", fresh), 20,
                  0.2, "the fresh registration")
         await heartbeats(conns, 7, fresh, 99)
-        wait_for(lambda: query(db, "SELECT 1 FROM replicas WHERE replica_id=? AND "
+        await until(lambda: query(db, "SELECT 1 FROM replicas WHERE replica_id=? AND "
                                    "last_step=99", fresh), 10, 0.1, "the fresh heartbeat")
     except AssertionError as exc:
         failures.append(f"valid messages after the storm not applied: {exc}")
@@ -376,7 +393,7 @@ async def checkpoint(conns: Conns, db: Path, failures: list[str]) -> None:
     await conns.nc["agent-n1"].jetstream().publish(f"{P}.evt.node.n1.step_start", valid(
         "step_start", step_id=77_000), timeout=10)
     try:
-        wait_for(lambda: query(db, "SELECT 1 FROM job_steps WHERE job_id=7 AND "
+        await until(lambda: query(db, "SELECT 1 FROM job_steps WHERE job_id=7 AND "
                                "step_id=77000"), 30, 0.2, "the checkpoint step_start")
     except AssertionError as exc:
         failures.append(f"durable ingest stuck in the first part of the storm: {exc}")
@@ -416,11 +433,15 @@ MAX_JSON_DEPTH, MAX_JSON_BYTES = 32, 1_000_000
 
 
 def depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((depth(v) for v in value), default=0)
-    return 0
+    """Nesting depth, without recursion (the values may be nested past Python's limit)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict | list):
+            level += 1
+            deepest = max(deepest, level)
+            todo += [(v, level) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def check_value(table: str, col: str, decl: str, value: Any) -> str | None:
@@ -486,11 +507,12 @@ def victim_violations(db: Path, last_setup_event: int) -> list[str]:
     if [tuple(r) for r in rows] != [(fuzz.VICTIM_NODE, "none")]:
         found.append(f"victim GPU {fuzz.VICTIM_GPU}: {[tuple(r) for r in rows]}, expected "
                      f"[({fuzz.VICTIM_NODE!r}, 'none')]")
-    # A replica names its own node (a job may lie about where it runs, to its own harm);
-    # every other event about the victim's node, GPU or replica must come from the victim.
+    # A replica names its own node (a job may lie about where it runs, to its own harm) and
+    # the reconcile with Slurm (none here) ends the victim's step; every other event about
+    # the victim's node, GPU or replica must come from the victim.
     for r in query(db, "SELECT id, kind, source, node, replica_id, gpu_uuid, reason FROM events "
-                       "WHERE id > ? AND ((node=? AND source!='replica') OR gpu_uuid=? "
-                       "OR replica_id=?)",
+                       "WHERE id > ? AND ((node=? AND source NOT IN ('replica', 'reconcile')) "
+                       "OR gpu_uuid=? OR replica_id=?)",
                    last_setup_event, fuzz.VICTIM_NODE, fuzz.VICTIM_GPU, fuzz.VICTIM_REPLICA):
         found.append(f"event about the victim written during the storm: {dict(r)}")
     if query(db, "SELECT 1 FROM outbox WHERE node=?", fuzz.VICTIM_NODE):
@@ -640,6 +662,9 @@ def test_trust_boundary_fuzz(tmp_path: Path) -> None:
         "wrong credentials not refused": refusals["not refused"], "crashes": sum(
             1 for line in storm_log + restart_log if "crashed" in line),
         "controller": status_figures(status), "exit code at the end": rc,
+        "requests with an internal error": tally.internal[:50],
+        "requests without a reply": tally.unanswered[:50],
+        "requests waiting wait_s for Slurm": tally.waiting,
         "log during the storm": storm_log[:40], "log after the restart": restart_log[:40],
         "failures": failures,
     }
