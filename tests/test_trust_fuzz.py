@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -156,7 +157,8 @@ class Conns:
 
     async def open(self) -> Conns:
         for name, path in self.creds.items():
-            self.errors[name] = errors = []
+            errors: list[str] = []
+            self.errors[name] = errors
 
             async def on_error(exc: Exception, errors: list[str] = errors) -> None:
                 errors.append(str(exc))
@@ -284,9 +286,9 @@ async def send(conns: Conns, cases: list[fuzz.Case], how: str, tally: Tally) -> 
         await conns.flush()
         await asyncio.sleep(0.5)  # heartbeats are written behind every 50 ms
     elif how == "request":
-        await gather_limited([lambda c=c: ask(*c) for c in todo], 32)
+        await gather_limited([functools.partial(ask, *c) for c in todo], 32)
     else:
-        await gather_limited([lambda c=c: publish_js(*c) for c in todo], 64)
+        await gather_limited([functools.partial(publish_js, *c) for c in todo], 64)
 
 
 # -- wrong credentials ---------------------------------------------------------------------
@@ -535,7 +537,9 @@ def log_findings(text: str) -> list[str]:
     lines = text.splitlines()
     found: list[str] = []
     for i, line in enumerate(lines):
-        if re.search(r"crashed|CRITICAL|exited|recursion depth|disconnected", line):
+        # A message rejected for its depth is the controller doing its job, not a finding.
+        if "rejected message" not in line and re.search(
+                r"crashed|CRITICAL|exited|recursion depth|disconnected", line):
             found.append(re.sub(r"^\S+ \S+ ", "", line)[:240])
         if line.startswith("Traceback"):
             j = i + 1
@@ -556,10 +560,12 @@ def status_figures(status: dict[str, Any]) -> dict[str, Any]:
 # -- the test ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trust_boundary_fuzz(tmp_path: Path) -> None:
     started = time.monotonic()
     state = tmp_path / "state"
-    ctl = AuthController(state, "", extra_env={"MARDUK_NATS_AUTH": "true"}).start()
+    ctl = AuthController(state, "", extra_env={"MARDUK_NATS_AUTH": "true"})
+    ctl.start()
     db = state / "marduk.db"
     failures: list[str] = []
     tally = Tally()
@@ -567,7 +573,9 @@ def test_trust_boundary_fuzz(tmp_path: Path) -> None:
     token = f"t{int(time.time())}"
     refusals: dict[str, Any] = {"refused": 0, "not refused": []}
     status: dict[str, Any] = {}
-    storm_s, storm_log, restart_log, rc = 0.0, [], [], None
+    storm_s, rc = 0.0, None
+    storm_log: list[str] = []
+    restart_log: list[str] = []
     try:
         creds = issue_credentials(state, tmp_path)
 
@@ -623,7 +631,7 @@ def test_trust_boundary_fuzz(tmp_path: Path) -> None:
             failures.append(f"{len(tally.internal)} requests answered with an internal error, "
                             f"e.g. {tally.internal[:5]}")
         if not ctl.alive():
-            failures.append(f"the controller exited during the storm (rc {ctl.proc.returncode})")
+            failures.append(f"the controller {ctl.fate()} at the end of the storm")
         else:
             failures += applied_through_cli(state, token)
             proc = run_cli("status", "--json", "--state-dir", str(state), timeout=30)
