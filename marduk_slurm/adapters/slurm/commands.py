@@ -9,6 +9,9 @@ compressed hostlist (`n[1-1000]`), so draining 1,000 nodes is one RPC, not 1,000
 Measured on Slurm 22.05: `scontrol update` takes 4-19 ms; with slurmctld stopped it retries
 for ~9 s before "Unable to contact slurm controller (connect failure)", so a time limit
 shorter than that also reads as `SlurmUnavailable`.
+
+Node names are checked (domain/slurm_names.py) and put after `--`, so none can be read as an
+option; reasons go out as one printable line. Output that does not parse is a `SlurmError`.
 """
 
 from __future__ import annotations
@@ -22,8 +25,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from marduk_slurm.adapters.slurm import parse
-from marduk_slurm.adapters.slurm.base import STEP_NAMES, SlurmJob, SlurmNode, SlurmStep
-from marduk_slurm.domain import hostlist
+from marduk_slurm.adapters.slurm.base import (
+    STEP_NAMES,
+    SlurmJob,
+    SlurmNode,
+    SlurmStep,
+    checked_node_names,
+    checked_reason,
+)
+from marduk_slurm.domain import hostlist, slurm_names
 from marduk_slurm.errors import SlurmError, SlurmUnavailable
 
 # Node names per scontrol call: a compressed list stays short, but an argument of a few
@@ -80,14 +90,17 @@ class SlurmCommandRunner:
         path = shutil.which(argv[0], path=self._env.get("PATH"))
         if path is None:
             raise SlurmError(f"{argv[0]} not found on PATH; is slurm-client installed?")
-        process = await asyncio.create_subprocess_exec(
-            path,
-            *argv[1:],
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._env,
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                path,
+                *argv[1:],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env,
+            )
+        except OSError as err:  # not executable, argv too long, out of processes
+            raise SlurmError(f"{argv[0]} could not be started: {err}") from err
         try:
             stdout, stderr = await asyncio.wait_for(process.communicate(), self.timeout_s)
         except TimeoutError:
@@ -137,14 +150,15 @@ class CommandsBackend:
         return parse.parse_sinfo_json(result.stdout)
 
     async def get_nodes(self, names: Sequence[str]) -> list[SlurmNode]:
-        wanted = set(names)
+        # A name Slurm must not be given cannot be one it knows: leave it out of the answer.
+        wanted = {name for name in names if _is_node_name(name)}
         if not wanted:
             return []
         found: list[SlurmNode] = []
         ordered = sorted(wanted)
         for start in range(0, len(ordered), self.batch_size):
             batch = hostlist.compress(ordered[start : start + self.batch_size])
-            result = await self.runner.run(["scontrol", "show", "-o", "node", batch],
+            result = await self.runner.run(["scontrol", "show", "-o", "node", "--", batch],
                                            check=False)
             # Unknown names make scontrol fail for the whole list; fall back to everything.
             if result.returncode != 0:
@@ -162,13 +176,13 @@ class CommandsBackend:
         return parse.parse_scontrol_steps(result.stdout)
 
     async def drain(self, nodes: Sequence[str], reason: str) -> None:
-        await self._update_nodes(nodes, "drain", _require_reason(reason, "drain"))
+        await self._update_nodes(nodes, "drain", checked_reason(reason, "drain"))
 
     async def resume(self, nodes: Sequence[str]) -> None:
         await self._update_nodes(nodes, "resume", None)
 
     async def down(self, nodes: Sequence[str], reason: str) -> None:
-        await self._update_nodes(nodes, "down", _require_reason(reason, "down"))
+        await self._update_nodes(nodes, "down", checked_reason(reason, "down"))
 
     async def signal_step(self, job_id: int, step_id: int, signum: int) -> None:
         # scancel exits 0 for a step that does not exist in a live job; that is Slurm's call.
@@ -193,17 +207,18 @@ class CommandsBackend:
         return self.runner.stats()
 
     async def _update_nodes(self, nodes: Sequence[str], state: str, reason: str | None) -> None:
-        names = sorted(set(nodes))
+        names = checked_node_names(nodes)
         for start in range(0, len(names), self.batch_size):
             batch = hostlist.compress(names[start : start + self.batch_size])
-            argv = ["scontrol", "update", f"nodename={batch}", f"state={state}"]
+            argv = ["scontrol", "update", "--", f"nodename={batch}", f"state={state}"]
             if reason is not None:
                 argv.append(f"reason={reason}")
             await self.runner.run(argv)
 
 
-def _require_reason(reason: str, action: str) -> str:
-    # Slurm refuses a drain/down without a reason; saying so here names the caller's bug.
-    if not reason.strip():
-        raise ValueError(f"{action} needs a non-empty reason")
-    return reason
+def _is_node_name(name: str) -> bool:
+    try:
+        slurm_names.check_node_name(name)
+    except ValueError:
+        return False
+    return True
