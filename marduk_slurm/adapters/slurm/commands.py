@@ -21,8 +21,9 @@ import contextlib
 import os
 import shutil
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from marduk_slurm.adapters.slurm import parse
 from marduk_slurm.adapters.slurm.base import (
@@ -39,6 +40,8 @@ from marduk_slurm.errors import SlurmError, SlurmUnavailable
 # Node names per scontrol call: a compressed list stays short, but an argument of a few
 # hundred KB (thousands of unrelated names) is where slurmctld's message limits start to bite.
 DEFAULT_BATCH_SIZE = 2000
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,7 @@ class CommandsBackend:
     async def list_nodes(self) -> list[SlurmNode]:
         # sinfo --json ignores filters in 22.05, so callers filter; it has reason user/time
         # as fields, where scontrol only prints them inside the reason text.
-        result = await self.runner.run(["sinfo", "--json"])
-        return parse.parse_sinfo_json(result.stdout)
+        return await self._read(["sinfo", "--json"], parse.parse_sinfo_json)
 
     async def get_nodes(self, names: Sequence[str]) -> list[SlurmNode]:
         # A name Slurm must not be given cannot be one it knows: leave it out of the answer.
@@ -163,17 +165,16 @@ class CommandsBackend:
             # Unknown names make scontrol fail for the whole list; fall back to everything.
             if result.returncode != 0:
                 return [n for n in await self.list_nodes() if n.name in wanted]
-            found += parse.parse_scontrol_nodes(result.stdout)
+            found += self._parsed(result, parse.parse_scontrol_nodes)
         return [n for n in found if n.name in wanted]
 
     async def list_jobs(self) -> list[SlurmJob]:
         # -d adds the per-node `GRES=gpu:1(IDX:0)` detail that gives GPU indices.
-        result = await self.runner.run(["scontrol", "-d", "show", "-o", "job"])
-        return parse.parse_scontrol_jobs(result.stdout)
+        return await self._read(["scontrol", "-d", "show", "-o", "job"],
+                                parse.parse_scontrol_jobs)
 
     async def list_steps(self) -> list[SlurmStep]:
-        result = await self.runner.run(["scontrol", "show", "-o", "step"])
-        return parse.parse_scontrol_steps(result.stdout)
+        return await self._read(["scontrol", "show", "-o", "step"], parse.parse_scontrol_steps)
 
     async def drain(self, nodes: Sequence[str], reason: str) -> None:
         await self._update_nodes(nodes, "drain", checked_reason(reason, "drain"))
@@ -205,6 +206,17 @@ class CommandsBackend:
 
     def stats(self) -> dict[str, int]:
         return self.runner.stats()
+
+    async def _read(self, argv: list[str], parser: Callable[[str], T]) -> T:
+        return self._parsed(await self.runner.run(argv), parser)
+
+    def _parsed(self, result: CommandResult, parser: Callable[[str], T]) -> T:
+        """`parser(stdout)`; output it does not understand counts as a failed call."""
+        try:
+            return parser(result.stdout)
+        except SlurmError:
+            self.runner.failures[result.argv[0]] += 1
+            raise
 
     async def _update_nodes(self, nodes: Sequence[str], state: str, reason: str | None) -> None:
         names = checked_node_names(nodes)
