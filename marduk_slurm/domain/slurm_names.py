@@ -17,6 +17,8 @@ MAX_NODE_NAME_LEN = 253
 # Long enough for marduk's own reasons (prefix, xid, GPU UUID, event id) and an operator's
 # sentence; Slurm has no limit of its own, but every `sinfo` line carries the reason.
 MAX_REASON_LEN = 512
+# An operator's own words, leaving room for marduk's prefix and ` event=<id>` around them.
+MAX_OPERATOR_REASON_LEN = MAX_REASON_LEN - 64
 
 # Letters, digits, `-`, `_` and `.`; the first character must be a letter or digit.
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
