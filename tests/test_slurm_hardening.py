@@ -6,6 +6,8 @@ made to print it); what depends on real Slurm is in test_slurm_hardening_live.py
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import stat
 import time
 import tracemalloc
@@ -324,6 +326,37 @@ async def test_outbox_bad_node_name_fails_only_that_action(
     assert states == {"n1": "done", "--help": "failed", "n2": "done"}
     modified = [arg[0] for name, arg in fake_pyslurm.calls if name == "Nodes.modify"]
     assert ["--help"] not in modified and ["n1"] in modified and ["n2"] in modified
+
+
+async def test_outbox_loop_outlives_a_failed_pass(ctx: Context) -> None:
+    worker = OutboxWorker(ctx, ExplodingSlurm(RuntimeError()),  # type: ignore[arg-type]
+                          retry_max_s=0.05)
+    passes = 0
+
+    async def flaky_pass() -> int:
+        nonlocal passes
+        passes += 1
+        if passes == 1:
+            raise sqlite3.OperationalError("database is locked")
+        if passes == 3:
+            raise asyncio.CancelledError  # ends the test's loop the way shutdown does
+        ctx.outbox_kick.set()  # no waiting for the next pass
+        return 0
+
+    worker.run_once = flaky_pass  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(worker.run(), timeout=5)
+    assert passes == 3 and ctx.stats["outbox_errors"] == 1
+
+
+async def test_outbox_records_the_reason_slurm_was_given(
+        ctx: Context, pyslurm_backend: PyslurmBackend) -> None:
+    now = time.time()
+    await ctx.db.tx(lambda s: s.enqueue_slurm_action("drain", "n1", "marduk: a\nb", None, now))
+    await OutboxWorker(ctx, pyslurm_backend).run_once()
+    (_, (_, changes)), = [c for c in fake_pyslurm.calls if c[0] == "Nodes.modify"]
+    drained = list(ctx.db.store.db.query("SELECT reason FROM events WHERE kind='drained'"))
+    assert changes["reason"] == drained[0]["reason"] == "marduk: a / b"
 
 
 async def test_reconcile_survives_any_exception_from_slurm(ctx: Context) -> None:

@@ -21,6 +21,7 @@ from marduk_slurm.adapters.slurm.base import SlurmBackend
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.backoff import Backoff, backoff_delay
 from marduk_slurm.controller.context import Context
+from marduk_slurm.domain.slurm_names import sanitize_reason
 from marduk_slurm.errors import SlurmError, SlurmUnavailable
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class OutboxWorker:
 
     async def _carry_out(self, kind: str, reason: str, group: list[dict[str, Any]]) -> None:
         nodes = sorted({a["node"] for a in group})
+        # The backend sends this line, not the raw reason: record what Slurm will show.
+        reason = sanitize_reason(reason)
         try:
             async with self.limit:
                 await self._call_slurm(kind, nodes, reason)
