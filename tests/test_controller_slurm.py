@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.cli.client import RequestFailed
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 
@@ -184,3 +186,23 @@ def test_resume_is_gated_by_health_checks(tmp_path: Path, nats_server: NatsServe
         assert kinds.count("resume_check_passed") == 2 and "resumed" in kinds
     finally:
         assert ctl.stop() == 0
+
+
+def test_operator_rpc_refuses_huge_hostlists_and_bad_names_and_sends_one_line_reasons(
+        slurm_controller: ControllerProcess, cluster: SlurmCluster) -> None:
+    conf, url = cluster.slurm_conf, slurm_controller.url
+    for nodes, message in [("r[1-999999]n[1-999999]", "more than 100000 names"),
+                           ("n[1-999999]", "more than 100000 names"),
+                           ("-n4", "starts with '-'")]:
+        started = time.monotonic()
+        with pytest.raises(RequestFailed, match=re.escape(message)):
+            slurm_controller.request("drain", {"nodes": nodes, "reason": "x"})
+        assert time.monotonic() - started < 2, f"{nodes} took {time.monotonic() - started} s"
+    proc = run_cli("drain", "n4", "reason=swap GPU\nticket 7\x1b", "--nats-url", url)
+    assert proc.returncode == 0 and "n4: drain done" in proc.stdout, proc.stderr
+    info = node_info(conf, "n4")
+    assert info["reason"].startswith("marduk: swap GPU / ticket 7\\x1b event="), info["raw"]
+    assert info["raw"].count("\n") == 1
+    assert slurm_controller.request("status")["counters"]["slurm_drains"] == 1  # still serving
+    proc = run_cli("resume", "n4", "--nats-url", url)
+    assert proc.returncode == 0, proc.stderr

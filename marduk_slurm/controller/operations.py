@@ -15,7 +15,7 @@ from marduk_slurm.adapters.slurm.base import SlurmBackend
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.handlers import Effects, queue_drain, queue_leaves, replica_refs
-from marduk_slurm.domain import hostlist, subjects
+from marduk_slurm.domain import hostlist, slurm_names, subjects
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain.fault_response import may_resume, respond_to_operator_drain
 from marduk_slurm.domain.gpu_health import FaultPolicy, GpuReading
@@ -35,7 +35,8 @@ class Operations:
         self.refresh_nodes = refresh_nodes  # async () -> None: read nodes back from Slurm
 
     async def _known_nodes(self, expr: str) -> list[str]:
-        names = hostlist.expand(expr)
+        # Capped expansion, then Slurm's name rules: a clear error before anything is asked.
+        names = slurm_names.check_node_names(hostlist.expand(expr))
         known = {n["name"] for n in await self.ctx.db(self.ctx.db.store.nodes)}
         if set(names) - known:
             await self.refresh_nodes()
@@ -49,6 +50,8 @@ class Operations:
     async def drain(self, expr: str, reason: str, *, actor: str, gpu: str | None,
                     wait_s: float) -> dict[str, Any]:
         names = await self._known_nodes(expr)
+        # Stored and sent as Slurm will keep it: one printable line (slurm_names).
+        reason = slurm_names.sanitize_reason(reason, slurm_names.MAX_OPERATOR_REASON_LEN)
         now = time.time()
         prefix = self.ctx.policy.reason_prefix
         full_reason = reason if reason.startswith(prefix + ":") else f"{prefix}: {reason}"

@@ -2,7 +2,9 @@
 
 Actions are rows written in the same transaction as the decision that caused them, so a
 controller restart or a dead slurmctld loses none: an unreachable slurmctld means retry with
-capped backoff; a permanent refusal (unknown node) is recorded as a failed action and an event.
+capped backoff; a permanent refusal (unknown node, a name Slurm must not be given) is recorded
+as a failed action and an event. Any other exception from a Slurm call is a failed attempt,
+retried with the same backoff and counted: the worker itself never dies of one.
 Actions due together with the same kind and reason go to Slurm in one call (a hostlist).
 """
 
@@ -17,10 +19,15 @@ from typing import Any
 
 from marduk_slurm.adapters.slurm.base import SlurmBackend
 from marduk_slurm.adapters.store import Store
+from marduk_slurm.backoff import Backoff, backoff_delay
 from marduk_slurm.controller.context import Context
+from marduk_slurm.domain.slurm_names import sanitize_reason
 from marduk_slurm.errors import SlurmError, SlurmUnavailable
 
 log = logging.getLogger(__name__)
+
+# The first retry of a Slurm action waits about this long; each further one twice as long.
+RETRY_BASE_S = 0.5
 
 
 def group_actions(actions: list[dict[str, Any]], *, batch_threshold: int
@@ -63,8 +70,17 @@ class OutboxWorker:
         self.limit = asyncio.Semaphore(concurrency)
 
     async def run(self) -> None:
+        # Guards the loop against the store (or a bug) failing outside any one Slurm call.
+        backoff = Backoff(base_s=RETRY_BASE_S, max_s=self.retry_max_s)
         while True:
-            await self.run_once()
+            try:
+                await self.run_once()
+            except Exception:
+                self.ctx.stats["outbox_errors"] += 1
+                log.exception("outbox pass failed; next pass after backoff")
+                await asyncio.sleep(backoff.next())
+                continue
+            backoff.reset()
             next_due = await self.ctx.db(self.ctx.db.store.next_action_due)
             wait = 60.0 if next_due is None else max(0.0, next_due - time.time())
             with contextlib.suppress(TimeoutError):
@@ -80,8 +96,9 @@ class OutboxWorker:
         if drains:
             try:  # one read of Slurm for every drain due now
                 drains = await self._skip_already_drained(drains)
-            except SlurmUnavailable as exc:
-                await self._retry(drains, str(exc))
+            except Exception as exc:
+                # Without the read a drain could overwrite someone else's: wait and retry.
+                await self._retry(drains, _describe(exc), unexpected=_unexpected(exc))
                 drains = []
         groups = group_actions(drains + others, batch_threshold=self.batch_threshold)
         await asyncio.gather(*(self._carry_out(kind, reason, group)
@@ -90,25 +107,34 @@ class OutboxWorker:
 
     async def _carry_out(self, kind: str, reason: str, group: list[dict[str, Any]]) -> None:
         nodes = sorted({a["node"] for a in group})
-        async with self.limit:
-            try:
-                if kind == "drain":
-                    await self.slurm.drain(nodes, reason)
-                elif kind == "resume":
-                    await self.slurm.resume(nodes)
-                else:
-                    raise SlurmError(f"unknown outbox action {kind!r}")
-            except SlurmUnavailable as exc:
-                await self._retry(group, str(exc))
+        # The backend sends this line, not the raw reason: record what Slurm will show.
+        reason = sanitize_reason(reason)
+        try:
+            async with self.limit:
+                await self._call_slurm(kind, nodes, reason)
+        except SlurmUnavailable as exc:
+            await self._retry(group, str(exc))
+            return
+        except SlurmError as exc:
+            # Outside the semaphore: the one-by-one calls take it again each.
+            if len(group) > 1:  # one bad node must not sink the others: go one by one
+                for action in group:
+                    await self._carry_out(kind, action["reason"], [action])
                 return
-            except SlurmError as exc:
-                if len(group) > 1:  # one bad node must not sink the others: go one by one
-                    for action in group:
-                        await self._carry_out(kind, action["reason"], [action])
-                    return
-                await self._failed(group[0], str(exc))
-                return
+            await self._failed(group[0], str(exc))
+            return
+        except Exception as exc:
+            await self._retry(group, _describe(exc), unexpected=True)
+            return
         await self._done(kind, group, reason)
+
+    async def _call_slurm(self, kind: str, nodes: list[str], reason: str) -> None:
+        if kind == "drain":
+            await self.slurm.drain(nodes, reason)
+        elif kind == "resume":
+            await self.slurm.resume(nodes)
+        else:
+            raise SlurmError(f"unknown outbox action {kind!r}")
 
     async def _skip_already_drained(self, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Read the nodes from Slurm just before draining: a node someone else drained keeps
@@ -171,11 +197,18 @@ class OutboxWorker:
         self.ctx.stats[f"slurm_{kind}s"] += len(group)
         await self.ctx.publish_feed(ids)
 
-    async def _retry(self, group: list[dict[str, Any]], error: str) -> None:
+    async def _retry(self, group: list[dict[str, Any]], error: str, *,
+                     unexpected: bool = False) -> None:
         attempts = max(a["attempts"] for a in group) + 1
-        delay = min(0.5 * 2 ** (attempts - 1), self.retry_max_s)
-        log.warning("Slurm unavailable for %d action(s), retry %d in %.1f s: %s", len(group),
-                    attempts, delay, error)
+        delay = backoff_delay(attempts, base_s=RETRY_BASE_S, max_s=self.retry_max_s)
+        if unexpected:
+            # Not a failure Slurm reported: keep the traceback, and count it apart.
+            self.ctx.stats["slurm_unexpected_errors"] += 1
+            log.error("Slurm call for %d action(s) failed unexpectedly, retry %d in %.1f s: %s",
+                      len(group), attempts, delay, error, exc_info=True)
+        else:
+            log.warning("Slurm call failed for %d action(s), retry %d in %.1f s: %s",
+                        len(group), attempts, delay, error)
         next_at = time.time() + delay
 
         def commit(store: Store) -> None:
@@ -200,3 +233,12 @@ class OutboxWorker:
         eid = await self.ctx.db.tx(commit)
         self.ctx.stats["slurm_failures"] += 1
         await self.ctx.publish_feed([eid])
+
+
+def _unexpected(exc: Exception) -> bool:
+    """True for an exception that is not one of the Slurm errors a backend reports."""
+    return not isinstance(exc, SlurmError)
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, SlurmError) else f"{type(exc).__name__}: {exc}"

@@ -2,6 +2,8 @@
 
 Drains set by someone else are recorded (and shown) but never undone. Steps that Slurm no
 longer runs leave the mapping, so a lost step-end report cannot leave stale rows behind.
+A pass that fails, whatever the exception, is counted and the next one waits longer (capped
+backoff); the loop itself never ends on one.
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ import time
 
 from marduk_slurm.adapters.slurm.base import SlurmBackend, SlurmNode, SlurmStep
 from marduk_slurm.adapters.store import Store
+from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
 from marduk_slurm.errors import SlurmError
 
 log = logging.getLogger(__name__)
+
+# After failed passes the wait grows up to this many intervals.
+MAX_BACKOFF_INTERVALS = 10
+
 
 class Reconciler:
     def __init__(self, ctx: Context, slurm: SlurmBackend, *, interval_s: float,
@@ -29,9 +36,16 @@ class Reconciler:
         self.last_error = ""
 
     async def run(self) -> None:
+        backoff = Backoff(base_s=self.interval_s,
+                          max_s=self.interval_s * MAX_BACKOFF_INTERVALS)
+        wait_s = self.interval_s
         while True:
-            await asyncio.sleep(self.interval_s)
-            await self.reconcile_once()
+            await asyncio.sleep(wait_s)
+            if await self.reconcile_once():
+                backoff.reset()
+                wait_s = self.interval_s
+            else:
+                wait_s = max(self.interval_s, backoff.next())
 
     async def reconcile_once(self) -> bool:
         """One pass; returns False (and keeps going) when Slurm cannot be read."""
@@ -39,14 +53,23 @@ class Reconciler:
             await self.refresh_nodes()
             await self.reconcile_steps(await self.slurm.list_steps())
         except SlurmError as exc:
-            self.last_error = str(exc)
-            self.ctx.stats["reconcile_failures"] += 1
+            self._failed(str(exc))
             log.warning("reconcile with Slurm failed: %s", exc)
+            return False
+        except Exception as exc:
+            # Not an error a backend reports (a bug, the store): keep the traceback.
+            self._failed(f"{type(exc).__name__}: {exc}")
+            self.ctx.stats["reconcile_unexpected_errors"] += 1
+            log.exception("reconcile with Slurm failed unexpectedly")
             return False
         self.last_ok = time.time()
         self.last_error = ""
         self.ctx.stats["reconciles"] += 1
         return True
+
+    def _failed(self, error: str) -> None:
+        self.last_error = error
+        self.ctx.stats["reconcile_failures"] += 1
 
     async def refresh_nodes(self) -> None:
         nodes = await self.slurm.list_nodes()

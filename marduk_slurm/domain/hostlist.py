@@ -11,15 +11,21 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-# A guard against `n[1-999999999]` eating the controller's memory from one typo.
-MAX_EXPANDED = 1_000_000
+# The most names one hostlist may stand for: a 100,000-node cluster, whole. Counted on the
+# written ranges before any name is built, so `r[1-999999]n[1-999999]` costs nothing.
+MAX_EXPANDED = 100_000
 
 _TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+# 18 digits keep every bound an ordinary machine integer; no node number comes near it.
+_RANGE = re.compile(r"^(\d{1,18})(?:-(\d{1,18}))?$")
+_BRACKET_BODY = re.compile(r"\[([^\]]*)\]")
 
 
 def expand(hostlist: str, *, max_names: int = MAX_EXPANDED) -> list[str]:
     """All names of `hostlist`, in the order written, duplicates kept as Slurm does.
+
+    Raises ValueError, before building any name, when the list stands for more than
+    `max_names` names (the product of a name's ranges, summed over the list).
 
     >>> expand("n[1-3,5],gpu[01-02]")
     ['n1', 'n2', 'n3', 'n5', 'gpu01', 'gpu02']
@@ -27,12 +33,42 @@ def expand(hostlist: str, *, max_names: int = MAX_EXPANDED) -> list[str]:
     text = hostlist.strip()
     if not text:
         return []
+    items = _split_top_level(text)
+    total = _count_items(items, hostlist, max_names)
+    if total > max_names:
+        raise ValueError(f"hostlist {hostlist[:80]!r} expands to more than {max_names} names")
     names: list[str] = []
-    for item in _split_top_level(text):
+    for item in items:
         names.extend(_expand_item(item, hostlist))
-        if len(names) > max_names:
-            raise ValueError(f"hostlist {hostlist!r} expands to more than {max_names} names")
     return names
+
+
+def count(hostlist: str, *, max_names: int = MAX_EXPANDED) -> int:
+    """How many names `hostlist` stands for, without building them; checks the syntax too.
+
+    Counting stops early above `max_names` (the answer is then some number above it).
+
+    >>> count("r[1-2]n[1-3],login")
+    7
+    """
+    text = hostlist.strip()
+    if not text:
+        return 0
+    return _count_items(_split_top_level(text), hostlist, max_names)
+
+
+def _count_items(items: list[str], hostlist: str, max_names: int) -> int:
+    total = 0
+    for item in items:
+        names = 1
+        for body in _BRACKET_BODY.findall(item):
+            names *= sum(high - low + 1 for low, high, _ in _ranges(body, hostlist))
+            if names > max_names:
+                break  # a product of huge ranges is never worth finishing
+        total += names
+        if total > max_names:
+            break
+    return total
 
 
 def compress(names: Iterable[str]) -> str:
@@ -102,20 +138,28 @@ def _expand_item(item: str, hostlist: str) -> list[str]:
 
 def _expand_ranges(body: str, hostlist: str) -> list[str]:
     """`1-3,05` -> ['1', '2', '3', '05'], keeping the width of each lower bound."""
-    numbers: list[str] = []
+    return [
+        str(n).zfill(width)
+        for low, high, width in _ranges(body, hostlist)
+        for n in range(low, high + 1)
+    ]
+
+
+def _ranges(body: str, hostlist: str) -> list[tuple[int, int, int]]:
+    """`1-3,05` -> [(1, 3, 1), (5, 5, 2)]: low, high and the width of the lower bound."""
+    ranges = []
     for part in body.split(","):
         match = _RANGE.match(part.strip())
         if match is None:
-            raise ValueError(f"hostlist {hostlist!r}: bad range {part!r} in [{body}]")
+            raise ValueError(f"hostlist {hostlist[:80]!r}: bad range {part[:40]!r} in "
+                             f"[{body[:40]}]")
         low_text, high_text = match.groups()
         low = int(low_text)
         high = int(high_text) if high_text is not None else low
         if high < low:
-            raise ValueError(f"hostlist {hostlist!r}: range {part!r} runs backwards")
-        if high - low >= MAX_EXPANDED:
-            raise ValueError(f"hostlist {hostlist!r}: range {part!r} is too large")
-        numbers.extend(str(n).zfill(len(low_text)) for n in range(low, high + 1))
-    return numbers
+            raise ValueError(f"hostlist {hostlist[:80]!r}: range {part!r} runs backwards")
+        ranges.append((low, high, len(low_text)))
+    return ranges
 
 
 def _check_name(name: str, hostlist: str | None = None, *, allow_empty: bool = False) -> None:

@@ -3,8 +3,9 @@
 Values are frozen and hold only what the controller decides on. Every backend method is
 async; a backend never blocks the event loop (subprocesses, or a thread for pyslurm).
 Errors: `SlurmUnavailable` (slurmctld unreachable or too slow: retry later) and `SlurmError`
-(Slurm answered and refused: unknown node, invalid state; retrying will not help). Both carry
-Slurm's own message.
+(Slurm answered and refused: unknown node, invalid state; or its output did not parse). Both
+carry Slurm's own message. `InvalidSlurmArgument` is a `SlurmError` raised before any call,
+for a node name or reason that must not reach Slurm (domain/slurm_names.py has the rules).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from marduk_slurm.domain import slurm_names
 from marduk_slurm.domain.slurm_state import JobState, NodeState
+from marduk_slurm.errors import SlurmError
 
 # Slurm's step ids for the non-numbered steps (slurm.h), so `SlurmStep.step_id` stays an int.
 PENDING_STEP = 0xFFFFFFFD
@@ -29,6 +32,28 @@ STEP_NAMES = {
     INTERACTIVE_STEP: "interactive",
 }
 STEP_IDS = {name: number for number, name in STEP_NAMES.items()}
+
+
+class InvalidSlurmArgument(SlurmError, ValueError):
+    """A node name or reason refused before any Slurm call; retrying will not help."""
+
+
+def checked_node_names(nodes: Sequence[str]) -> list[str]:
+    """`nodes` sorted and deduplicated, each a valid Slurm node name, or InvalidSlurmArgument."""
+    names = sorted(set(nodes))
+    try:
+        return slurm_names.check_node_names(names)
+    except ValueError as err:
+        raise InvalidSlurmArgument(str(err)) from None
+
+
+def checked_reason(reason: str, action: str) -> str:
+    """`reason` as one printable line for Slurm; InvalidSlurmArgument when nothing is left
+    (Slurm refuses a drain or down without one; saying so here names the caller's bug)."""
+    line = slurm_names.sanitize_reason(reason)
+    if not line:
+        raise InvalidSlurmArgument(f"{action} needs a non-empty reason")
+    return line
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ compressed hostlist (`n[1-1000]`), so draining 1,000 nodes is one RPC, not 1,000
 Measured on Slurm 22.05: `scontrol update` takes 4-19 ms; with slurmctld stopped it retries
 for ~9 s before "Unable to contact slurm controller (connect failure)", so a time limit
 shorter than that also reads as `SlurmUnavailable`.
+
+Node names are checked (domain/slurm_names.py) and put after `--`, so none can be read as an
+option; reasons go out as one printable line. Output that does not parse is a `SlurmError`.
 """
 
 from __future__ import annotations
@@ -18,17 +21,27 @@ import contextlib
 import os
 import shutil
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from marduk_slurm.adapters.slurm import parse
-from marduk_slurm.adapters.slurm.base import STEP_NAMES, SlurmJob, SlurmNode, SlurmStep
-from marduk_slurm.domain import hostlist
+from marduk_slurm.adapters.slurm.base import (
+    STEP_NAMES,
+    SlurmJob,
+    SlurmNode,
+    SlurmStep,
+    checked_node_names,
+    checked_reason,
+)
+from marduk_slurm.domain import hostlist, slurm_names
 from marduk_slurm.errors import SlurmError, SlurmUnavailable
 
 # Node names per scontrol call: a compressed list stays short, but an argument of a few
 # hundred KB (thousands of unrelated names) is where slurmctld's message limits start to bite.
 DEFAULT_BATCH_SIZE = 2000
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,14 +93,17 @@ class SlurmCommandRunner:
         path = shutil.which(argv[0], path=self._env.get("PATH"))
         if path is None:
             raise SlurmError(f"{argv[0]} not found on PATH; is slurm-client installed?")
-        process = await asyncio.create_subprocess_exec(
-            path,
-            *argv[1:],
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._env,
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                path,
+                *argv[1:],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env,
+            )
+        except OSError as err:  # not executable, argv too long, out of processes
+            raise SlurmError(f"{argv[0]} could not be started: {err}") from err
         try:
             stdout, stderr = await asyncio.wait_for(process.communicate(), self.timeout_s)
         except TimeoutError:
@@ -133,42 +149,41 @@ class CommandsBackend:
     async def list_nodes(self) -> list[SlurmNode]:
         # sinfo --json ignores filters in 22.05, so callers filter; it has reason user/time
         # as fields, where scontrol only prints them inside the reason text.
-        result = await self.runner.run(["sinfo", "--json"])
-        return parse.parse_sinfo_json(result.stdout)
+        return await self._read(["sinfo", "--json"], parse.parse_sinfo_json)
 
     async def get_nodes(self, names: Sequence[str]) -> list[SlurmNode]:
-        wanted = set(names)
+        # A name Slurm must not be given cannot be one it knows: leave it out of the answer.
+        wanted = {name for name in names if _is_node_name(name)}
         if not wanted:
             return []
         found: list[SlurmNode] = []
         ordered = sorted(wanted)
         for start in range(0, len(ordered), self.batch_size):
             batch = hostlist.compress(ordered[start : start + self.batch_size])
-            result = await self.runner.run(["scontrol", "show", "-o", "node", batch],
+            result = await self.runner.run(["scontrol", "show", "-o", "node", "--", batch],
                                            check=False)
             # Unknown names make scontrol fail for the whole list; fall back to everything.
             if result.returncode != 0:
                 return [n for n in await self.list_nodes() if n.name in wanted]
-            found += parse.parse_scontrol_nodes(result.stdout)
+            found += self._parsed(result, parse.parse_scontrol_nodes)
         return [n for n in found if n.name in wanted]
 
     async def list_jobs(self) -> list[SlurmJob]:
         # -d adds the per-node `GRES=gpu:1(IDX:0)` detail that gives GPU indices.
-        result = await self.runner.run(["scontrol", "-d", "show", "-o", "job"])
-        return parse.parse_scontrol_jobs(result.stdout)
+        return await self._read(["scontrol", "-d", "show", "-o", "job"],
+                                parse.parse_scontrol_jobs)
 
     async def list_steps(self) -> list[SlurmStep]:
-        result = await self.runner.run(["scontrol", "show", "-o", "step"])
-        return parse.parse_scontrol_steps(result.stdout)
+        return await self._read(["scontrol", "show", "-o", "step"], parse.parse_scontrol_steps)
 
     async def drain(self, nodes: Sequence[str], reason: str) -> None:
-        await self._update_nodes(nodes, "drain", _require_reason(reason, "drain"))
+        await self._update_nodes(nodes, "drain", checked_reason(reason, "drain"))
 
     async def resume(self, nodes: Sequence[str]) -> None:
         await self._update_nodes(nodes, "resume", None)
 
     async def down(self, nodes: Sequence[str], reason: str) -> None:
-        await self._update_nodes(nodes, "down", _require_reason(reason, "down"))
+        await self._update_nodes(nodes, "down", checked_reason(reason, "down"))
 
     async def signal_step(self, job_id: int, step_id: int, signum: int) -> None:
         # scancel exits 0 for a step that does not exist in a live job; that is Slurm's call.
@@ -192,18 +207,30 @@ class CommandsBackend:
     def stats(self) -> dict[str, int]:
         return self.runner.stats()
 
+    async def _read(self, argv: list[str], parser: Callable[[str], T]) -> T:
+        return self._parsed(await self.runner.run(argv), parser)
+
+    def _parsed(self, result: CommandResult, parser: Callable[[str], T]) -> T:
+        """`parser(stdout)`; output it does not understand counts as a failed call."""
+        try:
+            return parser(result.stdout)
+        except SlurmError:
+            self.runner.failures[result.argv[0]] += 1
+            raise
+
     async def _update_nodes(self, nodes: Sequence[str], state: str, reason: str | None) -> None:
-        names = sorted(set(nodes))
+        names = checked_node_names(nodes)
         for start in range(0, len(names), self.batch_size):
             batch = hostlist.compress(names[start : start + self.batch_size])
-            argv = ["scontrol", "update", f"nodename={batch}", f"state={state}"]
+            argv = ["scontrol", "update", "--", f"nodename={batch}", f"state={state}"]
             if reason is not None:
                 argv.append(f"reason={reason}")
             await self.runner.run(argv)
 
 
-def _require_reason(reason: str, action: str) -> str:
-    # Slurm refuses a drain/down without a reason; saying so here names the caller's bug.
-    if not reason.strip():
-        raise ValueError(f"{action} needs a non-empty reason")
-    return reason
+def _is_node_name(name: str) -> bool:
+    try:
+        slurm_names.check_node_name(name)
+    except ValueError:
+        return False
+    return True

@@ -10,6 +10,10 @@ hostlist), `Jobs.load()`, `Job.get_resource_layout_per_node()` for GPU indices,
 Every pyslurm call blocks, so each runs in one named thread ("pyslurm", which also keeps
 libslurm's non-thread-safe state on a single thread) with a time limit. A call past its
 limit keeps the thread; later calls then fail at once as unavailable instead of queueing.
+
+Node names and reasons pass the same checks as the commands backend (domain/slurm_names.py).
+Anything a call raises, pyslurm's own errors or a loaded object of an unexpected shape,
+leaves as a `SlurmError`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any, TypeVar
 
-from marduk_slurm.adapters.slurm.base import STEP_IDS, SlurmJob, SlurmNode, SlurmStep
+from marduk_slurm.adapters.slurm.base import (
+    STEP_IDS,
+    SlurmJob,
+    SlurmNode,
+    SlurmStep,
+    checked_node_names,
+    checked_reason,
+)
 from marduk_slurm.adapters.slurm.parse import index_ranges
 from marduk_slurm.domain import hostlist
 from marduk_slurm.domain.slurm_state import JobState, NodeState
@@ -63,8 +74,8 @@ class PyslurmBackend:
         self.failures: Counter[str] = Counter()
 
     async def list_nodes(self) -> list[SlurmNode]:
-        nodes = await self._call("list_nodes", self._pyslurm.Nodes.load)
-        return [_node(node) for node in nodes.values()]
+        return await self._call("list_nodes", lambda: [
+            _node(node) for node in self._pyslurm.Nodes.load().values()])
 
     async def get_nodes(self, names: Sequence[str]) -> list[SlurmNode]:
         wanted = set(names)
@@ -74,17 +85,20 @@ class PyslurmBackend:
         return await self._call("list_jobs", self._load_jobs)
 
     async def list_steps(self) -> list[SlurmStep]:
-        by_job = await self._call("list_steps", self._pyslurm.JobSteps.load_all)
-        return [_step(step) for steps in by_job.values() for step in steps.values()]
+        return await self._call("list_steps", lambda: [
+            _step(step) for steps in self._pyslurm.JobSteps.load_all().values()
+            for step in steps.values()])
 
     async def drain(self, nodes: Sequence[str], reason: str) -> None:
-        await self._modify_nodes("drain", nodes, state="DRAIN", reason=_reason(reason, "drain"))
+        await self._modify_nodes("drain", nodes, state="DRAIN",
+                                 reason=checked_reason(reason, "drain"))
 
     async def resume(self, nodes: Sequence[str]) -> None:
         await self._modify_nodes("resume", nodes, state="RESUME")
 
     async def down(self, nodes: Sequence[str], reason: str) -> None:
-        await self._modify_nodes("down", nodes, state="DOWN", reason=_reason(reason, "down"))
+        await self._modify_nodes("down", nodes, state="DOWN",
+                                 reason=checked_reason(reason, "down"))
 
     async def signal_step(self, job_id: int, step_id: int, signum: int) -> None:
         def send() -> None:
@@ -118,7 +132,7 @@ class PyslurmBackend:
         return [_job(job) for job in self._pyslurm.Jobs.load().values()]
 
     async def _modify_nodes(self, op: str, nodes: Sequence[str], **changes: str) -> None:
-        names = sorted(set(nodes))
+        names = checked_node_names(nodes)
         if not names:
             return
 
@@ -142,6 +156,14 @@ class PyslurmBackend:
         except self._pyslurm.RPCError as err:
             self.failures[op] += 1
             raise _classify(op, err) from err
+        except SlurmError:
+            self.failures[op] += 1
+            raise
+        except Exception as err:
+            # pyslurm's other errors, or a loaded object the mapping does not understand:
+            # a failed call for the caller, not an exception type it cannot expect.
+            self.failures[op] += 1
+            raise SlurmError(f"pyslurm {op}: {type(err).__name__}: {str(err)[:200]}") from err
 
 
 def _import_pyslurm(slurm_conf: str | None) -> ModuleType:
@@ -167,12 +189,6 @@ def _classify(op: str, err: Any) -> SlurmError:
     if errno in _UNAVAILABLE_ERRNOS:
         return SlurmUnavailable(message)
     return SlurmError(message)
-
-
-def _reason(reason: str, action: str) -> str:
-    if not reason.strip():
-        raise ValueError(f"{action} needs a non-empty reason")
-    return reason
 
 
 def _step_arg(step_id: int) -> int | str:
