@@ -124,7 +124,9 @@ def victim_violations(db: Path, last_setup_event: int) -> list[str]:
     # the victim's node, GPU or replica must come from the victim.
     for r in query(db, "SELECT id, kind, source, node, replica_id, gpu_uuid, reason FROM events "
                        "WHERE id > ? AND ((node=? AND source NOT IN ('replica', 'reconcile')) "
-                       "OR gpu_uuid=? OR replica_id=?)",
+                       "OR gpu_uuid=? OR replica_id=?) "
+                       # Refusals are recorded: that is the controller doing its job.
+                       "AND kind NOT IN ('gpu_identity_conflict', 'identity_rejected')",
                    last_setup_event, fuzz.VICTIM_NODE, fuzz.VICTIM_GPU, fuzz.VICTIM_REPLICA):
         found.append(f"event about the victim written during the storm: {dict(r)}")
     if query(db, "SELECT 1 FROM outbox WHERE node=?", fuzz.VICTIM_NODE):

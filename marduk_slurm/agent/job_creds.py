@@ -19,17 +19,24 @@ from pathlib import Path
 
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_auth import write_private
+from marduk_slurm.backoff import Backoff
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import BusError, BusTimeout, ProtocolError
+from marduk_slurm.errors import BusError, BusTimeout, MardukError, ProtocolError
 
 log = logging.getLogger(__name__)
 
+# How often a "no step of this job on this node yet" refusal is asked again.
+NO_STEP_RETRIES = 4
 DIR_MODE = 0o711  # users reach their own file by name; nobody lists the job ids
 
 
-class CredentialRefused(Exception):
-    """The controller answered with an error: asking again would not change it."""
+class CredentialRefused(MardukError):
+    """The controller answered with an error; `kind` says which (see controller.job_creds)."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class JobCredentials:
@@ -81,8 +88,10 @@ class JobCredentials:
         await asyncio.gather(*self._fetches.values(), return_exceptions=True)
 
     async def _fetch(self, job_id: int, uid: int) -> None:
-        """Ask until the controller answers (NATS may be away), then write the file."""
-        delay = 0.5
+        """Ask until the controller answers (NATS may be away), then write the file. A
+        refusal because the controller has not yet ingested this node's step (its ingest may
+        be behind) is asked again a few times; any other refusal is final."""
+        backoff = Backoff(base_s=0.5, max_s=self.retry_max_s)
         while True:
             self.stats["requests"] += 1
             try:
@@ -90,14 +99,14 @@ class JobCredentials:
                 break
             except CredentialRefused as exc:
                 self.stats["failures"] += 1
-                log.error("job %d: no credential from the controller: %s", job_id, exc)
-                return
+                if exc.kind != "no_step" or backoff.attempt >= NO_STEP_RETRIES:
+                    log.error("job %d: no credential from the controller: %s", job_id, exc)
+                    return
+                log.warning("job %d: %s; asking again", job_id, exc)
             except (BusError, BusTimeout, ProtocolError, ValueError) as exc:
                 self.stats["failures"] += 1
-                log.warning("job %d: credential request failed (%s); retrying in %.1f s",
-                            job_id, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.retry_max_s)
+                log.warning("job %d: credential request failed (%s); retrying", job_id, exc)
+            await asyncio.sleep(backoff.next())
         try:
             await asyncio.to_thread(self._write, job_id, text, uid, asyncio.current_task())
         except OSError as exc:
@@ -115,7 +124,7 @@ class JobCredentials:
                                      self.timeout_s)
         reply = m.decode_reply(raw)
         if not reply.ok:
-            raise CredentialRefused(reply.error)
+            raise CredentialRefused(reply.error, reply.error_kind)
         text = (reply.data or {}).get("credentials")
         if not isinstance(text, str):
             raise ValueError("the reply carries no credentials")

@@ -99,7 +99,7 @@ def _with_uuids(msg: m.StepStart, uuids: list[str]) -> m.StepStart:
 
 
 def _own_gpus(store: Store, node: str, uuids: list[str], now: float, what: str,
-              effects: Effects) -> list[str]:
+              effects: Effects, subject: str = "") -> list[str]:
     """The UUIDs of `uuids` that are not bound to another node. A GPU belongs to the node that
     first reported it; a report from elsewhere is refused, with an event, until an operator
     releases it (`marduk gpus release`)."""
@@ -112,9 +112,10 @@ def _own_gpus(store: Store, node: str, uuids: list[str], now: float, what: str,
                 gpu_uuid=uuid, reason=f"{what} from {node} names GPU {uuid} of {owners[uuid]}",
                 evidence={"bound_to": owners[uuid], "reported_by": node, "message": what})
             detail = f"GPU {uuid} of {owners[uuid]} reported by {node}"
-            store.count_rejection("identity_conflict", f"evt.node.*.{what}", what, detail, now)
-            effects.rejected.append(("identity_conflict", subjects.node_event(node, what),
-                                     detail, what))
+            subject = subject or subjects.node_event(node, what)
+            store.count_rejection("identity_conflict", subjects.subject_class(subject), what,
+                                  detail, now)
+            effects.rejected.append(("identity_conflict", subject, detail, what))
     return mine
 
 
@@ -215,7 +216,8 @@ def on_register(store: Store, msg: m.ReplicaRegister, now: float, policy: Policy
                             f"replica {msg.replica_id} of job {msg.job_id} on {msg.node}, "
                             f"where the job has no running step", retry=True)
     effects = Effects()
-    uuids = _own_gpus(store, msg.node, list(msg.gpu_uuids), now, "replica_register", effects)
+    uuids = _own_gpus(store, msg.node, list(msg.gpu_uuids), now, "replica_register", effects,
+                      subjects.job_event(msg.job_id, "replica_register"))
     if len(uuids) != len(msg.gpu_uuids):
         msg = msgspec.structs.replace(msg, gpu_uuids=uuids)
     store.register_replica(msg, now)

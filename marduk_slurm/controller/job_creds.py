@@ -46,7 +46,7 @@ NOT_EMBEDDED = ("job credentials are issued only with the embedded server and "
 RELOAD_WAIT_S = 5.0  # how long a new user may take to be accepted after the SIGHUP
 # How long a request waits for its step_start to be ingested: well inside the agent's request
 # timeout (10 s), long enough for a step_start relayed just before through JetStream.
-STEP_WAIT_S = 5.0
+STEP_WAIT_S = 2.0
 STEP_POLL_S = 0.1
 REFUSED_EVENT = "job_credential_refused"
 
@@ -129,7 +129,7 @@ class JobCredentialService:
         none shows up within step_wait_s."""
         deadline = time.monotonic() + self.step_wait_s
         while True:
-            if await self.ctx.db(running_step_of, self.ctx.db.store, job_id, node):
+            if await self.ctx.db.read(lambda store: running_step_of(store, job_id, node)):
                 return
             if time.monotonic() >= deadline:
                 raise NoRunningStep(f"node {node} runs no step of job {job_id}: a job's "
