@@ -260,6 +260,16 @@ def cmd_deadletters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_release(args: argparse.Namespace) -> int:
+    data = ask(args, "gpu_release", {"uuid": args.uuid})
+    if args.json:
+        render.as_json(data)
+        return 0
+    render.say(f"GPU {data['uuid']} released from {data['node']} (event {data['event']}); "
+               "the next node to report it owns it")
+    return 0
+
+
 def cmd_drain(args: argparse.Namespace) -> int:
     nodes, pairs = parse_scontrol_args(args.words)
     reason = args.reason or pairs.get("reason", "")
@@ -338,6 +348,9 @@ def add_parsers(sub: Any, add: Any) -> None:
             "newest first", "marduk deadletters --limit 20", cmd_deadletters)
     p.add_argument("--limit", type=arguments.limit, default=100,
                    help="newest N dead letters (default 100)")
+    p = add(sub, "gpu-release", "forget which node a GPU belongs to (after moving a board)",
+            "marduk gpu-release GPU-5f0c...", cmd_gpu_release)
+    p.add_argument("uuid", type=arguments.gpu_id, help="the GPU UUID")
     p = add(sub, "drain", "drain nodes in Slurm and tell their replicas to leave",
             'marduk drain n[3-4] reason="swap GPU"', cmd_drain)
     p.add_argument("words", nargs="*", metavar='NODES reason="..."')
