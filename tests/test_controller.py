@@ -257,3 +257,30 @@ def test_answers_from_sqlite_while_nats_is_down(controller: ControllerProcess,
     nats_server.start()
     controller.wait_ready(30)
     assert controller.request("status")["nats"] == "connected"
+
+
+def test_a_crashed_step_makes_its_groups_other_ranks_leave(controller: ControllerProcess
+                                                           ) -> None:
+    """Replica group 0 of job 30 has a rank on n1 and one on n2; its step on n1 dies of
+    SIGKILL (exit 137): the rank on n2 is told to leave now; group 1 is not touched."""
+    ranks = []
+    for rank, (node, group) in enumerate((("n1", 0), ("n2", 0), ("n2", 1))):
+        msg = m.ReplicaRegister(replica_id=f"job30_rg{group}:r{rank}", job_id=30,
+                                step_id=rank, replica_group=group, group_rank=rank,
+                                group_world_size=2, node=node, ts=time.time())
+        ranks.append((subjects.job_event(30, "replica_register"), m.encode(msg)))
+    starts = [step_start_msg(30, step, node, []) for step, node in ((0, "n1"), (1, "n2"),
+                                                                     (2, "n2"))]
+    asyncio.run(publish_durable(controller.url, starts + ranks))
+    wait_for(lambda: len(controller.request("replicas", {"job": 30})) == 3, what="3 ranks")
+    crash = m.StepEnd(job_id=30, step_id=0, node="n1", exit_status=137, ts=time.time())
+    asyncio.run(publish_durable(controller.url, [
+        (subjects.node_event("n1", "step_end"), m.encode(crash))]))
+    leaves = wait_for(lambda: controller.request("history", {"kinds": ["leave_requested"]}),
+                      what="the other rank told to leave")
+    assert [(e["replica_id"], e["evidence"]["immediate"]) for e in leaves] == [
+        ("job30_rg0:r1", True)]
+    states = {r["replica_id"]: r["state"]
+              for r in controller.request("replicas", {"job": 30, "all": True})}
+    assert states == {"job30_rg0:r0": "left", "job30_rg0:r1": "leaving",
+                      "job30_rg1:r2": "active"}

@@ -19,7 +19,7 @@ from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller import risk_watch
 from marduk_slurm.controller.context import Context, StoreRunner
-from marduk_slurm.controller.handlers import Policy
+from marduk_slurm.controller.decisions import Policy
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.inject import (

@@ -24,7 +24,7 @@ from marduk_slurm.adapters.slurm.pyslurm_backend import PyslurmBackend
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.cli.commands import parse_scontrol_args
 from marduk_slurm.controller.context import Context, StoreRunner
-from marduk_slurm.controller.handlers import Policy
+from marduk_slurm.controller.decisions import Policy
 from marduk_slurm.controller.outbox import OutboxWorker
 from marduk_slurm.controller.reconcile import Reconciler
 from marduk_slurm.domain import hostlist

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.store import Store
-from marduk_slurm.controller.handlers import Effects, Policy
+from marduk_slurm.controller.decisions import Effects, Policy
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError

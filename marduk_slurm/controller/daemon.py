@@ -22,7 +22,7 @@ from marduk_slurm.adapters.store import Store
 from marduk_slurm.adapters.systemd import Notifier, install_signal_handlers
 from marduk_slurm.controller import config_service, observe
 from marduk_slurm.controller.context import Context, StoreRunner
-from marduk_slurm.controller.handlers import Policy
+from marduk_slurm.controller.decisions import Policy
 from marduk_slurm.controller.ingest import EventIngest, HeartbeatWriter
 from marduk_slurm.controller.job_creds import JobCredentialService
 from marduk_slurm.controller.leaves import LeaveSender

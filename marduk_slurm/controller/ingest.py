@@ -23,7 +23,8 @@ from nats.aio.msg import Msg
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
-from marduk_slurm.controller.handlers import Effects, apply_message
+from marduk_slurm.controller.decisions import Effects
+from marduk_slurm.controller.inbound import apply_message
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import IdentityError, ProtocolError, StoreError

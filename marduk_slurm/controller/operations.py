@@ -14,10 +14,10 @@ from marduk_slurm.adapters.health_check import run_check
 from marduk_slurm.adapters.slurm.base import SlurmBackend
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
-from marduk_slurm.controller.handlers import Effects, queue_drain, queue_leaves, replica_refs
+from marduk_slurm.controller.decisions import Effects, take_decision
 from marduk_slurm.domain import hostlist, slurm_names, subjects
 from marduk_slurm.domain import messages as m
-from marduk_slurm.domain.fault_response import may_resume, respond_to_operator_drain
+from marduk_slurm.domain.decisions import OperatorDrain, may_resume
 from marduk_slurm.domain.gpu_health import FaultPolicy, GpuReading
 from marduk_slurm.domain.inject import AGENT_ANSWER_WAIT_S, REQUEST_ID_KEY, new_request_id
 from marduk_slurm.errors import BusError, BusTimeout, NotFound
@@ -53,8 +53,6 @@ class Operations:
         # Stored and sent as Slurm will keep it: one printable line (slurm_names).
         reason = slurm_names.sanitize_reason(reason, slurm_names.MAX_OPERATOR_REASON_LEN)
         now = time.time()
-        prefix = self.ctx.policy.reason_prefix
-        full_reason = reason if reason.startswith(prefix + ":") else f"{prefix}: {reason}"
 
         def decide(store: Store) -> tuple[Effects, list[int]]:
             # One decision for the whole list: one event, one reason, one Slurm call.
@@ -63,12 +61,8 @@ class Operations:
                                   node=names[0] if len(names) == 1 else None, gpu_uuid=gpu,
                                   reason=reason, evidence={"nodes": names})
             effects.feed.append(eid)
-            for node in names:
-                queue_drain(store, node, f"{full_reason} event={eid}", eid, actor, now, effects)
-                leaves = respond_to_operator_drain(
-                    replicas_on_node=replica_refs(store.replicas(node=node)), reason=reason,
-                    leave_on_drain=self.ctx.policy.leave_on_drain)
-                queue_leaves(store, leaves, eid, actor, now, effects)
+            take_decision(store, OperatorDrain(tuple(names), reason), cause_event=eid,
+                          source=actor, now=now, policy=self.ctx.policy, effects=effects)
             return effects, [eid]
 
         effects, ids = await self.ctx.db.tx(decide)

@@ -21,11 +21,11 @@ from nats.aio.msg import Msg
 
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
-from marduk_slurm.controller.handlers import Effects, queue_drain, queue_leaves, replica_refs
+from marduk_slurm.controller.decisions import Effects, take_decision
 from marduk_slurm.controller.startup import BAD_ROW_ERRORS, apply_rows
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.domain.fault_response import respond_to_operator_drain
+from marduk_slurm.domain.decisions import RiskThreshold
 from marduk_slurm.domain.inject import is_marked_repeat
 from marduk_slurm.domain.risk import RiskScore, RiskTracker
 from marduk_slurm.errors import ProtocolError
@@ -133,32 +133,26 @@ class RiskWatch:
                     await self.drain(score, threshold)
 
     async def drain(self, score: RiskScore, threshold: int) -> None:
+        """The score crossed the threshold: recorded as a `risk_drain` event, then the one
+        decision path drains the node (unless it is drained already, by anyone)."""
         now = time.time()
-        prefix = self.ctx.policy.reason_prefix
-        leave_on_drain = self.ctx.policy.leave_on_drain
         why = "; ".join(f.detail for f in score.factors)
 
-        def decide(store: Store) -> Effects:
-            effects = Effects()
-            node = store.node(score.node)
-            if node is not None and "DRAIN" in node["flags"]:
-                return effects  # drained already, by us or someone else
+        def decide(store: Store) -> tuple[Effects, bool]:
             eid = store.add_event("risk_drain", now=now, source="risk", node=score.node,
                                   gpu_uuid=score.gpu_uuid,
                                   reason=f"risk {score.score} >= {threshold}: {why}"[:500],
                                   evidence=score.as_dict())
-            effects.feed.append(eid)
-            queue_drain(store, score.node, f"{prefix}: risk={score.score} "
-                        f"gpu={score.gpu_uuid} event={eid}", eid, "risk", now, effects)
-            leaves = respond_to_operator_drain(
-                replicas_on_node=replica_refs(store.replicas(node=score.node)),
-                reason=f"risk {score.score}", leave_on_drain=leave_on_drain)
-            queue_leaves(store, leaves, eid, "risk", now, effects)
-            return effects
+            effects = Effects(feed=[eid])
+            decision = take_decision(
+                store, RiskThreshold(score.node, score.gpu_uuid, score.score),
+                cause_event=eid, source="risk", now=now, policy=self.ctx.policy,
+                effects=effects)
+            return effects, bool(decision.drains)
 
         self.drained.add(score.gpu_uuid)
-        effects = await self.ctx.db.tx(decide)
-        if effects.feed:
+        effects, drains = await self.ctx.db.tx(decide)
+        if drains:
             log.warning("predictive drain of %s: GPU %s risk %d (%s)", score.node,
                         score.gpu_uuid, score.score, why)
         await self.ctx.carry_out(effects)

@@ -20,10 +20,10 @@ from typing import Any
 
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
-from marduk_slurm.controller.handlers import Effects, queue_drain, queue_leaves, replica_refs
+from marduk_slurm.controller.decisions import Effects, replica_refs, take_decision
 from marduk_slurm.controller.startup import apply_rows
 from marduk_slurm.domain import messages as m
-from marduk_slurm.domain.fault_response import Leave
+from marduk_slurm.domain.decisions import StragglerEviction
 from marduk_slurm.domain.straggler import (
     StragglerChange,
     StragglerConfig,
@@ -123,7 +123,6 @@ class StragglerWatch:
         policy = self.policy(change.job_id)
         kind = "straggler" if change.flagged else "straggler_cleared"
         now = time.time()
-        prefix = self.ctx.policy.reason_prefix
 
         def decide(store: Store) -> Effects:
             row = store.replica(change.replica_id)
@@ -136,12 +135,11 @@ class StragglerWatch:
             if not change.flagged or policy == "report" or row is None \
                     or row["state"] != "active":
                 return effects
-            leave = Leave(replica_refs([row])[0], immediate=False,
-                          reason=f"straggler: {change.reason}")
-            queue_leaves(store, [leave], eid, "stragglers", now, effects)
-            if policy == "evict_and_drain" and node:
-                queue_drain(store, node, f"{prefix}: straggler replica={change.replica_id} "
-                            f"event={eid}", eid, "stragglers", now, effects)
+            cause = StragglerEviction(replica_refs([row])[0],
+                                      drain_node=policy == "evict_and_drain",
+                                      reason=change.reason)
+            take_decision(store, cause, cause_event=eid, source="stragglers", now=now,
+                          policy=self.ctx.policy, effects=effects)
             return effects
 
         effects = await self.ctx.db.tx(decide)

@@ -1,6 +1,8 @@
-"""Apply one durable message to the store, inside the caller's transaction.
+"""What each inbound durable message does to the store, inside the ingest's transaction.
 
-Each handler writes rows and an event, and returns the effects to carry out after the commit
+Each handler checks who the message may speak for, writes rows and an event, and, for a
+message that is a cause (a GPU verdict, a crashed step), hands it to the one decision path
+(`controller.decisions.take_decision`). It returns the effects to carry out after the commit
 (commands to publish, feed events, a nudge to the outbox worker). Effects never run before the
 commit, so a crash in between loses nothing: the message is redelivered and skipped as already
 ingested only once its rows are safely written.
@@ -9,68 +11,18 @@ ingested only once its rows are safely written.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller.decisions import Effects, Policy, replica_refs, take_decision
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.domain.fault_response import Leave, ReplicaRef, respond_to_verdict
-from marduk_slurm.domain.gpu_health import GpuAction
+from marduk_slurm.domain.decisions import GpuFault, Leave, StepCrash
+from marduk_slurm.domain.exit_codes import describe
 from marduk_slurm.domain.inject import inject_request_id, mark_repeat
 from marduk_slurm.errors import IdentityError
-
-# A leave command goes out at once after the commit; the re-sender takes over from here.
-FIRST_LEAVE_RESEND_S = 1.0
-
-
-@dataclass
-class Effects:
-    """What to do once the transaction has committed."""
-
-    leaves: list[tuple[Leave, int]] = field(default_factory=list)  # (leave, event id)
-    feed: list[int] = field(default_factory=list)  # event ids to publish on the feed
-    outbox: bool = False  # Slurm actions were queued
-    # Parts of a message refused while the rest applied: (cause, subject, detail, kind).
-    rejected: list[tuple[str, str, str, str]] = field(default_factory=list)
-
-    def extend(self, other: Effects) -> None:
-        self.leaves += other.leaves
-        self.feed += other.feed
-        self.outbox = self.outbox or other.outbox
-        self.rejected += other.rejected
-
-
-@dataclass(frozen=True)
-class Policy:
-    reason_prefix: str = "marduk"
-    leave_on_drain: bool = True
-
-
-def replica_refs(rows: list[dict[str, Any]]) -> list[ReplicaRef]:
-    return [ReplicaRef(r["replica_id"], r["job_id"], r["replica_group"], r["node"],
-                       tuple(r.get("gpu_uuids", ()))) for r in rows]
-
-
-def queue_leaves(store: Store, leaves: list[Leave], cause_event: int, source: str,
-                 now: float, effects: Effects) -> None:
-    """Record a leave decision per replica and schedule the command."""
-    for leave in leaves:
-        r = leave.replica
-        store.mark_replica_leaving(r.replica_id)
-        eid = store.add_event(
-            "leave_requested", now=now, source=source, node=r.node, job_id=r.job_id,
-            replica_id=r.replica_id, reason=leave.reason,
-            evidence={"cause_event": cause_event, "immediate": leave.immediate},
-        )
-        # The intent is stored with the decision: re-sent until the replica confirms it left
-        # or is gone, whatever happens to the first command (crash, NATS blip, reconnect).
-        store.put_leave_command(r.replica_id, r.job_id, r.replica_group, leave.reason,
-                                leave.immediate, eid, now + FIRST_LEAVE_RESEND_S)
-        effects.leaves.append((leave, eid))
-        effects.feed.append(eid)
 
 
 def on_step_start(store: Store, msg: m.StepStart, now: float, policy: Policy) -> Effects:
@@ -123,13 +75,21 @@ def on_step_end(store: Store, msg: m.StepEnd, now: float, policy: Policy) -> Eff
     gone = store.end_step(msg.job_id, msg.step_id, msg.node, msg.exit_status, now)
     for replica_id in gone:
         store.finish_leave_command(replica_id, "step ended", now)
+    crashed = msg.exit_status is not None and describe(msg.exit_status) == "crash"
     eid = store.add_event(
         "step_end", now=now, source="agent", node=msg.node, job_id=msg.job_id,
         reason=f"step {msg.job_id}.{msg.step_id} ended on {msg.node}",
         evidence={"step_id": msg.step_id, "exit_status": msg.exit_status,
-                  "replicas_removed": gone},
+                  "replicas_removed": gone, "crashed": crashed},
     )
-    return Effects(feed=[eid])
+    effects = Effects(feed=[eid])
+    if crashed and gone:
+        groups = tuple(sorted({row["replica_group"] for rid in gone
+                               if (row := store.replica(rid)) is not None}))
+        take_decision(store, StepCrash(msg.job_id, groups, msg.node, int(msg.exit_status or 0)),
+                      cause_event=eid, source="policy", now=now, policy=policy,
+                      effects=effects)
+    return effects
 
 
 def on_inventory(store: Store, msg: m.GpuInventory, now: float, policy: Policy) -> Effects:
@@ -149,7 +109,7 @@ def on_inventory(store: Store, msg: m.GpuInventory, now: float, policy: Policy) 
 
 
 def on_verdict(store: Store, msg: m.Verdict, now: float, policy: Policy) -> Effects:
-    """A GPU verdict: persist it, then act on it (see domain.fault_response). A verdict only
+    """A GPU verdict: persist it, then act on it (see domain.decisions). A verdict only
     ever concerns its own node: a GPU bound to another node is refused, and only replicas on
     the verdict's node are asked to leave."""
     owner = store.gpu_owners([msg.gpu_uuid]).get(msg.gpu_uuid, msg.node)
@@ -172,30 +132,9 @@ def on_verdict(store: Store, msg: m.Verdict, now: float, policy: Policy) -> Effe
         evidence={**msg.evidence, "gpu_index": msg.gpu_index},
     )
     effects = Effects(feed=[eid])
-    response = respond_to_verdict(
-        action=msg.action, gpu_uuid=msg.gpu_uuid, xid=msg.xid, event_id=eid,
-        replicas_on_gpu=replica_refs(store.replicas(gpu_uuid=msg.gpu_uuid, node=msg.node)),
-        replicas_on_node=replica_refs(store.replicas(node=msg.node)),
-        reason_prefix=policy.reason_prefix, leave_on_drain=policy.leave_on_drain,
-    )
-    queue_leaves(store, response.leaves, eid, "policy", now, effects)
-    if response.drain:
-        queue_drain(store, msg.node, response.drain_reason, eid, "policy", now, effects,
-                    batch_reason=response.batch_reason)
+    take_decision(store, GpuFault(msg.node, msg.gpu_uuid, msg.action, msg.xid),
+                  cause_event=eid, source="policy", now=now, policy=policy, effects=effects)
     return effects
-
-
-def queue_drain(store: Store, node: str, reason: str, cause_event: int, source: str,
-                now: float, effects: Effects, batch_reason: str = "") -> None:
-    """Put a drain in the outbox. A drain already pending for the node is reused; whether
-    the node is already drained is asked of Slurm just before acting, not of our copy."""
-    action_id = store.enqueue_slurm_action("drain", node, reason, cause_event, now,
-                                           batch_reason=batch_reason)
-    eid = store.add_event("drain_requested", now=now, source=source, node=node, reason=reason,
-                          action=GpuAction.DRAIN_NODE.value,
-                          evidence={"cause_event": cause_event, "outbox_id": action_id})
-    effects.feed.append(eid)
-    effects.outbox = True
 
 
 def _check_replica_owner(store: Store, replica_id: str, job_id: int) -> None:
