@@ -223,26 +223,7 @@ class Operations:
         return {"items": rows, "next": last, "total": total}
 
     async def status(self) -> dict[str, Any]:
-        def read(store: Store) -> dict[str, Any]:
-            q = store.conn.execute
-            return {
-                "nodes": q("SELECT COUNT(*) FROM nodes").fetchone()[0],
-                "nodes_drained": q("SELECT COUNT(*) FROM nodes WHERE flags LIKE '%DRAIN%'"
-                                   ).fetchone()[0],
-                "nodes_drained_by_marduk": q("SELECT COUNT(*) FROM nodes WHERE "
-                                             "drained_by_marduk=1").fetchone()[0],
-                "gpus": q("SELECT COUNT(*) FROM gpus").fetchone()[0],
-                "jobs_active": q("SELECT COUNT(DISTINCT job_id) FROM replicas WHERE "
-                                 "state!='left'").fetchone()[0],
-                "replicas_active": q("SELECT COUNT(*) FROM replicas WHERE state!='left'"
-                                     ).fetchone()[0],
-                "events": q("SELECT COUNT(*) FROM events").fetchone()[0],
-                "outbox_pending": q("SELECT COUNT(*) FROM outbox WHERE state='pending'"
-                                    ).fetchone()[0],
-                "rejected_total": store.rejection_total(),
-                "dead_letters": store.dead_letter_count(),
-            }
-        data = await self.ctx.db.read(read)
+        data: dict[str, Any] = await self.ctx.db.read(lambda store: store.status_counts())
         data.update({
             "uptime_s": round(time.time() - self.ctx.started_at, 1),
             "nats": self.ctx.nats_state,

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 
+from marduk_slurm.adapters.bus import Incoming
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.decisions import Effects, take_decision
@@ -77,7 +77,7 @@ class RiskWatch:
             self.drained -= {u for u, h in self.tracker.gpus.items() if h.node == node}
             self.tracker.forget_node(node)
 
-    async def on_feed(self, msg: Msg) -> None:
+    async def on_feed(self, msg: Incoming) -> None:
         try:
             ev = m.decode_feed(msg.data)
             self._apply(ev.kind, ev.node, ev.gpu_uuid, ev.evidence, ev.ts or time.time())
@@ -87,7 +87,7 @@ class RiskWatch:
             self.ctx.stats["risk_feed_skipped"] += 1
             log.debug("risk: feed event not applied: %s", exc)
 
-    async def on_health(self, msg: Msg) -> None:
+    async def on_health(self, msg: Incoming) -> None:
         node = msg.subject.rsplit(".", 1)[-1]
         try:
             summary = m.decode_health(msg.data)
