@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import get_type_hints
 
@@ -177,3 +178,15 @@ def test_every_number_has_finite_bounds_and_the_defaults_meet_them() -> None:
             upper = [m for m in metas if m.le is not None or m.lt is not None]
             assert lower and upper, f"{section}.{key} has no range"
         msgspec.convert(dataclasses.asdict(cls()), cls)  # raises if a default is out of range
+
+
+def test_documented_ranges_match_the_schema() -> None:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+    for section, cls in settings.SECTIONS.items():
+        for key, kind in get_type_hints(cls, include_extras=True).items():
+            # "float > 0 and <= 3600" -> "> 0 and <= 3600"; "list of int >= 0" -> "items >= 0"
+            bounds = re.sub(r"^(list of )?\w+ ?", lambda m: "items " if m[1] else "",
+                            settings.describe(kind))
+            if bounds.removeprefix("items "):
+                assert f"| {bounds}" in rows[key], f"{section}.{key}: docs should say {bounds}"
