@@ -16,7 +16,8 @@ from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_auth import CONTROLLER_CREDS, AuthDir
 from marduk_slurm.adapters.nats_server import NatsServerProcess
-from marduk_slurm.adapters.slurm.base import SlurmBackend, make_backend
+from marduk_slurm.adapters.slurm.base import SlurmBackend
+from marduk_slurm.adapters.slurm.factory import make_backend
 from marduk_slurm.adapters.slurm.none import NoSlurm
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.adapters.systemd import Notifier, install_signal_handlers
