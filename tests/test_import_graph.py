@@ -28,19 +28,11 @@ CYCLES_TODO: frozenset[frozenset[str]] = frozenset()
 # Modules outside marduk_slurm/adapters/ that still import nats-py (their imports under
 # `if TYPE_CHECKING:` count too); the bus adapter should seal nats-py's messages and errors.
 NATS_OUTSIDE_ADAPTERS_TODO: frozenset[str] = frozenset({
-    f"{PACKAGE}.agent.rpc",
     f"{PACKAGE}.controller.http",
-    f"{PACKAGE}.controller.ingest",
-    f"{PACKAGE}.controller.job_creds",
-    f"{PACKAGE}.controller.risk_watch",
-    f"{PACKAGE}.controller.rpc",
 })
 
 # Modules outside marduk_slurm/adapters/store/ that still run SQL on a connection themselves.
-SQL_OUTSIDE_STORE_TODO: frozenset[str] = frozenset({
-    f"{PACKAGE}.controller.metrics",
-    f"{PACKAGE}.controller.operations",
-})
+SQL_OUTSIDE_STORE_TODO: frozenset[str] = frozenset()
 
 DOMAIN = f"{PACKAGE}.domain"
 ADAPTERS = f"{PACKAGE}.adapters"
