@@ -80,8 +80,8 @@ def test_api_and_metrics_show_the_mapping_a_fault_and_a_queued_drain(
         web_controller: tuple[ControllerProcess, str]) -> None:
     ctl, base = web_controller
     seed(ctl.url)
-    wait_for(lambda: api(base, "/api/replicas") and api(base, "/api/replicas")[0]["last_step"]
-             >= 8, what="the replica's heartbeats")
+    wait_for(lambda: (page := api(base, "/api/replicas")["items"]) and page[0]["last_step"] >= 8,
+             what="the replica's heartbeats")
     fault(ctl.url)
     nodes = wait_for(lambda: (n := api(base, "/api/nodes")) and n[0]["drain_pending"] and n,
                      what="a queued drain of n1")

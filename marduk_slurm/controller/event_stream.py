@@ -1,0 +1,242 @@
+"""The dashboard's server-sent event stream: the replica table as a snapshot then deltas, and
+the controller's feed of history events.
+
+Each tick computes one `Delta` for all pages (`live_table`), encodes it once and queues the
+same bytes for every page. A page's queue is bounded in bytes, not in messages: one that
+falls behind by more than `client_bytes` is dropped (counted as `http_sse_dropped`, logged)
+and its connection closed; the browser reconnects by itself and starts over from a fresh
+snapshot. A snapshot is not queued at all: its parts are written one at a time, each waiting
+for the socket, so a page that reads slowly holds one part, never the whole table.
+
+While no page is open the table is not read, and when the last page goes its rows are freed
+and the memory handed back to the system (`release_memory`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import json
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from marduk_slurm.controller.live_table import FIELDS, Delta, ReplicaTable
+
+if TYPE_CHECKING:
+    from marduk_slurm.controller.observe import Observability
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0  # the replica table is compared this often (or less, see EventStream.tick)
+KEEPALIVE_S = 15.0
+CLIENT_BYTES = 4 * 2**20  # what one page may fall behind by before it is dropped
+SNAPSHOT_PART_ROWS = 2000
+KEEPALIVE = b": keepalive\n\n"
+STREAM_HEADERS = {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+
+
+def sse(event: str, data: Any) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
+                                                         default=str)
+    return f"event: {event}\ndata: {text}\n\n".encode()
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system: after a table of 100,000 rows is dropped, glibc
+    keeps its arenas unless asked (measured in benchmarks/dashboard_scale.py)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to ask
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class StreamClient:
+    """One open page: what is queued for it, in bytes, and which table version it has."""
+
+    def __init__(self, peer: str, transport: asyncio.Transport | None, cap: int) -> None:
+        self.peer = peer
+        self.transport = transport
+        self.cap = cap
+        self.chunks: deque[bytes] = deque()
+        self.queued = 0
+        self.version: int | None = None  # None: it needs a snapshot before any delta
+        self.closed = False
+        self.wake = asyncio.Event()
+
+    def put(self, chunk: bytes) -> bool:
+        """Queue `chunk`; False when that would put the page more than `cap` bytes behind."""
+        if self.queued + len(chunk) > self.cap:
+            return False
+        self.chunks.append(chunk)
+        self.queued += len(chunk)
+        self.wake.set()
+        return True
+
+    async def next(self, timeout_s: float) -> bytes | None:
+        """The next chunk to write; a keepalive after `timeout_s` of nothing; None when woken
+        for something else (a resync, the end)."""
+        if not self.chunks:
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout_s)
+            except TimeoutError:
+                return KEEPALIVE
+            if not self.chunks:
+                return None
+        chunk = self.chunks.popleft()
+        self.queued -= len(chunk)
+        return chunk
+
+    def resync(self) -> None:
+        """Start over from a snapshot: what is queued is older than it."""
+        self.chunks.clear()
+        self.queued = 0
+        self.version = None
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.resync()
+        if self.transport is not None:  # wakes a write waiting for the socket
+            self.transport.abort()
+
+
+class EventStream:
+    """Fans deltas of the replica table and the controller's feed out to SSE clients."""
+
+    def __init__(self, obs: Observability, *, client_bytes: int | None = None,
+                 tick_s: float = TICK_S, headers: dict[str, str] | None = None) -> None:
+        self.obs = obs
+        self.headers = {**STREAM_HEADERS, **(headers or {})}
+        self.client_bytes = client_bytes or CLIENT_BYTES  # read now: tests may lower it
+        self.tick_s = tick_s
+        self.table = ReplicaTable()
+        self.clients: set[StreamClient] = set()
+        self.watched = asyncio.Event()  # set while a page is open
+        self.fresh = asyncio.Event()  # the table has been read since the last page opened
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    def broadcast(self, chunk: bytes, version: int | None = None) -> None:
+        """Queue `chunk` for every page (a delta: for those whose rows are at an older
+        version)."""
+        for client in list(self.clients):
+            if version is not None and (client.version is None or client.version >= version):
+                continue
+            if not client.put(chunk):
+                self.drop(client, len(chunk))
+
+    def drop(self, client: StreamClient, size: int) -> None:
+        self.obs.ctx.stats["http_sse_dropped"] += 1
+        log.warning("dashboard client %s fell behind (%d bytes queued, %d more to send, at "
+                    "most %d): dropped; it reconnects to a fresh snapshot",
+                    client.peer, client.queued, size, client.cap)
+        self.clients.discard(client)
+        client.close()
+        if not self.clients:
+            self._forget()
+
+    async def on_feed(self, msg: Msg) -> None:
+        if self.clients:
+            self.broadcast(sse("event", msg.data.decode(errors="replace")))
+
+    def publish(self, delta: Delta) -> None:
+        following = [c for c in self.clients if c.version is not None]
+        if not following:
+            return
+        chunk = sse("delta", delta.as_json())
+        self.obs.ctx.stats["http_sse_delta_bytes"] += len(chunk)
+        if len(chunk) > self.client_bytes // 2:
+            # Most rows changed: a snapshot, sent at the pace of each socket, costs the same
+            # bytes without holding them all in every page's queue.
+            for client in following:
+                client.resync()
+            return
+        self.broadcast(chunk, delta.version)
+
+    # -- the tick -------------------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        while True:
+            await self.watched.wait()
+            started = time.monotonic()
+            await self.refresh()
+            took = time.monotonic() - started
+            # At most half of the time goes to reading the table, however large it is.
+            await asyncio.sleep(max(self.tick_s - took, took))
+
+    async def refresh(self) -> None:
+        live = self.obs.stragglers.replica_view()
+        table = self.table
+        rows, delta = await self.obs.ctx.db.read(lambda store: table.refresh(store, live))
+        if not self.clients:  # the last page left while the table was read
+            del rows, delta
+            release_memory()
+            return
+        table.apply(rows, delta)
+        self.fresh.set()
+        self.publish(delta)
+
+    def _forget(self) -> None:
+        self.watched.clear()
+        self.fresh.clear()
+        self.table.clear()
+        release_memory()
+
+    def close(self) -> None:
+        for client in list(self.clients):
+            client.close()
+        self.clients.clear()
+        self._forget()
+
+    # -- one page -----------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=self.headers)
+        await resp.prepare(request)
+        client = StreamClient(request.remote or "?", request.transport, self.client_bytes)
+        self.clients.add(client)
+        self.watched.set()
+        try:
+            await resp.write(b"retry: 2000\n\n")
+            while not client.closed:
+                if client.version is None:
+                    await self._send_snapshot(client, resp)
+                    continue
+                chunk = await client.next(KEEPALIVE_S)
+                if chunk is not None:
+                    await resp.write(chunk)
+        except ConnectionError:  # the page went, or was dropped
+            pass
+        finally:
+            self._leave(client)
+        return resp
+
+    async def _send_snapshot(self, client: StreamClient, resp: web.StreamResponse) -> None:
+        await self.fresh.wait()
+        table = self.table
+        rows, version, summary = list(table.rows.values()), table.version, table.summary
+        client.version = version  # from here on, later deltas queue up behind the snapshot
+        self.obs.ctx.stats["http_sse_snapshots"] += 1
+        parts = max(1, -(-len(rows) // SNAPSHOT_PART_ROWS))
+        for part in range(parts):
+            start = part * SNAPSHOT_PART_ROWS
+            await resp.write(sse("snapshot", {
+                "v": version, "part": part, "parts": parts, "total": len(rows),
+                "fields": FIELDS, "summary": summary,
+                "rows": rows[start:start + SNAPSHOT_PART_ROWS]}))
+            if client.version != version:  # dropped, or told to start over meanwhile
+                return
+
+    def _leave(self, client: StreamClient) -> None:
+        client.chunks.clear()
+        if client in self.clients:
+            self.clients.discard(client)
+            if not self.clients:
+                self._forget()
