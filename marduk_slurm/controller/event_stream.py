@@ -20,6 +20,7 @@ import ctypes
 import gc
 import json
 import logging
+import socket
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0  # the replica table is compared this often (or less, see EventStream.tick)
 KEEPALIVE_S = 15.0
+WRITE_STALL_S = 30.0  # a page whose socket takes nothing for this long is dropped
 CLIENT_BYTES = 4 * 2**20  # what one page may fall behind by before it is dropped
 SNAPSHOT_PART_ROWS = 2000
+SEND_BUFFER_MAX = 1 * 2**20
 KEEPALIVE = b": keepalive\n\n"
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
 
@@ -130,13 +133,13 @@ class EventStream:
             if version is not None and (client.version is None or client.version >= version):
                 continue
             if not client.put(chunk):
-                self.drop(client, len(chunk))
+                self.drop(client, f"{client.queued} bytes queued and {len(chunk)} more to "
+                                  f"send, at most {client.cap}")
 
-    def drop(self, client: StreamClient, size: int) -> None:
+    def drop(self, client: StreamClient, why: str) -> None:
         self.obs.ctx.stats["http_sse_dropped"] += 1
-        log.warning("dashboard client %s fell behind (%d bytes queued, %d more to send, at "
-                    "most %d): dropped; it reconnects to a fresh snapshot",
-                    client.peer, client.queued, size, client.cap)
+        log.warning("dashboard client %s fell behind (%s): dropped; it reconnects to a "
+                    "fresh snapshot", client.peer, why)
         self.clients.discard(client)
         client.close()
         if not self.clients:
@@ -200,6 +203,7 @@ class EventStream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers=self.headers)
         await resp.prepare(request)
+        self._limit_send_buffer(request, min(self.client_bytes, SEND_BUFFER_MAX))
         client = StreamClient(request.remote or "?", request.transport, self.client_bytes)
         self.clients.add(client)
         self.watched.set()
@@ -211,12 +215,21 @@ class EventStream:
                     continue
                 chunk = await client.next(KEEPALIVE_S)
                 if chunk is not None:
-                    await resp.write(chunk)
+                    await self._write(client, resp, chunk)
         except ConnectionError:  # the page went, or was dropped
             pass
         finally:
             self._leave(client)
         return resp
+
+    @staticmethod
+    def _limit_send_buffer(request: web.Request, size: int) -> None:
+        # Linux grows a socket's send buffer up to tcp_wmem's maximum (4 MiB) for a page that
+        # does not read, on top of its queue; a fixed size keeps what a page holds bounded.
+        sock = None if request.transport is None else request.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     async def _send_snapshot(self, client: StreamClient, resp: web.StreamResponse) -> None:
         await self.fresh.wait()
@@ -227,12 +240,23 @@ class EventStream:
         parts = max(1, -(-len(rows) // SNAPSHOT_PART_ROWS))
         for part in range(parts):
             start = part * SNAPSHOT_PART_ROWS
-            await resp.write(sse("snapshot", {
+            await self._write(client, resp, sse("snapshot", {
                 "v": version, "part": part, "parts": parts, "total": len(rows),
                 "fields": FIELDS, "summary": summary,
                 "rows": rows[start:start + SNAPSHOT_PART_ROWS]}))
             if client.version != version:  # dropped, or told to start over meanwhile
                 return
+
+    async def _write(self, client: StreamClient, resp: web.StreamResponse, chunk: bytes
+                     ) -> None:
+        # Without a limit a page that stops reading in the middle of a snapshot would hold
+        # its handler (and one part) for as long as its TCP connection lives.
+        try:
+            await asyncio.wait_for(resp.write(chunk), WRITE_STALL_S)
+        except TimeoutError:
+            if not client.closed:
+                self.drop(client, f"its socket took nothing for {WRITE_STALL_S:.0f} s")
+            raise ConnectionResetError("dropped") from None
 
     def _leave(self, client: StreamClient) -> None:
         client.chunks.clear()
