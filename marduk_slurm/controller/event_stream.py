@@ -171,18 +171,20 @@ class EventStream:
             started = time.monotonic()
             await self.refresh()
             took = time.monotonic() - started
-            # At most half of the time goes to reading the table, however large it is.
-            await asyncio.sleep(max(self.tick_s - took, took))
+            # A full read of a large table may take longer than a tick; the next one still
+            # waits a little, so that the read lane is not held all the time.
+            await asyncio.sleep(max(self.tick_s - took, took / 4))
 
     async def refresh(self) -> None:
         live = self.obs.stragglers.replica_view()
         table = self.table
-        rows, delta = await self.obs.ctx.db.read(lambda store: table.refresh(store, live))
+        rows, delta, summary = await self.obs.ctx.db.read(
+            lambda store: table.refresh(store, live))
         if not self.clients:  # the last page left while the table was read
-            del rows, delta
+            del rows, delta, summary
             release_memory()
             return
-        table.apply(rows, delta)
+        table.apply(rows, delta, summary)
         self.fresh.set()
         self.publish(delta)
 
@@ -234,7 +236,7 @@ class EventStream:
     async def _send_snapshot(self, client: StreamClient, resp: web.StreamResponse) -> None:
         await self.fresh.wait()
         table = self.table
-        rows, version, summary = list(table.rows.values()), table.version, table.summary
+        rows, version, summary = list(table.rows.values()), table.version, table.summary.as_json()
         client.version = version  # from here on, later deltas queue up behind the snapshot
         self.obs.ctx.stats["http_sse_snapshots"] += 1
         parts = max(1, -(-len(rows) // SNAPSHOT_PART_ROWS))

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from marduk_slurm.adapters.store import Store
@@ -28,17 +28,17 @@ STORED_FIELDS = FIELDS[:10]  # the rest are the straggler detector's live number
 Row = tuple[Any, ...]
 LiveView = dict[str, dict[str, Any]]
 
-# The narrow read behind every tick: ten columns as plain tuples, about 5x faster at 100,000
-# replicas than `Store.replicas()` (every column as a dict, with each replica's GPU list). It
-# belongs in the store adapter as a method; until it moves there it is the only SQL here.
+# The narrow reads behind every tick: ten columns as plain tuples, about 5x faster at 100,000
+# replicas than `Store.replicas()` (every column as a dict, with each replica's GPU list).
+# They belong in the store adapter as methods; until they move there they are the only SQL
+# here.
 ROWS_SQL = ("SELECT replica_id, job_id, replica_group, group_rank, node, state, last_step, "
             "ROUND(step_time_ms, 1), ROUND(last_seen, 1), config_revision "
             "FROM replicas WHERE state != 'left'")
-
-
-def read_rows(store: Store) -> Iterator[tuple[Any, ...]]:
-    """Every replica that has not left, as STORED_FIELDS tuples."""
-    return iter(store.conn.execute(ROWS_SQL))
+SEEN_SINCE_SQL = ROWS_SQL + " AND last_seen >= ?"
+LEFT_SINCE_SQL = "SELECT replica_id FROM replicas WHERE state = 'left' AND left_at >= ?"
+FULL_S = 10.0  # every replica is read and compared at least this often
+MARGIN_S = 2.0  # a write committed while the previous tick read is still seen by the next
 
 
 def with_live(stored: tuple[Any, ...], live: dict[str, Any] | None) -> Row:
@@ -68,59 +68,126 @@ class Delta:
                 "remove": self.remove, "summary": self.summary}
 
 
-def summarize(rows: dict[str, Row]) -> dict[str, Any]:
-    """The numbers above the table: counts by state, stragglers, jobs."""
-    states: Counter[str] = Counter()
-    jobs = set()
-    stragglers = 0
-    for row in rows.values():
-        states[row[5]] += 1
-        jobs.add(row[1])
-        stragglers += bool(row[12])
-    return {"replicas": len(rows), "states": dict(states), "jobs": len(jobs),
-            "stragglers": stragglers}
+class Summary:
+    """The numbers above the table (replicas by state, jobs, stragglers), kept up to date
+    row by row so that a tick does not count 100,000 rows again."""
+
+    def __init__(self) -> None:
+        self.states: Counter[str] = Counter()
+        self.jobs: Counter[int] = Counter()
+        self.stragglers = 0
+
+    @classmethod
+    def of(cls, rows: dict[str, Row]) -> Summary:
+        summary = cls()
+        summary.states = Counter(map(itemgetter(5), rows.values()))
+        summary.jobs = Counter(map(itemgetter(1), rows.values()))
+        summary.stragglers = sum(map(itemgetter(12), rows.values()))
+        return summary
+
+    def count(self, row: Row, sign: int) -> None:
+        self.states[row[5]] += sign
+        self.jobs[row[1]] += sign
+        self.stragglers += sign * bool(row[12])
+
+    def copy(self) -> Summary:
+        other = Summary()
+        other.states, other.jobs = self.states.copy(), self.jobs.copy()
+        other.stragglers = self.stragglers
+        return other
+
+    def as_json(self) -> dict[str, Any]:
+        states = {k: v for k, v in self.states.items() if v}
+        return {"replicas": sum(states.values()), "states": states,
+                "jobs": sum(1 for v in self.jobs.values() if v), "stragglers": self.stragglers}
 
 
-def compare(old: dict[str, Row], stored: Iterator[tuple[Any, ...]], live: LiveView,
-            version: int) -> tuple[dict[str, Row], Delta]:
-    """The new rows and what changed from `old`. Runs on a reader thread of the read lane:
-    `old` is never changed, so pages still sending a snapshot of it are not disturbed."""
-    rows: dict[str, Row] = {}
-    delta = Delta(version=version, ts=time.time())
-    for item in stored:
-        row = with_live(item, live.get(item[0]))
-        replica_id = row[0]
-        rows[replica_id] = row
-        before = old.get(replica_id)
+class Comparison:
+    """One tick's comparison of what was read with the rows before it."""
+
+    def __init__(self, old: dict[str, Row], summary: Summary, version: int, full: bool
+                 ) -> None:
+        self.old = old
+        self.rows: dict[str, Row] = {} if full else dict(old)
+        self.summary = Summary() if full else summary.copy()
+        self.full = full
+        self.delta = Delta(version=version, ts=time.time())
+
+    def put(self, row: Row) -> None:
+        before = self.old.get(row[0]) if self.full else self.rows.get(row[0])
+        self.rows[row[0]] = row
         if before is None:
-            delta.add.append(row)
+            self.delta.add.append(row)
+            if not self.full:
+                self.summary.count(row, +1)
         elif before != row:
-            delta.change.append(row)
-    if len(rows) - len(delta.add) != len(old):  # something in `old` is gone
-        delta.remove = [r for r in old if r not in rows]
-    delta.summary = summarize(rows)
-    return rows, delta
+            self.delta.change.append(row)
+            if not self.full:
+                self.summary.count(before, -1)
+                self.summary.count(row, +1)
+
+    def remove(self, replica_id: str) -> None:
+        before = self.rows.pop(replica_id, None)
+        if before is not None:
+            self.delta.remove.append(replica_id)
+            self.summary.count(before, -1)
+
+    def finish(self) -> tuple[dict[str, Row], Delta, Summary]:
+        if self.full:
+            self.delta.remove = [r for r in self.old if r not in self.rows]
+            self.summary = Summary.of(self.rows)
+        self.delta.summary = self.summary.as_json()
+        return self.rows, self.delta, self.summary
 
 
 class ReplicaTable:
-    """The rows as of the last tick, and their version (one more each tick)."""
+    """The rows as of the last tick, and their version (one more each tick).
+
+    A tick reads only the replicas whose `last_seen` moved (heartbeats, registrations) or
+    that left since the previous one; every `FULL_S` it reads them all, which also catches
+    what changes without touching `last_seen` (a replica told to leave, for one). The live
+    numbers of the straggler detector are compared every tick."""
 
     def __init__(self) -> None:
         self.rows: dict[str, Row] = {}
         self.version = 0
-        self.summary: dict[str, Any] = summarize(self.rows)
+        self.summary = Summary()
         self.fresh = False  # read since the last `clear`: a snapshot of it is true
+        self.since = 0.0  # what the next partial read starts from (last_seen, left_at)
+        self.full_at = 0.0  # monotonic time of the last full read
 
-    def refresh(self, store: Store, live: LiveView) -> tuple[dict[str, Row], Delta]:
-        """Compute the next version (on the read lane); `apply` then makes it current."""
-        return compare(self.rows, read_rows(store), live, self.version + 1)
+    def refresh(self, store: Store, live: LiveView) -> tuple[dict[str, Row], Delta, Summary]:
+        """Compute the next version (on a reader thread of the read lane: the current rows
+        are not changed, pages may be taking a snapshot of them); `apply` makes it current."""
+        started = time.time()
+        full = not self.fresh or time.monotonic() - self.full_at >= FULL_S
+        tick = Comparison(self.rows, self.summary, self.version + 1, full)
+        if full:
+            read = store.conn.execute(ROWS_SQL)
+        else:
+            read = store.conn.execute(SEEN_SINCE_SQL, (self.since,))
+        seen = set()
+        for stored in read:
+            tick.put(with_live(stored, live.get(stored[0])))
+            seen.add(stored[0])
+        if not full:
+            for (replica_id,) in store.conn.execute(LEFT_SINCE_SQL, (self.since,)):
+                tick.remove(replica_id)
+        for replica_id, view in live.items():  # live numbers of rows not read this tick
+            row = tick.rows.get(replica_id)
+            if row is not None and replica_id not in seen:
+                tick.put(with_live(row[:len(STORED_FIELDS)], view))
+        self.since = started - MARGIN_S
+        if full:
+            self.full_at = time.monotonic()
+        return tick.finish()
 
-    def apply(self, rows: dict[str, Row], delta: Delta) -> None:
-        self.rows, self.version, self.summary = rows, delta.version, delta.summary
+    def apply(self, rows: dict[str, Row], delta: Delta, summary: Summary) -> None:
+        self.rows, self.version, self.summary = rows, delta.version, summary
         self.fresh = True
 
     def clear(self) -> None:
         """Forget the rows (nobody is watching): the next tick reads them all again."""
         self.rows = {}
-        self.summary = summarize(self.rows)
+        self.summary = Summary()
         self.fresh = False
