@@ -111,31 +111,41 @@ def replica_pages(base: str) -> dict[str, float]:
 
 
 class Page:
-    """One open dashboard tab: counts what it receives and when each delta arrives."""
-
-    MARK = b"event: delta\n"
+    """One open dashboard tab: counts what it receives, and the controller's time of each
+    delta (`ts`, stamped at the tick) and when it arrived here."""
 
     def __init__(self) -> None:
         self.bytes = 0
         self.snapshot_bytes = 0  # received before the first delta
-        self.deltas: list[float] = []
+        self.ticks: list[float] = []  # the deltas' `ts`
+        self.arrived: list[float] = []
         self.snapshots = 0
 
     async def follow(self, session: aiohttp.ClientSession, url: str) -> None:
-        tail = b""
+        buffer = b""
         async with session.get(url) as resp:
             async for chunk in resp.content.iter_any():
                 self.bytes += len(chunk)
-                seen = tail + chunk
-                found = seen.count(self.MARK)
-                self.snapshots += seen.count(b"event: snapshot\n")
-                if found and not self.deltas:
-                    self.snapshot_bytes = self.bytes - len(chunk)
-                self.deltas += [time.monotonic()] * found
-                tail = seen[-(len(self.MARK) - 1):]
+                buffer += chunk
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    self.parse(event, len(chunk))
+
+    def parse(self, event: bytes, chunk_size: int) -> None:
+        if event.startswith(b"event: snapshot\n"):
+            self.snapshots += 1
+        elif event.startswith(b"event: delta\n"):
+            if not self.ticks:
+                self.snapshot_bytes = self.bytes - chunk_size
+            head = event[len(b"event: delta\ndata: "):][:80]
+            self.ticks.append(json.loads(head.split(b',"add"')[0] + b"}")["ts"])
+            self.arrived.append(time.time())
 
     def intervals(self) -> list[float]:
-        return [b - a for a, b in zip(self.deltas, self.deltas[1:], strict=False)]
+        return [b - a for a, b in zip(self.ticks, self.ticks[1:], strict=False)]
+
+    def lag(self) -> list[float]:
+        return [a - t for t, a in zip(self.ticks, self.arrived, strict=True)]
 
 
 async def churn(url: str, replicas: int, stop: asyncio.Event) -> None:
@@ -195,7 +205,9 @@ async def watch(ctl: ControllerProcess, base: str, args: argparse.Namespace
     stop.set()
     await churning
     await asyncio.sleep(3)  # the controller notices the pages are gone and lets go
-    return {"pages": pages, "idle_cpu": idle_cpu, "pages_cpu": pages_cpu, "window_s": window_s,
+    after = (await call(ctl.url, "status", {}, timeout_s=10))["counters"]
+    return {"open_after": after.get("http_sse_opened", 0) - after.get("http_sse_closed", 0),
+            "pages": pages, "idle_cpu": idle_cpu, "pages_cpu": pages_cpu, "window_s": window_s,
             "rss_before": rss_before, "rss_peak": peak, "rss_after": proc.memory(),
             "hwm": proc.memory("VmHWM"), "counters": counters}
 
@@ -218,10 +230,12 @@ def report(args: argparse.Namespace, fill_s: float, api: dict[str, float],
     for n, page in enumerate(pages):
         gaps = page.intervals()
         print(f"page {n}: {page.bytes / mib:7.2f} MiB received ({page.snapshot_bytes / mib:.2f} "
-              f"MiB snapshot, {page.snapshots} snapshot parts), {len(page.deltas)} deltas, "
+              f"MiB snapshot, {page.snapshots} snapshot parts), {len(page.ticks)} deltas, "
               f"tick median {statistics.median(gaps) if gaps else float('nan'):.2f} s, "
-              f"max {max(gaps, default=float('nan')):.2f} s")
-    old = api["all_bytes"] * len(pages[0].deltas)
+              f"max {max(gaps, default=float('nan')):.2f} s, arrived "
+              f"{statistics.median(page.lag()) if page.ticks else float('nan'):.2f} s after "
+              f"the tick (median)")
+    old = api["all_bytes"] * len(pages[0].ticks)
     print(f"  the old stream, whole list a tick: {old / mib:.0f} MiB a page in the same ticks; "
           f"this run: {pages[0].bytes / mib:.1f} MiB ({pages[0].bytes / max(old, 1):.3f})")
     print(f"tick interval, all pages  : median {statistics.median(intervals):.2f} s, max "
@@ -234,7 +248,10 @@ def report(args: argparse.Namespace, fill_s: float, api: dict[str, float],
           f"{run['rss_after'] / mib:.0f} MiB after they left (goal <= 1024; "
           f"{'gc only' if args.no_trim else 'gc + malloc_trim'})")
     print(f"slow page dropped         : {counters.get('http_sse_dropped', 0)} "
-          f"(snapshots sent {counters.get('http_sse_snapshots', 0)})")
+          f"(snapshots sent {counters.get('http_sse_snapshots', 0)}, ticks "
+          f"{counters.get('http_sse_ticks', 0)}, delta bytes "
+          f"{counters.get('http_sse_delta_bytes', 0) / mib:.1f} MiB); pages still open after "
+          f"they left: {run['open_after']}")
 
 
 def main() -> int:

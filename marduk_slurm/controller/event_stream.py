@@ -185,6 +185,7 @@ class EventStream:
             release_memory()
             return
         table.apply(rows, delta, summary)
+        self.obs.ctx.stats["http_sse_ticks"] += 1
         self.fresh.set()
         self.publish(delta)
 
@@ -208,6 +209,7 @@ class EventStream:
         self._limit_send_buffer(request, min(self.client_bytes, SEND_BUFFER_MAX))
         client = StreamClient(request.remote or "?", request.transport, self.client_bytes)
         self.clients.add(client)
+        self.obs.ctx.stats["http_sse_opened"] += 1
         self.watched.set()
         try:
             await resp.write(b"retry: 2000\n\n")
@@ -261,6 +263,7 @@ class EventStream:
             raise ConnectionResetError("dropped") from None
 
     def _leave(self, client: StreamClient) -> None:
+        self.obs.ctx.stats["http_sse_closed"] += 1
         client.chunks.clear()
         if client in self.clients:
             self.clients.discard(client)
