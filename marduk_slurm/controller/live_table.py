@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -37,7 +38,9 @@ ROWS_SQL = ("SELECT replica_id, job_id, replica_group, group_rank, node, state, 
             "FROM replicas WHERE state != 'left'")
 SEEN_SINCE_SQL = ROWS_SQL + " AND last_seen >= ?"
 LEFT_SINCE_SQL = "SELECT replica_id FROM replicas WHERE state = 'left' AND left_at >= ?"
-FULL_S = 10.0  # every replica is read and compared at least this often
+SLICE_SQL = ROWS_SQL + " AND replica_id > ? ORDER BY replica_id LIMIT ?"
+SWEEP_TICKS = 10  # every replica is read and compared again at least every this many ticks
+SLICE_MIN = 2000
 MARGIN_S = 2.0  # a write committed while the previous tick read is still seen by the next
 
 
@@ -143,10 +146,12 @@ class Comparison:
 class ReplicaTable:
     """The rows as of the last tick, and their version (one more each tick).
 
-    A tick reads only the replicas whose `last_seen` moved (heartbeats, registrations) or
-    that left since the previous one; every `FULL_S` it reads them all, which also catches
-    what changes without touching `last_seen` (a replica told to leave, for one). The live
-    numbers of the straggler detector are compared every tick."""
+    The first tick reads every replica. After it, a tick reads the replicas whose `last_seen`
+    moved (heartbeats, registrations) or that left since the previous one, plus a slice of
+    all of them in replica id order, so that every `SWEEP_TICKS` ticks each row is compared
+    again: that catches what changes without touching `last_seen` (a replica told to leave,
+    a deleted row) while no tick reads the whole table. The live numbers of the straggler
+    detector are compared every tick."""
 
     def __init__(self) -> None:
         self.rows: dict[str, Row] = {}
@@ -154,33 +159,53 @@ class ReplicaTable:
         self.summary = Summary()
         self.fresh = False  # read since the last `clear`: a snapshot of it is true
         self.since = 0.0  # what the next partial read starts from (last_seen, left_at)
-        self.full_at = 0.0  # monotonic time of the last full read
+        self.swept_to = ""  # the replica id the last slice ended at
 
     def refresh(self, store: Store, live: LiveView) -> tuple[dict[str, Row], Delta, Summary]:
         """Compute the next version (on a reader thread of the read lane: the current rows
         are not changed, pages may be taking a snapshot of them); `apply` makes it current."""
         started = time.time()
-        full = not self.fresh or time.monotonic() - self.full_at >= FULL_S
+        full = not self.fresh
         tick = Comparison(self.rows, self.summary, self.version + 1, full)
+        seen: set[str] = set()
         if full:
-            read = store.conn.execute(ROWS_SQL)
+            self._read(tick, store.conn.execute(ROWS_SQL), live, seen)
         else:
-            read = store.conn.execute(SEEN_SINCE_SQL, (self.since,))
-        seen = set()
-        for stored in read:
-            tick.put(with_live(stored, live.get(stored[0])))
-            seen.add(stored[0])
-        if not full:
+            self._read(tick, store.conn.execute(SEEN_SINCE_SQL, (self.since,)), live, seen)
             for (replica_id,) in store.conn.execute(LEFT_SINCE_SQL, (self.since,)):
                 tick.remove(replica_id)
+            self._sweep(tick, store, live, seen)
         for replica_id, view in live.items():  # live numbers of rows not read this tick
             row = tick.rows.get(replica_id)
             if row is not None and replica_id not in seen:
                 tick.put(with_live(row[:len(STORED_FIELDS)], view))
         self.since = started - MARGIN_S
-        if full:
-            self.full_at = time.monotonic()
         return tick.finish()
+
+    @staticmethod
+    def _read(tick: Comparison, rows: Iterable[tuple[Any, ...]], live: LiveView,
+              seen: set[str]) -> None:
+        for stored in rows:
+            tick.put(with_live(stored, live.get(stored[0])))
+            seen.add(stored[0])
+
+    def _sweep(self, tick: Comparison, store: Store, live: LiveView, seen: set[str]) -> None:
+        """Compare the next slice of every replica; a row in its id range that was not read
+        is gone."""
+        size = max(SLICE_MIN, len(self.rows) // SWEEP_TICKS + 1)
+        start = self.swept_to
+        sliced: set[str] = set()
+        for stored in store.conn.execute(SLICE_SQL, (start, size)):
+            sliced.add(stored[0])
+            if stored[0] not in seen:
+                tick.put(with_live(stored, live.get(stored[0])))
+        seen |= sliced
+        end = max(sliced) if len(sliced) == size else None  # None: to the end, then over
+        gone = [r for r in self.rows if r > start and (end is None or r <= end)
+                and r not in sliced and r in tick.rows and r not in seen]
+        for replica_id in gone:
+            tick.remove(replica_id)
+        self.swept_to = end or ""
 
     def apply(self, rows: dict[str, Row], delta: Delta, summary: Summary) -> None:
         self.rows, self.version, self.summary = rows, delta.version, summary
@@ -191,3 +216,4 @@ class ReplicaTable:
         self.rows = {}
         self.summary = Summary()
         self.fresh = False
+        self.swept_to = ""
