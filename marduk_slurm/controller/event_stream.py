@@ -18,17 +18,16 @@ import asyncio
 import contextlib
 import ctypes
 import gc
-import json
 import logging
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from nats.aio.msg import Msg
 
-from marduk_slurm.controller.live_table import FIELDS, Delta, ReplicaTable
+from marduk_slurm.controller.live_table import FIELDS, Delta, ReplicaTable, encode
 
 if TYPE_CHECKING:
     from marduk_slurm.controller.observe import Observability
@@ -45,10 +44,9 @@ KEEPALIVE = b": keepalive\n\n"
 STREAM_HEADERS = {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
 
 
-def sse(event: str, data: Any) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
-                                                         default=str)
-    return f"event: {event}\ndata: {text}\n\n".encode()
+def sse(event: str, data: bytes | str) -> bytes:
+    text = data.encode() if isinstance(data, str) else data
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), text)
 
 
 def release_memory() -> None:
@@ -153,7 +151,7 @@ class EventStream:
         following = [c for c in self.clients if c.version is not None]
         if not following:
             return
-        chunk = sse("delta", delta.as_json())
+        chunk = sse("delta", delta.encode())
         self.obs.ctx.stats["http_sse_delta_bytes"] += len(chunk)
         if len(chunk) > self.client_bytes // 2:
             # Most rows changed: a snapshot, sent at the pace of each socket, costs the same
@@ -178,16 +176,15 @@ class EventStream:
     async def refresh(self) -> None:
         live = self.obs.stragglers.replica_view()
         table = self.table
-        rows, delta, summary = await self.obs.ctx.db.read(
-            lambda store: table.refresh(store, live))
+        tick = await self.obs.ctx.db.read(lambda store: table.refresh(store, live))
         if not self.clients:  # the last page left while the table was read
-            del rows, delta, summary
+            del tick
             release_memory()
             return
-        table.apply(rows, delta, summary)
+        table.apply(tick)
         self.obs.ctx.stats["http_sse_ticks"] += 1
         self.fresh.set()
-        self.publish(delta)
+        self.publish(tick.delta)
 
     def _forget(self) -> None:
         self.watched.clear()
@@ -242,12 +239,13 @@ class EventStream:
         client.version = version  # from here on, later deltas queue up behind the snapshot
         self.obs.ctx.stats["http_sse_snapshots"] += 1
         parts = max(1, -(-len(rows) // SNAPSHOT_PART_ROWS))
+        head = encode({"v": version, "parts": parts, "total": len(rows), "fields": FIELDS,
+                       "summary": summary})[:-1]
         for part in range(parts):
             start = part * SNAPSHOT_PART_ROWS
-            await self._write(client, resp, sse("snapshot", {
-                "v": version, "part": part, "parts": parts, "total": len(rows),
-                "fields": FIELDS, "summary": summary,
-                "rows": rows[start:start + SNAPSHOT_PART_ROWS]}))
+            body = b",".join(rows[start:start + SNAPSHOT_PART_ROWS])
+            await self._write(client, resp, sse("snapshot", b'%s,"part":%d,"rows":[%s]}' % (
+                head, part, body)))
             if client.version != version:  # dropped, or told to start over meanwhile
                 return
 
