@@ -10,7 +10,7 @@ after the pages left (goal <= 1 GiB), whether the page that never read was dropp
 this run.
 
     .venv/bin/python benchmarks/dashboard_scale.py [--replicas 100000] [--seconds 20]
-                                                   [--churn 3000] [--no-trim]
+                                                   [--churn 5000] [--no-trim]
 
 `--no-trim` runs the controller without `malloc_trim` (garbage collection only), to measure
 what handing memory back is worth. Not a test: nothing here asserts a speed.
@@ -258,7 +258,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replicas", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--churn", type=int, default=3000, help="replicas heartbeating 1/s")
+    ap.add_argument("--churn", type=int, default=5000, help="replicas heartbeating 1/s")
     ap.add_argument("--no-trim", action="store_true", help="gc only, no malloc_trim")
     args = ap.parse_args()
     args.churn = min(args.churn, args.replicas)
