@@ -1,11 +1,11 @@
 """The replica table the dashboard follows, kept as compact rows and compared tick to tick.
 
-Each tick reads the few columns the page shows for every replica that has not left, adds the
-live numbers of the straggler detector, and compares the result with the previous tick's
-rows by replica id: what was added, what changed and what was removed is the tick's `Delta`,
-computed once and sent to every open page. A page that connects gets the rows themselves (a
-snapshot, in parts) and then only deltas, so an idle fleet of 100,000 replicas costs a page a
-few hundred bytes a tick instead of the whole list.
+Each tick reads the few columns the page shows for the replicas that may have changed (see
+`ReplicaTable`), adds the live numbers of the straggler detector, and compares the result
+with the previous tick's rows by replica id: what was added, what changed and what was
+removed is the tick's `Delta`, computed once and sent to every open page. A page that
+connects gets the rows themselves (a snapshot, in parts) and then only deltas, so an idle
+fleet of 100,000 replicas costs a page a few hundred bytes a tick instead of the whole list.
 
 A row is a list in the order of `FIELDS`, not an object: the names are sent once, in the
 snapshot, instead of once per row. The table keeps each row as its JSON text, one bytes object
@@ -46,7 +46,8 @@ LEFT_SINCE_SQL = "SELECT replica_id FROM replicas WHERE state = 'left' AND left_
 SLICE_SQL = ROWS_SQL + " AND replica_id > ? ORDER BY replica_id LIMIT ?"
 SWEEP_TICKS = 10  # every replica is read and compared again at least every this many ticks
 SLICE_MIN = 2000
-MARGIN_S = 2.0  # a write committed while the previous tick read is still seen by the next
+MARGIN_S = 0.5  # a write committed while the previous tick read is still seen by the next
+# (one that commits later still is by the sweep)
 
 
 def live_numbers(view: dict[str, Any] | None) -> Live:
@@ -115,8 +116,9 @@ class Comparison:
     """One tick's comparison of what was read with the rows before it."""
 
     def __init__(self, table: ReplicaTable, full: bool) -> None:
-        self.old = table.rows
+        self.old, self.old_digests = table.rows, table.digests
         self.rows: dict[str, Row] = {} if full else dict(table.rows)
+        self.digests: dict[str, int] = {} if full else dict(table.digests)
         self.live: dict[str, Live] = {} if full else dict(table.live)
         self.summary = Summary() if full else table.summary.copy()
         self.full = full
@@ -125,15 +127,23 @@ class Comparison:
     def put(self, stored: Stored, live: Live) -> None:
         replica_id = stored[0]
         row = (*stored, *live)
-        data = encode(row)
-        before = (self.old if self.full else self.rows).get(replica_id)
-        self.rows[replica_id] = data
         if live is NO_LIVE:
             self.live.pop(replica_id, None)
         else:
             self.live[replica_id] = live
+        # Most rows read did not change: a hash of the values tells so without encoding them
+        # (a 64-bit collision would hide one change until the row's next one).
+        digest = hash(row)
+        before_digest = (self.old_digests if self.full else self.digests).get(replica_id)
+        before = (self.old if self.full else self.rows).get(replica_id)
+        self.digests[replica_id] = digest
         if before is None or self.full:
             self.summary.count(row, +1)
+        if before is not None and before_digest == digest:
+            self.rows[replica_id] = before
+            return
+        data = encode(row)
+        self.rows[replica_id] = data
         if before is None:
             self.delta.add.append(data)
         elif before != data:
@@ -145,6 +155,7 @@ class Comparison:
     def remove(self, replica_id: str) -> None:
         before = self.rows.pop(replica_id, None)
         self.live.pop(replica_id, None)
+        self.digests.pop(replica_id, None)
         if before is not None:
             self.delta.remove.append(replica_id)
             self.summary.count(json.loads(before), -1)
@@ -168,6 +179,7 @@ class ReplicaTable:
 
     def __init__(self) -> None:
         self.rows: dict[str, Row] = {}
+        self.digests: dict[str, int] = {}  # hash() of each row's values
         self.live: dict[str, Live] = {}  # the live numbers in each row that has some
         self.version = 0
         self.summary = Summary()
@@ -224,13 +236,14 @@ class ReplicaTable:
         self.swept_to = end or ""
 
     def apply(self, tick: Comparison) -> None:
-        self.rows, self.live, self.summary = tick.rows, tick.live, tick.summary
+        self.rows, self.digests = tick.rows, tick.digests
+        self.live, self.summary = tick.live, tick.summary
         self.version = tick.delta.version
         self.fresh = True
 
     def clear(self) -> None:
         """Forget the rows (nobody is watching): the next tick reads them all again."""
-        self.rows, self.live = {}, {}
+        self.rows, self.digests, self.live = {}, {}, {}
         self.summary = Summary()
         self.fresh = False
         self.swept_to = ""
