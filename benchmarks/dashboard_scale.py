@@ -180,6 +180,18 @@ def slow_page(base: str) -> socket.socket:
     return sock  # and never read
 
 
+async def wait_for_drop(ctl: ControllerProcess, since: float, limit_s: float = 30.0
+                        ) -> float:
+    """Seconds from the slow page's connecting to its drop (nan: not within `limit_s` more)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        counters = (await call(ctl.url, "status", {}, timeout_s=10))["counters"]
+        if counters.get("http_sse_dropped"):
+            return time.monotonic() - since
+        await asyncio.sleep(0.5)
+    return float("nan")
+
+
 async def watch(ctl: ControllerProcess, base: str, args: argparse.Namespace
                 ) -> dict[str, Any]:
     proc = Proc(ctl.proc.pid if ctl.proc else 0)
@@ -201,16 +213,18 @@ async def watch(ctl: ControllerProcess, base: str, args: argparse.Namespace
             peak = max(peak, proc.memory())
         pages_cpu = (proc.cpu_s() - cpu0) / (time.monotonic() - t0)
         window_s = time.monotonic() - t0
-        counters = (await call(ctl.url, "status", {}, timeout_s=10))["counters"]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        dropped_after_s = await wait_for_drop(ctl, t0)
+        counters = (await call(ctl.url, "status", {}, timeout_s=10))["counters"]
         slow.close()
     stop.set()
     await churning
     await asyncio.sleep(3)  # the controller notices the pages are gone and lets go
     after = (await call(ctl.url, "status", {}, timeout_s=10))["counters"]
-    return {"open_after": after.get("http_sse_opened", 0) - after.get("http_sse_closed", 0),
+    return {"dropped_after_s": dropped_after_s,
+            "open_after": after.get("http_sse_opened", 0) - after.get("http_sse_closed", 0),
             "pages": pages, "idle_cpu": idle_cpu, "pages_cpu": pages_cpu, "window_s": window_s,
             "rss_before": rss_before, "rss_peak": peak, "rss_after": proc.memory(),
             "hwm": proc.memory("VmHWM"), "counters": counters}
@@ -255,7 +269,8 @@ def report(args: argparse.Namespace, fill_s: float, api: dict[str, float],
           f"{run['rss_after'] / mib:.0f} MiB after they left (goal <= 1024; "
           f"{'gc only' if args.no_trim else 'gc + malloc_trim'})")
     print(f"slow page dropped         : {counters.get('http_sse_dropped', 0)} "
-          f"(snapshots sent {counters.get('http_sse_snapshots', 0)}, ticks "
+          f"({run['dropped_after_s']:.0f} s after it connected; snapshots sent "
+          f"{counters.get('http_sse_snapshots', 0)}, ticks "
           f"{counters.get('http_sse_ticks', 0)}, delta bytes "
           f"{counters.get('http_sse_delta_bytes', 0) / mib:.1f} MiB); pages still open after "
           f"they left: {run['open_after']}")
