@@ -252,7 +252,7 @@ def test_answers_from_sqlite_while_nats_is_down(controller: ControllerProcess,
     status = wait_for(lambda: (s := get("/api/status"))["nats"] != "connected" and s,
                       what="the controller to notice NATS is gone")
     assert status["replicas_active"] == 1
-    rows = get("/api/replicas")
+    rows = get("/api/replicas")["items"]
     assert isinstance(rows, list) and rows[0]["gpu_uuids"] == ["GPU-q"]
     nats_server.start()
     controller.wait_ready(30)

@@ -27,9 +27,7 @@ CYCLES_TODO: frozenset[frozenset[str]] = frozenset()
 
 # Modules outside marduk_slurm/adapters/ that still import nats-py (their imports under
 # `if TYPE_CHECKING:` count too); the bus adapter should seal nats-py's messages and errors.
-NATS_OUTSIDE_ADAPTERS_TODO: frozenset[str] = frozenset({
-    f"{PACKAGE}.controller.http",
-})
+NATS_OUTSIDE_ADAPTERS_TODO: frozenset[str] = frozenset()
 
 # Modules outside marduk_slurm/adapters/store/ that still run SQL on a connection themselves.
 SQL_OUTSIDE_STORE_TODO: frozenset[str] = frozenset()

@@ -25,8 +25,8 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from nats.aio.msg import Msg
 
+from marduk_slurm.adapters.bus import Incoming
 from marduk_slurm.controller.live_table import FIELDS, Delta, ReplicaTable, encode
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ class EventStream:
         if not self.clients:
             self._forget()
 
-    async def on_feed(self, msg: Msg) -> None:
+    async def on_feed(self, msg: Incoming) -> None:
         if self.clients:
             self.broadcast(sse("event", msg.data.decode(errors="replace")))
 

@@ -38,12 +38,6 @@ NO_LIVE: Live = (None, None, False)
 # replicas than `Store.replicas()` (every column as a dict, with each replica's GPU list).
 # They belong in the store adapter as methods; until they move there they are the only SQL
 # here.
-ROWS_SQL = ("SELECT replica_id, job_id, replica_group, group_rank, node, state, last_step, "
-            "ROUND(step_time_ms, 1), ROUND(last_seen, 1), config_revision "
-            "FROM replicas WHERE state != 'left'")
-SEEN_SINCE_SQL = ROWS_SQL + " AND last_seen >= ?"
-LEFT_SINCE_SQL = "SELECT replica_id FROM replicas WHERE state = 'left' AND left_at >= ?"
-SLICE_SQL = ROWS_SQL + " AND replica_id > ? ORDER BY replica_id LIMIT ?"
 SWEEP_TICKS = 10  # every replica is read and compared again at least every this many ticks
 SLICE_MIN = 2000
 MARGIN_S = 0.5  # a write committed while the previous tick read is still seen by the next
@@ -195,10 +189,10 @@ class ReplicaTable:
         tick = Comparison(self, full)
         seen: set[str] = set()
         if full:
-            self._read(tick, store.conn.execute(ROWS_SQL), live, seen)
+            self._read(tick, store.dashboard_rows(), live, seen)
         else:
-            self._read(tick, store.conn.execute(SEEN_SINCE_SQL, (self.since,)), live, seen)
-            for (replica_id,) in store.conn.execute(LEFT_SINCE_SQL, (self.since,)):
+            self._read(tick, store.dashboard_rows(seen_since=self.since), live, seen)
+            for replica_id in store.replicas_left_since(self.since):
                 tick.remove(replica_id)
             self._sweep(tick, store, live, seen)
         for replica_id, view in live.items():  # live numbers of rows not read this tick
@@ -223,7 +217,7 @@ class ReplicaTable:
         size = max(SLICE_MIN, len(self.rows) // SWEEP_TICKS + 1)
         start = self.swept_to
         sliced: set[str] = set()
-        for stored in store.conn.execute(SLICE_SQL, (start, size)):
+        for stored in store.dashboard_rows(after=start, limit=size):
             sliced.add(stored[0])
             if stored[0] not in seen:
                 tick.put(stored, live_numbers(live.get(stored[0])))

@@ -6,6 +6,10 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+DASHBOARD_ROWS = (
+    "SELECT replica_id, job_id, replica_group, group_rank, node, state, last_step, "
+    "ROUND(step_time_ms, 1), ROUND(last_seen, 1), config_revision FROM replicas "
+    "WHERE state != 'left'")
 # Nodes drained by anyone: the flags column holds Slurm's flags as a JSON list.
 DRAINED = "flags LIKE '%DRAIN%'"
 
@@ -53,3 +57,26 @@ class SummaryMixin:
 
     def drained_node_count(self) -> int:
         return self._one(f"SELECT COUNT(*) FROM nodes WHERE {DRAINED}")
+
+    # -- the dashboard's replica table (controller.live_table) ------------------------------
+    # Narrow rows as tuples, not Store.replicas()' joined dicts: at 100,000 replicas that is
+    # the difference between 0.3 s and 1.8 s a read.
+
+    def dashboard_rows(self, *, seen_since: float | None = None, after: str | None = None,
+                       limit: int | None = None) -> sqlite3.Cursor:
+        """Live replicas as (replica_id, job_id, replica_group, group_rank, node, state,
+        last_step, step_time_ms, last_seen, config_revision): all of them, those seen since
+        a time, or a slice in replica-id order."""
+        sql = DASHBOARD_ROWS
+        params: list[Any] = []
+        if seen_since is not None:
+            sql += " AND last_seen >= ?"
+            params.append(seen_since)
+        if after is not None:
+            sql += " AND replica_id > ? ORDER BY replica_id LIMIT ?"
+            params += [after, -1 if limit is None else limit]
+        return self.conn.execute(sql, params)
+
+    def replicas_left_since(self, ts: float) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT replica_id FROM replicas WHERE state = 'left' AND left_at >= ?", (ts,))]
