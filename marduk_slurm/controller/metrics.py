@@ -47,7 +47,7 @@ class DbSnapshot:
                 self.faults[(str(xid), action)] += count
             self.last_event_id = max(self.last_event_id, max_id)
         self.replicas = store.replica_counts()
-        self.outbox = store.pending_actions()
+        self.outbox = store.pending_action_counts()
         self.nodes_drained = store.drained_node_count()
 
 

@@ -51,7 +51,7 @@ class SummaryMixin:
         return {(str(job), state): n for job, state, n in self.conn.execute(
             "SELECT job_id, state, COUNT(*) FROM replicas WHERE state != 'left' GROUP BY 1, 2")}
 
-    def pending_actions(self) -> dict[str, int]:
+    def pending_action_counts(self) -> dict[str, int]:
         return dict(self.conn.execute(
             "SELECT kind, COUNT(*) FROM outbox WHERE state='pending' GROUP BY 1").fetchall())
 
