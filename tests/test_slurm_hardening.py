@@ -270,6 +270,7 @@ class ExplodingSlurm:
     """A backend whose calls raise what no backend should, to prove the callers survive."""
 
     name = "exploding"
+    lists_steps = True
 
     def __init__(self, error: Exception) -> None:
         self.error = error

@@ -51,7 +51,8 @@ class Reconciler:
         """One pass; returns False (and keeps going) when Slurm cannot be read."""
         try:
             await self.refresh_nodes()
-            await self.reconcile_steps(await self.slurm.list_steps())
+            if self.slurm.lists_steps:  # without Slurm, steps end only when reported
+                await self.reconcile_steps(await self.slurm.list_steps())
         except SlurmError as exc:
             self._failed(str(exc))
             log.warning("reconcile with Slurm failed: %s", exc)

@@ -109,6 +109,9 @@ class SlurmBackend(Protocol):
     """The Slurm operations the controller needs. Node lists may hold thousands of names."""
 
     name: str
+    # Whether list_steps() is Slurm's truth; when it is not (no Slurm at all), an empty
+    # answer must not end every step the controller knows.
+    lists_steps: bool
 
     async def list_nodes(self) -> list[SlurmNode]: ...
 
