@@ -41,6 +41,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from site_database import REPLICAS_PER_NODE, fill, gpu_uuid, node_name
+
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
@@ -48,22 +50,21 @@ from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError, BusTimeout
 
 from harness import ControllerProcess
-from site_database import REPLICAS_PER_NODE, fill, gpu_uuid, node_name
 
 REQUEST_TIMEOUT_S = 10.0
+VERBS = ("history", "replicas", "nodes", "top")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the requesters (run in child processes: `query_load.py --load URL N SECONDS`) ----------
 
 
-async def requester(url: str, n: int, stop_at: float, tally: Counter[str],
+async def requester(url: str, n: int, plan: list[str], stop_at: float, tally: Counter[str],
                     times: dict[str, list[float]]) -> None:
     """One operator's script: the heaviest questions, one after the other, until stop_at."""
     bus = Bus(url, name=f"bench-requester-{n}")
     await bus.connect()
     cursors: dict[str, Any] = {"replicas": None, "nodes": None}
-    plan = ["history", "replicas", "nodes", "top"]
     i = n  # requesters start at different verbs
     try:
         while time.monotonic() < stop_at:
@@ -98,12 +99,13 @@ async def requester(url: str, n: int, stop_at: float, tally: Counter[str],
         await bus.close()
 
 
-async def load_process(url: str, count: int, first: int, seconds: float) -> None:
+async def load_process(url: str, count: int, first: int, seconds: float, plan: list[str]
+                       ) -> None:
     tally: Counter[str] = Counter()
-    times: dict[str, list[float]] = {v: [] for v in ("history", "replicas", "nodes", "top")}
+    times: dict[str, list[float]] = {v: [] for v in plan}
     print("ready", flush=True)
     stop_at = time.monotonic() + seconds
-    await asyncio.gather(*(requester(url, first + k, stop_at, tally, times)
+    await asyncio.gather(*(requester(url, first + k, plan, stop_at, tally, times)
                            for k in range(count)))
     print(json.dumps({"tally": tally, "times": times}), flush=True)
 
@@ -166,6 +168,18 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return (int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024)
 
 
+def settle(pid: int, limit_s: float = 60.0) -> float:
+    """Wait until the controller's start-up work is done (under 5% of a core for a second);
+    returns how long that took, so the baseline does not measure start-up."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        before = cpu_s(pid)
+        time.sleep(1.0)
+        if cpu_s(pid) - before < 0.05:
+            break
+    return time.perf_counter() - t0
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -174,10 +188,11 @@ def pct(values: list[float], q: float) -> float:
 def summary(lat_s: list[float]) -> dict[str, float]:
     ms = [x * 1000 for x in lat_s] or [float("nan")]
     return {"n": len(lat_s), "p50_ms": round(statistics.median(ms), 1),
-            "p99_ms": round(pct(ms, 0.99), 1), "max_ms": round(max(ms), 1)}
+            "p99_ms": round(pct(ms, 0.99), 1), "max_ms": round(max(ms), 1),
+            "slowest_ms": [round(x) for x in sorted(ms)[-4:]]}
 
 
-def start_load(url: str, requesters: int, processes: int, seconds: float
+def start_load(url: str, requesters: int, processes: int, seconds: float, verbs: str
                ) -> list[subprocess.Popen[str]]:
     procs = []
     per = -(-requesters // processes)
@@ -186,7 +201,8 @@ def start_load(url: str, requesters: int, processes: int, seconds: float
         if count <= 0:
             break
         procs.append(subprocess.Popen(
-            [sys.executable, __file__, "--load", url, str(count), str(p * per), str(seconds)],
+            [sys.executable, __file__, "--load", url, str(count), str(p * per), str(seconds),
+             verbs],
             stdout=subprocess.PIPE, text=True))
     for proc in procs:
         assert proc.stdout is not None
@@ -224,7 +240,12 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1000)
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--target-p99-ms", type=float, default=50.0)
+    ap.add_argument("--verbs", default=",".join(VERBS),
+                    help="what the requesters ask, in turn (to find which verb costs the "
+                    "fault path most)")
     args = ap.parse_args()
+    if not set(args.verbs.split(",")) <= set(VERBS):
+        raise SystemExit(f"--verbs: choose from {','.join(VERBS)}")
     count = max(1, int(args.rate * args.seconds))
     nodes = args.replicas // REPLICAS_PER_NODE
     if 2 * count > nodes:
@@ -234,6 +255,7 @@ def main() -> int:
         state.mkdir()
         fill_s = fill(state / "marduk.db", replicas=args.replicas, jobs=args.jobs,
                       events=args.events)
+        print(f"requesters ask: {args.verbs}")
         print(f"database: {args.replicas:,} replicas in {args.jobs:,} jobs on {nodes:,} nodes, "
               f"{args.events:,} events (written in {fill_s:.1f} s)", flush=True)
         server = NatsServerProcess(Path(tmp) / "nats")
@@ -243,7 +265,10 @@ def main() -> int:
             ctl.start(timeout_s=120)
             assert ctl.proc is not None
             pid = ctl.proc.pid
+            settle_s = settle(pid)
             rss_start = rss_mib(pid)
+            print(f"controller ready and idle {settle_s:.1f} s after answering status",
+                  flush=True)
             print(f"baseline: {count} verdicts at {args.rate:g}/s, no queries...", flush=True)
             base, base_cpu = arm(ctl, pid, 0, count, args.rate)
             rss_base = rss_mib(pid)
@@ -252,7 +277,7 @@ def main() -> int:
                   flush=True)
             warmup_s = 3.0
             procs = start_load(url, args.requesters, args.processes,
-                               warmup_s + args.seconds + 1.0)
+                               warmup_s + args.seconds + 1.0, args.verbs)
             time.sleep(warmup_s)
             loaded, load_cpu = arm(ctl, pid, count, count, args.rate)
             tally, times = finish_load(procs)
@@ -273,9 +298,11 @@ def report(args: argparse.Namespace, base: list[float], loaded: list[float], bas
            after: dict[str, Any], tally: Counter[str], times: dict[str, list[float]]) -> None:
     b, ld = summary(base), summary(loaded)
     print(f"verdict -> drain_requested, no load    : p50 {b['p50_ms']:7.1f} ms  p99 "
-          f"{b['p99_ms']:7.1f} ms  max {b['max_ms']:7.1f} ms  (n={b['n']})")
+          f"{b['p99_ms']:7.1f} ms  max {b['max_ms']:7.1f} ms  (n={b['n']}; slowest "
+          f"{b['slowest_ms']})")
     print(f"verdict -> drain_requested, under load : p50 {ld['p50_ms']:7.1f} ms  p99 "
-          f"{ld['p99_ms']:7.1f} ms  max {ld['max_ms']:7.1f} ms  (n={ld['n']})")
+          f"{ld['p99_ms']:7.1f} ms  max {ld['max_ms']:7.1f} ms  (n={ld['n']}; slowest "
+          f"{ld['slowest_ms']})")
     ratio_p50 = ld["p50_ms"] / b["p50_ms"] if b["p50_ms"] else float("nan")
     ratio_p99 = ld["p99_ms"] / b["p99_ms"] if b["p99_ms"] else float("nan")
     met = ld["p99_ms"] <= args.target_p99_ms
@@ -308,8 +335,8 @@ def report(args: argparse.Namespace, base: list[float], loaded: list[float], bas
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--load":
+    if len(sys.argv) == 7 and sys.argv[1] == "--load":
         asyncio.run(load_process(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
-                                 float(sys.argv[5])))
+                                 float(sys.argv[5]), sys.argv[6].split(",")))
         sys.exit(0)
     sys.exit(main())
