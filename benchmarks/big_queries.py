@@ -10,7 +10,7 @@ file:
     marduk nodes --json                     (pages of 1,000 nodes, then risk scores)
 
 For each: wall time, bytes of output, whether the JSON parses to the right number of rows,
-the CLI process's peak RSS (os.wait4's rusage of that one child) and the controller's RSS
+the CLI process's peak RSS (/usr/bin/time's %M of that one process) and the controller's RSS
 before and after. The baseline, in the same run, is the physical floor: a subprocess that
 reads the same rows with the stdlib sqlite3 module (the store's own SQL) and writes them as
 one JSON array, row by row as they are read (each row indented as the CLI indents a row when
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -76,15 +75,21 @@ def floor(db: str, what: str, out: str) -> None:
 
 
 def timed_child(argv: list[str], out: Path) -> tuple[float, float, int, str]:
-    """(seconds, peak RSS MiB, exit status, stderr tail) of one child, stdout to `out`."""
-    with out.open("wb") as stdout, (out.parent / (out.name + ".err")).open("wb") as stderr:
+    """(seconds, peak RSS MiB, exit status, stderr tail) of one child, stdout to `out`.
+
+    The peak RSS comes from /usr/bin/time, whose own child is the one measured: a child of
+    this process would report at least this process's peak (Linux carries the high-water
+    mark across exec), and this process has parsed 50 MB of JSON by then."""
+    err_path = out.parent / (out.name + ".err")
+    rss_path = out.parent / (out.name + ".rss")
+    with out.open("wb") as stdout, err_path.open("wb") as stderr:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=stdout, stderr=stderr, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_path), *argv],
+                              stdout=stdout, stderr=stderr, cwd=REPO, check=False)
         elapsed = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = (out.parent / (out.name + ".err")).read_text(errors="replace")[-300:]
-    return elapsed, usage.ru_maxrss / 1024, proc.returncode, err.strip()
+    peak_kib = int(rss_path.read_text().split()[-1])
+    err = err_path.read_text(errors="replace")[-300:]
+    return elapsed, peak_kib / 1024, proc.returncode, err.strip()
 
 
 def rows_in(path: Path) -> int | None:
