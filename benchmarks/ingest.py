@@ -12,13 +12,14 @@ version and free-JSON checks in domain/messages.py) costs heartbeat ingest, agai
 protocol without it, in the same run:
 
 1. decode: `messages.decode_heartbeat` vs a plain msgspec decoder of an equivalent struct with
-   no bounds and no checks (`PlainHeartbeat` below), over the same payloads, arms alternated;
+   no bounds and no checks (`PlainHeartbeat` below), over the same payloads, order rotated;
 2. the controller: the same burst and paced runs as above, received at the same time by two
-   controllers on one nats-server: a normal one and one whose heartbeat decode is the plain
-   decoder (swapped in by a launcher, the controller's code untouched). Both start from
-   copies of one database with the replicas already written (registration is not what is
-   measured here). Running the arms at once puts both under the same load of a shared
-   machine; the ratio within each run is what is compared.
+   controllers, each on its own nats-server (the publisher sends every beat to both): a
+   normal one and one whose heartbeat decode is the plain decoder (swapped in by a launcher,
+   the controller's code untouched). Both start from copies of one database with the
+   replicas already written (registration is not what is measured here). Running the arms
+   at once puts both under the same load of a shared machine; the ratio within each run is
+   what is compared.
 
     .venv/bin/python benchmarks/ingest.py --validation [--target-loss 0.10]
 
@@ -87,15 +88,23 @@ def heartbeat_payloads(replicas: int, rounds: int, first_step: int = 1
     return out
 
 
-async def publish(url: str, payloads: list[tuple[str, bytes]], rate: float = 0.0) -> float:
-    """Publish everything, as fast as possible or paced at `rate` messages per second."""
+async def publish(url: str, payloads: list[tuple[str, bytes]], rate: float = 0.0,
+                  also: str = "") -> float:
+    """Publish everything, as fast as possible or paced at `rate` messages per second; with
+    `also`, each message goes to that second server too, right after the first."""
     bus = Bus(url, name="bench-publisher")
     await bus.connect()
     nc = bus.nc
     assert nc is not None
+    second = Bus(also, name="bench-publisher-2") if also else None
+    if second is not None:
+        await second.connect()
+    nc2 = second.nc if second is not None else None
     t0 = time.perf_counter()
     for n, (subject, data) in enumerate(payloads):
         await nc.publish(subject, data)
+        if nc2 is not None:
+            await nc2.publish(subject, data)
         if n % 1000 == 0:
             if rate:
                 ahead = t0 + n / rate - time.perf_counter()
@@ -103,6 +112,9 @@ async def publish(url: str, payloads: list[tuple[str, bytes]], rate: float = 0.0
             else:
                 await asyncio.sleep(0)  # let the flusher run, as a real sender would
     await nc.flush()
+    if second is not None and nc2 is not None:
+        await nc2.flush()
+        await second.close()
     elapsed = time.perf_counter() - t0
     await bus.close()
     return elapsed
@@ -139,14 +151,19 @@ def run_bare(url: str, payloads: list[tuple[str, bytes]]) -> float:
     return time.perf_counter() - t0
 
 
-def persisted(db: Path, replicas: int, rounds: int) -> bool:
+def persisted_count(db: Path, rounds: int) -> tuple[int, int]:
+    """(rows at step `rounds`, sum of all rows' steps: it grows while anything is written)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        row = conn.execute("SELECT COUNT(*) FROM replicas WHERE last_step = ?",
+        row = conn.execute("SELECT SUM(last_step = ?), TOTAL(last_step) FROM replicas",
                            (rounds,)).fetchone()
     finally:
         conn.close()
-    return int(row[0]) == replicas
+    return int(row[0] or 0), int(row[1])
+
+
+def persisted(db: Path, replicas: int, rounds: int) -> bool:
+    return persisted_count(db, rounds)[0] == replicas
 
 
 def run_controller(ctl: ControllerProcess, payloads: list[tuple[str, bytes]], replicas: int,
@@ -277,22 +294,36 @@ def prefill(db: Path, replicas: int) -> None:
     store.close()
 
 
+# Heartbeats are core NATS, at most once: a beat lost on a loaded machine must end the wait.
+STALL_S = 15.0
+
+
 def run_both(ctls: dict[str, ControllerProcess], payloads: list[tuple[str, bytes]],
              replicas: int, last_step: int, rate: float = 0.0) -> dict[str, dict[str, float]]:
-    """One stream, received by both controllers at once: per controller, the seconds until
-    all its rows hold `last_step` (from the first send), and after the last send."""
+    """One stream, received by both controllers at once: per controller, the rate until all
+    its rows hold `last_step` (from the first send), the time after the last send, and how
+    many rows never got there (lost beats; the time is then that of the last progress)."""
     dbs = {name: ctl.state_dir / "marduk.db" for name, ctl in ctls.items()}
     t0 = time.perf_counter()
-    asyncio.run(publish(next(iter(ctls.values())).url, payloads, rate))
+    first, second = (ctl.url for ctl in ctls.values())
+    asyncio.run(publish(first, payloads, rate, also=second))
     t_sent = time.perf_counter()
+    progress = {name: (-1, -1, t_sent) for name in dbs}  # (rows done, step sum, when)
     done: dict[str, float] = {}
     while len(done) < len(dbs):
         for name, db in dbs.items():
-            if name not in done and persisted(db, replicas, last_step):
-                done[name] = time.perf_counter()
+            if name in done:
+                continue
+            _, steps, since = progress[name]
+            now = time.perf_counter()
+            count, total = persisted_count(db, last_step)
+            if total != steps:
+                progress[name] = (count, total, now)
+            if count == replicas or now - since > STALL_S:
+                done[name] = progress[name][2]
         time.sleep(0.01)
-    return {name: {"rate": len(payloads) / (t - t0), "tail_ms": (t - t_sent) * 1000}
-            for name, t in done.items()}
+    return {name: {"rate": len(payloads) / (t - t0), "tail_ms": (t - t_sent) * 1000,
+                   "missing": replicas - progress[name][0]} for name, t in done.items()}
 
 
 def both_arms(ctls: dict[str, ControllerProcess], args: argparse.Namespace
@@ -308,6 +339,7 @@ def both_arms(ctls: dict[str, ControllerProcess], args: argparse.Namespace
     return {name: {"burst_hb_per_s": burst_res[name]["rate"],
                    "paced_hb_per_s": paced_res[name]["rate"],
                    "paced_tail_ms": paced_res[name]["tail_ms"],
+                   "missing": burst_res[name]["missing"] + paced_res[name]["missing"],
                    "rejected": ctls[name].request("status")["rejected_total"]}
             for name in ctls}
 
@@ -329,8 +361,11 @@ def validation_main(args: argparse.Namespace) -> int:
           flush=True)
     results: dict[str, list[dict[str, Any]]] = {"validated": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
-        server = NatsServerProcess(Path(tmp) / "nats")
-        url = server.start()
+        # One nats-server per controller: two controllers on one server would share its
+        # request subjects and durable consumer. The publisher sends each beat to both.
+        servers = {name: NatsServerProcess(Path(tmp) / f"nats-{name}")
+                   for name in ("validated", "plain")}
+        urls = {name: server.start() for name, server in servers.items()}
         template = Path(tmp) / "template.db"
         prefill(template, max(args.replicas, int(args.rate)))
         try:
@@ -342,7 +377,8 @@ def validation_main(args: argparse.Namespace) -> int:
                         state = Path(tmp) / f"state-{name}-{run}"
                         state.mkdir()
                         shutil.copy(template, state / "marduk.db")
-                        ctls[name] = cls(state, url, reconcile_s=3600).start(timeout_s=60)
+                        ctls[name] = cls(state, urls[name], reconcile_s=3600).start(
+                            timeout_s=60)
                     for name, res in both_arms(ctls, args).items():
                         results[name].append(res)
                 finally:
@@ -352,7 +388,8 @@ def validation_main(args: argparse.Namespace) -> int:
                       f"{results['validated'][-1]['burst_hb_per_s']:,.0f} hb/s, plain "
                       f"{results['plain'][-1]['burst_hb_per_s']:,.0f} hb/s", flush=True)
         finally:
-            server.stop()
+            for server in servers.values():
+                server.stop()
     report_validation(args, val_ns, plain_ns, results)
     return 0
 
@@ -375,7 +412,8 @@ def report_validation(args: argparse.Namespace, val_ns: float, plain_ns: float,
         print(f"controller, {name:9s}: burst {best(name, 'burst_hb_per_s'):>9,.0f} hb/s "
               f"persisted; paced {best(name, 'paced_hb_per_s'):>9,.0f} hb/s, last row "
               f"{min(r['paced_tail_ms'] for r in runs):.0f} ms after the last send; "
-              f"rejected {sum(r['rejected'] for r in runs)}"
+              f"rejected {sum(r['rejected'] for r in runs)}, rows never updated (lost beats) "
+              f"{sum(r['missing'] for r in runs)}"
               + ("  (baseline)" if name == "plain" else ""))
     floor = 1.0 - args.target_loss
     print(f"ratio validated/plain  : burst {burst_ratio:.2f} (runs: "
