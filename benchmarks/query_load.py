@@ -18,9 +18,12 @@ CPU time and RSS in each arm.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/query_load.py [--requesters 200]
         [--rate 2] [--seconds 20] [--replicas 100000] [--events 50000] [--target-p99-ms 50]
+        [--verbs history,replicas,nodes,top]
 
-Not a test: the target is printed next to the figure, met or not. The default run takes
-about 100 s on two shared cores (most of it the two 20 s fault arms and the fill).
+The requesters stop 1 s after the last verdict; a drain decided later than that was held up
+by the backlog they left. Not a test: the target is printed next to the figure, met or not.
+The default run takes about 100 s on two shared cores (the fill and the two 20 s fault
+arms), up to 90 s more when verdicts are still undecided after the last one.
 """
 
 from __future__ import annotations
