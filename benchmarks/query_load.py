@@ -51,6 +51,7 @@ from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.domain.gpu_health import GpuAction
 from marduk_slurm.errors import BusError, BusTimeout
 
 from harness import ControllerProcess
@@ -121,8 +122,8 @@ async def load_process(url: str, count: int, first: int, seconds: float, plan: l
 def verdict(node_index: int) -> tuple[str, bytes, str]:
     node = node_name(node_index)
     msg = m.Verdict(node=node, gpu_uuid=gpu_uuid(node_index * REPLICAS_PER_NODE), gpu_index=0,
-                    action="drain_node", reason="xid 79: GPU has fallen off the bus", xid=79,
-                    ts=time.time())
+                    action=GpuAction.DRAIN_NODE, reason="xid 79: GPU has fallen off the bus",
+                    xid=79, ts=time.time())
     return subjects.node_event(node, "verdict"), m.encode(msg), node
 
 
