@@ -42,7 +42,8 @@ HUMAN_LIMIT = 1000
 
 
 def ask_list(args: argparse.Namespace, verb: str, params: dict[str, Any], *,
-             limit: int | None, newest_first: bool = False) -> tuple[list[Any], int | None]:
+             limit: int | None, newest_first: bool = False, page_size: int = 1000
+             ) -> tuple[list[Any], int | None]:
     """A list verb, page after page over one connection, up to `limit` rows (None: all).
     With --json and no limit, each page is written out as it arrives (exact JSON, one array)
     and nothing is kept; the rows returned are then empty."""
@@ -67,7 +68,8 @@ def ask_list(args: argparse.Namespace, verb: str, params: dict[str, Any], *,
         params = {**params, "newest_first": True}
     total = asyncio.run(call_pages(url, verb, params, on_page, creds=resolve_creds(s),
                                    timeout_s=args.timeout or s.nats.request_timeout_s,
-                                   actor=os.environ.get("MARDUK_ACTOR", _actor())))
+                                   actor=os.environ.get("MARDUK_ACTOR", _actor()),
+                                   page_size=page_size))
     if stream:
         out.write("[]\n" if first[0] else "\n]\n")
     if newest_first:  # pages came newest first, each in id order
@@ -201,7 +203,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         rows, total = ask(args, "nodes", {"node": args.node}), None
     else:
         limit = _shown(args)
-        rows, total = ask_list(args, "nodes", {}, limit=limit or 10**9)
+        # A node row carries its GPUs and replicas: 1,000 of them can pass NATS's 1 MiB.
+        rows, total = ask_list(args, "nodes", {}, limit=limit or 10**9, page_size=100)
     try:
         scores = ask(args, "risk", {"node": args.node})
     except RequestFailed:  # a controller from before risk scores: the column shows "-"

@@ -82,7 +82,7 @@ class Observability:
                 out.append(node)
             return out
         rows = await self.ctx.db.read(read)
-        scores = {s.gpu_uuid: s for s in self.risk.refresh()}
+        scores = {s.gpu_uuid: s for s in await self.risk.refresh()}
         for node in rows:
             for gpu in node["gpus"]:
                 score = scores.get(gpu["uuid"])
