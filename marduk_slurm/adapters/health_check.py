@@ -73,10 +73,8 @@ async def run_check(template: str, node: str, *, timeout_s: float,
 async def stop_process_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:
     """SIGTERM to the check's whole group, SIGKILL after `grace_s`; then reap the leader."""
     _signal_group(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(proc.wait(), grace_s)
-    except TimeoutError:
-        pass
     # Members of the group may outlive the leader (srun's helpers, ssh): kill them all.
     _signal_group(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
