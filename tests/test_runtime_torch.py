@@ -109,7 +109,9 @@ def test_config_revisions_apply_at_the_same_step_on_every_group(cluster: Cluster
     cluster.wait_until(lambda: all(w.steps() and w.steps()[-1]["np"] == 2 for w in (a, b)), 60,
                        "a quorum of both groups")
 
-    proc = run_cli(*cluster.cli("config", "set", str(JOB), "lr=0.05", "user.input_scale=0.5"))
+    # --no-wait: the apply step is checked against the steps at the moment of the request.
+    proc = run_cli(*cluster.cli("config", "set", str(JOB), "lr=0.05", "user.input_scale=0.5",
+                                "--no-wait"))
     assert proc.returncode == 0, proc.stderr
     shown = cli_json(*cluster.cli("config", "show", str(JOB)))
     at = shown["revisions"][0]["apply_at_step"]
