@@ -3,8 +3,8 @@ burn-in over ssh (``ssh {node} /opt/site/gpu-burn 60``) or a site script. Exit 0
 healthy.
 
 Slurm will not start a job on a drained node, so a check submitted as a job on exactly that
-node (``srun -w {node} ...``) waits in ReqNodeNotAvail until its time limit: the check has to
-reach the node outside Slurm's scheduling, or through a reservation that admits drained nodes.
+node (``srun -w {node} ...``, with or without a reservation) waits in the queue until its time
+limit: the check has to reach the node outside Slurm's scheduling (ssh, pdsh, a site script).
 
 The check runs in a process group of its own, and on timeout or cancellation the whole group
 is stopped: SIGTERM first (srun then cancels its pending allocation), SIGKILL after a grace
