@@ -5,9 +5,16 @@ fresh process (`python -m marduk_slurm.cli.main ...`), the way a shell runs it. 
 the same run, on the same machine and load:
 - `python -c pass`: the interpreter's floor, what no Python CLI can beat;
 - a bare nats-py script that connects, makes one request/reply to a responder on the same
-  server, and exits: the floor of any Python client that asks over NATS.
+  server, and exits: the floor of any Python client that asks over NATS; once as nats-py
+  loads by default (with aiohttp, for its WebSocket transport) and once without aiohttp, as
+  the CLI loads it.
 
-    .venv/bin/python benchmarks/cli_latency.py [--runs 20] [--json]
+    .venv/bin/python benchmarks/cli_latency.py [--runs 20] [--json] [--source-only]
+
+Python compiles a module from source on every start when it may not write bytecode
+(PYTHONDONTWRITEBYTECODE, a read-only checkout); an installed package has its .pyc files.
+By default the commands run with a bytecode cache in a temporary PYTHONPYCACHEPREFIX (filled
+by the warm-up run), as installed; --source-only keeps the environment as it is.
 
 Also prints the ten slowest imports of `marduk status --help` (python -X importtime), which
 is where start-up time goes when a CLI call is slow.
@@ -38,6 +45,8 @@ from harness import ControllerProcess  # noqa: E402
 
 BARE_NATS_CLIENT = """
 import asyncio, sys
+if sys.argv[2:] == ["no-aiohttp"]:  # as marduk's CLI loads nats-py for a nats:// URL
+    sys.modules["aiohttp"] = None
 import nats
 
 async def main():
@@ -74,25 +83,26 @@ def _child_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def time_runs(argv: list[str], runs: int) -> dict[str, float]:
+def time_runs(argv: list[str], runs: int, env: dict[str, str]) -> dict[str, float]:
     """Run `argv` `runs` times (after one warm-up run): wall time p50/p90/min, and the CPU
     time (user + system) the process itself used, p50. On a shared, loaded machine the wall
     time mostly measures the wait for a core; the CPU time is what the command costs."""
-    subprocess.run(argv, capture_output=True, check=True, cwd=REPO)
+    subprocess.run(argv, capture_output=True, check=True, cwd=REPO, env=env)
     times, cpu = [], []
     for _ in range(runs):
         c0, t0 = _child_cpu_s(), time.perf_counter()
-        subprocess.run(argv, capture_output=True, check=True, cwd=REPO)
+        subprocess.run(argv, capture_output=True, check=True, cwd=REPO, env=env)
         times.append(time.perf_counter() - t0)
         cpu.append(_child_cpu_s() - c0)
     return {"p50_ms": statistics.median(times) * 1000, "p90_ms": pct(times, 0.9) * 1000,
             "min_ms": min(times) * 1000, "cpu_p50_ms": statistics.median(cpu) * 1000}
 
 
-def slowest_imports(top: int = 10) -> list[tuple[int, str]]:
+def slowest_imports(env: dict[str, str], top: int = 10) -> list[tuple[int, str]]:
     """(cumulative microseconds, module) of the slowest imports of `marduk status --help`."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "marduk_slurm.cli.main",
-                           "status", "--help"], capture_output=True, text=True, cwd=REPO)
+                           "status", "--help"], capture_output=True, text=True, cwd=REPO,
+                          env=env)
     rows = []
     for line in proc.stderr.splitlines():
         parts = line.split("|")
@@ -101,8 +111,12 @@ def slowest_imports(top: int = 10) -> list[tuple[int, str]]:
     return sorted(rows, reverse=True)[:top]
 
 
-def measure(runs: int) -> dict[str, Any]:
+def measure(runs: int, source_only: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="marduk-cli-bench-") as tmp:
+        env = dict(os.environ)
+        if not source_only:
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = str(Path(tmp) / "pycache")
         nats = NatsServerProcess(Path(tmp) / "nats")
         nats.start()
         ctl = ControllerProcess(Path(tmp) / "state", nats.url).start()
@@ -116,33 +130,42 @@ def measure(runs: int) -> dict[str, Any]:
         try:
             cli = [sys.executable, "-m", "marduk_slurm.cli.main"]
             results = {
-                "python -c pass": time_runs([sys.executable, "-c", "pass"], runs),
+                "python -c pass": time_runs([sys.executable, "-c", "pass"], runs, env),
                 "bare nats-py request/reply": time_runs(
-                    [sys.executable, "-c", BARE_NATS_CLIENT, nats.url], runs),
-                "marduk --help": time_runs([*cli, "--help"], runs),
-                "marduk status": time_runs([*cli, "status", "--nats-url", nats.url], runs),
-                "marduk replicas": time_runs([*cli, "replicas", "--nats-url", nats.url], runs),
+                    [sys.executable, "-c", BARE_NATS_CLIENT, nats.url], runs, env),
+                "bare nats-py, no aiohttp": time_runs(
+                    [sys.executable, "-c", BARE_NATS_CLIENT, nats.url, "no-aiohttp"], runs,
+                    env),
+                "marduk --help": time_runs([*cli, "--help"], runs, env),
+                "marduk status": time_runs([*cli, "status", "--nats-url", nats.url], runs,
+                                           env),
+                "marduk replicas": time_runs([*cli, "replicas", "--nats-url", nats.url],
+                                             runs, env),
             }
+            imports = slowest_imports(env)
         finally:
             loop.call_soon_threadsafe(stop.set)
             thread.join(10)
             ctl.stop()
             nats.stop()
-    return {"runs": runs, "results": results, "slowest_imports_us": slowest_imports(),
-            "load_average": os.getloadavg()[0]}
+    return {"runs": runs, "results": results, "slowest_imports_us": imports,
+            "load_average": os.getloadavg()[0], "bytecode_cache": not source_only}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--source-only", action="store_true",
+                        help="no bytecode cache when the environment forbids writing one")
     args = parser.parse_args()
-    data = measure(args.runs)
+    data = measure(args.runs, args.source_only)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
     print(f"wall time and CPU time per call, N={args.runs}, load average "
-          f"{data['load_average']:.1f} on {os.cpu_count()} CPUs")
+          f"{data['load_average']:.1f} on {os.cpu_count()} CPUs, bytecode cache "
+          f"{'on' if data['bytecode_cache'] else 'as the environment has it'}")
     print(f"{'command':<30} {'p50 ms':>8} {'p90 ms':>8} {'min ms':>8} {'CPU p50':>8}")
     for name, r in data["results"].items():
         print(f"{name:<30} {r['p50_ms']:>8.1f} {r['p90_ms']:>8.1f} {r['min_ms']:>8.1f} "
