@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from marduk_slurm.settings import Settings
 
 EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
+EXIT_SLURM_DOWN = 1  # `status` when the controller cannot reach Slurm, as `scontrol ping`
 
 
 def _actor() -> str:
@@ -184,9 +185,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in rejection_lines(data):
         say(line)
     return EXIT_SLURM_DOWN if unreachable else 0
-
-
-EXIT_SLURM_DOWN = 1
 
 
 def slurm_lines(data: dict[str, Any], now: float | None = None) -> tuple[list[str], bool]:
