@@ -468,14 +468,15 @@ def add_parsers(sub: Any, add: Any) -> None:
     p.add_argument("--gpu", type=arguments.gpu_id,
                    help="the GPU UUID this drain is about, for the record")
     p = add(sub, "resume", "resume nodes that marduk drained (others only with --force)",
-            'marduk resume n3 n4 --check "ssh {node} nvidia-smi -q -d ECC"', cmd_resume)
+            'marduk resume n3 --check "ssh {node} nvidia-smi -q -d ECC"', cmd_resume)
     p.add_argument("words", nargs="+", metavar="NODES",
                    help="a hostlist (n[3-4]) or several node names (n3 n4)")
     p.add_argument("--force", action="store_true", help="also resume drains set by others")
     p.add_argument("--check", metavar="CMD",
-                   help="run CMD here first ({node} is replaced by NODES); resume only if it "
-                        "exits 0. It must reach the node outside Slurm (ssh {node} ...): Slurm "
-                        "starts no job on a drained node, so `srun -w {node}` waits forever")
+                   help="run CMD here first ({node} is replaced by NODES: n3, or n3,n4 for "
+                        "several; pdsh -w {node} takes such a list); resume only if it exits 0. "
+                        "It must reach the nodes outside Slurm (ssh {node} ...): Slurm starts "
+                        "no job on a drained node, so `srun -w {node}` waits forever")
     p.add_argument("--check-timeout", type=arguments.seconds_in("--check-timeout", 1, 86400),
                    default=60.0, metavar="S",
                    help="stop the check (its whole process group) after S seconds and refuse "
