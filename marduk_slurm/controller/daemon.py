@@ -118,7 +118,8 @@ class Controller:
             log.warning("starting without a first Slurm reconcile: %s", reconciler.last_error)
         ops = Operations(ctx, self.slurm, self.settings.fault_policy(), reconciler.refresh_nodes,
                          resume_check=self.settings.slurm.resume_check,
-                         resume_check_timeout_s=self.settings.slurm.resume_check_timeout_s)
+                         resume_check_timeout_s=self.settings.slurm.resume_check_timeout_s,
+                         slurm_health=reconciler.health)
         self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
         self.ctx, self.ops = ctx, ops
         sup = self.supervisor

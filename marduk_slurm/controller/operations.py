@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from marduk_slurm.adapters.health_check import run_check
@@ -26,8 +27,10 @@ from marduk_slurm.errors import BusError, BusTimeout, NotFound
 class Operations:
     def __init__(self, ctx: Context, slurm: SlurmBackend, fault_policy: FaultPolicy,
                  refresh_nodes: Any, *, resume_check: str = "",
-                 resume_check_timeout_s: float = 900.0) -> None:
+                 resume_check_timeout_s: float = 900.0,
+                 slurm_health: Callable[[], dict[str, Any]] | None = None) -> None:
         self.ctx = ctx
+        self.slurm_health = slurm_health
         self.resume_check = resume_check
         self.resume_check_timeout_s = resume_check_timeout_s
         self.slurm = slurm
@@ -231,6 +234,8 @@ class Operations:
             "slurm_calls": self.slurm.stats(),
             "counters": dict(self.ctx.stats),
             "rejections": self.ctx.rejections(),
+            **({"slurm_health": self.slurm_health()}
+               if self.slurm_health is not None and self.slurm.name != "none" else {}),
         })
         return data
 
