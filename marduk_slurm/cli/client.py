@@ -2,23 +2,22 @@
 
 The NATS adapter and the message codec are imported when a request is made, not when this
 module is: `marduk --help`, usage errors and local commands never pay for nats-py. See
-`_bus_class` for why aiohttp is kept out of a CLI process.
+`adapters.bus_loader` for why aiohttp is kept out of a CLI process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from marduk_slurm.adapters.bus_loader import bus_class
 from marduk_slurm.errors import BusError, MardukError, NotFound
 
 if TYPE_CHECKING:
-    from marduk_slurm.adapters.bus import Bus
     from marduk_slurm.domain import messages as m
     from marduk_slurm.settings import Settings
 
@@ -59,23 +58,6 @@ def resolve_creds(settings: Settings) -> str:
     return str(operator) if os.access(operator, os.R_OK) else ""
 
 
-def _bus_class(url: str) -> type[Bus]:
-    """The NATS adapter, imported on first use. nats-py imports aiohttp (about half of a CLI
-    call's start-up) only for its WebSocket transport; a nats:// or tls:// URL never uses
-    it, so the import is hidden from nats-py for that moment. Other code of the process can
-    still import aiohttp afterwards."""
-    if "nats" not in sys.modules and "aiohttp" not in sys.modules \
-            and not url.startswith(("ws://", "wss://")):
-        sys.modules["aiohttp"] = None  # type: ignore[assignment]  # ImportError inside nats
-        try:
-            import nats  # noqa: F401
-        finally:
-            del sys.modules["aiohttp"]
-    from marduk_slurm.adapters.bus import Bus
-
-    return Bus
-
-
 class Session:
     """One connection to the controller for several requests (`config set`, then its acks).
 
@@ -88,7 +70,7 @@ class Session:
         self.url = url
         self.timeout_s = timeout_s
         self.actor = actor
-        self.bus = _bus_class(url)(url, name="marduk-cli", creds=creds,
+        self.bus = bus_class(url)(url, name="marduk-cli", creds=creds,
                                    connect_timeout_s=min(timeout_s, 5.0))
 
     async def __aenter__(self) -> Session:
