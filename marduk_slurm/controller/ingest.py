@@ -208,6 +208,7 @@ def _seq(msg: Msg) -> int:
 _SCOPE: dict[type, str] = {
     m.StepStart: "node", m.StepEnd: "node", m.Verdict: "node", m.GpuInventory: "node",
     m.ReplicaRegister: "job", m.ReplicaLeave: "job", m.ConfigAck: "job",
+    m.AssumeAck: "job",
 }
 
 
