@@ -1,4 +1,5 @@
 #!/bin/bash
+# shellcheck disable=SC2030,SC2031  # each step sets its own environment in its subshell
 # Fault-tolerant TorchFT job, rendered by `marduk sbatch` (marduk_slurm/domain/sbatch.py).
 # 4 replica group(s) x 2 node(s), 1 spare group(s) (0 hot), up to 5 restart(s).
 #SBATCH --job-name=llama-ft

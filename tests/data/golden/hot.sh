@@ -1,4 +1,5 @@
 #!/bin/bash
+# shellcheck disable=SC2030,SC2031  # each step sets its own environment in its subshell
 # Fault-tolerant TorchFT job, rendered by `marduk sbatch` (marduk_slurm/domain/sbatch.py).
 # 2 replica group(s) x 1 node(s), 2 spare group(s) (1 hot), up to 3 restart(s).
 #SBATCH --job-name=marduk-torchft
