@@ -56,3 +56,26 @@ def test_fault_drill(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:  # no
     old = [r for r in result.replicas if r["node"] == result.node]
     assert moved and old and moved[0]["replica_group"] == old[0]["replica_group"]
     assert old[0]["state"] == "left" and old[0]["gpu_uuids"] == []
+
+
+def test_fault_drill_with_a_hot_spare(tmp_path: Path, slurm_cluster: SlurmCluster  # noqa: F811
+                                      ) -> None:
+    """The spare node runs a standby: the decision that sends the faulty group away names it,
+    it assumes the group and heals, the supervisor follows it there, nothing is respawned."""
+    pytest.importorskip("torchft", reason="the drill trains with torchft")
+    drill = _load_drill()
+    result = drill.run_drill(tmp_path, max_steps=200, step_sleep_s=0.05, hot_spares=1)
+    print(drill.summary(result))
+    print(f"hot spare: fault -> full strength {result.fault_to_full_strength_s:.2f} s")
+    assert result.job_state == "COMPLETED" and result.final_step == 200
+    assert result.assumed_by_standby and result.steps_lost == 0
+    assert 0 < result.fault_to_full_strength_s < 2.0
+    kinds = [(e["kind"], e["node"]) for e in result.history]
+    chain = [("gpu_verdict", result.node), ("standby_assigned", result.spare),
+             ("standby_assumed", None), ("replica_register", result.spare)]
+    positions = [kinds.index(link) for link in chain]
+    assert positions == sorted(positions), kinds
+    # The standby's step started with the job: no step starts after the fault, no respawn.
+    assert ("step_start", result.spare) not in kinds
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert "assumed by standby 0 on" in log and "respawning" not in log
