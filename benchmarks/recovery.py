@@ -9,7 +9,7 @@ groups (the training log of scripts/train_tiny.py, one clock: every node is this
 Needs the local cluster (scripts/slurm-cluster.sh) and root, like the drill; takes the nodes
 of the cluster while it runs (about a minute per job).
 
-    .venv/bin/python benchmarks/recovery.py [--runs 3] [--max-steps 200]
+    .venv/bin/python benchmarks/recovery.py [--runs 3]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def measure(runs: int, max_steps: int, step_sleep_s: float) -> dict[str, list[fl
         for label, hot in (("hot spare", 1), ("cold respawn", 0)):
             work = Path(tempfile.mkdtemp(prefix=f"marduk-recovery-{hot}-"))
             result = drill.run_drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s,
-                                     hot_spares=hot)
+                                     hot_spares=hot, finish_after=60)
             if result.job_state != "COMPLETED" or result.fault_to_full_strength_s <= 0:
                 raise RuntimeError(f"run {i + 1} ({label}) did not complete: {result.job_state}"
                                    f"; logs in {work}")
@@ -58,7 +58,9 @@ def measure(runs: int, max_steps: int, step_sleep_s: float) -> dict[str, list[fl
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--max-steps", type=int, default=200)
+    ap.add_argument("--max-steps", type=int, default=5000,
+                    help="long enough for a cold respawn; the job is ended 60 steps after "
+                         "the group is back")
     ap.add_argument("--step-sleep", type=float, default=0.05)
     args = ap.parse_args()
     times = measure(args.runs, args.max_steps, args.step_sleep)

@@ -95,9 +95,11 @@ class Drill:
         self.procs.append(subprocess.Popen([*MARDUK, *args], stdout=log,
                                            stderr=subprocess.STDOUT, env=self.env, cwd=REPO))
 
-    def marduk(self, *args: str) -> Any:
-        # Options right after the verb: `sbatch` passes everything after SCRIPT to it.
-        argv = [*MARDUK, "--state-dir", str(self.state), args[0], "--json", *args[1:]]
+    def marduk(self, *args: str, words: int = 1) -> Any:
+        # Options right after the verb (`words` long: `config set` is 2): `sbatch` passes
+        # everything after SCRIPT to it.
+        argv = [*MARDUK, "--state-dir", str(self.state), *args[:words], "--json",
+                *args[words:]]
         out = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=REPO)
         if out.returncode != 0:
             raise RuntimeError(f"marduk {' '.join(args)}: {out.stderr.strip()}")
@@ -253,7 +255,10 @@ def full_strength_at(output: str, group: int, old_node: str, groups: int,
 
 
 def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
-              hot_spares: int = 0) -> DrillResult:
+              hot_spares: int = 0, finish_after: int | None = None) -> DrillResult:
+    """One drill. With `finish_after`, once the group is back at full strength the job is
+    told (`marduk config set JOB max_steps=...`) to end that many steps later: a long
+    `max_steps` then leaves room for a slow cold respawn without making every run long."""
     drill = Drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s, hot_spares=hot_spares)
     result = DrillResult(work=str(work), hot_spares=hot_spares)
     try:
@@ -265,6 +270,10 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
         t0, result.step_at_fault = drill.inject(victim)
         result.node, result.gpu_uuid = victim["node"], victim["gpu_uuids"][0]
         drill.follow(victim, t0, result)
+        if finish_after is not None:
+            last = max(r["last_step"] for r in drill.replicas())
+            drill.marduk("config", "set", str(drill.job_id), f"max_steps={last + finish_after}",
+                         words=2)
         result.job_state = drill.wait_job()
         say(f"job {drill.job_id} finished: {result.job_state}")
         result.history = drill.marduk("history", "--since", str(t0 - 1), "--limit", "1000")
@@ -280,9 +289,13 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
         # The respawned group heals to the survivors' step; anything below the step at the
         # fault would be work done twice.
         result.steps_lost = max(0, result.step_at_fault - result.step_rejoined)
-        say(f"resuming {result.node} (marduk set this drain, so it may undo it)")
-        drill.marduk("resume", result.node)
     finally:
+        if result.node:
+            say(f"resuming {result.node} (marduk set this drain, so it may undo it)")
+            try:
+                drill.marduk("resume", result.node)
+            except RuntimeError as exc:  # never drained (the drill failed before): say so
+                say(f"  {exc}")
         say("stopping the agents and the controller")
         drill.stop()
     return result
