@@ -66,6 +66,7 @@ class DrillResult:
     step_at_fault: int = 0
     step_rejoined: int = 0
     final_step: int = 0
+    max_steps: int = 0  # where the job was to end (moved by `finish_after`)
     steps_lost: int = 0
     job_state: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -260,7 +261,7 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
     told (`marduk config set JOB max_steps=...`) to end that many steps later: a long
     `max_steps` then leaves room for a slow cold respawn without making every run long."""
     drill = Drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s, hot_spares=hot_spares)
-    result = DrillResult(work=str(work), hot_spares=hot_spares)
+    result = DrillResult(work=str(work), hot_spares=hot_spares, max_steps=max_steps)
     try:
         drill.start_services()
         drill.submit_job()
@@ -272,7 +273,8 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
         drill.follow(victim, t0, result)
         if finish_after is not None:
             last = max(r["last_step"] for r in drill.replicas())
-            drill.marduk("config", "set", str(drill.job_id), f"max_steps={last + finish_after}",
+            result.max_steps = last + finish_after
+            drill.marduk("config", "set", str(drill.job_id), f"max_steps={result.max_steps}",
                          words=2)
         result.job_state = drill.wait_job()
         say(f"job {drill.job_id} finished: {result.job_state}")

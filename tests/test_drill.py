@@ -29,12 +29,14 @@ def _load_drill():  # type: ignore[no-untyped-def]
 def test_fault_drill(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:  # noqa: F811
     pytest.importorskip("torchft", reason="the drill trains with torchft")
     drill = _load_drill()
-    result = drill.run_drill(tmp_path, max_steps=200, step_sleep_s=0.05)
+    # A long max_steps, moved to 40 steps past the recovery: a cold respawn on a loaded host
+    # (a new process importing torch) must not find the survivor finished already.
+    result = drill.run_drill(tmp_path, max_steps=3000, step_sleep_s=0.05, finish_after=40)
     print(drill.summary(result))
     print(f"fault -> drain {result.fault_to_drain_s * 1000:.0f} ms, fault -> full strength "
           f"{result.fault_to_full_strength_s:.1f} s")
     assert result.job_state == "COMPLETED"
-    assert result.final_step == 200
+    assert result.final_step == result.max_steps < 3000
     assert result.reason.startswith(f"marduk: xid=79 gpu={result.gpu_uuid} event=")
     assert result.spare not in ("", result.node)
     assert result.steps_lost == 0
@@ -64,10 +66,11 @@ def test_fault_drill_with_a_hot_spare(tmp_path: Path, slurm_cluster: SlurmCluste
     it assumes the group and heals, the supervisor follows it there, nothing is respawned."""
     pytest.importorskip("torchft", reason="the drill trains with torchft")
     drill = _load_drill()
-    result = drill.run_drill(tmp_path, max_steps=200, step_sleep_s=0.05, hot_spares=1)
+    result = drill.run_drill(tmp_path, max_steps=3000, step_sleep_s=0.05, hot_spares=1,
+                             finish_after=40)
     print(drill.summary(result))
     print(f"hot spare: fault -> full strength {result.fault_to_full_strength_s:.2f} s")
-    assert result.job_state == "COMPLETED" and result.final_step == 200
+    assert result.job_state == "COMPLETED" and result.final_step == result.max_steps < 3000
     assert result.assumed_by_standby and result.steps_lost == 0
     assert 0 < result.fault_to_full_strength_s < 2.0
     kinds = [(e["kind"], e["node"]) for e in result.history]
