@@ -214,7 +214,8 @@ class MappingMixin:
 
     def count_replicas(self, *, job_id: int | None = None, node: str | None = None,
                        include_left: bool = False) -> int:
-        where, params = ["1"], []
+        where: list[str] = ["1"]
+        params: list[Any] = []
         if not include_left:
             where.append("state != 'left'")
         if job_id is not None:
