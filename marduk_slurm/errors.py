@@ -46,6 +46,10 @@ class BusTimeout(MardukError, TimeoutError):
     """A NATS request got no answer in time."""
 
 
+class BusClosed(BusError):
+    """The connection was closed for good (the process is shutting down)."""
+
+
 class SlurmError(MardukError, RuntimeError):
     """A Slurm command or API call failed."""
 

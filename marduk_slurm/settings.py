@@ -5,7 +5,10 @@ Each layer overrides the one before. Every effective value remembers where it ca
 (or variable) and the key: a typo must never be silently ignored.
 
 The schema is the dataclasses below; adding a setting is adding a field with a default and a
-one-line comment (which becomes its help text in docs/configuration.md).
+one-line comment (which becomes its help text in docs/configuration.md). Values are converted
+and range-checked by msgspec from the field's type: a number carries its bounds as
+`msgspec.Meta`, so NaN, infinities, negative intervals and absurd timeouts are refused where
+they are read, with the source and key in the message.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Annotated, Any, get_type_hints
+
+import msgspec
+from msgspec import Meta
 
 from marduk_slurm.domain.gpu_health import FaultPolicy
 from marduk_slurm.errors import SettingsError
@@ -23,36 +29,60 @@ from marduk_slurm.errors import SettingsError
 DEFAULT_PATH = Path("/etc/marduk/marduk.toml")
 ENV_PREFIX = "MARDUK_"
 
+HOUR_S = 3600.0
+DAY_S = 24 * HOUR_S
+YEAR_S = 365 * DAY_S
+
+# Bounds shared by many settings. Every bound is finite, so NaN and infinities fail it too.
+# A time limit of one call: positive; a call that takes more than an hour is hung.
+Timeout = Annotated[float, Meta(gt=0.0, le=HOUR_S)]
+# A period of a loop, or a window: positive (zero would spin), at most a day.
+Period = Annotated[float, Meta(gt=0.0, le=DAY_S)]
+# A wait that may be zero: at most a day.
+Delay = Annotated[float, Meta(ge=0.0, le=DAY_S)]
+# An NVIDIA XID; the driver's numbers are small, the bound only refuses nonsense.
+Xid = Annotated[int, Meta(ge=0, le=65_535)]
+# Bounds of one setting each; the upper ones catch a typo (an extra zero or three).
+FlushMs = Annotated[int, Meta(ge=1, le=60_000)]
+Restarts = Annotated[int, Meta(ge=0, le=1000)]
+StragglerFactor = Annotated[float, Meta(ge=1.0, le=100.0)]  # below 1 everyone is slow
+DeviationK = Annotated[float, Meta(ge=0.0, le=100.0)]
+RiskScore = Annotated[int, Meta(ge=0, le=100)]  # domain/risk.py scores 0..100
+StreamReplicas = Annotated[int, Meta(ge=1, le=5)]  # JetStream allows at most 5
+Retention = Annotated[float, Meta(gt=0.0, le=10 * YEAR_S)]
+GpuCount = Annotated[int, Meta(ge=0, le=1024)]
+BufferSize = Annotated[int, Meta(ge=1, le=10_000_000)]
+
 
 @dataclasses.dataclass(frozen=True)
 class ControllerSettings:
     state_dir: str = "/var/lib/marduk"  # SQLite database, embedded NATS store, nats.url
     database: str = ""  # default: <state_dir>/marduk.db
     log_level: str = "info"  # debug, info, warning, error
-    heartbeat_flush_ms: int = 50  # write-behind period of heartbeats
-    reconcile_interval_s: float = 30.0  # how often Slurm state is read back
-    step_grace_s: float = 30.0  # a reported step missing from Slurm for this long has ended
-    outbox_retry_max_s: float = 30.0  # longest wait between retries of a Slurm action
+    heartbeat_flush_ms: FlushMs = 50  # write-behind period of heartbeats
+    reconcile_interval_s: Period = 30.0  # how often Slurm state is read back
+    step_grace_s: Delay = 30.0  # a reported step missing from Slurm for this long has ended
+    outbox_retry_max_s: Period = 30.0  # longest wait between retries of a Slurm action
     leave_on_drain: bool = True  # tell replicas on a drained node to leave
-    task_max_restarts: int = 5  # crashes of one task within task_restart_window_s before exit
-    task_restart_window_s: float = 60.0  # the window for task_max_restarts
+    task_max_restarts: Restarts = 5  # crashes of one task within task_restart_window_s before exit
+    task_restart_window_s: Period = 60.0  # the window for task_max_restarts
     watchdog: bool = True  # ping systemd's watchdog from the main loop when asked to
     http_listen: str = "127.0.0.1:9108"  # dashboard, JSON API and /metrics; empty: off
     straggler_policy: str = "report"  # report, evict, evict_and_drain; per job: marduk straggler
-    straggler_factor: float = 1.5  # a straggler's work time exceeds this x the job median
-    straggler_mad_k: float = 5.0  # ... and the median + this x robust deviation (1.4826 MAD)
-    straggler_sustain_s: float = 3.0  # ... for this long before it is flagged (or cleared)
-    risk_drain_threshold: int = 0  # drain a node when a GPU's risk score reaches it; 0: off
+    straggler_factor: StragglerFactor = 1.5  # a straggler's work time exceeds this x the job median
+    straggler_mad_k: DeviationK = 5.0  # ... and the median + this x robust deviation (1.4826 MAD)
+    straggler_sustain_s: Delay = 3.0  # ... for this long before it is flagged (or cleared)
+    risk_drain_threshold: RiskScore = 0  # drain a node when a GPU's risk score reaches it; 0: off
 
 
 @dataclasses.dataclass(frozen=True)
 class NatsSettings:
     url: str = ""  # empty: start the embedded nats-server in the state directory
     creds: str = ""  # NATS credentials file of this process
-    connect_timeout_s: float = 5.0  # time limit of one connection attempt
-    request_timeout_s: float = 10.0  # how long the CLI waits for the controller's answer
-    stream_replicas: int = 1  # JetStream replicas of the events stream on a NATS cluster
-    stream_max_age_s: float = 7 * 24 * 3600.0  # events stream retention
+    connect_timeout_s: Timeout = 5.0  # time limit of one connection attempt
+    request_timeout_s: Timeout = 10.0  # how long the CLI waits for the controller's answer
+    stream_replicas: StreamReplicas = 1  # JetStream replicas of the events stream on a NATS cluster
+    stream_max_age_s: Retention = 7 * DAY_S  # events stream retention
     auth: bool = False  # embedded server: users and subject permissions from <state_dir>/auth
 
 
@@ -60,37 +90,37 @@ class NatsSettings:
 class SlurmSettings:
     backend: str = "auto"  # auto (pyslurm when importable), commands, pyslurm, none
     conf: str = ""  # SLURM_CONF for the Slurm commands; empty: Slurm's default
-    command_timeout_s: float = 10.0  # time limit of one Slurm command or API call
+    command_timeout_s: Timeout = 10.0  # time limit of one Slurm command or API call
     reason_prefix: str = "marduk"  # drain reasons start with it; it marks drains Marduk set
     resume_check: str = ""  # command that must pass before a resume; {node} is replaced
-    resume_check_timeout_s: float = 900.0  # time limit of resume_check
+    resume_check_timeout_s: Period = 900.0  # time limit of resume_check
 
 
 @dataclasses.dataclass(frozen=True)
 class AgentSettings:
     node: str = ""  # this node's Slurm name; default: the short host name
     socket: str = "/run/marduk/agent.sock"  # where the SPANK plugin reports steps
-    simulate_gpus: int = 0  # present N simulated GPUs instead of NVML
-    poll_interval_s: float = 5.0  # NVML health poll
-    nvml_timeout_s: float = 2.0  # time limit of one NVML call
+    simulate_gpus: GpuCount = 0  # present N simulated GPUs instead of NVML
+    poll_interval_s: Annotated[float, Meta(gt=0.0, le=HOUR_S)] = 5.0  # NVML health poll
+    nvml_timeout_s: Timeout = 2.0  # time limit of one NVML call
     state_dir: str = "/var/lib/marduk-agent"  # steps.json: the journal of running steps
     log_level: str = "info"  # debug, info, warning, error
     allow_inject: bool = False  # let `marduk inject` feed synthetic XIDs on real NVML GPUs
-    buffer_max: int = 10000  # reports kept in memory while NATS is away (oldest dropped)
+    buffer_max: BufferSize = 10000  # reports kept in memory while NATS is away (oldest dropped)
     job_credentials_dir: str = ""  # write each job's NATS credential here; "" = off
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicySettings:
     # XID -> action table (docs/gpu-health.md); unlisted XIDs mean "watch".
-    drain_xids: list[int] = dataclasses.field(  # drain the node
+    drain_xids: list[Xid] = dataclasses.field(  # drain the node
         default_factory=lambda: [48, 64, 74, 79, 95, 119, 120]
     )
-    reset_xids: list[int] = dataclasses.field(default_factory=list)  # reset the GPU
-    app_xids: list[int] = dataclasses.field(  # an application fault: restart the replica
+    reset_xids: list[Xid] = dataclasses.field(default_factory=list)  # reset the GPU
+    app_xids: list[Xid] = dataclasses.field(  # an application fault: restart the replica
         default_factory=lambda: [13, 31, 43, 94]
     )
-    ignore_xids: list[int] = dataclasses.field(default_factory=lambda: [63, 92])  # record only
+    ignore_xids: list[Xid] = dataclasses.field(default_factory=lambda: [63, 92])  # record only
 
 
 SECTIONS: dict[str, type] = {
@@ -133,46 +163,71 @@ class Settings:
         return out
 
 
-def _convert(value: Any, kind: Any, where: str) -> Any:
-    """Check a TOML value, or convert an environment string, to the field's type."""
-    is_str = isinstance(value, str)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if is_str and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if is_str and value.strip().lstrip("-").isdigit():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if is_str:
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        if is_str:
-            return value
-    elif kind == list[int]:
-        items = value.split(",") if is_str else value
-        if isinstance(items, list):
-            try:
-                return [int(str(i).strip()) for i in items if str(i).strip()]
-            except ValueError:
-                pass
-    raise SettingsError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+# The spellings of a bool in the environment (any case). msgspec itself takes only true, false,
+# 1 and 0; yes/no/on/off are what people write in unit files and shells.
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+               "0": False, "false": False, "no": False, "off": False}
+
+
+def _from_text(value: str, kind: Any) -> Any:
+    """An environment or flag string shaped for msgspec: a bool word as a bool, a list as its
+    comma-separated items, blanks around a number dropped (as int() and float() allow)."""
+    # __origin__ is the bare type under Annotated[...] and list[...] alike.
+    base = getattr(kind, "__origin__", kind)
+    if base is bool:
+        return _BOOL_WORDS.get(value.strip().lower(), value)
+    if base is list:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if base in (int, float):
+        return value.strip()
+    return value
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def describe(kind: Any) -> str:
+    """A field's type in words with its whole range: "float > 0 and <= 3600", "bool",
+    "list of int >= 0 and <= 65535" (msgspec names only the bound that failed)."""
+    if getattr(kind, "__origin__", None) is list:
+        return f"list of {describe(kind.__args__[0])}"
+    base = getattr(kind, "__origin__", kind)
+    bounds = [f"{op} {_number(getattr(meta, name))}"
+              for meta in getattr(kind, "__metadata__", ()) if isinstance(meta, Meta)
+              for name, op in _BOUNDS if getattr(meta, name) is not None]
+    name = str(getattr(base, "__name__", base))
+    return " and ".join([f"{name} {bounds[0]}", *bounds[1:]]) if bounds else name
+
+
+def _item(err: msgspec.ValidationError) -> str:
+    """Which list item failed, from msgspec's "... - at `$[1]`"; "" for a plain value."""
+    _, _, path = str(err).replace("`", "").partition(" - at $")
+    return f" (item {path})" if path else ""
+
+
+def _convert(value: Any, kind: Any, where: str, *, from_text: bool) -> Any:
+    """Check a TOML value (types as written), or convert an environment or flag value (strings
+    become numbers and bools), against the field's type and bounds."""
+    shaped = _from_text(value, kind) if from_text and isinstance(value, str) else value
+    try:
+        return msgspec.convert(shaped, kind, strict=not from_text)
+    except msgspec.ValidationError as err:
+        words = f" ({', '.join(_BOOL_WORDS)})" if from_text and kind is bool else ""
+        raise SettingsError(
+            f"{where}: expected {describe(kind)}{words}, got {value!r}{_item(err)}") from None
 
 
 def _fields(section: str) -> dict[str, Any]:
-    return get_type_hints(SECTIONS[section])
+    # include_extras keeps the Annotated bounds that msgspec checks.
+    return get_type_hints(SECTIONS[section], include_extras=True)
 
 
 def _apply(values: dict[str, dict[str, Any]], sources: dict[str, str], section: str,
-           key: str, raw: Any, origin: str) -> None:
+           key: str, raw: Any, origin: str, *, from_text: bool) -> None:
     if section not in SECTIONS:
         raise SettingsError(f"{origin}: unknown section [{section}] (valid: {', '.join(SECTIONS)})")
     fields = _fields(section)
@@ -180,7 +235,8 @@ def _apply(values: dict[str, dict[str, Any]], sources: dict[str, str], section: 
         raise SettingsError(
             f"{origin}: unknown key {section}.{key} (valid: {', '.join(sorted(fields))})"
         )
-    values.setdefault(section, {})[key] = _convert(raw, fields[key], f"{origin}: {section}.{key}")
+    values.setdefault(section, {})[key] = _convert(raw, fields[key], f"{origin}: {section}.{key}",
+                                                   from_text=from_text)
     sources[f"{section}.{key}"] = origin
 
 
@@ -209,16 +265,16 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None,
                 raise SettingsError(f"{file_path}: unknown section [{section}] "
                                     f"(valid: {', '.join(SECTIONS)})")
             for key, raw in table.items():
-                _apply(values, sources, section, key, raw, str(file_path))
+                _apply(values, sources, section, key, raw, str(file_path), from_text=False)
     for name, raw in sorted((env or {}).items()):
         parsed = _env_name(name)
         if parsed:
-            _apply(values, sources, parsed[0], parsed[1], raw, f"${name}")
+            _apply(values, sources, parsed[0], parsed[1], raw, f"${name}", from_text=True)
     for dotted, raw in (flags or {}).items():
         if raw is None:
             continue
         section, _, key = dotted.partition(".")
-        _apply(values, sources, section, key, raw, "flag")
+        _apply(values, sources, section, key, raw, "flag", from_text=True)
     built = {s: cls(**values.get(s, {})) for s, cls in SECTIONS.items()}
     settings = Settings(**built, sources=sources)
     validate(settings)
@@ -251,7 +307,7 @@ SLURM_BACKENDS = ("auto", "commands", "pyslurm", "none")
 
 
 def validate(s: Settings) -> None:
-    """Checks across values that types alone cannot express."""
+    """Checks that types and bounds alone cannot express (those msgspec checked on reading)."""
     def where(key: str) -> str:
         return s.sources.get(key, "default")
 
@@ -264,22 +320,12 @@ def validate(s: Settings) -> None:
     if s.controller.straggler_policy not in STRAGGLER_POLICIES:
         raise SettingsError(f"{where('controller.straggler_policy')}: controller.straggler_policy "
                             f"must be one of {', '.join(STRAGGLER_POLICIES)}")
-    if s.controller.straggler_factor < 1.0 or s.controller.straggler_mad_k < 0 \
-            or s.controller.straggler_sustain_s < 0:
-        raise SettingsError(f"{where('controller.straggler_factor')}: straggler_factor must be "
-                            ">= 1, straggler_mad_k and straggler_sustain_s >= 0")
     host, _, port = s.controller.http_listen.rpartition(":")
     if s.controller.http_listen and (not host or not port.isdigit() or int(port) > 65535):
         raise SettingsError(f"{where('controller.http_listen')}: controller.http_listen must be "
                             "HOST:PORT (e.g. 127.0.0.1:9108) or empty")
-    if not 0 <= s.controller.risk_drain_threshold <= 100:
-        raise SettingsError(f"{where('controller.risk_drain_threshold')}: must be 0 (off) to 100")
-    if s.controller.heartbeat_flush_ms <= 0:
-        raise SettingsError(f"{where('controller.heartbeat_flush_ms')}: must be > 0")
     if s.nats.url and not s.nats.url.startswith(("nats://", "tls://", "ws://", "wss://")):
         raise SettingsError(f"{where('nats.url')}: nats.url must start with nats:// or tls://")
-    if s.agent.simulate_gpus < 0:
-        raise SettingsError(f"{where('agent.simulate_gpus')}: must be >= 0")
     if not s.slurm.reason_prefix.strip():
         raise SettingsError(f"{where('slurm.reason_prefix')}: must not be empty")
 

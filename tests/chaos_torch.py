@@ -51,7 +51,9 @@ def nats_outage_under_training(tmp_path: Path, nats_server: NatsServerProcess,
         nats_server.start()
         back = time.time()
         ctl.wait_ready(30)
-        proc = run_cli("config", "set", str(JOB), "lr=0.05", "--json", "--nats-url", ctl.url)
+        # --no-wait: the time to apply is measured here, from `sent` on.
+        proc = run_cli("config", "set", str(JOB), "lr=0.05", "--json", "--no-wait",
+                       "--nats-url", ctl.url)
         assert proc.returncode == 0, proc.stderr
         sent = time.time()
 

@@ -252,7 +252,7 @@ def test_answers_from_sqlite_while_nats_is_down(controller: ControllerProcess,
     status = wait_for(lambda: (s := get("/api/status"))["nats"] != "connected" and s,
                       what="the controller to notice NATS is gone")
     assert status["replicas_active"] == 1
-    rows = get("/api/replicas")
+    rows = get("/api/replicas")["items"]
     assert isinstance(rows, list) and rows[0]["gpu_uuids"] == ["GPU-q"]
     nats_server.start()
     controller.wait_ready(30)
@@ -284,3 +284,22 @@ def test_a_crashed_step_makes_its_groups_other_ranks_leave(controller: Controlle
               for r in controller.request("replicas", {"job": 30, "all": True})}
     assert states == {"job30_rg0:r0": "left", "job30_rg0:r1": "leaving",
                       "job30_rg1:r2": "active"}
+
+
+def test_without_slurm_the_reconcile_never_ends_a_reported_step(
+        tmp_path: Path, nats_server: NatsServerProcess) -> None:
+    """With no Slurm backend there is no list of steps to compare with: an empty answer must
+    not read as "every step is gone" once the grace period is over."""
+    ctl = ControllerProcess(tmp_path / "state", nats_server.url, reconcile_s=0.2,
+                            extra_env={"MARDUK_CONTROLLER_STEP_GRACE_S": "0.5"}).start()
+    try:
+        asyncio.run(publish_durable(ctl.url, [step_start_msg(40, 0, "n1", ["GPU-z"]),
+                                              register_msg(40, 0, "n1", ["GPU-z"])]))
+        wait_for(lambda: ctl.request("replicas", {"job": 40}), what="the replica registered")
+        wait_for(lambda: ctl.request("status")["counters"].get("reconciles", 0) >= 10,
+                 what="reconciles well past the grace period")
+        assert [r["state"] for r in ctl.request("replicas", {"job": 40, "all": True})] == [
+            "active"]
+        assert ctl.request("history", {"kinds": ["step_gone"]}) == []
+    finally:
+        assert ctl.stop() == 0

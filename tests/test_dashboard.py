@@ -80,8 +80,8 @@ def test_api_and_metrics_show_the_mapping_a_fault_and_a_queued_drain(
         web_controller: tuple[ControllerProcess, str]) -> None:
     ctl, base = web_controller
     seed(ctl.url)
-    wait_for(lambda: api(base, "/api/replicas") and api(base, "/api/replicas")[0]["last_step"]
-             >= 8, what="the replica's heartbeats")
+    wait_for(lambda: (page := api(base, "/api/replicas")["items"]) and page[0]["last_step"] >= 8,
+             what="the replica's heartbeats")
     fault(ctl.url)
     nodes = wait_for(lambda: (n := api(base, "/api/nodes")) and n[0]["drain_pending"] and n,
                      what="a queued drain of n1")
@@ -179,3 +179,32 @@ def test_changes_over_http_need_the_operator_token(
     assert get(base + "/api/status", {"Authorization": "Bearer s3cret-token"}, "POST")[0] == 405
     assert get(base + "/api/status")[0] == 200  # reads need no token
     assert "s3cret-token" not in ctl.log()
+
+
+def test_the_replica_table_keeps_only_the_rows_in_view(
+        tmp_path: Path, nats_server: NatsServerProcess) -> None:
+    from test_dashboard_stream import start
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    ctl, base = start(tmp_path, nats_server.url, 20_000)
+    browser = Browser(chromium, base + "/")
+    try:
+        browser.wait("document.querySelector('#replicas-scroll').dataset.rows === '20000'",
+                     what="20,000 replicas in the table", timeout_s=60)
+        assert "20000 replicas (active 20000)" in browser.evaluate(
+            "document.querySelector('#replicas-summary').textContent")
+        rendered = browser.evaluate("document.querySelectorAll('#replicas tr.r').length")
+        assert 0 < rendered < 100, rendered
+        # Scrolled to the end, the last replica in the store's order is in view.
+        browser.evaluate("const box = document.querySelector('#replicas-scroll');"
+                         "box.scrollTop = box.scrollHeight")
+        browser.wait("document.querySelector('#replicas').textContent.includes('job199_rg99:')",
+                     what="the last replica after scrolling")
+        assert browser.evaluate("document.querySelectorAll('#replicas tr.r').length") < 100
+        shot = browser.screenshot(artifacts_dir() / "dashboard-20000-replicas.png")
+        print(f"\nscreenshot: {shot}")
+    finally:
+        browser.close()
+        assert ctl.stop() == 0, ctl.log()

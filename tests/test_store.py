@@ -172,3 +172,15 @@ def test_a_late_heartbeat_does_not_take_the_config_revision_back(store: Store) -
                                             config_revision=1)], now=6.0)
     row = store.replicas()[0]
     assert (row["config_revision"], row["last_step"]) == (2, 39)
+
+
+def test_store_mixins_never_shadow_each_other() -> None:
+    """Store is assembled from mixins; a method defined in two would silently hide one."""
+    from marduk_slurm.adapters.store.store import Store as Assembled
+
+    seen: dict[str, str] = {}
+    for mixin in Assembled.__mro__[1:-1]:
+        for name, value in vars(mixin).items():
+            if callable(value) and not name.startswith("__"):
+                assert name not in seen, f"{name} in both {seen[name]} and {mixin.__name__}"
+                seen[name] = mixin.__name__

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import nats
 import nats.errors
@@ -24,11 +24,79 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 
 from marduk_slurm.adapters import nats_auth
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import BusError, BusTimeout
+from marduk_slurm.errors import BusClosed, BusError, BusTimeout
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Msg], Awaitable[None]]
+
+
+class Incoming(Protocol):
+    """A core NATS message as the apps' handlers see it (nats-py's message is one)."""
+
+    subject: str
+    data: bytes
+    reply: str
+
+    async def respond(self, data: bytes) -> None: ...
+
+
+Handler = Callable[[Incoming], Awaitable[None]]
+
+
+class StreamMessage:
+    """A message of the events stream, fetched by a durable consumer: its content, its stream
+    sequence, how many times it was delivered, and its settlement (ack, nak, term), each
+    failure of which is a `BusError`."""
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self.subject: str = msg.subject
+        self.data = bytes(msg.data)
+        self.seq, self.deliveries = _metadata(msg)
+
+    async def ack(self) -> None:
+        await self._settle(self._msg.ack())
+
+    async def nak(self, delay_s: float) -> None:
+        await self._settle(self._msg.nak(delay=delay_s))
+
+    async def term(self) -> None:
+        await self._settle(self._msg.term())
+
+    @staticmethod
+    async def _settle(call: Awaitable[None]) -> None:
+        try:
+            await call
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(str(exc)) from exc
+
+
+def _metadata(msg: Msg) -> tuple[int, int]:
+    """(stream sequence, deliveries); (0, 1) for a message without JetStream metadata."""
+    try:
+        meta = msg.metadata
+        return int(meta.sequence.stream), int(meta.num_delivered)
+    except (AttributeError, ValueError, TypeError, nats.errors.Error):
+        return 0, 1
+
+
+class DurableConsumer:
+    """A pull consumer of the events stream."""
+
+    def __init__(self, psub: JetStreamContext.PullSubscription) -> None:
+        self._psub = psub
+
+    async def fetch(self, batch: int, timeout_s: float) -> list[StreamMessage]:
+        """Up to `batch` messages; [] when none came within `timeout_s`."""
+        try:
+            msgs = await self._psub.fetch(batch, timeout=timeout_s)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except nats.errors.ConnectionClosedError as exc:
+            raise BusClosed(str(exc)) from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"fetch from {subjects.EVENTS_STREAM} failed: {exc}") from exc
+        return [StreamMessage(msg) for msg in msgs]
 
 
 class Bus:
@@ -196,15 +264,15 @@ class Bus:
         return int(ack.seq)
 
     async def durable_consumer(self, durable: str, *, ack_wait_s: float = 30.0,
-                               max_ack_pending: int = 20000) -> JetStreamContext.PullSubscription:
+                               max_ack_pending: int = 20000) -> DurableConsumer:
         config = ConsumerConfig(
             durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait_s,
             deliver_policy=DeliverPolicy.ALL, max_ack_pending=max_ack_pending,
             max_deliver=-1,
         )
-        return await self.js.pull_subscribe(
+        return DurableConsumer(await self.js.pull_subscribe(
             subjects.EVENTS_ALL, durable=durable, stream=subjects.EVENTS_STREAM, config=config
-        )
+        ))
 
     async def stream_info(self) -> dict[str, Any]:
         info = await self.js.stream_info(subjects.EVENTS_STREAM)

@@ -11,8 +11,7 @@ import asyncio
 import logging
 from typing import Any
 
-from nats.aio.msg import Msg
-
+from marduk_slurm.adapters.bus import Incoming
 from marduk_slurm.agent.health import GpuWatcher, InjectRefused
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
@@ -52,12 +51,12 @@ class AgentRpc:
     def subject(self) -> str:
         return subjects.agent_rpc(self.node, "inject")
 
-    async def on_message(self, msg: Msg) -> None:
+    async def on_message(self, msg: Incoming) -> None:
         task = asyncio.create_task(self._answer(msg))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, msg: Incoming) -> None:
         reply = await self.inject(msg.data)
         if msg.reply:
             try:

@@ -10,24 +10,30 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from marduk_slurm import settings as settings_mod
-from marduk_slurm.adapters import nats_auth
-from marduk_slurm.adapters.nats_server import reload_running
 from marduk_slurm.cli import arguments, render
+
+if TYPE_CHECKING:  # imported by the commands themselves: `marduk --help` stays fast
+    from marduk_slurm.adapters import nats_auth
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
+    from marduk_slurm import settings as settings_mod
+
     flags = {"controller.state_dir": args.state_dir} if args.state_dir else {}
     return Path(settings_mod.from_environment(args.config, flags).controller.state_dir)
 
 
 def _auth_dir(args: argparse.Namespace) -> nats_auth.AuthDir:
+    from marduk_slurm.adapters import nats_auth
+
     return nats_auth.AuthDir(_state_dir(args) / "auth")
 
 
 def _reload(args: argparse.Namespace) -> None:
+    from marduk_slurm.adapters.nats_server import reload_running
+
     if reload_running(_state_dir(args) / "nats"):
         print("embedded nats-server reloaded", file=sys.stderr)
     else:
@@ -36,6 +42,8 @@ def _reload(args: argparse.Namespace) -> None:
 
 
 def _hand_out(args: argparse.Namespace, creds: nats_auth.Credentials) -> int:
+    from marduk_slurm.adapters import nats_auth
+
     if args.output:
         nats_auth.write_private(Path(args.output), creds.to_json(),
                                 uid=-1 if args.owner is None else args.owner)
@@ -47,6 +55,8 @@ def _hand_out(args: argparse.Namespace, creds: nats_auth.Credentials) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from marduk_slurm.adapters import nats_auth
+
     auth = _auth_dir(args)
     created = auth.ensure_initialised()
     verb = "created" if created else "already there"
@@ -69,6 +79,8 @@ def cmd_add_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    from marduk_slurm.adapters import nats_auth
+
     if not _auth_dir(args).remove(args.user):
         raise nats_auth.AuthError(f"no user {args.user!r}")
     print(f"{args.user} removed")

@@ -1,39 +1,61 @@
 """Operator commands that ask the controller: status, replicas, nodes, history, deadletters,
-drain, resume, inject. Each parses its arguments, makes one request, and prints a table or JSON."""
+drain, resume, inject. Each parses its arguments, makes one request, and prints a table or JSON.
+
+Settings, the NATS client and the health-check runner are imported by the commands that use
+them, so that parsing arguments and printing help stay fast (benchmarks/cli_latency.py)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
-import pwd
 import re
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from marduk_slurm import settings as settings_mod
-from marduk_slurm.adapters.health_check import run_check
 from marduk_slurm.cli import arguments, render
-from marduk_slurm.cli.client import call_pages, call_sync, resolve_creds, resolve_nats_url
+from marduk_slurm.cli.client import Session, call_pages, resolve_creds, resolve_nats_url
 from marduk_slurm.domain import hostlist
 from marduk_slurm.domain import input_bounds as bounds
 
+if TYPE_CHECKING:
+    from marduk_slurm.adapters.health_check import CheckResult
+    from marduk_slurm.settings import Settings
+
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
+EXIT_SLURM_DOWN = 1  # `status` when the controller cannot reach Slurm, as `scontrol ping`
+
 
 def _actor() -> str:
+    import pwd
+
     try:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return str(os.getuid())
 
 
-def ask(args: argparse.Namespace, verb: str, params: dict[str, Any]) -> Any:
+def cli_settings(args: argparse.Namespace) -> Settings:
+    from marduk_slurm import settings as settings_mod
+
     flags = {"controller.state_dir": args.state_dir} if args.state_dir else {}
-    s = settings_mod.from_environment(args.config, flags)
-    url = resolve_nats_url(s, args.nats_url)
-    return call_sync(url, verb, params, creds=resolve_creds(s),
-                     timeout_s=args.timeout or s.nats.request_timeout_s,
-                     actor=os.environ.get("MARDUK_ACTOR", _actor()))
+    return settings_mod.from_environment(args.config, flags)
+
+
+def session(args: argparse.Namespace) -> Session:
+    """A connection to the controller for several requests (`async with session(args)`)."""
+    s = cli_settings(args)
+    return Session(resolve_nats_url(s, args.nats_url), creds=resolve_creds(s),
+                   timeout_s=args.timeout or s.nats.request_timeout_s,
+                   actor=os.environ.get("MARDUK_ACTOR", _actor()))
+
+
+def ask(args: argparse.Namespace, verb: str, params: dict[str, Any]) -> Any:
+    async def one() -> Any:
+        async with session(args) as connection:
+            return await connection.ask(verb, params)
+    return asyncio.run(one())
 
 
 # Rows a list verb prints for a person unless told otherwise (as squeue users page with less,
@@ -42,12 +64,12 @@ HUMAN_LIMIT = 1000
 
 
 def ask_list(args: argparse.Namespace, verb: str, params: dict[str, Any], *,
-             limit: int | None, newest_first: bool = False) -> tuple[list[Any], int | None]:
+             limit: int | None, newest_first: bool = False, page_size: int = 1000
+             ) -> tuple[list[Any], int | None]:
     """A list verb, page after page over one connection, up to `limit` rows (None: all).
     With --json and no limit, each page is written out as it arrives (exact JSON, one array)
     and nothing is kept; the rows returned are then empty."""
-    flags = {"controller.state_dir": args.state_dir} if args.state_dir else {}
-    s = settings_mod.from_environment(args.config, flags)
+    s = cli_settings(args)
     url = resolve_nats_url(s, args.nats_url)
     rows: list[Any] = []
     stream = getattr(args, "json", False) and limit is None and not newest_first
@@ -67,7 +89,8 @@ def ask_list(args: argparse.Namespace, verb: str, params: dict[str, Any], *,
         params = {**params, "newest_first": True}
     total = asyncio.run(call_pages(url, verb, params, on_page, creds=resolve_creds(s),
                                    timeout_s=args.timeout or s.nats.request_timeout_s,
-                                   actor=os.environ.get("MARDUK_ACTOR", _actor())))
+                                   actor=os.environ.get("MARDUK_ACTOR", _actor()),
+                                   page_size=page_size))
     if stream:
         out.write("[]\n" if first[0] else "\n]\n")
     if newest_first:  # pages came newest first, each in id order
@@ -113,16 +136,22 @@ def _since(text: str, now: float) -> float:
 
 
 def parse_scontrol_args(words: list[str]) -> tuple[str, dict[str, str]]:
-    """`n3 reason="swap GPU"` or `nodename=n3 reason=...`: the node list and key=value pairs."""
-    nodes, pairs = "", {}
+    """`n3 reason="swap GPU"`, `n4 n2`, `n[1-2],n4` or `nodename=n3 reason=...`: the node list
+    (several node words become one hostlist) and the key=value pairs."""
+    node_words: list[str] = []
+    pairs: dict[str, str] = {}
     for word in words:
         key, eq, value = word.partition("=")
-        if eq and key.lower() in ("reason", "nodename", "nodes", "gpu"):
+        if not eq:
+            node_words.append(word)
+        elif key.lower() in ("reason", "nodename", "nodes", "gpu"):
             pairs["nodes" if key.lower() in ("nodename", "nodes") else key.lower()] = value
-        elif not nodes:
-            nodes = word
         else:
-            raise ValueError(f"unexpected argument {word!r}; did you mean reason=\"...\"?")
+            raise ValueError(f"unknown argument {bounds.shorten(word)!r}; valid keys: "
+                             "nodename=, reason=, gpu=")
+    if node_words and "nodes" in pairs:
+        raise ValueError("give the nodes either as words or as nodename=, not both")
+    nodes = ",".join(node_words)
     nodes = pairs.pop("nodes", nodes)
     if nodes:  # a bad hostlist or node name is a usage error, caught before asking
         bounds.check_text("node list", nodes)
@@ -139,13 +168,17 @@ def parse_scontrol_args(words: list[str]) -> tuple[str, dict[str, str]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Exit status 1 when the controller cannot reach Slurm (as `scontrol ping` fails)."""
     data = ask(args, "status", {})
+    slurm, unreachable = slurm_lines(data)
     if args.json:
         render.as_json(data)
-        return 0
+        return EXIT_SLURM_DOWN if unreachable else 0
     say = render.say
     say(f"controller up {data['uptime_s']:.0f}s, NATS {data['nats']}, "
         f"Slurm backend {data['slurm_backend']}")
+    for line in slurm:
+        say(line)
     say(f"nodes {data['nodes']} ({data['nodes_drained']} drained, "
         f"{data['nodes_drained_by_marduk']} by marduk), GPUs {data['gpus']}")
     say(f"jobs {data['jobs_active']}, replicas {data['replicas_active']}, "
@@ -153,7 +186,53 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"messages rejected {data.get('rejected_total', '-')}")
     for line in rejection_lines(data):
         say(line)
-    return 0
+    return EXIT_SLURM_DOWN if unreachable else 0
+
+
+def slurm_lines(data: dict[str, Any], now: float | None = None) -> tuple[list[str], bool]:
+    """What `status` says about Slurm, and whether the controller cannot reach it.
+
+    A controller that reports `slurm_health` (reachable, last_ok, failing_since,
+    consecutive_failures, last_error) is taken at its word. Without it, only counters since
+    the controller started are known: every reconcile pass failed and none succeeded means
+    Slurm has been unreachable since the start; failures after a success are reported as
+    counts, since this controller cannot say whether Slurm answers now."""
+    if data.get("slurm_backend") == "none":
+        return ["Slurm: not used (--slurm-backend none)"], False
+    now = time.time() if now is None else now
+    health = data.get("slurm_health")
+    if isinstance(health, dict):
+        return _slurm_health_lines(health, now)
+    counters, calls = data.get("counters") or {}, data.get("slurm_calls") or {}
+    ok_passes = int(counters.get("reconciles", 0))
+    failed_passes = int(counters.get("reconcile_failures", 0))
+    failed_calls = {k.removeprefix("failures."): int(v) for k, v in calls.items()
+                    if k.startswith("failures.") and v}
+    detail = ", ".join(f"{cmd} failed {n} of {calls.get(f'calls.{cmd}', n)}"
+                       for cmd, n in sorted(failed_calls.items()))
+    if failed_passes and not ok_passes:
+        started = now - float(data.get("uptime_s", 0))
+        return [f"Slurm UNREACHABLE: no Slurm call has succeeded since the controller started "
+                f"{render.fmt_ago(started, now)} ({failed_passes} failed reconcile "
+                f"pass(es); {detail or 'no call counts'})"], True
+    if failed_passes or failed_calls:
+        return [f"Slurm calls failed since start: {failed_passes} of "
+                f"{ok_passes + failed_passes} reconcile passes; {detail or '-'}"], False
+    return [f"Slurm: reachable ({ok_passes} reconcile passes, none failed)"], False
+
+
+def _slurm_health_lines(health: dict[str, Any], now: float) -> tuple[list[str], bool]:
+    if health.get("reachable") is False:
+        since = health.get("failing_since")
+        when = (f"since {render.fmt_time(since)} ({render.fmt_ago(since, now)})" if since
+                else "")
+        last_ok = health.get("last_ok")
+        ok = f"last success {render.fmt_ago(last_ok, now)}" if last_ok else "never reached"
+        return [f"Slurm UNREACHABLE {when}: {health.get('consecutive_failures', '?')} calls "
+                f"failed in a row, {ok}; last error: {health.get('last_error') or '-'}"], True
+    if health.get("reachable") is None:
+        return ["Slurm: not asked yet"], False
+    return [f"Slurm: reachable, last answer {render.fmt_ago(health.get('last_ok'), now)}"], False
 
 
 def rejection_lines(data: dict[str, Any], top: int = 5) -> list[str]:
@@ -201,7 +280,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         rows, total = ask(args, "nodes", {"node": args.node}), None
     else:
         limit = _shown(args)
-        rows, total = ask_list(args, "nodes", {}, limit=limit or 10**9)
+        # A node row carries its GPUs and replicas: 1,000 of them can pass NATS's 1 MiB.
+        rows, total = ask_list(args, "nodes", {}, limit=limit or 10**9, page_size=100)
     try:
         scores = ask(args, "risk", {"node": args.node})
     except RequestFailed:  # a controller from before risk scores: the column shows "-"
@@ -291,8 +371,15 @@ def cmd_drain(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     nodes, _ = parse_scontrol_args(args.words)
     if not nodes:
-        raise ValueError("usage: marduk resume NODES [--force]")
-    check = run_local_check(args.check, nodes) if args.check else None
+        raise ValueError("usage: marduk resume NODES [--force] [--check CMD]")
+    check = None
+    if args.check:
+        result = run_local_check(args.check, nodes, args.check_timeout)
+        if result is None:
+            render.error("interrupted: the check and everything it started were stopped; "
+                         "nothing was resumed")
+            return EXIT_INTERRUPTED
+        check = result.evidence()
     data = ask(args, "resume", {"nodes": nodes, "force": args.force, "check": check})
     if args.json:
         render.as_json(data)
@@ -302,13 +389,38 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0 if all(v == "done" or v.startswith("queued") for v in data["slurm"].values()) else 1
 
 
-def run_local_check(template: str, nodes: str) -> dict[str, Any]:
-    """Run the operator's --check here, once for the node list ({node} -> the hostlist),
-    and hand its result to the controller, which records it and resumes only if it passed."""
-    result = asyncio.run(run_check(template, nodes, timeout_s=3600))
-    render.say(f"check '{result.command}': exit {result.returncode} in "
-               f"{result.duration_s:.1f} s")
-    return result.evidence()
+def run_local_check(template: str, nodes: str, timeout_s: float) -> CheckResult | None:
+    """Run the operator's --check here, once for the node list ({node} -> the hostlist), for
+    at most `timeout_s`; its result goes to the controller, which records it and resumes only
+    if it passed. Ctrl-C (or SIGTERM) stops the check's whole process group and returns None."""
+    result = asyncio.run(_check_or_interrupt(template, nodes, timeout_s))
+    if result is not None:
+        render.say(f"check '{result.command}': "
+                   + (f"exit {result.returncode}" if result.returncode is not None
+                      else result.output)
+                   + f" in {result.duration_s:.1f} s")
+    return result
+
+
+async def _check_or_interrupt(template: str, nodes: str, timeout_s: float
+                              ) -> CheckResult | None:
+    import signal
+
+    from marduk_slurm.adapters.health_check import run_check
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(run_check(template, nodes, timeout_s=timeout_s))
+    # The check runs in its own session, out of reach of the terminal's Ctrl-C: on SIGINT
+    # the task is cancelled, and run_check stops the check's process group.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return None
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
@@ -353,16 +465,25 @@ def add_parsers(sub: Any, add: Any) -> None:
     p.add_argument("uuid", type=arguments.gpu_id, help="the GPU UUID")
     p = add(sub, "drain", "drain nodes in Slurm and tell their replicas to leave",
             'marduk drain n[3-4] reason="swap GPU"', cmd_drain)
-    p.add_argument("words", nargs="*", metavar='NODES reason="..."')
+    p.add_argument("words", nargs="*", metavar='NODES reason="..."',
+                   help="a hostlist (n[3-4]) or several node names (n3 n4), and the reason")
     p.add_argument("--reason", type=arguments.reason, help="why (the same as reason=...)")
     p.add_argument("--gpu", type=arguments.gpu_id,
                    help="the GPU UUID this drain is about, for the record")
     p = add(sub, "resume", "resume nodes that marduk drained (others only with --force)",
-            "marduk resume n3", cmd_resume)
-    p.add_argument("words", nargs="+", metavar="NODES")
+            'marduk resume n3 --check "ssh {node} nvidia-smi -q -d ECC"', cmd_resume)
+    p.add_argument("words", nargs="+", metavar="NODES",
+                   help="a hostlist (n[3-4]) or several node names (n3 n4)")
     p.add_argument("--force", action="store_true", help="also resume drains set by others")
     p.add_argument("--check", metavar="CMD",
-                   help="run CMD first ({node} is replaced by NODES); resume only if it exits 0")
+                   help="run CMD here first ({node} is replaced by NODES: n3, or n3,n4 for "
+                        "several; pdsh -w {node} takes such a list); resume only if it exits 0. "
+                        "It must reach the nodes outside Slurm (ssh {node} ...): Slurm starts "
+                        "no job on a drained node, so `srun -w {node}` waits forever")
+    p.add_argument("--check-timeout", type=arguments.seconds_in("--check-timeout", 1, 86400),
+                   default=60.0, metavar="S",
+                   help="stop the check (its whole process group) after S seconds and refuse "
+                        "the resume (default 60)")
     p = add(sub, "inject", "inject a GPU fault (an XID) for drills",
             "marduk inject --node n2 --gpu 1 --xid 79", cmd_inject)
     p.add_argument("--node", required=True)

@@ -88,11 +88,17 @@ def cmd_settings_show(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any, add: Any) -> None:
-    p = add(sub, "controller", "run the controller daemon in the foreground",
-            "marduk controller --state-dir ./state   # embedded NATS, no Slurm needed",
-            cmd_controller, json_flag=False)
+    p = add(sub, "controller", "run the controller daemon in the foreground; it reads and "
+            "drains nodes through Slurm (slurmctld must answer) unless --slurm-backend none",
+            "marduk controller --state-dir ./state --slurm-backend none   # a laptop: "
+            "embedded NATS, no Slurm\n  marduk controller --config /etc/marduk/marduk.toml"
+            "           # a cluster", cmd_controller, json_flag=False)
     p.add_argument("--log-level", choices=settings_mod.LOG_LEVELS)
-    p.add_argument("--slurm-backend", choices=settings_mod.SLURM_BACKENDS)
+    p.add_argument("--slurm-backend", choices=settings_mod.SLURM_BACKENDS,
+                   help="how to reach Slurm (default slurm.backend, auto: pyslurm when "
+                        "importable, else the scontrol/sinfo commands); with anything but "
+                        "none, Slurm must be reachable, or `marduk status` reports it "
+                        "unreachable and drains wait in the outbox")
     p.add_argument("--listen", metavar="HOST:PORT",
                    help='dashboard and /metrics address (default 127.0.0.1:9108; "" turns '
                         "them off)")

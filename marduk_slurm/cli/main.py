@@ -1,5 +1,7 @@
 """`marduk` entry point: the argument parser and dispatch. Returns an exit status:
-0 success, 1 the controller or Slurm refused, 2 bad usage or settings, 3 controller unreachable.
+0 success; 1 the controller or Slurm refused, a replica failed to apply a change or did not
+confirm it in time, or (`status`) the controller cannot reach Slurm; 2 bad usage or settings;
+3 controller unreachable; 130 interrupted.
 """
 
 from __future__ import annotations

@@ -13,11 +13,12 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from marduk_slurm import settings as settings_mod
 from marduk_slurm.cli import render as out
 from marduk_slurm.cli.client import resolve_nats_url
-from marduk_slurm.domain import sbatch
 from marduk_slurm.errors import BusError
+
+# The template engine (domain.sbatch, jinja2) and the settings are imported by the command
+# itself, not when the parser is built: every other verb would pay for them.
 
 EXAMPLE = ("marduk sbatch --replica-groups 4 --nodes-per-group 2 --gpus-per-node 8 --spares 2 "
            "--hot-spares 1 --time 24:00:00 train.py -- --lr 3e-4")
@@ -81,6 +82,8 @@ def parameters(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         if value is not None:
             params[name] = value
+    from marduk_slurm.domain import sbatch
+
     for key, value in args.param:
         params[key] = sbatch.coerce(key, value)
     if args.sbatch_arg:
@@ -96,6 +99,8 @@ def _default_nats_url(args: argparse.Namespace) -> str | None:
     """The controller's NATS URL for the job's runtime hooks, when one can be found (flag,
     settings, or a local controller's state directory); else None, and the hooks rely on
     MARDUK_NATS_URL from the SPANK plugin or the job's environment."""
+    from marduk_slurm import settings as settings_mod
+
     flags = {"controller.state_dir": args.state_dir} if getattr(args, "state_dir", None) else {}
     s = settings_mod.from_environment(getattr(args, "config", None), flags)
     try:
@@ -105,6 +110,8 @@ def _default_nats_url(args: argparse.Namespace) -> str | None:
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
+    from marduk_slurm.domain import sbatch
+
     params = parameters(args)
     if "nats_url" not in params:
         params["nats_url"] = _default_nats_url(args)
@@ -124,6 +131,8 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
 
 
 def _slurm_conf(args: argparse.Namespace) -> str | None:
+    from marduk_slurm import settings as settings_mod
+
     s = settings_mod.from_environment(getattr(args, "config", None))
     return s.slurm.conf or None
 

@@ -16,7 +16,8 @@ from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_auth import CONTROLLER_CREDS, AuthDir
 from marduk_slurm.adapters.nats_server import NatsServerProcess
-from marduk_slurm.adapters.slurm.base import SlurmBackend, make_backend
+from marduk_slurm.adapters.slurm.base import SlurmBackend
+from marduk_slurm.adapters.slurm.factory import make_backend
 from marduk_slurm.adapters.slurm.none import NoSlurm
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.adapters.systemd import Notifier, install_signal_handlers
@@ -117,7 +118,8 @@ class Controller:
             log.warning("starting without a first Slurm reconcile: %s", reconciler.last_error)
         ops = Operations(ctx, self.slurm, self.settings.fault_policy(), reconciler.refresh_nodes,
                          resume_check=self.settings.slurm.resume_check,
-                         resume_check_timeout_s=self.settings.slurm.resume_check_timeout_s)
+                         resume_check_timeout_s=self.settings.slurm.resume_check_timeout_s,
+                         slurm_health=reconciler.health)
         self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
         self.ctx, self.ops = ctx, ops
         sup = self.supervisor

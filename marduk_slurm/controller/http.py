@@ -14,19 +14,19 @@ counted 400 with a JSON reason, never a 500.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import ipaddress
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from multidict import MultiMapping
-from nats.aio.msg import Msg
 
+from marduk_slurm.controller.event_stream import EventStream
 from marduk_slurm.controller.metrics import CONTENT_TYPE as METRICS_TYPE
 from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.domain import subjects
@@ -46,15 +46,14 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-TICK_S = 1.0  # live replica numbers pushed to the page
-KEEPALIVE_S = 15.0
-CLIENT_QUEUE = 256
 RETRY_BIND_S = 30.0
 URL_FILE = "http.url"
 # The operator token that changes over HTTP require (reads never do); see docs/security.md.
 TOKEN_FILE = "auth/http-token"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 HISTORY_LIMIT_MAX = 5000
+REPLICA_PAGE_DEFAULT = 500
+REPLICA_PAGE_MAX = 5000
 QUERY_VALUE_MAX = 4096
 
 
@@ -104,10 +103,31 @@ def _kinds_param(key: str, text: str) -> list[str]:
     return [bounds.check_name(key, k) for k in kinds]
 
 
+def _cursor_param(key: str, text: str) -> list[Any]:
+    """A replica page's `next`: the page key of its last row, as URL-safe base64 JSON."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except ValueError:  # bad base64, bad UTF-8 and bad JSON all are
+        value = None
+    if not (isinstance(value, list) and len(value) == 4
+            and all(type(v) is int for v in value[:3]) and isinstance(value[3], str)):
+        raise ValueError(f"{key}: not a cursor of this API (pass the `next` of the previous "
+                         "page)")
+    return value
+
+
+def encode_cursor(page_key: list[Any] | None) -> str | None:
+    if page_key is None:
+        return None
+    text = json.dumps(page_key, separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
 # What each endpoint takes; anything else in its query string is a 400.
 JOB_PARAM = _int_param(0, bounds.JOB_ID_MAX)
 QUERY_PARAMS: dict[str, dict[str, QueryParser]] = {
-    "/api/replicas": {"job": JOB_PARAM},
+    "/api/replicas": {"job": JOB_PARAM, "limit": _int_param(1, REPLICA_PAGE_MAX),
+                      "cursor": _cursor_param},
     "/api/history": {"node": _name_param, "job": JOB_PARAM,
                      "since": _float_param(0, 2**40), "kind": _kinds_param,
                      "limit": _int_param(1, HISTORY_LIMIT_MAX)},
@@ -145,73 +165,16 @@ def _json(data: Any) -> web.Response:
     return web.Response(text=json.dumps(data, default=str), content_type="application/json")
 
 
-class EventStream:
-    """Fans the controller's feed and a periodic replica snapshot out to SSE clients."""
-
-    def __init__(self, obs: Observability) -> None:
-        self.obs = obs
-        self.clients: set[asyncio.Queue[bytes | None]] = set()
-
-    def send(self, event: str, data: str) -> None:
-        chunk = f"event: {event}\ndata: {data}\n\n".encode()
-        for queue in list(self.clients):
-            try:
-                queue.put_nowait(chunk)
-            except asyncio.QueueFull:  # a client too slow to keep up: end its stream
-                self.clients.discard(queue)
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait(None)
-
-    async def on_feed(self, msg: Msg) -> None:
-        if self.clients:
-            self.send("event", msg.data.decode(errors="replace"))
-
-    async def tick(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_S)
-            if self.clients:
-                replicas = await self.obs.replicas()
-                self.send("replicas", json.dumps({"ts": time.time(), "replicas": replicas},
-                                                 default=str))
-
-    def close(self) -> None:
-        for queue in list(self.clients):
-            queue.put_nowait(None)
-        self.clients.clear()
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "X-Accel-Buffering": "no", **SECURITY_HEADERS})
-        await resp.prepare(request)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=CLIENT_QUEUE)
-        self.clients.add(queue)
-        try:
-            await resp.write(b"retry: 2000\n\n")
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-                except TimeoutError:
-                    chunk = b": keepalive\n\n"
-                if chunk is None:
-                    break
-                await resp.write(chunk)
-        except (ConnectionResetError, ConnectionError):
-            pass
-        finally:
-            self.clients.discard(queue)
-        return resp
-
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class HttpServer:
-    def __init__(self, obs: Observability, listen: str, state_dir: str) -> None:
+    def __init__(self, obs: Observability, listen: str, state_dir: str, *,
+                 client_bytes: int | None = None) -> None:
         self.obs = obs
         self.host, self.port = parse_listen(listen)
         self.state_dir = Path(state_dir)
-        self.stream = EventStream(obs)
+        self.stream = EventStream(obs, client_bytes=client_bytes, headers=SECURITY_HEADERS)
         self.url = ""
         self._allowed_hosts: set[str] = set()
 
@@ -321,15 +284,19 @@ class HttpServer:
         return _json(await self.obs.status())
 
     async def api_replicas(self, request: web.Request) -> web.Response:
-        return _json(await self.obs.replicas(request["query"]["job"]))
+        """One page of replicas, `{items, next, total}`; pass `next` back as `cursor`."""
+        q = request["query"]
+        page = await self.obs.replica_page(q["job"], after=q["cursor"],
+                                           limit=q["limit"] or REPLICA_PAGE_DEFAULT)
+        page["next"] = encode_cursor(page["next"])
+        return _json(page)
 
     async def api_nodes(self, request: web.Request) -> web.Response:
         return _json(await self.obs.nodes())
 
     async def api_history(self, request: web.Request) -> web.Response:
         q = request["query"]
-        store = self.obs.ctx.db.store
-        rows = await self.obs.ctx.db(lambda: store.events(
+        rows = await self.obs.ctx.db.read(lambda store: store.events(
             node=q["node"], job_id=q["job"], since=q["since"], kinds=q["kind"] or [],
             limit=q["limit"] or 200))
         return _json(rows)

@@ -17,9 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats.errors
-from nats.aio.msg import Msg
-
+from marduk_slurm.adapters.bus import Incoming, StreamMessage
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
@@ -27,7 +25,7 @@ from marduk_slurm.controller.decisions import Effects
 from marduk_slurm.controller.inbound import apply_message
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import IdentityError, ProtocolError, StoreError
+from marduk_slurm.errors import BusClosed, BusError, IdentityError, ProtocolError, StoreError
 from marduk_slurm.supervisor import unsubscribe_all
 
 log = logging.getLogger(__name__)
@@ -66,22 +64,24 @@ class EventIngest:
         self._store_failures = Backoff(base_s=0.5, max_s=10.0)
 
     async def run(self) -> None:
-        psub = await self.ctx.bus.durable_consumer(DURABLE_NAME, ack_wait_s=ACK_WAIT_S)
+        consumer = await self.ctx.bus.durable_consumer(DURABLE_NAME, ack_wait_s=ACK_WAIT_S)
+        backoff = Backoff(base_s=0.2, max_s=5.0)
         while True:
             try:
-                msgs = await psub.fetch(self.batch, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except nats.errors.ConnectionClosedError:
+                msgs = await consumer.fetch(self.batch, timeout_s=1.0)
+            except BusClosed:
                 raise
-            except (nats.errors.Error, OSError) as exc:
-                log.warning("fetch from %s failed: %s", subjects.EVENTS_STREAM, exc)
-                await asyncio.sleep(0.5)
+            except BusError as exc:
+                delay = backoff.next()
+                log.warning("%s; fetching again in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
                 continue
-            await self.process(msgs)
+            backoff.reset()
+            if msgs:
+                await self.process(msgs)
 
-    async def process(self, msgs: list[Msg]) -> None:
-        items = [_Item(_seq(msg), msg.subject, bytes(msg.data), _deliveries(msg)) for msg in msgs]
+    async def process(self, msgs: list[StreamMessage]) -> None:
+        items = [_Item(msg.seq, msg.subject, msg.data, msg.deliveries) for msg in msgs]
         try:
             result = await self.ctx.db.tx(lambda store: self._apply(store, items))
         except (sqlite3.Error, StoreError) as exc:
@@ -96,7 +96,7 @@ class EventIngest:
             result.rejected)
         await self.ctx.carry_out(result.effects)
 
-    async def _hold_back(self, msgs: list[Msg], exc: Exception) -> None:
+    async def _hold_back(self, msgs: list[StreamMessage], exc: Exception) -> None:
         """The database refused the batch (locked, disk full): leave it in JetStream, ask for
         redelivery soon, and wait before fetching again. The daemon stays up; it catches up
         by itself once the database takes writes again."""
@@ -106,8 +106,8 @@ class EventIngest:
                   "%.1f s", exc, len(msgs), delay)
         for msg in msgs:
             # If even the nak fails, the message is still unacked: redelivered after ACK_WAIT_S.
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await msg.nak(delay=delay)
+            with contextlib.suppress(BusError):
+                await msg.nak(delay)
         await asyncio.sleep(delay)
 
     def _apply(self, store: Store, items: list[_Item]) -> _BatchResult:
@@ -178,30 +178,16 @@ def transient_store_error(exc: sqlite3.OperationalError) -> bool:
                                          "read-only", "unable to open", "interrupted"))
 
 
-async def _settle(msg: Msg, outcome: str) -> None:
+async def _settle(msg: StreamMessage, outcome: str) -> None:
     try:
         if outcome == "nak":
-            await msg.nak(delay=POISON_RETRY_S)
+            await msg.nak(POISON_RETRY_S)
         elif outcome == "term":
             await msg.term()
         else:
             await msg.ack()
-    except (nats.errors.Error, OSError) as exc:
+    except BusError as exc:
         log.warning("%s failed (message will be redelivered and skipped): %s", outcome, exc)
-
-
-def _deliveries(msg: Msg) -> int:
-    try:
-        return int(msg.metadata.num_delivered)
-    except (AttributeError, ValueError, TypeError, nats.errors.Error):
-        return 1
-
-
-def _seq(msg: Msg) -> int:
-    try:
-        return int(msg.metadata.sequence.stream)
-    except (AttributeError, ValueError, TypeError, nats.errors.Error):
-        return 0
 
 
 # Who may send each durable message: an agent (node subjects) or a replica (job subjects).
@@ -245,7 +231,7 @@ class HeartbeatWriter:
         # place for per-batch analysis (stragglers, metrics), never the per-message path.
         self.on_flush: list[Callable[[list[m.Heartbeat], float], None]] = []
 
-    async def on_message(self, msg: Msg) -> None:
+    async def on_message(self, msg: Incoming) -> None:
         # The hot path: decode, check the subject, keep the newest beat per replica.
         try:
             hb = m.decode_heartbeat(msg.data)

@@ -27,9 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from nats.aio.msg import Msg
-
-from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.bus import Bus, Incoming
 from marduk_slurm.adapters.nats_auth import AuthDir, AuthError, Credentials
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.adapters.store import Store
@@ -88,12 +86,12 @@ class JobCredentialService:
         finally:
             await unsubscribe_all([subscription])
 
-    async def on_message(self, msg: Msg) -> None:
+    async def on_message(self, msg: Incoming) -> None:
         task = asyncio.create_task(self._answer(msg))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
 
-    async def _answer(self, msg: Msg) -> None:
+    async def _answer(self, msg: Incoming) -> None:
         reply = await self.handle(msg.subject.split(".")[-1], msg.data)
         if msg.reply:
             try:

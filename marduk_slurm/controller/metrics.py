@@ -41,21 +41,14 @@ class DbSnapshot:
     nodes_drained: int = 0
 
     def read(self, store: Store) -> None:
-        q = store.conn.execute
-        rows = q("SELECT kind, COALESCE(xid, ''), COALESCE(action, ''), COUNT(*), MAX(id) "
-                 "FROM events WHERE id > ? GROUP BY 1, 2, 3", (self.last_event_id,)).fetchall()
-        for kind, xid, action, count, max_id in rows:
+        for kind, xid, action, count, max_id in store.event_counts_since(self.last_event_id):
             self.events[kind] += count
             if kind == "gpu_verdict":
                 self.faults[(str(xid), action)] += count
             self.last_event_id = max(self.last_event_id, max_id)
-        self.replicas = {(str(job), state): n for job, state, n in q(
-            "SELECT job_id, state, COUNT(*) FROM replicas WHERE state != 'left' "
-            "GROUP BY 1, 2")}
-        self.outbox = dict(q("SELECT kind, COUNT(*) FROM outbox WHERE state='pending' "
-                             "GROUP BY 1").fetchall())
-        self.nodes_drained = q("SELECT COUNT(*) FROM nodes WHERE flags LIKE '%DRAIN%'"
-                               ).fetchone()[0]
+        self.replicas = store.replica_counts()
+        self.outbox = store.pending_action_counts()
+        self.nodes_drained = store.drained_node_count()
 
 
 def _gauge(name: str, doc: str, labels: list[str], samples: Any) -> GaugeMetricFamily:
@@ -107,7 +100,7 @@ class MetricsCollector(Collector):
             self.ingest_lag.observe(max(0.0, now - oldest))
 
     async def render(self) -> bytes:
-        await self.ctx.db(self.db.read, self.ctx.db.store)
+        await self.ctx.db.read(self.db.read)
         return generate_latest(self.registry)
 
     def describe(self) -> list[Metric]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store.mapping import replica_page_key
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.ingest import HeartbeatWriter
 from marduk_slurm.controller.metrics import MetricsCollector
@@ -40,7 +41,22 @@ class Observability:
     # -- shared views -----------------------------------------------------------------------
 
     async def replicas(self, job_id: int | None = None) -> list[dict[str, Any]]:
-        rows = await self.ctx.db(lambda: self.ctx.db.store.replicas(job_id=job_id))
+        rows = await self.ctx.db.read(lambda store: store.replicas(job_id=job_id))
+        return self._with_live(rows)
+
+    async def replica_page(self, job_id: int | None, after: list[Any] | None, limit: int
+                           ) -> dict[str, Any]:
+        """`limit` replicas after the page key `after`: `{items, next, total}`, where `next`
+        is the page key of the last row when there may be more."""
+        def read(store: Store) -> dict[str, Any]:
+            rows = store.replicas(job_id=job_id, after=after, limit=limit)
+            return {"items": rows, "total": store.count_replicas(job_id=job_id),
+                    "next": replica_page_key(rows[-1]) if len(rows) == limit else None}
+        page = await self.ctx.db.read(read)
+        self._with_live(page["items"])
+        return page
+
+    def _with_live(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         live = self.stragglers.replica_view()
         for row in rows:
             view = live.get(row["replica_id"], {})
@@ -65,8 +81,8 @@ class Observability:
                     "since": action["created_at"]}
                 out.append(node)
             return out
-        rows = await self.ctx.db(lambda: read(self.ctx.db.store))
-        scores = {s.gpu_uuid: s for s in self.risk.refresh()}
+        rows = await self.ctx.db.read(read)
+        scores = {s.gpu_uuid: s for s in await self.risk.refresh()}
         for node in rows:
             for gpu in node["gpus"]:
                 score = scores.get(gpu["uuid"])

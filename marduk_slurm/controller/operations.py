@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from marduk_slurm.adapters.health_check import run_check
@@ -26,8 +27,10 @@ from marduk_slurm.errors import BusError, BusTimeout, NotFound
 class Operations:
     def __init__(self, ctx: Context, slurm: SlurmBackend, fault_policy: FaultPolicy,
                  refresh_nodes: Any, *, resume_check: str = "",
-                 resume_check_timeout_s: float = 900.0) -> None:
+                 resume_check_timeout_s: float = 900.0,
+                 slurm_health: Callable[[], dict[str, Any]] | None = None) -> None:
         self.ctx = ctx
+        self.slurm_health = slurm_health
         self.resume_check = resume_check
         self.resume_check_timeout_s = resume_check_timeout_s
         self.slurm = slurm
@@ -223,26 +226,7 @@ class Operations:
         return {"items": rows, "next": last, "total": total}
 
     async def status(self) -> dict[str, Any]:
-        def read(store: Store) -> dict[str, Any]:
-            q = store.conn.execute
-            return {
-                "nodes": q("SELECT COUNT(*) FROM nodes").fetchone()[0],
-                "nodes_drained": q("SELECT COUNT(*) FROM nodes WHERE flags LIKE '%DRAIN%'"
-                                   ).fetchone()[0],
-                "nodes_drained_by_marduk": q("SELECT COUNT(*) FROM nodes WHERE "
-                                             "drained_by_marduk=1").fetchone()[0],
-                "gpus": q("SELECT COUNT(*) FROM gpus").fetchone()[0],
-                "jobs_active": q("SELECT COUNT(DISTINCT job_id) FROM replicas WHERE "
-                                 "state!='left'").fetchone()[0],
-                "replicas_active": q("SELECT COUNT(*) FROM replicas WHERE state!='left'"
-                                     ).fetchone()[0],
-                "events": q("SELECT COUNT(*) FROM events").fetchone()[0],
-                "outbox_pending": q("SELECT COUNT(*) FROM outbox WHERE state='pending'"
-                                    ).fetchone()[0],
-                "rejected_total": store.rejection_total(),
-                "dead_letters": store.dead_letter_count(),
-            }
-        data = await self.ctx.db.read(read)
+        data: dict[str, Any] = await self.ctx.db.read(lambda store: store.status_counts())
         data.update({
             "uptime_s": round(time.time() - self.ctx.started_at, 1),
             "nats": self.ctx.nats_state,
@@ -250,6 +234,8 @@ class Operations:
             "slurm_calls": self.slurm.stats(),
             "counters": dict(self.ctx.stats),
             "rejections": self.ctx.rejections(),
+            **({"slurm_health": self.slurm_health()}
+               if self.slurm_health is not None and self.slurm.name != "none" else {}),
         })
         return data
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from marduk_slurm.adapters.slurm.base import SlurmBackend, SlurmNode, SlurmStep
 from marduk_slurm.adapters.store import Store
@@ -34,6 +35,9 @@ class Reconciler:
         self.step_grace_s = step_grace_s
         self.last_ok: float | None = None
         self.last_error = ""
+        self.passes = 0
+        self.failing_since: float | None = None
+        self.consecutive_failures = 0
 
     async def run(self) -> None:
         backoff = Backoff(base_s=self.interval_s,
@@ -51,7 +55,8 @@ class Reconciler:
         """One pass; returns False (and keeps going) when Slurm cannot be read."""
         try:
             await self.refresh_nodes()
-            await self.reconcile_steps(await self.slurm.list_steps())
+            if self.slurm.lists_steps:  # without Slurm, steps end only when reported
+                await self.reconcile_steps(await self.slurm.list_steps())
         except SlurmError as exc:
             self._failed(str(exc))
             log.warning("reconcile with Slurm failed: %s", exc)
@@ -64,12 +69,25 @@ class Reconciler:
             return False
         self.last_ok = time.time()
         self.last_error = ""
+        self.passes += 1
+        self.failing_since, self.consecutive_failures = None, 0
         self.ctx.stats["reconciles"] += 1
         return True
 
     def _failed(self, error: str) -> None:
         self.last_error = error
+        self.passes += 1
+        self.consecutive_failures += 1
+        if self.failing_since is None:
+            self.failing_since = time.time()
         self.ctx.stats["reconcile_failures"] += 1
+
+    def health(self) -> dict[str, Any]:
+        """Whether Slurm answered the last reconcile pass (None: no pass yet), for status."""
+        return {"reachable": None if not self.passes else self.consecutive_failures == 0,
+                "last_ok": self.last_ok, "failing_since": self.failing_since,
+                "consecutive_failures": self.consecutive_failures,
+                "last_error": self.last_error}
 
     async def refresh_nodes(self) -> None:
         nodes = await self.slurm.list_nodes()

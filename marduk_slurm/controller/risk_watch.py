@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from nats.aio.msg import Msg
 
+from marduk_slurm.adapters.bus import Incoming
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.decisions import Effects, take_decision
@@ -47,6 +49,11 @@ class RiskWatch:
         self.latest: list[RiskScore] = []
         self.drained: set[str] = set()  # GPUs whose risk drained their node
         self.summaries = 0
+        # Scoring a day of verdicts on a large cluster takes a good part of a second: it runs
+        # on a thread, never on the event loop that ingests faults. The loop only queues what
+        # arrives; the thread applies the queue and scores, holding the lock.
+        self._arrived: deque[Callable[[], None]] = deque()
+        self._lock = threading.Lock()
 
     async def load(self) -> None:
         """Rebuild the scores from the history; a row that cannot be read is skipped."""
@@ -59,7 +66,8 @@ class RiskWatch:
             kinds=["gpu_verdict", "risk_drain", *RESUME_KINDS], since=since, limit=100000))
         apply_rows(self.ctx.stats, "risk", rows, lambda row: self._apply(
             row["kind"], row["node"], row["gpu_uuid"], row["evidence"], row["ts"]))
-        self.latest = self.tracker.scores(time.time())
+        self._arrived.clear()  # what arrived before this load is in the history it read
+        await self.refresh()
 
     def _apply(self, kind: str, node: str | None, gpu: str | None, evidence: dict[str, Any],
                ts: float) -> None:
@@ -77,17 +85,21 @@ class RiskWatch:
             self.drained -= {u for u, h in self.tracker.gpus.items() if h.node == node}
             self.tracker.forget_node(node)
 
-    async def on_feed(self, msg: Msg) -> None:
+    async def on_feed(self, msg: Incoming) -> None:
         try:
             ev = m.decode_feed(msg.data)
-            self._apply(ev.kind, ev.node, ev.gpu_uuid, ev.evidence, ev.ts or time.time())
         except ProtocolError:
             return  # our own feed; the publisher is not going to get it wrong
+        self._arrived.append(lambda: self._apply_feed(ev))
+
+    def _apply_feed(self, ev: m.FeedEvent) -> None:
+        try:
+            self._apply(ev.kind, ev.node, ev.gpu_uuid, ev.evidence, ev.ts or time.time())
         except BAD_ROW_ERRORS as exc:  # an agent's evidence of an unexpected shape
             self.ctx.stats["risk_feed_skipped"] += 1
             log.debug("risk: feed event not applied: %s", exc)
 
-    async def on_health(self, msg: Msg) -> None:
+    async def on_health(self, msg: Incoming) -> None:
         node = msg.subject.rsplit(".", 1)[-1]
         try:
             summary = m.decode_health(msg.data)
@@ -107,7 +119,9 @@ class RiskWatch:
                 continue
             gpus.append(msgspec.structs.asdict(gpu))
         self.summaries += 1
-        self.tracker.add_summary(node, {"node": node, "gpus": gpus}, time.time())
+        now = time.time()
+        self._arrived.append(lambda: self.tracker.add_summary(node, {"node": node, "gpus": gpus},
+                                                              now))
 
     async def run(self) -> None:
         """Load, subscribe, score. Restartable: the subscriptions end with the run, and the
@@ -125,7 +139,7 @@ class RiskWatch:
             await unsubscribe_all(subscriptions)
 
     async def score_and_drain(self) -> None:
-        self.latest = self.tracker.scores(time.time())
+        await self.refresh()
         threshold = self.settings().risk_drain_threshold
         if threshold > 0:
             for score in self.latest:
@@ -157,13 +171,19 @@ class RiskWatch:
                         score.gpu_uuid, score.score, why)
         await self.ctx.carry_out(effects)
 
-    def refresh(self) -> list[RiskScore]:
-        """Scores as of now (cheap: a few points per GPU), for readers between ticks."""
-        self.latest = self.tracker.scores(time.time())
+    async def refresh(self) -> list[RiskScore]:
+        """Scores as of now, with every reading that arrived applied (on a thread)."""
+        self.latest = await asyncio.to_thread(self._score)
         return self.latest
+
+    def _score(self) -> list[RiskScore]:
+        with self._lock:
+            while self._arrived:
+                self._arrived.popleft()()
+            return self.tracker.scores(time.time())
 
     async def rpc_risk(self, args: dict[str, Any], actor: str) -> Any:
         node = args.get("node")
         if node is not None and not isinstance(node, str):
             raise ValueError("node must be a node name")
-        return [s.as_dict() for s in self.refresh() if not node or s.node == node]
+        return [s.as_dict() for s in await self.refresh() if not node or s.node == node]

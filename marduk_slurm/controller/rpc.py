@@ -14,8 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nats.aio.msg import Msg
-
+from marduk_slurm.adapters.bus import Incoming
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.adapters.store.mapping import replica_page_key
 from marduk_slurm.controller.context import Context
@@ -130,7 +129,7 @@ class RpcServer:
         finally:
             await unsubscribe_all(subscriptions)
 
-    async def on_message(self, msg: Msg) -> None:
+    async def on_message(self, msg: Incoming) -> None:
         """Admit a request: decoded here (cheap), answered by a worker in fair order."""
         try:
             request: m.Request | ProtocolError = m.decode_request(msg.data)
@@ -166,7 +165,7 @@ class RpcServer:
             return
         await self._respond(msg, reply)
 
-    async def _respond(self, msg: Msg, reply: m.Reply) -> None:
+    async def _respond(self, msg: Incoming, reply: m.Reply) -> None:
         if not msg.reply:
             return
         data = m.encode(reply)

@@ -177,9 +177,14 @@ class AssumeAck(Message, tag="assume_ack", kw_only=True):
 
 
 class Heartbeat(Message, tag="heartbeat", kw_only=True):
-    """Per-step telemetry of one replica."""
+    """Per-step telemetry of one replica.
 
-    replica_id: ReplicaId
+    The hottest message (one per replica per step): its replica id is only bounded, not
+    matched against a pattern. A heartbeat only ever updates the row of a replica that
+    registered (with a checked id) under the same job, so an id that matches no row stores
+    nothing; the pattern check would cost a third of the decoding time."""
+
+    replica_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
     job_id: JobId
     step: Count
     step_time_ms: Millis = 0.0
@@ -452,9 +457,17 @@ def decode_durable(data: bytes) -> DurableMessage:
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat:
-    hb: Heartbeat = _decode(_heartbeat_decoder, data)
-    if not math.isfinite(hb.step_time_ms) or not math.isfinite(hb.allreduce_ms):
-        raise ProtocolError("invalid_field", "non-finite timing")
+    # The hot path (one message per replica per step), so inline: a heartbeat has no free-form
+    # JSON to walk, and its bounds (finite times among them) are all in the type. Payloads
+    # are at most NATS's message limit.
+    try:
+        hb: Heartbeat = _heartbeat_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise _classify(exc) from None
+    except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise ProtocolError("malformed_json", str(exc)[:300]) from None
+    if hb.v != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version", f"v={hb.v}, this controller speaks v1")
     return hb
 
 

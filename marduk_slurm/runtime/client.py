@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.backoff import Backoff
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError, BusTimeout, ProtocolError
@@ -178,6 +179,10 @@ class MardukClient:
         self._assigned = threading.Event()
         self._subscribed = False
         self._closed = False
+        # Jittered, so that the replicas of a large job that lost NATS together do not all
+        # come back in the same instant; each is reset after a success.
+        self._connect_backoff = Backoff(base_s=0.5, max_s=10.0)
+        self._resend_backoff = Backoff(base_s=0.2, max_s=5.0)
 
     # -- training-thread API (never waits on NATS) ------------------------------------------
 
@@ -308,11 +313,12 @@ class MardukClient:
         while not self._closed:
             try:
                 await self.bus.connect(retry=True)
+                self._connect_backoff.reset()
                 break
             except BusError as exc:
                 self.stats["connect_failures"] += 1
                 log.debug("NATS not reachable yet: %s", exc)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(self._connect_backoff.next())
         assert self.link is not None
         await self.link.subscribe()
         self._subscribed = True
@@ -386,8 +392,9 @@ class MardukClient:
             except (BusError, BusTimeout) as exc:
                 self.stats["durable_retries"] += 1
                 log.debug("durable publish to %s failed, will retry: %s", subject, exc)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(self._resend_backoff.next())
                 continue
+            self._resend_backoff.reset()
             self.stats["durable_sent"] += 1
             if self._durable and self._durable[0] is item:
                 self._durable.popleft()

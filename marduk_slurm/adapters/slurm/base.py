@@ -1,4 +1,4 @@
-"""What the rest of marduk-slurm sees of Slurm: three values, one protocol, one factory.
+"""What the rest of marduk-slurm sees of Slurm: three values and one protocol.
 
 Values are frozen and hold only what the controller decides on. Every backend method is
 async; a backend never blocks the event loop (subprocesses, or a thread for pyslurm).
@@ -6,11 +6,12 @@ Errors: `SlurmUnavailable` (slurmctld unreachable or too slow: retry later) and 
 (Slurm answered and refused: unknown node, invalid state; or its output did not parse). Both
 carry Slurm's own message. `InvalidSlurmArgument` is a `SlurmError` raised before any call,
 for a node name or reason that must not reach Slurm (domain/slurm_names.py has the rules).
+
+This module imports none of its siblings: the backends import it, and `factory` builds them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -108,6 +109,9 @@ class SlurmBackend(Protocol):
     """The Slurm operations the controller needs. Node lists may hold thousands of names."""
 
     name: str
+    # Whether list_steps() is Slurm's truth; when it is not (no Slurm at all), an empty
+    # answer must not end every step the controller knows.
+    lists_steps: bool
 
     async def list_nodes(self) -> list[SlurmNode]: ...
 
@@ -144,24 +148,3 @@ class SlurmBackend(Protocol):
         """Counters: `calls`, `failures`, and per-operation `calls.<op>`/`failures.<op>`."""
         ...
 
-
-def make_backend(
-    kind: str = "auto", *, timeout_s: float, slurm_conf: str | None = None
-) -> SlurmBackend:
-    """Build a backend: "commands", "pyslurm", or "auto" (pyslurm if importable, else commands).
-
-    Only here are the backend modules imported, so pyslurm is loaded only when chosen.
-    """
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-    if kind == "auto":
-        kind = "pyslurm" if importlib.util.find_spec("pyslurm") is not None else "commands"
-    if kind == "commands":
-        from marduk_slurm.adapters.slurm.commands import CommandsBackend, SlurmCommandRunner
-
-        return CommandsBackend(SlurmCommandRunner(timeout_s=timeout_s, slurm_conf=slurm_conf))
-    if kind == "pyslurm":
-        from marduk_slurm.adapters.slurm.pyslurm_backend import PyslurmBackend
-
-        return PyslurmBackend(timeout_s=timeout_s, slurm_conf=slurm_conf)
-    raise ValueError(f"unknown Slurm backend {kind!r}; valid: 'auto', 'commands', 'pyslurm'")

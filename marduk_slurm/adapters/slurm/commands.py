@@ -139,6 +139,7 @@ class CommandsBackend:
     """`SlurmBackend` over Slurm's command-line tools (any Slurm version with JSON sinfo)."""
 
     name = "commands"
+    lists_steps = True
 
     def __init__(self, runner: SlurmCommandRunner, *, batch_size: int = DEFAULT_BATCH_SIZE):
         if batch_size < 1:

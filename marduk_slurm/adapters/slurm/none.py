@@ -13,6 +13,7 @@ from marduk_slurm.errors import SlurmUnavailable
 
 class NoSlurm:
     name = "none"
+    lists_steps = False
 
     async def list_nodes(self) -> list[SlurmNode]:
         return []

@@ -54,6 +54,7 @@ class PyslurmBackend:
     """`SlurmBackend` over pyslurm. `module` replaces the import (tests pass a stand-in)."""
 
     name = "pyslurm"
+    lists_steps = True
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ from marduk_slurm.adapters.store.mapping import MappingMixin
 from marduk_slurm.adapters.store.migrations import MIGRATIONS
 from marduk_slurm.adapters.store.outbox import OutboxMixin
 from marduk_slurm.adapters.store.standbys import StandbysMixin
+from marduk_slurm.adapters.store.summary import SummaryMixin
 from marduk_slurm.adapters.store.trust import TrustMixin
 from marduk_slurm.domain import messages as m
 from marduk_slurm.errors import StoreError
@@ -30,7 +31,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
 
 
-class Store(MappingMixin, OutboxMixin, TrustMixin, StandbysMixin):
+class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin, StandbysMixin):
     """One SQLite database file. `path=":memory:"` is allowed for tests of pure queries."""
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000,
@@ -162,7 +163,7 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, StandbysMixin):
         return rows
 
     def event(self, event_id: int) -> dict[str, Any] | None:
-        rows = list(self.db.query("SELECT * FROM events WHERE id=?", [event_id]))
+        rows = list(self.db["events"].rows_where("id = ?", [event_id]))
         if not rows:
             return None
         rows[0]["evidence"] = json.loads(rows[0]["evidence"])
@@ -176,21 +177,19 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, StandbysMixin):
         )
 
     def node(self, name: str) -> dict[str, Any] | None:
-        rows = list(self.db.query("SELECT * FROM nodes WHERE name=?", [name]))
+        rows = list(self.db["nodes"].rows_where("name = ?", [name]))
         return _node_row(rows[0]) if rows else None
 
     def nodes(self, *, after: str | None = None, limit: int | None = None
               ) -> list[dict[str, Any]]:
         """Nodes by name; `after` (the last name of a page) and `limit` page through them."""
-        sql, params = "SELECT * FROM nodes", []
-        if after is not None:
-            sql += " WHERE name > ?"
-            params.append(after)
-        sql += " ORDER BY name" + ("" if limit is None else f" LIMIT {int(limit)}")
-        return [_node_row(r) for r in self.db.query(sql, params)]
+        rows = self.db["nodes"].rows_where("name > ?" if after is not None else None,
+                                           [after] if after is not None else None,
+                                           order_by="name", limit=limit)
+        return [_node_row(r) for r in rows]
 
     def count_nodes(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0])
+        return self.db["nodes"].count
 
     def update_node_from_slurm(self, name: str, state: str, flags: Iterable[str], reason: str,
                                reason_user: str, now: float, marduk_prefix: str) -> None:
@@ -247,8 +246,8 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, StandbysMixin):
 
     def gpus(self, node: str | None = None) -> list[dict[str, Any]]:
         if node:
-            return list(self.db.query("SELECT * FROM gpus WHERE node=? ORDER BY idx", [node]))
-        return list(self.db.query("SELECT * FROM gpus ORDER BY node, idx"))
+            return list(self.db["gpus"].rows_where("node = ?", [node], order_by="idx"))
+        return list(self.db["gpus"].rows_where(order_by="node, idx"))
 
     def gpu_uuid(self, node: str, index: int) -> str | None:
         row = self.conn.execute(

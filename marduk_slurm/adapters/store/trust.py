@@ -41,10 +41,6 @@ class TrustMixin:
             (subject[:200], kind[:64], cause[:64], now, detail[:300]),
         )
 
-    def rejection_total(self) -> int:
-        row = self.conn.execute("SELECT COALESCE(SUM(count), 0) FROM rejection_counts").fetchone()
-        return int(row[0])
-
     def add_dead_letter(self, subject: str, seq: int, deliveries: int, error: str,
                         data: bytes, now: float) -> int:
         cur = self.conn.execute(
@@ -55,12 +51,8 @@ class TrustMixin:
         )
         return int(cur.lastrowid or 0)
 
-    def dead_letter_count(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
-
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
-        rows = list(self.db.query(
-            "SELECT * FROM dead_letters ORDER BY id DESC LIMIT ?", [limit]))
+        rows = list(self.db["dead_letters"].rows_where(order_by="id desc", limit=limit))
         for row in rows:
             data = row.pop("data") or b""
             row["data_preview"] = data[:200].decode("utf-8", errors="replace")

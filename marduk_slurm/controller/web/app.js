@@ -1,4 +1,5 @@
-// The marduk dashboard: reads the controller's JSON API once, then follows its event stream.
+// The marduk dashboard: reads the controller's JSON API once, then follows its event stream
+// (the replica table arrives over the stream itself).
 // Every value from the server is inserted as text (never as HTML).
 "use strict";
 
@@ -90,16 +91,124 @@ function renderRejected(s) {
 }
 
 // -- replicas -------------------------------------------------------------------------------
+// The server sends the table once (a snapshot, in parts) and then what changed each tick
+// (a delta: rows added, changed, removed). Rows are arrays in the order of the snapshot's
+// `fields`. Only the rows in view are in the page: a table of 100,000 replicas keeps a few
+// dozen <tr> elements, with spacer rows standing in for the rest.
 
-function renderReplicas(replicas) {
-  const rows = replicas.map((r) => row([
-    r.job_id, r.replica_group, r.node, r.state, r.last_step,
-    el("td", num(r.step_rate, 2), "num"), el("td", num(r.step_time_ms, 1), "num"),
-    el("td", num(r.work_ms, 1), "num"), ago(r.last_seen), r.config_revision,
-    r.straggler ? badge("straggler", "bad") : el("span", "-", "muted"),
-    el("span", r.replica_id, "mono"),
-  ], r.straggler ? "fault" : ""));
-  fill($("#replicas tbody"), rows, "no replicas", 12);
+const replicas = {
+  rows: new Map(), order: [], col: {}, version: -1, pending: null, summary: null, ts: 0,
+  rowHeight: 0, scheduled: false,
+};
+
+function replicaKey(r) {
+  const c = replicas.col;
+  return [r[c.job_id], r[c.replica_group], r[c.group_rank], r[c.replica_id]];
+}
+
+function compareKeys(a, b) {
+  for (let i = 0; i < a.length; i++) {
+    if (a[i] < b[i]) return -1;
+    if (a[i] > b[i]) return 1;
+  }
+  return 0;
+}
+
+// The store's order: job, group, rank, replica id.
+function sortReplicas() {
+  const keyed = [...replicas.rows.values()].map((r) => [replicaKey(r), r[replicas.col.replica_id]]);
+  keyed.sort((a, b) => compareKeys(a[0], b[0]));
+  replicas.order = keyed.map((k) => k[1]);
+}
+
+function onSnapshot(msg) {
+  const snap = JSON.parse(msg.data);
+  if (snap.part === 0) {
+    replicas.col = Object.fromEntries(snap.fields.map((name, i) => [name, i]));
+    replicas.pending = new Map();
+  }
+  if (!replicas.pending) return;  // a part of a snapshot whose start this page missed
+  for (const r of snap.rows) replicas.pending.set(r[replicas.col.replica_id], r);
+  if (snap.part + 1 < snap.parts) return;
+  replicas.rows = replicas.pending;
+  replicas.pending = null;
+  replicas.version = snap.v;
+  replicas.summary = snap.summary;
+  sortReplicas();
+  renderReplicasSoon();
+}
+
+function onDelta(msg) {
+  const d = JSON.parse(msg.data);
+  if (d.v <= replicas.version || replicas.pending) return;
+  const id = replicas.col.replica_id;
+  for (const r of d.add) replicas.rows.set(r[id], r);
+  for (const r of d.change) replicas.rows.set(r[id], r);
+  for (const rid of d.remove) replicas.rows.delete(rid);
+  if (d.add.length || d.remove.length) sortReplicas();
+  replicas.version = d.v;
+  replicas.summary = d.summary;
+  replicas.ts = d.ts;
+  renderReplicasSoon();
+}
+
+function renderReplicasSoon() {
+  if (replicas.scheduled) return;
+  replicas.scheduled = true;
+  requestAnimationFrame(() => { replicas.scheduled = false; renderReplicas(); });
+}
+
+function replicaRow(r) {
+  const c = replicas.col;
+  const tr = row([
+    r[c.job_id], r[c.replica_group], r[c.node], r[c.state], r[c.last_step],
+    el("td", num(r[c.step_rate], 2), "num"), el("td", num(r[c.step_time_ms], 1), "num"),
+    el("td", num(r[c.work_ms], 1), "num"), ago(r[c.last_seen]), r[c.config_revision],
+    r[c.straggler] ? badge("straggler", "bad") : el("span", "-", "muted"),
+    el("span", r[c.replica_id], "mono"),
+  ], "r" + (r[c.straggler] ? " fault" : ""));
+  tr.dataset.replica = r[c.replica_id];
+  return tr;
+}
+
+function spacer(rows) {
+  const td = el("td");
+  td.colSpan = 12;
+  td.style.height = `${rows * replicas.rowHeight}px`;  // CSSOM, allowed by the page's CSP
+  const tr = el("tr", null, "spacer");
+  tr.append(td);
+  return tr;
+}
+
+function renderReplicas() {
+  const box = $("#replicas-scroll");
+  const tbody = $("#replicas tbody");
+  renderReplicaSummary();
+  const total = replicas.order.length;
+  if (!total) { fill(tbody, [], "no replicas", 12); return; }
+  if (!replicas.rowHeight) {  // measured once, from a real row
+    tbody.replaceChildren(replicaRow(replicas.rows.get(replicas.order[0])));
+    replicas.rowHeight = tbody.firstChild.getBoundingClientRect().height || 24;
+  }
+  const head = $("#replicas thead").getBoundingClientRect().height;
+  const overscan = 10;
+  const first = Math.max(0, Math.floor((box.scrollTop - head) / replicas.rowHeight) - overscan);
+  const count = Math.ceil(box.clientHeight / replicas.rowHeight) + 2 * overscan;
+  const last = Math.min(total, first + count);
+  const rows = replicas.order.slice(first, last).map((rid) => replicaRow(replicas.rows.get(rid)));
+  tbody.replaceChildren(spacer(first), ...rows, spacer(total - last));
+  box.dataset.rows = String(total);
+  box.dataset.first = String(first);
+}
+
+function renderReplicaSummary() {
+  const s = replicas.summary;
+  if (!s) return;
+  const states = Object.entries(s.states).map(([k, v]) => `${k} ${v}`).join(", ");
+  const when = replicas.ts ? ` · updated ${time(replicas.ts)}` : "";
+  $("#replicas-summary").textContent =
+    `${s.replicas} replicas${states ? ` (${states})` : ""} · jobs ${s.jobs} · ` +
+    `stragglers ${s.stragglers}${when}`;
 }
 
 // -- nodes: drained list and the DR mapping ---------------------------------------------------
@@ -220,14 +329,15 @@ function connect() {
     addEvent(ev);
     if (NODE_KINDS.has(ev.kind)) refreshSoon();
   });
-  source.addEventListener("replicas", (msg) => renderReplicas(JSON.parse(msg.data).replicas));
+  source.addEventListener("snapshot", onSnapshot);
+  source.addEventListener("delta", onDelta);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#filters").addEventListener("submit", (e) => { e.preventDefault(); loadHistory().catch(report); });
   $("#filters").addEventListener("change", () => loadHistory().catch(report));
-  Promise.all([loadStatus(), loadNodes(), getJSON("/api/replicas").then(renderReplicas),
-               loadHistory()]).catch(report);
+  $("#replicas-scroll").addEventListener("scroll", renderReplicasSoon, { passive: true });
+  Promise.all([loadStatus(), loadNodes(), loadHistory()]).catch(report);
   connect();
   setInterval(() => loadStatus().catch(report), 5000);
 });
