@@ -196,3 +196,15 @@ def test_hot_spares_in_the_script() -> None:
     assert "--job-name=marduk-torchft-sb\"$s\"" in text
     assert "#SBATCH --nodes=4" in text
     assert 'ASSUME_DIR="${SLURM_SUBMIT_DIR:-$PWD}/.marduk-job-$SLURM_JOB_ID"' in rendered("basic")
+
+
+def test_cli_hot_spares(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = marduk_main(["sbatch", "--replica-groups", "2", "--spares", "2", "--hot-spares", "1",
+                      "--param", "assume_dir=/shared/run 1/marduk", "--param",
+                      "assume_grace_s=3", "--param", "nats_url=nats://nats.example:4222",
+                      "--gpus-per-node", "8", "train.py"])
+    assert rc == 0
+    assert capsys.readouterr().out == (GOLDEN / "hot.sh").read_text()
+    assert marduk_main(["sbatch", "--replica-groups", "2", "--hot-spares", "1",
+                        "train.py"]) == 2
+    assert "hot_spares (1) exceeds spares (0)" in capsys.readouterr().err

@@ -59,6 +59,7 @@ exit "$rc"
 FAKE_TRAIN = r"""#!/bin/bash
 if [ -n "${MARDUK_STANDBY:-}" ]; then
   echo "standby $MARDUK_STANDBY_SLOT $SLURMD_NODENAME $MASTER_PORT" >> "$FAKE_SLURM/runs"
+  [ -e "$FAKE_SLURM/standby-crash.$MARDUK_STANDBY_SLOT" ] && exit 1
   assume=$FAKE_SLURM/assume.$MARDUK_STANDBY_SLOT
   while [ ! -e "$assume" ]; do sleep 0.05; done
   REPLICA_GROUP_ID=$(cat "$assume")
@@ -82,6 +83,7 @@ handover\ *)
   done
   exit "${action#handover }" ;;
 "") exit 0 ;;
+sleep) sleep 1; exit 0 ;;
 *) exit "$action" ;;
 esac
 """
@@ -119,7 +121,7 @@ def write_exe(path: Path, text: str) -> Path:
 def supervise(tmp_path: Path, plans: dict[int, list[str]], **params: object) -> Outcome:
     fake = tmp_path / "fake"
     bin_dir = fake / "bin"
-    bin_dir.mkdir(parents=True)
+    bin_dir.mkdir(parents=True)  # fake/ itself may hold a test's markers already
     write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
     write_exe(bin_dir / "srun", FAKE_SRUN)
     train = write_exe(fake / "train.sh", FAKE_TRAIN)
@@ -240,6 +242,16 @@ def test_without_a_takeover_the_group_is_respawned_cold_after_the_grace(
     assert "group 1: no standby assumed it within 1 s; respawning cold" in out.log
     assert "group 1: starting on n4" in out.log
     assert sorted(out.sruns) == ["n1", "n2", "n3", "n4"]
+
+
+def test_a_standby_that_crashes_gives_its_node_to_a_new_standby(tmp_path: Path) -> None:
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "standby-crash.0").touch()
+    out = supervise(tmp_path, {0: ["sleep"], 1: ["sleep"]}, spares=1, hot_spares=1)
+    assert out.rc == 0, out.log
+    assert "standby 0: exited (1) before assuming a group" in out.log
+    assert "standby 1: starting on n3" in out.log
+    assert "all groups done after 0 restart(s)" in out.log
 
 
 def test_hot_spares_are_some_of_the_spares() -> None:
