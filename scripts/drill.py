@@ -8,6 +8,12 @@ replica, and the drill follows what happens: the node is drained in Slurm with t
 that replica leaves, the supervisor starts it on the spare, torchft heals it, and training
 reaches max_steps.
 
+With `--hot-spares 1` the spare node runs a standby from the start (`marduk sbatch
+--hot-spares`): the decision that sends the replica away tells the standby to assume its
+group, and no cold respawn happens. Either way the drill times the fault (the controller's
+`gpu_verdict`) to full strength (the replaced group's first step in a quorum of every group,
+from the training log); benchmarks/recovery.py compares the two.
+
 Run by scripts/demo.sh (which prepares the environment and the cluster), and by
 tests/test_drill.py. Prints what it does at each stage and ends with a summary.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,10 +60,13 @@ class DrillResult:
     gpu_uuid: str = ""
     reason: str = ""
     fault_to_drain_s: float = 0.0
-    fault_to_full_strength_s: float = 0.0
+    fault_to_full_strength_s: float = 0.0  # verdict -> replaced group in a full quorum
+    hot_spares: int = 0
+    assumed_by_standby: bool = False
     step_at_fault: int = 0
     step_rejoined: int = 0
     final_step: int = 0
+    max_steps: int = 0  # where the job was to end (moved by `finish_after`)
     steps_lost: int = 0
     job_state: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -65,8 +75,10 @@ class DrillResult:
 
 
 class Drill:
-    def __init__(self, work: Path, *, max_steps: int, step_sleep_s: float) -> None:
+    def __init__(self, work: Path, *, max_steps: int, step_sleep_s: float,
+                 hot_spares: int = 0) -> None:
         self.work = work
+        self.hot_spares = hot_spares
         self.conf, self.run_dir = cluster_paths()
         self.state = work / "controller"
         self.max_steps = max_steps
@@ -84,9 +96,11 @@ class Drill:
         self.procs.append(subprocess.Popen([*MARDUK, *args], stdout=log,
                                            stderr=subprocess.STDOUT, env=self.env, cwd=REPO))
 
-    def marduk(self, *args: str) -> Any:
-        # Options right after the verb: `sbatch` passes everything after SCRIPT to it.
-        argv = [*MARDUK, "--state-dir", str(self.state), args[0], "--json", *args[1:]]
+    def marduk(self, *args: str, words: int = 1) -> Any:
+        # Options right after the verb (`words` long: `config set` is 2): `sbatch` passes
+        # everything after SCRIPT to it.
+        argv = [*MARDUK, "--state-dir", str(self.state), *args[:words], "--json",
+                *args[words:]]
         out = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=REPO)
         if out.returncode != 0:
             raise RuntimeError(f"marduk {' '.join(args)}: {out.stderr.strip()}")
@@ -128,13 +142,16 @@ class Drill:
     def submit_job(self) -> None:
         args = ["sbatch", "--replica-groups", "2", "--nodes-per-group", "1",
                 "--gpus-per-node", "1", "--spares", "1", "--max-restarts", "2",
+                "--hot-spares", str(self.hot_spares),
+                "--param", f"assume_dir={self.work / 'assume'}",
                 "--job-name", "marduk-drill", "--launcher", str(BIN / "python"),
                 "--param", f"lighthouse={BIN / 'torchft_lighthouse'}",
                 "--sbatch-arg", f"output={self.work}/job-%j.out", "--submit",
                 str(REPO / "scripts" / "train_tiny.py")]
         self.job_id = int(self.marduk(*args)["job_id"])
+        spare = "a standby on the spare node" if self.hot_spares else "1 spare node"
         say(f"submitted job {self.job_id} from the rendered template: lighthouse + 2 replica "
-            f"groups + 1 spare node, {self.max_steps} steps")
+            f"groups + {spare}, {self.max_steps} steps")
 
     def replicas(self) -> list[dict[str, Any]]:
         return list(self.marduk("replicas", "--job", str(self.job_id)))
@@ -143,13 +160,20 @@ class Drill:
         def ready() -> list[dict[str, Any]] | None:
             rows = self.replicas()
             live = [r for r in rows if r["gpu_uuids"] and r["last_step"] >= 20
-                    and r["participants"] == 2]
-            return rows if len(live) == 2 else None
+                    and r["participants"] == 2 and r.get("role", "replica") == "replica"]
+            standing_by = [r for r in rows if r["state"] == "standby"]
+            if len(live) == 2 and len(standing_by) >= self.hot_spares:
+                return live + standing_by
+            return None
         rows = self.wait("2 replica groups registered and training together", ready, 240)
         for r in rows:
+            if r["state"] == "standby":
+                say(f"  standby {r['replica_id']} on {r['node']}: model built, not in the "
+                    "quorum")
+                continue
             say(f"  group {r['replica_group']} on {r['node']}: step {r['last_step']}, "
                 f"GPU {r['gpu_uuids'][0]}")
-        return rows
+        return [r for r in rows if r["state"] != "standby"]
 
     def inject(self, victim: dict[str, Any]) -> tuple[float, int]:
         node, uuid = victim["node"], victim["gpu_uuids"][0]
@@ -170,8 +194,11 @@ class Drill:
         say(f"{node} drained in Slurm: {result.reason}")
 
         def rejoined() -> dict[str, Any] | None:
-            for r in self.replicas():
+            # --all: a short job may be over (its rows left) by the time this looks.
+            rows = self.marduk("replicas", "--job", str(self.job_id), "--all")
+            for r in rows:
                 if (r["replica_group"] == group and r["node"] != node
+                        and r.get("role", "replica") == "replica"
                         and r["participants"] == 2 and r["last_step"] > 0):
                     return r
             return None
@@ -209,9 +236,32 @@ def event_times(history: list[dict[str, Any]], t0: float) -> tuple[float, float]
     return verdict, drained
 
 
-def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05) -> DrillResult:
-    drill = Drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s)
-    result = DrillResult(work=str(work))
+_PARTICIPANTS = re.compile(r"^group (\d+): participants (\d+) at step (\d+) t=([\d.]+)$")
+_INCARNATION = re.compile(r"^group (\d+): replica \S+ on (\S+)")
+
+
+def full_strength_at(output: str, group: int, old_node: str, groups: int,
+                     after: float) -> float | None:
+    """When the group's new incarnation (the first one started on another node than
+    `old_node`) first committed a step in a quorum of all `groups` (scripts/train_tiny.py
+    prints a line whenever its participant count changes)."""
+    started = False
+    for line in output.splitlines():
+        if (m := _INCARNATION.match(line)) and int(m.group(1)) == group:
+            started = started or m.group(2) != old_node
+        elif (started and (m := _PARTICIPANTS.match(line)) and int(m.group(1)) == group
+              and int(m.group(2)) == groups and float(m.group(4)) > after):
+            return float(m.group(4))
+    return None
+
+
+def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
+              hot_spares: int = 0, finish_after: int | None = None) -> DrillResult:
+    """One drill. With `finish_after`, once the group is back at full strength the job is
+    told (`marduk config set JOB max_steps=...`) to end that many steps later: a long
+    `max_steps` then leaves room for a slow cold respawn without making every run long."""
+    drill = Drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s, hot_spares=hot_spares)
+    result = DrillResult(work=str(work), hot_spares=hot_spares, max_steps=max_steps)
     try:
         drill.start_services()
         drill.submit_job()
@@ -221,19 +271,33 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05) -
         t0, result.step_at_fault = drill.inject(victim)
         result.node, result.gpu_uuid = victim["node"], victim["gpu_uuids"][0]
         drill.follow(victim, t0, result)
+        if finish_after is not None:
+            last = max(r["last_step"] for r in drill.replicas())
+            result.max_steps = last + finish_after
+            drill.marduk("config", "set", str(drill.job_id), f"max_steps={result.max_steps}",
+                         words=2)
         result.job_state = drill.wait_job()
         say(f"job {drill.job_id} finished: {result.job_state}")
         result.history = drill.marduk("history", "--since", str(t0 - 1), "--limit", "1000")
         result.replicas = drill.marduk("replicas", "--job", str(drill.job_id), "--all")
         verdict_ts, drained_ts = event_times(result.history, t0 - 1)
         result.fault_to_drain_s = drained_ts - verdict_ts
+        result.assumed_by_standby = any(e["kind"] == "standby_assumed" for e in result.history)
+        output = "".join(p.read_text(errors="replace") for p in work.glob("job-*.out"))
+        full = full_strength_at(output, victim["replica_group"], result.node, 2, verdict_ts)
+        if full is not None:
+            result.fault_to_full_strength_s = full - verdict_ts
         result.final_step = max(r["last_step"] for r in result.replicas)
         # The respawned group heals to the survivors' step; anything below the step at the
         # fault would be work done twice.
         result.steps_lost = max(0, result.step_at_fault - result.step_rejoined)
-        say(f"resuming {result.node} (marduk set this drain, so it may undo it)")
-        drill.marduk("resume", result.node)
     finally:
+        if result.node:
+            say(f"resuming {result.node} (marduk set this drain, so it may undo it)")
+            try:
+                drill.marduk("resume", result.node)
+            except RuntimeError as exc:  # never drained (the drill failed before): say so
+                say(f"  {exc}")
         say("stopping the agents and the controller")
         drill.stop()
     return result
@@ -245,8 +309,10 @@ def summary(r: DrillResult) -> str:
              f"fault          : XID 79 on {r.node} GPU {r.gpu_uuid}",
              f"drained        : {r.node}, {r.fault_to_drain_s * 1000:.0f} ms after the verdict; "
              f"reason '{r.reason}'",
-             f"replica moved  : {r.node} -> {r.spare} (the spare)",
-             f"full strength  : {r.fault_to_full_strength_s:.1f} s after the fault; the "
+             f"replica moved  : {r.node} -> {r.spare} (the spare, "
+             + ("a standby that assumed the group)" if r.assumed_by_standby
+                else "respawned cold)"),
+             f"full strength  : {r.fault_to_full_strength_s:.2f} s after the fault; the "
              f"surviving group kept committing (step {r.step_at_fault} at the fault, "
              f"{r.step_rejoined} when the respawned group had healed from it)",
              f"steps lost     : {r.steps_lost} (steps the job had to redo: the global step "
@@ -276,10 +342,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-steps", type=int, default=300)
     ap.add_argument("--step-sleep", type=float, default=0.05, help="seconds per step")
+    ap.add_argument("--hot-spares", type=int, default=0, choices=(0, 1),
+                    help="run the spare node as a standby (default 0: cold respawn)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="marduk-drill-"))
     try:
-        result = run_drill(work, max_steps=args.max_steps, step_sleep_s=args.step_sleep)
+        result = run_drill(work, max_steps=args.max_steps, step_sleep_s=args.step_sleep,
+                           hot_spares=args.hot_spares)
     except RuntimeError as exc:
         say(f"drill failed: {exc}")
         return 1

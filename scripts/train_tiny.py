@@ -6,6 +6,10 @@ group world size 1), so it hosts its group's TCPStore itself; under torchrun, to
 It trains a small MLP on CPU with ProcessGroupGloo and prints one line per step.
 
     MAX_STEPS (default 300)   STEP_SLEEP_S (default 0.05, to make the run last a while)
+
+Started as a standby (MARDUK_STANDBY=1, `marduk sbatch --hot-spares`), everything before
+ManagerMarduk (imports, model, optimizer) is done at job start, and ManagerMarduk returns once
+the controller told it which group to assume; the group is then `manager.replica_group`.
 """
 
 from __future__ import annotations
@@ -53,11 +57,16 @@ def main() -> int:
         load_state_dict=load_state, state_dict=save_state,
         timeout=timedelta(seconds=10), quorum_timeout=timedelta(seconds=60),
     )
+    # A standby (MARDUK_STANDBY=1) returns from ManagerMarduk only once it assumed a group.
+    group = manager.replica_group
     ddp = SafeDDP(manager, model)  # survives a peer dying mid-allreduce
     opt = Optimizer(manager, inner)
     data = torch.Generator().manual_seed(group)
     print(f"group {group}: replica {manager.full_replica_id} on "
-          f"{os.environ.get('SLURMD_NODENAME', '?')}", flush=True)
+          f"{os.environ.get('SLURMD_NODENAME', '?')}"
+          + (f" (was standby {manager.assumed_from})" if manager.assumed_from else ""),
+          flush=True)
+    participants = 0
     while not manager.should_stop():
         x = torch.randn(8, 16, generator=data)
         opt.zero_grad()
@@ -66,6 +75,10 @@ def main() -> int:
         opt.step()
         manager.report_loss(float(loss))
         step = manager.current_step()
+        if manager.num_participants() != participants:  # the drill times recoveries by this
+            participants = manager.num_participants()
+            print(f"group {group}: participants {participants} at step {step} "
+                  f"t={time.time():.3f}", flush=True)
         if step % 25 == 0:
             print(f"group {group}: step {step} loss {float(loss):.4f} "
                   f"participants {manager.num_participants()}", flush=True)

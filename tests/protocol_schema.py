@@ -73,12 +73,15 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
         "replica_register", replica_id="job7_rg0:fuzz", job_id=7, step_id=0, replica_group=0,
         group_rank=0, group_world_size=1, node="n1", gpu_uuids=["GPU-n1-0"], pid=4243,
         hyperparams={"lr": 0.001, "batch_size": 32, "optim": {"betas": [0.9, 0.95]}},
-        config_revision=0, step=0)),
+        config_revision=0, step=0, standby=False)),
     Kind("replica_leave", "durable", "job", _msg(
         "replica_leave", replica_id="job7_rg0:fuzz", job_id=7, reason="finished",
         exit_code=0, step=10)),
     Kind("config_ack", "durable", "job", _msg(
         "config_ack", replica_id="job7_rg0:fuzz", job_id=7, revision=1, applied_at_step=5,
+        ok=True, error="")),
+    Kind("assume_ack", "durable", "job", _msg(
+        "assume_ack", standby_id="job7_sb0:fuzz", job_id=7, replica_group=1, event_id=3,
         ok=True, error="")),
     Kind("heartbeat", "core", "job", _msg(
         "heartbeat", replica_id="job7_rg0:fuzz", job_id=7, step=11, step_time_ms=120.5,
@@ -94,7 +97,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
         "job_command", job_id=7, revision=1, apply_at_step=5, changes={"lr": 0.01})),
     Kind("replica_command", "outbound", "job", _msg(
         "replica_command", replica_id="job7_rg0:fuzz", job_id=7, action="leave", reason="x",
-        immediate=False, event_id=1)),
+        immediate=False, event_id=1, replica_group=None)),
     Kind("event", "outbound", "node", _msg(
         "event", id=1, kind="gpu_verdict", reason="x", node="n1", gpu_uuid="GPU-n1-0",
         job_id=7, replica_id="job7_rg0:fuzz", evidence={})),

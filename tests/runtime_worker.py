@@ -9,6 +9,7 @@ and per step to stdout. Settings come from the environment, as in a real sbatch 
   WORKER_MANAGER=marduk|torchft     ManagerMarduk (default) or torchft's own Manager
   WORKER_DDP=safe|stock             SafeDDP (default) or torchft's DDP
   MAX_STEPS, STEP_SLEEP_S, GLOO_TIMEOUT_S, HEARTBEAT_INTERVAL_MS
+  MARDUK_STANDBY=1, MARDUK_STANDBY_SLOT   start as a hot spare (the group comes with assume)
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def main() -> int:
     manager = make_manager(os.environ.get("WORKER_MANAGER", "marduk"), group, model, inner,
                            max_steps)
     marduk = manager if isinstance(manager, ManagerMarduk) else None
+    if marduk is not None:  # a standby learns its group only when it assumes one
+        group = marduk.replica_group
     scale = {"x": 1.0}
     if marduk is not None:
         def load_checkpoint(path: str) -> None:
@@ -101,7 +104,7 @@ def main() -> int:
         marduk.register_checkpoint_loader(load_checkpoint)
         marduk.register_handler("input_scale", lambda v: scale.update(x=float(v)))
     emit(ev="ready", rg=group, replica_id=getattr(manager, "full_replica_id", ""),
-         pid=os.getpid())
+         pid=os.getpid(), assumed_from=marduk.assumed_from if marduk else None)
     ddp = (SafeDDP if os.environ.get("WORKER_DDP", "safe") == "safe"
            else DistributedDataParallel)(manager, model)
     opt = Optimizer(manager, inner)

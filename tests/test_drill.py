@@ -29,12 +29,14 @@ def _load_drill():  # type: ignore[no-untyped-def]
 def test_fault_drill(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:  # noqa: F811
     pytest.importorskip("torchft", reason="the drill trains with torchft")
     drill = _load_drill()
-    result = drill.run_drill(tmp_path, max_steps=200, step_sleep_s=0.05)
+    # A long max_steps, moved to 40 steps past the recovery: a cold respawn on a loaded host
+    # (a new process importing torch) must not find the survivor finished already.
+    result = drill.run_drill(tmp_path, max_steps=3000, step_sleep_s=0.05, finish_after=40)
     print(drill.summary(result))
     print(f"fault -> drain {result.fault_to_drain_s * 1000:.0f} ms, fault -> full strength "
           f"{result.fault_to_full_strength_s:.1f} s")
     assert result.job_state == "COMPLETED"
-    assert result.final_step == 200
+    assert result.final_step == result.max_steps < 3000
     assert result.reason.startswith(f"marduk: xid=79 gpu={result.gpu_uuid} event=")
     assert result.spare not in ("", result.node)
     assert result.steps_lost == 0
@@ -56,3 +58,27 @@ def test_fault_drill(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:  # no
     old = [r for r in result.replicas if r["node"] == result.node]
     assert moved and old and moved[0]["replica_group"] == old[0]["replica_group"]
     assert old[0]["state"] == "left" and old[0]["gpu_uuids"] == []
+
+
+def test_fault_drill_with_a_hot_spare(tmp_path: Path, slurm_cluster: SlurmCluster  # noqa: F811
+                                      ) -> None:
+    """The spare node runs a standby: the decision that sends the faulty group away names it,
+    it assumes the group and heals, the supervisor follows it there, nothing is respawned."""
+    pytest.importorskip("torchft", reason="the drill trains with torchft")
+    drill = _load_drill()
+    result = drill.run_drill(tmp_path, max_steps=3000, step_sleep_s=0.05, hot_spares=1,
+                             finish_after=40)
+    print(drill.summary(result))
+    print(f"hot spare: fault -> full strength {result.fault_to_full_strength_s:.2f} s")
+    assert result.job_state == "COMPLETED" and result.final_step == result.max_steps < 3000
+    assert result.assumed_by_standby and result.steps_lost == 0
+    assert 0 < result.fault_to_full_strength_s < 2.0
+    kinds = [(e["kind"], e["node"]) for e in result.history]
+    chain = [("gpu_verdict", result.node), ("standby_assigned", result.spare),
+             ("standby_assumed", None), ("replica_register", result.spare)]
+    positions = [kinds.index(link) for link in chain]
+    assert positions == sorted(positions), kinds
+    # The standby's step started with the job: no step starts after the fault, no respawn.
+    assert ("step_start", result.spare) not in kinds
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert "assumed by standby 0 on" in log and "respawning" not in log

@@ -33,6 +33,9 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "cpu": {"train_script": "./train.sh", "replica_groups": 3, "gpus_per_node": 0,
             "launcher": "", "spares": 2, "lighthouse_bind": "0.0.0.0"},
+    "hot": {"train_script": "train.py", "replica_groups": 2, "spares": 2, "hot_spares": 1,
+            "assume_dir": "/shared/run 1/marduk", "assume_grace_s": 3,
+            "nats_url": "nats://nats.example:4222"},
 }
 
 
@@ -123,6 +126,11 @@ def test_missing_required_parameter() -> None:
     ({"lighthouse_port": 70000}, "lighthouse_port"),
     ({"master_port": 65535}, "master_port 65535 leaves the port range"),
     ({"min_replicas": 3}, r"min_replicas \(3\) exceeds replica_groups \(2\)"),
+    ({"hot_spares": 1}, r"hot_spares \(1\) exceeds spares \(0\)"),
+    ({"hot_spares": -1}, "hot_spares must be an integer >= 0"),
+    ({"spares": 1, "hot_spares": 1, "max_restarts": 3, "master_port": 65531},
+     "master_port 65531 leaves the port range"),
+    ({"assume_dir": "/a\nb"}, "newlines"),
     ({"job_name": "my job"}, "job_name 'my job'"),
     ({"time": ""}, "time ''"),
     ({"sbatch_args": {"nodes": "4"}}, "is set by the template"),
@@ -179,3 +187,24 @@ def test_cli_rejects_bad_input_as_usage_error(argv: list[str], message: str,
     rc = marduk_main(["sbatch", "--replica-groups", "2", *argv, "train.py"])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_hot_spares_in_the_script() -> None:
+    text = rendered("hot")
+    assert "NUM_STANDBYS=1\nASSUME_GRACE_S=3\n" in text
+    assert "ASSUME_DIR='/shared/run 1/marduk'" in text
+    assert "--job-name=marduk-torchft-sb\"$s\"" in text
+    assert "#SBATCH --nodes=4" in text
+    assert 'ASSUME_DIR="${SLURM_SUBMIT_DIR:-$PWD}/.marduk-job-$SLURM_JOB_ID"' in rendered("basic")
+
+
+def test_cli_hot_spares(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = marduk_main(["sbatch", "--replica-groups", "2", "--spares", "2", "--hot-spares", "1",
+                      "--param", "assume_dir=/shared/run 1/marduk", "--param",
+                      "assume_grace_s=3", "--param", "nats_url=nats://nats.example:4222",
+                      "--gpus-per-node", "8", "train.py"])
+    assert rc == 0
+    assert capsys.readouterr().out == (GOLDEN / "hot.sh").read_text()
+    assert marduk_main(["sbatch", "--replica-groups", "2", "--hot-spares", "1",
+                        "train.py"]) == 2
+    assert "hot_spares (1) exceeds spares (0)" in capsys.readouterr().err

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from marduk_slurm.domain import sbatch
 
 FAKE_SCONTROL = r"""#!/bin/bash
@@ -38,6 +40,7 @@ while [ $# -gt 0 ] && [[ $1 == --* ]]; do
 done
 echo "$nodelist" >> "$FAKE_SLURM/sruns"
 rank=0 pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; exit 143' TERM
 for node in ${nodelist//,/ }; do
   SLURMD_NODENAME=$node SLURM_PROCID=$rank "$@" &
   pids+=($!)
@@ -48,9 +51,22 @@ for pid in "${pids[@]}"; do wait "$pid"; s=$?; [ "$rc" = 0 ] && rc=$s; done
 exit "$rc"
 """
 
-# Rank 0 takes the next action of its group's plan: an exit code, or "drain CODE" (mark its
-# node drained first). An empty plan means finish (0).
+# Rank 0 takes the next action of its group's plan: an exit code, "drain CODE" (mark its
+# node drained first), or "handover CODE" (tell standby 0 to assume the group, as the
+# controller would, wait for its marker, then exit CODE). An empty plan means finish (0).
+# A standby (MARDUK_STANDBY=1) waits for its assume, writes the marker the runtime writes,
+# and goes on with the plan of the group it assumed.
 FAKE_TRAIN = r"""#!/bin/bash
+if [ -n "${MARDUK_STANDBY:-}" ]; then
+  echo "standby $MARDUK_STANDBY_SLOT $SLURMD_NODENAME $MASTER_PORT" >> "$FAKE_SLURM/runs"
+  [ -e "$FAKE_SLURM/standby-crash.$MARDUK_STANDBY_SLOT" ] && exit 1
+  assume=$FAKE_SLURM/assume.$MARDUK_STANDBY_SLOT
+  while [ ! -e "$assume" ]; do sleep 0.05; done
+  REPLICA_GROUP_ID=$(cat "$assume")
+  marker=$MARDUK_ASSUME_DIR/group-$REPLICA_GROUP_ID.assumed
+  echo "$MARDUK_STANDBY_SLOT 0 $SLURMD_NODENAME" > "$marker"
+  sleep 0.3  # it heals and trains a while
+fi
 echo "$REPLICA_GROUP_ID $SLURMD_NODENAME $MASTER_PORT $MARDUK_REPLICA_GROUP $NUM_REPLICA_GROUPS" \
   >> "$FAKE_SLURM/runs"
 [ "$SLURM_PROCID" = 0 ] || exit 0
@@ -59,7 +75,15 @@ action=$(head -n 1 "$plan" 2>/dev/null)
 [ -e "$plan" ] && sed -i 1d "$plan"
 case $action in
 drain\ *) touch "$FAKE_SLURM/drained.$SLURMD_NODENAME"; exit "${action#drain }" ;;
+handover\ *)
+  echo "$REPLICA_GROUP_ID" > "$FAKE_SLURM/assume.0"
+  for _ in $(seq 100); do
+    [ -e "$FAKE_SLURM/assume/group-$REPLICA_GROUP_ID.assumed" ] && break
+    sleep 0.05
+  done
+  exit "${action#handover }" ;;
 "") exit 0 ;;
+sleep) sleep 1; exit 0 ;;
 *) exit "$action" ;;
 esac
 """
@@ -97,7 +121,7 @@ def write_exe(path: Path, text: str) -> Path:
 def supervise(tmp_path: Path, plans: dict[int, list[str]], **params: object) -> Outcome:
     fake = tmp_path / "fake"
     bin_dir = fake / "bin"
-    bin_dir.mkdir(parents=True)
+    bin_dir.mkdir(parents=True)  # fake/ itself may hold a test's markers already
     write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
     write_exe(bin_dir / "srun", FAKE_SRUN)
     train = write_exe(fake / "train.sh", FAKE_TRAIN)
@@ -109,7 +133,7 @@ def supervise(tmp_path: Path, plans: dict[int, list[str]], **params: object) -> 
     script = sbatch.render({
         "train_script": str(train), "launcher": "", "gpus_per_node": 1, "poll_s": 0.05,
         "lighthouse": str(lighthouse), "lighthouse_port": free_port(), "master_port": 40000,
-        **values,
+        "assume_dir": str(fake / "assume"), **values,
     })
     groups, spares, per_group = (int(values[k]) for k in  # type: ignore[call-overload]
                                  ("replica_groups", "spares", "nodes_per_group"))
@@ -194,3 +218,43 @@ def test_lighthouse_that_dies_fails_the_job(tmp_path: Path) -> None:
     assert out.rc == 1
     assert "lighthouse exited before listening; giving up" in out.log
     assert out.sruns == []
+
+
+def test_a_standby_assumes_the_group_that_leaves_and_the_pool_is_refilled(
+        tmp_path: Path) -> None:
+    out = supervise(tmp_path, {1: ["handover 75"]}, spares=2, hot_spares=1)
+    assert out.rc == 0, out.log
+    assert "standby 0: starting on n3" in out.log
+    assert ("group 1: told to leave (exit 75); assumed by standby 0 on n3, not respawned"
+            in out.log)
+    assert "standby 1: starting on n4" in out.log  # the free spare keeps one standing by
+    assert sorted(out.sruns) == ["n1", "n2", "n3", "n4"]  # no cold respawn of group 1
+    assert "all groups done after 0 restart(s)" in out.log
+    runs = (tmp_path / "fake" / "runs").read_text().splitlines()
+    # standby s has MASTER_PORT master_port + groups + s; slot 0 went on as group 1
+    assert {"standby 0 n3 40002", "standby 1 n4 40003", "1 n3 40002  2"} <= set(runs)
+
+
+def test_without_a_takeover_the_group_is_respawned_cold_after_the_grace(
+        tmp_path: Path) -> None:
+    out = supervise(tmp_path, {1: ["75"]}, spares=2, hot_spares=1, assume_grace_s=1)
+    assert out.rc == 0, out.log
+    assert "group 1: no standby assumed it within 1 s; respawning cold" in out.log
+    assert "group 1: starting on n4" in out.log
+    assert sorted(out.sruns) == ["n1", "n2", "n3", "n4"]
+
+
+def test_a_standby_that_crashes_gives_its_node_to_a_new_standby(tmp_path: Path) -> None:
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "standby-crash.0").touch()
+    out = supervise(tmp_path, {0: ["sleep"], 1: ["sleep"]}, spares=1, hot_spares=1)
+    assert out.rc == 0, out.log
+    assert "standby 0: exited (1) before assuming a group" in out.log
+    assert "standby 1: starting on n3" in out.log
+    assert "all groups done after 0 restart(s)" in out.log
+
+
+def test_hot_spares_are_some_of_the_spares() -> None:
+    with pytest.raises(ValueError, match=r"hot_spares \(2\) exceeds spares \(1\)"):
+        sbatch.render({"train_script": "t.py", "replica_groups": 2, "spares": 1,
+                       "hot_spares": 2})

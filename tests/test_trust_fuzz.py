@@ -67,6 +67,7 @@ ROUTES = {
     f"{P}.evt.job.<job>.replica_register": "jetstream, job",
     f"{P}.evt.job.<job>.replica_leave": "jetstream, job",
     f"{P}.evt.job.<job>.config_ack": "jetstream, job",
+    f"{P}.evt.job.<job>.assume_ack": "jetstream, job",
     f"{P}.hb.<job>": "core, job",
     f"{P}.health.<node>": "core, agent",
     f"{P}.rpc.<verb>": "request, operator",
@@ -75,6 +76,7 @@ ROUTES = {
     f"{P}.feed.event": "only the controller may publish: refusal checked",
     f"{P}.cmd.job.<job>": "controller to jobs: not heard by the controller",
     f"{P}.cmd.replica.<job>.<group>": "controller to replicas: not heard by the controller",
+    f"{P}.cmd.replica.<job>.standby": "controller to standbys: not heard by the controller",
     f"{P}.agent.<node>.<verb>": "controller to agents: not heard by the controller",
 }
 

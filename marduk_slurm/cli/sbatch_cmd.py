@@ -20,11 +20,12 @@ from marduk_slurm.errors import BusError
 # The template engine (domain.sbatch, jinja2) and the settings are imported by the command
 # itself, not when the parser is built: every other verb would pay for them.
 
-EXAMPLE = ("marduk sbatch --replica-groups 4 --nodes-per-group 2 --gpus-per-node 8 --spares 1 "
-           "--time 24:00:00 train.py -- --lr 3e-4")
+EXAMPLE = ("marduk sbatch --replica-groups 4 --nodes-per-group 2 --gpus-per-node 8 --spares 2 "
+           "--hot-spares 1 --time 24:00:00 train.py -- --lr 3e-4")
 
 # Options that map one to one onto sbatch_script() parameters.
-_DIRECT = ("replica_groups", "nodes_per_group", "gpus_per_node", "spares", "max_restarts",
+_DIRECT = ("replica_groups", "nodes_per_group", "gpus_per_node", "spares", "hot_spares",
+           "max_restarts",
            "partition", "time", "account", "job_name", "heartbeat_timeout_ms", "launcher")
 
 
@@ -47,6 +48,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="GPUs requested on every node (default 8; 0: no GRES)")
     p.add_argument("--spares", type=int, default=0, metavar="S",
                    help="spare groups: S*M extra nodes to respawn on (default 0)")
+    p.add_argument("--hot-spares", type=int, default=0, metavar="K",
+                   help="of the spares, K run standby training processes (model built, "
+                        "outside the quorum) that take a failed group's place in about one "
+                        "quorum plus one heal (default 0: cold respawn)")
     p.add_argument("--max-restarts", type=int, default=3, metavar="K",
                    help="respawns allowed in the whole job (default 3)")
     p.add_argument("--heartbeat-timeout-ms", type=int, default=1000,

@@ -121,6 +121,14 @@ class Context:
             subject = subjects.replica_commands(leave.replica.job_id, leave.replica.replica_group)
             await self.publish(subject, m.encode(cmd))
             self.stats["leave_commands"] += 1
+        for assignment, event_id in effects.assumes:
+            sb = assignment.standby
+            cmd = m.ReplicaCommand(
+                replica_id=sb.standby_id, job_id=sb.job_id, action="assume",
+                reason=assignment.reason[:1000], replica_group=assignment.replica_group,
+                event_id=event_id, ts=time.time())
+            await self.publish(subjects.standby_commands(sb.job_id), m.encode(cmd))
+            self.stats["assume_commands"] += 1
         if effects.feed:
             await self.publish_feed(effects.feed)
 

@@ -3,7 +3,8 @@
 The caller records its cause as an event (a GPU verdict, an operator's drain, a risk or a
 straggler event, the end of a crashed step) and calls `take_decision` inside the same
 transaction: the facts are read from the store, `domain.decisions.decide` decides, and the
-decision is written here as events, outbox rows (drains) and durable leave commands. What
+decision is written here as events, outbox rows (drains), durable leave commands and durable
+assume commands (a standby takes the place of a group that leaves). What
 must reach NATS or Slurm comes back as `Effects`, carried out only after the commit
 (`Context.carry_out`): a crash in between loses nothing.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.domain.decisions import (
+    Assignment,
     Cause,
     Decision,
     DecisionPolicy,
@@ -22,6 +24,8 @@ from marduk_slurm.domain.decisions import (
     Leave,
     NodeFacts,
     ReplicaRef,
+    StandbyRef,
+    StepCrash,
     decide,
     needs,
 )
@@ -39,6 +43,7 @@ class Effects:
     """What to do once the transaction has committed."""
 
     leaves: list[tuple[Leave, int]] = field(default_factory=list)  # (leave, event id)
+    assumes: list[tuple[Assignment, int]] = field(default_factory=list)  # (assignment, event)
     feed: list[int] = field(default_factory=list)  # event ids to publish on the feed
     outbox: bool = False  # Slurm actions were queued
     # Parts of a message refused while the rest applied: (cause, subject, detail, kind).
@@ -46,6 +51,7 @@ class Effects:
 
     def extend(self, other: Effects) -> None:
         self.leaves += other.leaves
+        self.assumes += other.assumes
         self.feed += other.feed
         self.outbox = self.outbox or other.outbox
         self.rejected += other.rejected
@@ -63,7 +69,8 @@ def take_decision(store: Store, cause: Cause, *, cause_event: int, source: str, 
 
 
 def gather_facts(store: Store, cause: Cause) -> Facts:
-    """Read what `decide` needs for this cause (domain.decisions.needs)."""
+    """Read what `decide` needs for this cause (domain.decisions.needs), and the ready
+    standbys of every job it concerns."""
     node_names, job_id = needs(cause)
     nodes = {}
     for name in node_names:
@@ -73,7 +80,14 @@ def gather_facts(store: Store, cause: Cause) -> Facts:
     job_replicas: tuple[ReplicaRef, ...] = ()
     if job_id is not None:
         job_replicas = tuple(replica_refs(store.replicas(job_id=job_id)))
-    return Facts(nodes=nodes, job_replicas=job_replicas)
+    jobs = {r.job_id for n in nodes.values() for r in n.replicas}
+    jobs |= {r.job_id for r in job_replicas}
+    if isinstance(cause, StepCrash):
+        jobs.add(cause.job_id)
+    standbys = tuple(StandbyRef(s["standby_id"], s["job_id"], tuple(s["nodes"]), s["drained"])
+                     for s in store.ready_standbys(jobs))
+    return Facts(nodes=nodes, job_replicas=job_replicas, standbys=standbys,
+                 assuming=frozenset(store.assuming_groups(jobs)) if standbys else frozenset())
 
 
 def apply_decision(store: Store, decision: Decision, *, cause_event: int, source: str,
@@ -82,11 +96,32 @@ def apply_decision(store: Store, decision: Decision, *, cause_event: int, source
     for drain in decision.drains:
         queue_drain(store, drain.node, drain.reason, cause_event, source, now, effects,
                     batch_reason=drain.batch_reason)
+    queue_assumes(store, decision.assignments, cause_event, source, now, effects)
 
 
 def replica_refs(rows: list[dict[str, Any]]) -> list[ReplicaRef]:
+    """The replicas among `rows` (standbys are not replicas until they assume a group)."""
     return [ReplicaRef(r["replica_id"], r["job_id"], r["replica_group"], r["node"],
-                       tuple(r.get("gpu_uuids", ()))) for r in rows]
+                       tuple(r.get("gpu_uuids", ())), leaving=r.get("state") == "leaving")
+            for r in rows if r.get("role", "replica") == "replica"]
+
+
+def queue_assumes(store: Store, assignments: list[Assignment], cause_event: int, source: str,
+                  now: float, effects: Effects) -> None:
+    """Record each assignment and store its assume command (durable, re-sent until the
+    standby acknowledges it or is gone), in the decision's transaction."""
+    for a in assignments:
+        sb = a.standby
+        store.mark_standby_assuming(sb.standby_id)
+        eid = store.add_event(
+            "standby_assigned", now=now, source=source, node=sb.nodes[0] if sb.nodes else None,
+            job_id=sb.job_id, replica_id=sb.standby_id, reason=a.reason,
+            evidence={"cause_event": cause_event, "replica_group": a.replica_group,
+                      "nodes": list(sb.nodes)})
+        store.put_assume_command(sb.standby_id, sb.job_id, a.replica_group, a.reason, eid,
+                                 now + FIRST_LEAVE_RESEND_S, now)
+        effects.assumes.append((a, eid))
+        effects.feed.append(eid)
 
 
 def queue_leaves(store: Store, leaves: list[Leave], cause_event: int, source: str,

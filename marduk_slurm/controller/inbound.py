@@ -83,9 +83,11 @@ def on_step_end(store: Store, msg: m.StepEnd, now: float, policy: Policy) -> Eff
                   "replicas_removed": gone, "crashed": crashed},
     )
     effects = Effects(feed=[eid])
-    if crashed and gone:
-        groups = tuple(sorted({row["replica_group"] for rid in gone
-                               if (row := store.replica(rid)) is not None}))
+    # A standby that crashed takes no group with it: only replicas count.
+    groups = tuple(sorted({row["replica_group"] for rid in gone
+                           if (row := store.replica(rid)) is not None
+                           and row.get("role", "replica") == "replica"}))
+    if crashed and groups:
         take_decision(store, StepCrash(msg.job_id, groups, msg.node, int(msg.exit_status or 0)),
                       cause_event=eid, source="policy", now=now, policy=policy,
                       effects=effects)
@@ -160,11 +162,12 @@ def on_register(store: Store, msg: m.ReplicaRegister, now: float, policy: Policy
     if len(uuids) != len(msg.gpu_uuids):
         msg = msgspec.structs.replace(msg, gpu_uuids=uuids)
     store.register_replica(msg, now)
+    what = (f"standby (slot {msg.replica_group})" if msg.standby
+            else f"replica group {msg.replica_group}")
     eid = store.add_event(
-        "replica_register", now=now, source="replica", node=msg.node, job_id=msg.job_id,
-        replica_id=msg.replica_id,
-        reason=f"replica group {msg.replica_group} rank {msg.group_rank} of job {msg.job_id} "
-               f"on {msg.node}",
+        "standby_register" if msg.standby else "replica_register", now=now, source="replica",
+        node=msg.node, job_id=msg.job_id, replica_id=msg.replica_id,
+        reason=f"{what} rank {msg.group_rank} of job {msg.job_id} on {msg.node}",
         evidence={"gpu_uuids": msg.gpu_uuids, "step_id": msg.step_id, "step": msg.step,
                   "hyperparams": msg.hyperparams, "pid": msg.pid},
     )
@@ -193,6 +196,29 @@ def on_leave(store: Store, msg: m.ReplicaLeave, now: float, policy: Policy) -> E
     return Effects(feed=[eid])
 
 
+def on_assume_ack(store: Store, msg: m.AssumeAck, now: float, policy: Policy) -> Effects:
+    """A standby took its assume command: the command is done and the standby's rows leave
+    (it registers again as the group's replica, under torchft's new replica id)."""
+    _check_replica_owner(store, msg.standby_id, msg.job_id)
+    cmd = store.assume_command(msg.standby_id)
+    if cmd is None or cmd["job_id"] != msg.job_id or cmd["replica_group"] != msg.replica_group:
+        raise IdentityError("identity_conflict",
+                            f"standby {msg.standby_id} of job {msg.job_id} acknowledged "
+                            f"group {msg.replica_group}, which it was not told to assume")
+    store.finish_assume_command(msg.standby_id, "standby confirmed" if msg.ok
+                                else f"standby refused: {msg.error}", now)
+    if msg.ok:
+        store.standby_assumed(msg.standby_id, msg.replica_group, now)
+    eid = store.add_event(
+        "standby_assumed" if msg.ok else "standby_refused", now=now, source="replica",
+        job_id=msg.job_id, replica_id=msg.standby_id,
+        reason=(f"standby {msg.standby_id} assumes replica group {msg.replica_group}"
+                if msg.ok else f"standby {msg.standby_id} could not assume: {msg.error}"),
+        evidence={"replica_group": msg.replica_group, "assign_event": msg.event_id,
+                  "ok": msg.ok})
+    return Effects(feed=[eid])
+
+
 def on_config_ack(store: Store, msg: m.ConfigAck, now: float, policy: Policy) -> Effects:
     _check_replica_owner(store, msg.replica_id, msg.job_id)
     store.record_config_ack(msg.job_id, msg.revision, msg.replica_id, msg.applied_at_step,
@@ -208,6 +234,7 @@ HANDLERS: dict[type, Callable[[Store, Any, float, Policy], Effects]] = {
     m.ReplicaRegister: on_register,
     m.ReplicaLeave: on_leave,
     m.ConfigAck: on_config_ack,
+    m.AssumeAck: on_assume_ack,
 }
 
 

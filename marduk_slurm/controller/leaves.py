@@ -1,5 +1,7 @@
-"""Durable leave commands: a decision that a replica must leave is kept until the replica
-confirms it (its `replica_leave` arrives) or is gone (it left, its step ended).
+"""Durable leave and assume commands: a decision that a replica must leave is kept until the
+replica confirms it (its `replica_leave` arrives) or is gone (it left, its step ended); a
+decision that a standby assumes a group is kept until the standby confirms it (`assume_ack`)
+or is gone (its step ended first: the group gets no standby, the sbatch supervisor respawns it).
 
 The first command goes out right after the commit (`Context.carry_out`); this task re-sends
 what is still pending with backoff, so a command lost to a crash, a NATS blip or a replica
@@ -50,7 +52,31 @@ class LeaveSender:
             await self.ctx.publish(subjects.replica_commands(row["job_id"], row["replica_group"]),
                                    m.encode(cmd))
             self.ctx.stats["leave_commands_resent"] += 1
-        return len(due)
+        assumes = await self.ctx.db.tx(lambda store: self._take_due_assumes(store, now))
+        for row in assumes:
+            assume = m.ReplicaCommand(
+                replica_id=row["standby_id"], job_id=row["job_id"], action="assume",
+                reason=row["reason"], replica_group=row["replica_group"],
+                event_id=row["event_id"], ts=now)
+            await self.ctx.publish(subjects.standby_commands(row["job_id"]), m.encode(assume))
+            self.ctx.stats["assume_commands_resent"] += 1
+        return len(due) + len(assumes)
+
+    def _take_due_assumes(self, store: Store, now: float) -> list[dict[str, Any]]:
+        for row in store.finish_assumes_of_gone_standbys(now):
+            store.add_event("standby_lost", now=now, source="controller", job_id=row["job_id"],
+                            replica_id=row["standby_id"],
+                            reason=f"standby ended before it assumed replica group "
+                                   f"{row['replica_group']}; the supervisor respawns the group",
+                            evidence={"replica_group": row["replica_group"],
+                                      "assign_event": row["event_id"]})
+        due = []
+        for row in store.due_assume_commands(now):
+            attempts = row["attempts"] + 1
+            store.assume_sent(row["standby_id"], attempts, now + backoff_delay(
+                attempts, base_s=RESEND_BASE_S, max_s=RESEND_MAX_S, jitter=0.3))
+            due.append(row)
+        return due
 
     def _take_due(self, store: Store, now: float) -> list[dict[str, Any]]:
         store.finish_leaves_of_gone_replicas(now)

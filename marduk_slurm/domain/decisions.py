@@ -4,7 +4,8 @@ A *cause* (a GPU verdict, an operator's drain, a GPU whose failure risk crossed 
 a straggler to evict, a job step that crashed) and the *facts* it concerns (the replicas on
 the nodes involved, whether a node is drained already) go in; a `Decision` comes out: which
 replicas leave (now, or at their next step boundary) and which nodes are drained with which
-reason. The controller records the cause as an event, asks `decide()`, and carries the
+reason, and which ready standby (a hot spare) takes the place of each replica group that
+leaves. The controller records the cause as an event, asks `decide()`, and carries the
 decision out in the same transaction (`controller/decisions.py`). Nothing here touches Slurm,
 NATS or SQLite; docs/architecture.md ("adding a new cause") shows the path end to end.
 """
@@ -12,7 +13,7 @@ NATS or SQLite; docs/architecture.md ("adding a new cause") shows the path end t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from marduk_slurm.domain.gpu_health import GpuAction
 
@@ -24,6 +25,27 @@ class ReplicaRef:
     replica_group: int
     node: str
     gpu_uuids: tuple[str, ...] = ()
+    leaving: bool = False  # an earlier decision sent it away already
+
+
+@dataclass(frozen=True)
+class StandbyRef:
+    """A ready standby of a job: a started, model-built training process (one per node of a
+    replica group) that is not in torchft's quorum."""
+
+    standby_id: str
+    job_id: int
+    nodes: tuple[str, ...]
+    drained: bool = False  # one of its nodes is drained (by marduk or anyone)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """`standby` assumes `replica_group` of its job, in place of the replicas that leave."""
+
+    standby: StandbyRef
+    replica_group: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -44,6 +66,7 @@ class Drain:
 class Decision:
     leaves: list[Leave] = field(default_factory=list)
     drains: list[Drain] = field(default_factory=list)
+    assignments: list[Assignment] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -61,6 +84,10 @@ class Facts:
 
     nodes: Mapping[str, NodeFacts] = field(default_factory=dict)
     job_replicas: tuple[ReplicaRef, ...] = ()  # live replicas of the cause's job, any node
+    # Ready standbys of the jobs whose replicas the cause concerns, and the (job, group)
+    # pairs a standby is already assuming (an earlier decision's assume is pending).
+    standbys: tuple[StandbyRef, ...] = ()
+    assuming: frozenset[tuple[int, int]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -118,7 +145,7 @@ Cause = GpuFault | OperatorDrain | RiskThreshold | StragglerEviction | StepCrash
 
 def needs(cause: Cause) -> tuple[tuple[str, ...], int | None]:
     """The nodes whose facts `decide` needs for this cause, and the job whose replicas it
-    needs (None: no job's)."""
+    needs (None: no job's). The standbys are read for every job with a replica in these."""
     if isinstance(cause, OperatorDrain):
         return cause.nodes, None
     if isinstance(cause, StragglerEviction):
@@ -133,14 +160,57 @@ def decide(cause: Cause, *, event_id: int, facts: Facts, policy: DecisionPolicy)
     it, so that an operator can find the why); `facts` holds what `needs(cause)` names."""
     nodes = facts.nodes
     if isinstance(cause, GpuFault):
-        return _gpu_fault(cause, event_id, nodes[cause.node], policy)
-    if isinstance(cause, OperatorDrain):
-        return _operator_drain(cause, event_id, nodes, policy)
-    if isinstance(cause, RiskThreshold):
-        return _risk(cause, event_id, nodes[cause.node], policy)
-    if isinstance(cause, StragglerEviction):
-        return _straggler(cause, event_id, nodes[cause.replica.node], policy)
-    return _step_crash(cause, facts.job_replicas)
+        decision = _gpu_fault(cause, event_id, nodes[cause.node], policy)
+    elif isinstance(cause, OperatorDrain):
+        decision = _operator_drain(cause, event_id, nodes, policy)
+    elif isinstance(cause, RiskThreshold):
+        decision = _risk(cause, event_id, nodes[cause.node], policy)
+    elif isinstance(cause, StragglerEviction):
+        decision = _straggler(cause, event_id, nodes[cause.replica.node], policy)
+    else:
+        decision = _step_crash(cause, facts.job_replicas)
+    crashed = ({(cause.job_id, g): (cause.node,) for g in cause.replica_groups}
+               if isinstance(cause, StepCrash) else {})
+    return replace(decision, assignments=assign_standbys(decision, facts, crashed))
+
+
+def assign_standbys(decision: Decision, facts: Facts,
+                    crashed: Mapping[tuple[int, int], tuple[str, ...]] | None = None
+                    ) -> list[Assignment]:
+    """Which ready standby takes the place of which replica group.
+
+    A group is vacated when its replicas leave (those sent away by this decision, not by an
+    earlier one) or, for a crashed step, when its replicas are gone already (`crashed`: the
+    group and the nodes it lost). Groups that leave now are served first, then those leaving
+    at a step boundary, each in (job, group) order. A group gets at most one standby, and
+    none while an earlier assume for it is pending; a standby takes at most one group, only
+    of its own job, and never when one of its nodes is drained, being drained by this
+    decision, or one the group is leaving."""
+    vacated: dict[tuple[int, int], tuple[bool, set[str]]] = {
+        key: (True, set(nodes)) for key, nodes in (crashed or {}).items()}
+    for leave in decision.leaves:
+        r = leave.replica
+        if r.leaving:
+            continue
+        now, nodes = vacated.get((r.job_id, r.replica_group), (False, set()))
+        vacated[(r.job_id, r.replica_group)] = (now or leave.immediate, nodes | {r.node})
+    draining = {d.node for d in decision.drains}
+    taken: set[str] = set()
+    out = []
+    for (job, group), (now, nodes) in sorted(vacated.items(), key=lambda kv: (not kv[1][0],
+                                                                               kv[0])):
+        if (job, group) in facts.assuming:
+            continue
+        avoid = draining | nodes
+        pick = next((s for s in facts.standbys if s.job_id == job and not s.drained
+                     and s.standby_id not in taken and not avoid.intersection(s.nodes)), None)
+        if pick is None:
+            continue
+        taken.add(pick.standby_id)
+        why = (f"standby {pick.standby_id} assumes replica group {group} of job {job} "
+               f"({'leaving now' if now else 'leaving at a step boundary'})")
+        out.append(Assignment(pick, group, why))
+    return out
 
 
 def _gpu_fault(cause: GpuFault, event_id: int, node: NodeFacts,

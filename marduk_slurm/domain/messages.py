@@ -136,6 +136,9 @@ class ReplicaRegister(Message, tag="replica_register", kw_only=True):
     hyperparams: dict[str, Any] = {}
     config_revision: Count = 0
     step: Count = 0
+    # A hot spare: started and model-built, not in torchft's quorum until told to assume a
+    # group. Its `replica_group` is then its standby slot, not a replica group.
+    standby: bool = False
 
 
 class ReplicaLeave(Message, tag="replica_leave", kw_only=True):
@@ -155,6 +158,17 @@ class ConfigAck(Message, tag="config_ack", kw_only=True):
     job_id: JobId
     revision: Count
     applied_at_step: Count
+    ok: bool = True
+    error: Text = ""
+
+
+class AssumeAck(Message, tag="assume_ack", kw_only=True):
+    """A standby took the `assume` command: it now becomes `replica_group`."""
+
+    standby_id: ReplicaId
+    job_id: JobId
+    replica_group: GroupSize
+    event_id: NonNeg | None = None
     ok: bool = True
     error: Text = ""
 
@@ -194,14 +208,15 @@ class JobCommand(Message, tag="job_command", kw_only=True):
 
 
 class ReplicaCommand(Message, tag="replica_command", kw_only=True):
-    """A command for one replica (today: leave)."""
+    """A command for one replica: leave, or (to a standby) assume `replica_group`."""
 
     replica_id: ReplicaId
     job_id: JobId
-    action: Literal["leave"]
+    action: Literal["leave", "assume"]
     reason: Text = ""
     immediate: bool = False
     event_id: NonNeg | None = None
+    replica_group: GroupSize | None = None  # assume: the group the standby becomes
 
 
 # -- controller's event feed (core NATS) -----------------------------------------------------
@@ -377,6 +392,7 @@ def _check_free_json(msg: Any) -> None:
 
 DurableMessage = (
     StepStart | StepEnd | Verdict | GpuInventory | ReplicaRegister | ReplicaLeave | ConfigAck
+    | AssumeAck
 )
 
 _encoder = msgspec.json.Encoder()

@@ -10,6 +10,9 @@ The rendered script allocates replica_groups * nodes_per_group nodes for trainin
 spares * nodes_per_group spare nodes, starts the torchft lighthouse on the first node, one
 srun step per replica group, and a bash supervisor that respawns failed groups according to
 the runtime's exit codes (marduk_slurm.domain.exit_codes; docs/cli.md, `marduk sbatch`).
+With hot_spares K (at most `spares`), K of the spare node sets run the training script as
+standbys from the start; a group the controller sends away is assumed by one of them instead of
+being respawned cold (docs/runtime.md, "Hot spares").
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def sbatch_script(
     nodes_per_group: int = 1,
     gpus_per_node: int = 8,
     spares: int = 0,
+    hot_spares: int = 0,
     max_restarts: int = 3,
     job_name: str = "marduk-torchft",
     partition: str | None = None,
@@ -71,6 +75,8 @@ def sbatch_script(
     heartbeat_timeout_ms: int = 1000,
     master_port: int = 29600,
     poll_s: float = 1.0,
+    assume_grace_s: int = 5,
+    assume_dir: str | None = None,
     nats_url: str | None = None,
     template_dir: str | None = None,
 ) -> str:
@@ -80,6 +86,12 @@ def sbatch_script(
     "python3" or "torchrun --nproc-per-node=8"; empty runs the script itself. Group g's
     MASTER_PORT is master_port + g. `lighthouse_bind` defaults to the first node's NodeAddr.
     `max_restarts` counts respawns over the whole job, all groups together.
+    `hot_spares` of the `spares` run standbys (MARDUK_STANDBY=1); up to `max_restarts` more
+    standbys are started as free healthy spares allow, to keep `hot_spares` standing by.
+    Standby s uses MASTER_PORT master_port + replica_groups + s. A group that ends while
+    standbys stand by is given `assume_grace_s` for one to assume it before a cold respawn.
+    `assume_dir` (default $SLURM_SUBMIT_DIR/.marduk-job-$SLURM_JOB_ID) must be visible from
+    every node: standbys write their takeover markers there.
     """
     params = dict(locals())
     _check(params)
@@ -148,12 +160,16 @@ def _check(p: Mapping[str, Any]) -> None:
     for name in ("replica_groups", "nodes_per_group", "min_replicas", "quorum_tick_ms",
                  "join_timeout_ms", "heartbeat_timeout_ms"):
         _int_at_least(p, name, 1)
-    for name in ("gpus_per_node", "spares", "max_restarts"):
+    for name in ("gpus_per_node", "spares", "hot_spares", "max_restarts", "assume_grace_s"):
         _int_at_least(p, name, 0)
+    if p["hot_spares"] > p["spares"]:
+        raise ValueError(f"hot_spares ({p['hot_spares']}) exceeds spares ({p['spares']}): "
+                         "a standby runs on spare nodes")
     if not (isinstance(p["poll_s"], int | float) and p["poll_s"] > 0):
         raise ValueError(f"poll_s must be a positive number, got {p['poll_s']!r}")
     _port(p, "lighthouse_port", p["lighthouse_port"])
-    _port(p, "master_port", p["master_port"] + p["replica_groups"] - 1)
+    standby_ports = p["hot_spares"] + p["max_restarts"] if p["hot_spares"] else 0
+    _port(p, "master_port", p["master_port"] + p["replica_groups"] + standby_ports - 1)
     if p["min_replicas"] > p["replica_groups"]:
         raise ValueError(f"min_replicas ({p['min_replicas']}) exceeds replica_groups "
                          f"({p['replica_groups']})")
@@ -165,7 +181,7 @@ def _check(p: Mapping[str, Any]) -> None:
     for key, value in (p["sbatch_args"] or {}).items():
         _sbatch_arg(key, value)
     text = [p["train_script"], *p["train_args"], p["launcher"], p["lighthouse"],
-            p["nats_url"] or "", p["lighthouse_bind"] or ""]
+            p["nats_url"] or "", p["lighthouse_bind"] or "", p["assume_dir"] or ""]
     if any("\n" in str(t) or "\0" in str(t) for t in text):
         raise ValueError("arguments must not contain newlines or NUL characters")
 

@@ -25,7 +25,7 @@ def node_event(node: str, kind: str) -> str:
 
 
 def job_event(job_id: int, kind: str) -> str:
-    """replica_register, replica_leave, config_ack from a replica of `job_id`."""
+    """replica_register, replica_leave, config_ack, assume_ack from a replica of `job_id`."""
     return f"{PREFIX}.evt.job.{job_id}.{kind}"
 
 
@@ -46,6 +46,12 @@ def job_commands(job_id: int) -> str:
 def replica_commands(job_id: int, replica_group: int) -> str:
     """Commands for one replica group of a job (leave)."""
     return f"{PREFIX}.cmd.replica.{job_id}.{replica_group}"
+
+
+def standby_commands(job_id: int) -> str:
+    """Commands for the standbys (hot spares) of a job (assume); under the replica commands,
+    so a job's credential already covers it."""
+    return f"{PREFIX}.cmd.replica.{job_id}.standby"
 
 
 def rpc(verb: str) -> str:

@@ -10,6 +10,8 @@ waits for NATS:
   confirms them; after a reconnect the replica registers again and fetches the latest config;
 * commands arrive on the loop thread and wait in a queue that the training thread drains at a
   step boundary (`poll_commands`);
+* a standby (hot spare) listens only for its `assume` command (`start(..., standby=True)`,
+  `wait_assignment`), then becomes the group's replica (`assume`);
 * a credential file that is not there yet (the node agent writes it when it relays the step's
   start, docs/security.md) is waited for on the loop thread, up to `creds_wait`.
 """
@@ -46,18 +48,35 @@ class ReplicaLink:
     """One replica (job, group, replica id) talking to the controller over a shared bus."""
 
     def __init__(self, bus: Bus, job_id: int, replica_group: int, replica_id: str,
-                 on_command: Callable[[Command], None]) -> None:
+                 on_command: Callable[[Command], None], *, standby: bool = False) -> None:
         self.bus = bus
         self.job_id = job_id
         self.replica_group = replica_group
         self.replica_id = replica_id
         self.on_command = on_command
+        self.standby = standby  # a hot spare: hears only its own assume command
         self.rejected = 0
+        self._subscriptions: list[Any] = []
 
     async def subscribe(self) -> None:
-        await self.bus.subscribe(subjects.job_commands(self.job_id), self._on_message)
-        await self.bus.subscribe(
-            subjects.replica_commands(self.job_id, self.replica_group), self._on_message)
+        if self.standby:
+            subjects_ = [subjects.standby_commands(self.job_id)]
+        else:
+            subjects_ = [subjects.job_commands(self.job_id),
+                         subjects.replica_commands(self.job_id, self.replica_group)]
+        for subject in subjects_:
+            self._subscriptions.append(await self.bus.subscribe(subject, self._on_message))
+
+    async def become(self, replica_group: int, replica_id: str) -> None:
+        """A standby that took its assume command is now a replica of `replica_group`."""
+        for sub in self._subscriptions:
+            with contextlib.suppress(Exception):  # a closed connection has nothing to undo
+                await sub.unsubscribe()
+        self._subscriptions.clear()
+        self.standby = False
+        self.replica_group = replica_group
+        self.replica_id = replica_id
+        await self.subscribe()
 
     async def _on_message(self, msg: Any) -> None:
         try:
@@ -69,10 +88,15 @@ class ReplicaLink:
         if cmd.job_id != self.job_id:
             self.rejected += 1
             return
-        # The group's subject also carries leaves meant for an earlier incarnation of the
-        # group (same prefix, other uuid): only our own full replica id counts.
-        if isinstance(cmd, m.ReplicaCommand) and cmd.replica_id != self.replica_id:
-            return
+        if isinstance(cmd, m.ReplicaCommand):
+            if (cmd.action == "assume") != self.standby:
+                return
+            # An assume names the standby without "/<rank>": every rank of it takes it.
+            own = self.replica_id.split("/", 1)[0] if self.standby else self.replica_id
+            # The group's subject also carries leaves meant for an earlier incarnation of the
+            # group (same prefix, other uuid): only our own full replica id counts.
+            if cmd.replica_id != own:
+                return
         self.on_command(cmd)
 
     async def fetch_latest(self, timeout_s: float) -> m.JobCommand | None:
@@ -96,6 +120,15 @@ class ReplicaLink:
         # No dedup id: storing an ack twice is harmless (the row is replaced), and JetStream's
         # duplicate tracking costs both sides time on the path `config set` waits for.
         return subjects.job_event(self.job_id, "config_ack"), m.encode(msg), ""
+
+    def assume_ack_message(self, cmd: m.ReplicaCommand, ok: bool = True, error: str = ""
+                           ) -> tuple[str, bytes, str]:
+        standby_id = cmd.replica_id
+        msg = m.AssumeAck(standby_id=standby_id, job_id=self.job_id,
+                          replica_group=cmd.replica_group or 0, event_id=cmd.event_id, ok=ok,
+                          error=error[:1000], ts=time.time())
+        return (subjects.job_event(self.job_id, "assume_ack"), m.encode(msg),
+                f"{standby_id}/assume/{cmd.event_id}")
 
     def leave_message(self, reason: str, exit_code: int, step: int) -> tuple[str, bytes, str]:
         msg = m.ReplicaLeave(replica_id=self.replica_id, job_id=self.job_id, reason=reason,
@@ -142,6 +175,8 @@ class MardukClient:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
         self._first_config = threading.Event()
+        self._assignment: m.ReplicaCommand | None = None
+        self._assigned = threading.Event()
         self._subscribed = False
         self._closed = False
         # Jittered, so that the replicas of a large job that lost NATS together do not all
@@ -151,14 +186,41 @@ class MardukClient:
 
     # -- training-thread API (never waits on NATS) ------------------------------------------
 
-    def start(self, replica_id: str, register: Callable[[], m.ReplicaRegister]) -> None:
+    def start(self, replica_id: str, register: Callable[[], m.ReplicaRegister], *,
+              standby: bool = False) -> None:
         """Connect in the background; `register` builds the registration, called on every
-        (re)connect so that it carries the current step and hyperparameters."""
+        (re)connect so that it carries the current step and hyperparameters. A standby hears
+        only its assume command (`wait_assignment`) until it `assume`s a group."""
         self._register = register
         self.link = ReplicaLink(self.bus, self.job_id, self.replica_group, replica_id,
-                                self._commands.append)
+                                self._on_command, standby=standby)
         self._thread.start()
         self._call(self._main)
+
+    def wait_assignment(self, timeout: timedelta) -> m.ReplicaCommand | None:
+        """A standby waits (bounded) for its assume command; None when none came in time."""
+        if not self._assigned.wait(timeout.total_seconds()):
+            return None
+        return self._assignment
+
+    def send_assume_ack(self, cmd: m.ReplicaCommand, ok: bool = True, error: str = "") -> None:
+        assert self.link is not None, "start() first"
+        self._queue_durable(self.link.assume_ack_message(cmd, ok, error))
+
+    def assume(self, replica_group: int, replica_id: str,
+               register: Callable[[], m.ReplicaRegister]) -> None:
+        """The standby is now `replica_id` of `replica_group`: listen to the group's commands
+        and the job's revisions, register as that replica, fetch the latest revision."""
+        assert self.link is not None, "start() first"
+        self.replica_group = replica_group
+        self._register = register
+
+        async def become() -> None:
+            assert self.link is not None
+            await self.link.become(replica_group, replica_id)
+            if self.bus.connected:
+                await self._on_connected()
+        self._call(become)
 
     def send_heartbeat(self, hb: m.Heartbeat) -> None:
         if len(self._heartbeats) == self._heartbeats.maxlen:
@@ -214,6 +276,14 @@ class MardukClient:
         return self.bus.connected
 
     # -- loop thread -----------------------------------------------------------------------
+
+    def _on_command(self, cmd: Command) -> None:
+        if isinstance(cmd, m.ReplicaCommand) and cmd.action == "assume":
+            if self._assignment is None:  # re-sent until acknowledged: the first one counts
+                self._assignment = cmd
+                self._assigned.set()
+            return
+        self._commands.append(cmd)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)

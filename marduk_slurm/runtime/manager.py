@@ -8,6 +8,11 @@ are applied and a commanded leave happens, so every replica changes at the same 
 Training never waits for Marduk: heartbeats go to a bounded buffer, commands are read from a
 queue filled by the client's own thread, and the only bounded waits are the first config fetch
 at start-up and the final flush when leaving.
+
+A standby (hot spare, `ReplicaIdentity.standby_slot` set) is the exception by design: its
+constructor waits, with the model built and the client connected, until the controller tells
+it which replica group to assume; only then does torchft's Manager start, so that a standby
+never heartbeats to the lighthouse and never counts in its quorum arithmetic.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,6 +52,17 @@ def replica_prefix(job_id: int, replica_group: int) -> str:
     return f"job{job_id}_rg{replica_group}"
 
 
+def standby_prefix(job_id: int, slot: int) -> str:
+    """A standby's id before it assumes a group (no trailing group digits on purpose)."""
+    return f"job{job_id}_sb{slot}"
+
+
+def assume_marker(directory: Path, replica_group: int) -> Path:
+    """The file a standby writes when it assumes `replica_group`; the sbatch supervisor reads
+    it before respawning the group (templates/torchft.sbatch.j2)."""
+    return directory / f"group-{replica_group}.assumed"
+
+
 def _name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "-", text)[:128] or "unknown"
 
@@ -68,6 +86,9 @@ class ReplicaIdentity:
     node: str
     step_id: int | None = None
     gpu_uuids: tuple[str, ...] = ()
+    standby_slot: int | None = None  # a hot spare, until it assumes a group
+    group_rank: int = 0
+    group_world_size: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ReplicaIdentity:
@@ -83,10 +104,14 @@ class ReplicaIdentity:
                                                                   "REPLICA_GROUP_ID")
         step = pick("MARDUK_STEP_ID", "SLURM_STEP_ID")
         gpus = pick("MARDUK_GPUS")
+        standby = pick("MARDUK_STANDBY") not in ("", "0")
         return cls(job_id=int(job or 0), replica_group=int(group or 0),
                    node=_name(pick("MARDUK_NODE", "SLURMD_NODENAME") or socket.gethostname()),
                    step_id=int(step) if step.isdigit() else None,
-                   gpu_uuids=tuple(g for g in gpus.split(",") if g and not g.isdigit()))
+                   gpu_uuids=tuple(g for g in gpus.split(",") if g and not g.isdigit()),
+                   standby_slot=int(pick("MARDUK_STANDBY_SLOT") or 0) if standby else None,
+                   group_rank=int(pick("RANK") or 0),
+                   group_world_size=int(pick("WORLD_SIZE") or 1))
 
 
 class ManagerMarduk(Manager):
@@ -96,23 +121,30 @@ class ManagerMarduk(Manager):
     Manager), `optimizer` (whose param groups revisions change; or `attach_optimizer` later),
     `batch_size` and `max_steps` (starting values a revision may change), `exit_on_leave`
     (raise `LeaveRequested` at the next boundary instead of only answering `should_stop`),
-    `first_config_timeout` (bounded wait for the latest revision before the first step).
+    `first_config_timeout` (bounded wait for the latest revision before the first step),
+    `assume_dir` (where a standby writes its assume marker for the sbatch supervisor).
+
+    With `identity.standby_slot` set, the constructor stands by (see the module docstring)
+    and returns once the process is a replica of the group it was told to assume.
     """
 
     def __init__(self, *, identity: ReplicaIdentity, client: MardukClient | None = None,
                  optimizer: HasParamGroups | None = None, batch_size: int | None = None,
                  max_steps: int | None = None, exit_on_leave: bool = True,
                  first_config_timeout: timedelta = timedelta(seconds=2),
-                 **manager_kwargs: Any) -> None:
+                 assume_dir: Path | None = None, **manager_kwargs: Any) -> None:
+        self.config = ConfigApplier(batch_size=batch_size, max_steps=max_steps)
+        if optimizer is not None:
+            self.config.add_optimizer(optimizer)
+        self.assumed_from: str | None = None  # the standby id this process started as
+        if identity.standby_slot is not None:
+            identity = self._stand_by(identity, client, assume_dir)
         manager_kwargs.setdefault("replica_id",
                                   replica_prefix(identity.job_id, identity.replica_group))
         super().__init__(**manager_kwargs)
         self.identity = identity
         self.client = client
         self.exit_on_leave = exit_on_leave
-        self.config = ConfigApplier(batch_size=batch_size, max_steps=max_steps)
-        if optimizer is not None:
-            self.config.add_optimizer(optimizer)
         self.full_replica_id: str = self._store.get(REPLICA_ID_KEY).decode()
         # torchft gives every rank of a group the same replica id; marduk's mapping is per
         # process (each rank has its own GPU), so ranks beyond a single one get a suffix.
@@ -132,8 +164,12 @@ class ManagerMarduk(Manager):
         self._participants = 0
         self.last_step_time_s = 0.0
         if client is not None:
-            client.start(self.marduk_replica_id, self._registration)
-            client.wait_first_config(first_config_timeout)
+            if self.assumed_from is not None:
+                client.assume(identity.replica_group, self.marduk_replica_id,
+                              self._registration)
+            else:
+                client.start(self.marduk_replica_id, self._registration)
+                client.wait_first_config(first_config_timeout)
             self._boundary()
 
     @classmethod
@@ -146,9 +182,17 @@ class ManagerMarduk(Manager):
         if env.get("MARDUK_NATS_URL"):
             client = MardukClient(env["MARDUK_NATS_URL"], identity.job_id,
                                   identity.replica_group, creds=env.get("MARDUK_NATS_CREDS", ""))
+        if env.get("MARDUK_ASSUME_DIR"):
+            kwargs.setdefault("assume_dir", Path(env["MARDUK_ASSUME_DIR"]))
         return cls(identity=identity, client=client, **kwargs)
 
     # -- user API --------------------------------------------------------------------------
+
+    @property
+    def replica_group(self) -> int:
+        """The replica group this process trains as: for a standby, the one it assumed (read
+        it after construction, not from REPLICA_GROUP_ID)."""
+        return self.identity.replica_group
 
     def attach_optimizer(self, optimizer: HasParamGroups) -> None:
         """The (inner) optimizer whose param groups lr, weight_decay and optim.* change."""
@@ -292,6 +336,47 @@ class ManagerMarduk(Manager):
             self.client.close()
         log.info("leaving at step %d with exit code %d: %s", step, code, reason)
         return code
+
+    def _stand_by(self, identity: ReplicaIdentity, client: MardukClient | None,
+                  assume_dir: Path | None) -> ReplicaIdentity:
+        """Register as a standby, heartbeat, and wait for the assume command; then write the
+        marker, acknowledge, and return the identity of the assumed group."""
+        if client is None:
+            raise ValueError("a standby needs the controller (MARDUK_NATS_URL): nothing else "
+                             "can assign it a replica group")
+        slot = identity.standby_slot or 0
+        # One id for every rank of the standby: the Slurm step, or a fresh one without it.
+        suffix = f"s{identity.step_id}" if identity.step_id is not None else uuid.uuid4().hex[:12]
+        unit = f"{standby_prefix(identity.job_id, slot)}:{suffix}"
+        rank, world = identity.group_rank, identity.group_world_size
+        standby_id = unit if world == 1 else f"{unit}/{rank}"
+        gpus = list(identity.gpu_uuids) or local_gpu_uuids(identity.node, rank)
+
+        def register() -> m.ReplicaRegister:
+            return m.ReplicaRegister(
+                replica_id=standby_id, job_id=identity.job_id, step_id=identity.step_id,
+                replica_group=slot, group_rank=rank, group_world_size=world,
+                node=identity.node, gpu_uuids=gpus, pid=os.getpid(),
+                hyperparams=self.config.hyperparams(), config_revision=self.config.revision,
+                standby=True, ts=time.time())
+
+        client.start(standby_id, register, standby=True)
+        log.info("standing by as %s on %s", standby_id, identity.node)
+        while (cmd := client.wait_assignment(timedelta(seconds=1))) is None:
+            client.send_heartbeat(m.Heartbeat(replica_id=standby_id, job_id=identity.job_id,
+                                              step=0, ts=time.time()))
+        group = int(cmd.replica_group or 0)
+        if assume_dir is not None and rank == 0:
+            marker = assume_marker(assume_dir, group)
+            tmp = marker.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(f"{slot} {identity.step_id if identity.step_id is not None else ''}"
+                           f" {identity.node}\n")
+            tmp.replace(marker)  # the supervisor never reads half a marker
+        if rank == 0:
+            client.send_assume_ack(cmd)
+        log.info("standby %s assumes replica group %d: %s", standby_id, group, cmd.reason)
+        self.assumed_from = unit
+        return replace(identity, replica_group=group, standby_slot=None)
 
     def _registration(self) -> m.ReplicaRegister:
         """Built on the client's thread at every (re)connect: a snapshot of plain values."""

@@ -1,8 +1,9 @@
 """SQLite adapter (sqlite-utils, WAL): the controller's source of truth.
 
 `Store` is the one class callers use; its methods are grouped by subject in `store`
-(history, nodes, GPUs), `mapping` (steps, replicas, the DR mapping) and `outbox` (pending Slurm
-actions, config revisions). The schema lives in `migrations`.
+(history, nodes, GPUs), `mapping` (steps, replicas, the DR mapping), `outbox` (pending Slurm
+actions, config revisions) and `standbys` (hot spares and their assume
+commands). The schema lives in `migrations`.
 """
 
 from marduk_slurm.adapters.store.store import Store

@@ -87,16 +87,20 @@ class MappingMixin:
     def register_replica(self, msg: m.ReplicaRegister, now: float) -> None:
         """Insert or refresh a replica, its GPU mapping rows and its hyperparameters."""
         self._touch_job(msg.job_id, now)
+        role, state = ("standby", "standby") if msg.standby else ("replica", "active")
         self.conn.execute(
             "INSERT INTO replicas (replica_id, job_id, step_id, replica_group, group_rank, "
             "group_world_size, node, pid, state, registered_at, last_step, config_revision, "
-            "last_seen) VALUES (?,?,?,?,?,?,?,?,'active',?,?,?,?) ON CONFLICT(replica_id) DO "
+            "last_seen, role) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(replica_id) DO "
             "UPDATE SET step_id=excluded.step_id, node=excluded.node, pid=excluded.pid, "
-            # A replica told to leave stays leaving when it reconnects: the leave is re-sent.
-            "state=CASE WHEN replicas.state='leaving' THEN 'leaving' ELSE 'active' END, "
+            # A replica told to leave stays leaving when it reconnects: the leave is re-sent;
+            # a standby named by a decision stays assuming: the assume is re-sent.
+            "state=CASE WHEN replicas.state IN ('leaving', 'assuming') THEN replicas.state "
+            "ELSE excluded.state END, "
             "left_at=NULL, leave_reason='', last_seen=excluded.last_seen",
             (msg.replica_id, msg.job_id, msg.step_id, msg.replica_group, msg.group_rank,
-             msg.group_world_size, msg.node, msg.pid, now, msg.step, msg.config_revision, now),
+             msg.group_world_size, msg.node, msg.pid, state, now, msg.step,
+             msg.config_revision, now, role),
         )
         self.conn.execute("DELETE FROM mapping WHERE replica_id=?", (msg.replica_id,))
         gpus = [g for g in msg.gpu_uuids if not g.startswith(CPU_PREFIX)]
@@ -210,7 +214,8 @@ class MappingMixin:
 
     def count_replicas(self, *, job_id: int | None = None, node: str | None = None,
                        include_left: bool = False) -> int:
-        where, params = ["1"], []
+        where: list[str] = ["1"]
+        params: list[Any] = []
         if not include_left:
             where.append("state != 'left'")
         if job_id is not None:

@@ -206,4 +206,24 @@ MIGRATIONS: Final[list[str]] = [
         PRIMARY KEY (subject, kind, cause)
     );
     """,
+    # 4: hot spares. A replica row is a replica or a standby (state `standby` while ready,
+    # `assuming` once a decision named it); the assume command is durable like a leave.
+    """
+    ALTER TABLE replicas ADD COLUMN role TEXT NOT NULL DEFAULT 'replica';
+    CREATE TABLE assume_commands (
+        standby_id TEXT PRIMARY KEY,                -- the standby's id, without a /rank
+        job_id INTEGER NOT NULL,
+        replica_group INTEGER NOT NULL,             -- the group it is to become
+        reason TEXT NOT NULL DEFAULT '',
+        event_id INTEGER,                           -- the standby_assigned event
+        state TEXT NOT NULL DEFAULT 'pending',      -- pending, done
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        done_at REAL,
+        done_reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX assume_commands_pending ON assume_commands(state, next_attempt_at);
+    CREATE INDEX assume_commands_group ON assume_commands(job_id, replica_group, state);
+    """,
 ]

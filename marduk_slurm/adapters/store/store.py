@@ -20,6 +20,7 @@ import sqlite_utils
 from marduk_slurm.adapters.store.mapping import MappingMixin
 from marduk_slurm.adapters.store.migrations import MIGRATIONS
 from marduk_slurm.adapters.store.outbox import OutboxMixin
+from marduk_slurm.adapters.store.standbys import StandbysMixin
 from marduk_slurm.adapters.store.summary import SummaryMixin
 from marduk_slurm.adapters.store.trust import TrustMixin
 from marduk_slurm.domain import messages as m
@@ -30,7 +31,7 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
 
 
-class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin):
+class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin, StandbysMixin):
     """One SQLite database file. `path=":memory:"` is allowed for tests of pure queries."""
 
     def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000,

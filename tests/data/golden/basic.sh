@@ -1,6 +1,7 @@
 #!/bin/bash
+# shellcheck disable=SC2030,SC2031  # each step sets its own environment in its subshell
 # Fault-tolerant TorchFT job, rendered by `marduk sbatch` (marduk_slurm/domain/sbatch.py).
-# 2 replica group(s) x 1 node(s), 0 spare group(s), up to 3 restart(s).
+# 2 replica group(s) x 1 node(s), 0 spare group(s) (0 hot), up to 3 restart(s).
 #SBATCH --job-name=marduk-torchft
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -15,17 +16,27 @@
 # A node that Slurm reports DRAIN, DOWN or FAIL is never used again. The job exits 0 when
 # every group finished or was told to stop, 1 when a group could not be respawned.
 # MAX_RESTARTS counts respawns of all groups together. Needs bash >= 4.4.
+#
+# Hot spares: NUM_STANDBYS spare node sets run the training script as standbys
+# (MARDUK_STANDBY=1): imported and model-built, outside torchft's quorum. When the controller
+# sends a group away it tells a standby to assume it; the standby writes
+# $ASSUME_DIR/group-<g>.assumed and the supervisor, instead of respawning group g, follows it
+# in the standby's step. Without a marker (no standby free, controller away) it waits up to
+# ASSUME_GRACE_S for one, then respawns cold. A free healthy spare refills the standby pool.
 set -uo pipefail
 
 NUM_GROUPS=2
 NODES_PER_GROUP=1
 MAX_RESTARTS=3
 POLL_S=1.0
+NUM_STANDBYS=0
+ASSUME_GRACE_S=5
 LIGHTHOUSE_PORT=29510
 MASTER_PORT_BASE=29600
 SRUN_GRES=(--gres=gpu:8)
 # shellcheck disable=SC2016  # quoted on purpose: arguments reach the program literally
 TRAIN_CMD=(python3 train.py)
+ASSUME_DIR="${SLURM_SUBMIT_DIR:-$PWD}/.marduk-job-$SLURM_JOB_ID"
 
 log() { printf '%s marduk-supervisor: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
 
@@ -47,6 +58,8 @@ node_addr() {
   echo "${addr:-$1}"
 }
 
+now_s() { printf '%(%s)T' -1; }
+
 mapfile -t ALL_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 if [ "${#ALL_NODES[@]}" -lt $((NUM_GROUPS * NODES_PER_GROUP)) ]; then
   log "allocation has ${#ALL_NODES[@]} nodes, need $((NUM_GROUPS * NODES_PER_GROUP)); giving up"
@@ -64,9 +77,22 @@ torchft_lighthouse --bind "$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" --min_replicas 1 \
 LIGHTHOUSE_PID=$!
 log "lighthouse (pid $LIGHTHOUSE_PID) on $LIGHTHOUSE_NODE at $TORCHFT_LIGHTHOUSE"
 
-declare -a GROUP_NODES GROUP_PID GROUP_STATE GROUP_RESTARTS
+declare -a GROUP_NODES GROUP_PID GROUP_STATE GROUP_RESTARTS GROUP_DEADLINE
+declare -a STANDBY_NODES STANDBY_PID STANDBY_STATE
 FREE_NODES=()
 RESTARTS=0
+STANDBY_STARTS=0
+
+stop_standbys() {
+  local s
+  for s in "${!STANDBY_PID[@]}"; do
+    [ "${STANDBY_STATE[$s]}" = standby ] && kill -TERM "${STANDBY_PID[$s]}" 2>/dev/null
+  done
+  for s in "${!STANDBY_PID[@]}"; do
+    [ "${STANDBY_STATE[$s]}" = standby ] && wait "${STANDBY_PID[$s]}" 2>/dev/null
+  done
+  return 0
+}
 
 # shellcheck disable=SC2317  # called from the trap below
 stop_all() {
@@ -74,6 +100,7 @@ stop_all() {
   for g in "${!GROUP_PID[@]}"; do
     [ "${GROUP_STATE[$g]}" = running ] && kill -TERM "${GROUP_PID[$g]}" 2>/dev/null
   done
+  stop_standbys
   for g in "${!GROUP_PID[@]}"; do wait "${GROUP_PID[$g]}" 2>/dev/null; done
 }
 # The batch script gets TERM on scancel or at the time limit: pass it to the steps.
@@ -154,6 +181,122 @@ place_group() {
   GROUP_NODES[g]="${chosen[*]}"
 }
 
+# -- hot spares ----------------------------------------------------------------------------
+# A standby runs the training script in its own step; slot numbers are never reused, so a
+# new standby never takes the TCPStore port of one that now trains as a group.
+start_standby() {
+  local nodes=$1 s=$STANDBY_STARTS first
+  first=${nodes%% *}
+  STANDBY_STARTS=$((STANDBY_STARTS + 1))
+  STANDBY_NODES[s]=$nodes
+  log "standby $s: starting on ${nodes// /,}"
+  (
+    export MARDUK_STANDBY=1 MARDUK_STANDBY_SLOT=$s MARDUK_ASSUME_DIR=$ASSUME_DIR
+    export NUM_REPLICA_GROUPS=$NUM_GROUPS MARDUK_JOB_ID=$SLURM_JOB_ID
+    export MASTER_ADDR MASTER_PORT=$((MASTER_PORT_BASE + NUM_GROUPS + s))
+    MASTER_ADDR=$(node_addr "$first")
+    exec srun --nodes="$NODES_PER_GROUP" --ntasks="$NODES_PER_GROUP" --ntasks-per-node=1 \
+      "${SRUN_GRES[@]}" --exact --kill-on-bad-exit=1 --nodelist="${nodes// /,}" \
+      --job-name=marduk-torchft-sb"$s" "${TRAIN_CMD[@]}"
+  ) &
+  STANDBY_PID[s]=$!
+  STANDBY_STATE[s]=standby
+}
+
+# refill_standbys: start standbys on free healthy nodes until NUM_STANDBYS stand by again.
+refill_standbys() {
+  local s ready=0 chosen=()
+  for s in "${!STANDBY_STATE[@]}"; do
+    [ "${STANDBY_STATE[$s]}" = standby ] && ready=$((ready + 1))
+  done
+  while [ "$ready" -lt "$NUM_STANDBYS" ] && [ "$STANDBY_STARTS" -lt $((NUM_STANDBYS + MAX_RESTARTS)) ]; do
+    chosen=()
+    while [ "${#chosen[@]}" -lt "$NODES_PER_GROUP" ]; do
+      if ! take_spare; then
+        FREE_NODES+=("${chosen[@]}")
+        return 0
+      fi
+      chosen+=("$SPARE")
+    done
+    start_standby "${chosen[*]}"
+    ready=$((ready + 1))
+  done
+}
+
+# check_standbys: a standby that ended before assuming a group gives its nodes back.
+check_standbys() {
+  local s rc nodes
+  for s in "${!STANDBY_PID[@]}"; do
+    if [ "${STANDBY_STATE[$s]}" = standby ] && ! kill -0 "${STANDBY_PID[$s]}" 2>/dev/null; then
+      wait "${STANDBY_PID[$s]}"
+      rc=$?
+      log "standby $s: exited ($rc) before assuming a group"
+      STANDBY_STATE[s]=gone
+      read -r -a nodes <<<"${STANDBY_NODES[$s]}"
+      release "${nodes[@]}"
+    fi
+  done
+}
+
+# adopt G WHY: if a standby assumed group G (its marker names the slot), the group lives in
+# the standby's step from now on. Returns 1 when no live standby assumed it.
+adopt() {
+  local g=$1 why=$2 marker slot _
+  marker="$ASSUME_DIR/group-$g.assumed"
+  [ -f "$marker" ] || return 1
+  read -r slot _ <"$marker"
+  rm -f "$marker"
+  # A standby that already ended after it assumed is adopted too: the group loop reaps it
+  # and reads its exit status as the group's.
+  if [[ ! $slot =~ ^[0-9]+$ ]] || [ "${STANDBY_STATE[$slot]:-}" != standby ]; then
+    log "group $g: marker names standby ${slot:-?}, which is not standing by; ignoring it"
+    return 1
+  fi
+  STANDBY_STATE[slot]=assumed
+  GROUP_NODES[g]=${STANDBY_NODES[$slot]}
+  GROUP_PID[g]=${STANDBY_PID[$slot]}
+  GROUP_STATE[g]=running
+  log "group $g: $why; assumed by standby $slot on ${GROUP_NODES[$g]// /,}, not respawned"
+}
+
+# replace_group G KEEP WHY: after group G's step ended, follow the standby that assumed it;
+# otherwise give the controller ASSUME_GRACE_S to name one (while standbys stand by), then
+# respawn. KEEP as in place_group.
+replace_group() {
+  local g=$1 keep=$2 why=$3 s ready=0 nodes
+  read -r -a nodes <<<"${GROUP_NODES[$g]}"
+  if adopt "$g" "$why"; then
+    [ "$keep" = 1 ] && release "${nodes[@]}"
+    return
+  fi
+  log "group $g: $why; respawning${4:+ $4}"
+  for s in "${!STANDBY_STATE[@]}"; do
+    [ "${STANDBY_STATE[$s]}" = standby ] && ready=$((ready + 1))
+  done
+  if [ "$ready" -gt 0 ] && [ "$ASSUME_GRACE_S" -gt 0 ]; then
+    GROUP_STATE[g]=pending$keep
+    GROUP_DEADLINE[g]=$(($(now_s) + ASSUME_GRACE_S))
+    return
+  fi
+  respawn "$g" "$keep"
+}
+
+# check_pending: a group waiting for its standby's marker is adopted, or respawned cold.
+check_pending() {
+  local g keep nodes
+  for ((g = 0; g < NUM_GROUPS; g++)); do
+    [[ ${GROUP_STATE[$g]} == pending* ]] || continue
+    keep=${GROUP_STATE[$g]#pending}
+    read -r -a nodes <<<"${GROUP_NODES[$g]}"
+    if adopt "$g" "waited for its standby"; then
+      [ "$keep" = 1 ] && release "${nodes[@]}"
+    elif [ "$(now_s)" -ge "${GROUP_DEADLINE[$g]}" ]; then
+      log "group $g: no standby assumed it within ${ASSUME_GRACE_S} s; respawning cold"
+      respawn "$g" "$keep"
+    fi
+  done
+}
+
 respawn() {
   local g=$1 keep=$2
   if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then
@@ -186,12 +329,10 @@ on_exit() {
     release "${nodes[@]}"
     ;;
   75)
-    log "group $g: told to leave (exit $rc); respawning on other nodes"
-    respawn "$g" 0
+    replace_group "$g" 0 "told to leave (exit $rc)" "on other nodes"
     ;;
   *)
-    log "group $g: crashed (exit $rc); respawning"
-    respawn "$g" 1
+    replace_group "$g" 1 "crashed (exit $rc)"
     ;;
   esac
 }
@@ -203,6 +344,11 @@ done
 FREE_NODES=("${ALL_NODES[@]:NUM_GROUPS*NODES_PER_GROUP}")
 log "job $SLURM_JOB_ID: $NUM_GROUPS group(s) of $NODES_PER_GROUP node(s); spares: ${FREE_NODES[*]:-none}"
 for ((g = 0; g < NUM_GROUPS; g++)); do start_group "$g"; done
+if [ "$NUM_STANDBYS" -gt 0 ]; then
+  mkdir -p "$ASSUME_DIR" || log "cannot create $ASSUME_DIR: standbys cannot report takeovers"
+  rm -f "$ASSUME_DIR"/group-*.assumed
+  refill_standbys
+fi
 
 # -- supervise -----------------------------------------------------------------------------
 # Polling rather than `wait -n`: it needs no bash >= 5.1 and sees every exit status.
@@ -213,15 +359,22 @@ while :; do
       on_exit "$g" $?
     fi
   done
+  check_pending
   # After all exits: a group that finished just now may have freed a node for a waiting one.
   running=0
   for ((g = 0; g < NUM_GROUPS; g++)); do
     [ "${GROUP_STATE[$g]}" = waiting ] && respawn "$g" 0
-    [ "${GROUP_STATE[$g]}" = running ] && running=$((running + 1))
+    [[ ${GROUP_STATE[$g]} == running || ${GROUP_STATE[$g]} == pending* ]] &&
+      running=$((running + 1))
   done
   [ "$running" -gt 0 ] || break
+  if [ "$NUM_STANDBYS" -gt 0 ]; then
+    check_standbys
+    refill_standbys
+  fi
   sleep "$POLL_S"
 done
+stop_standbys
 
 failed=0
 for ((g = 0; g < NUM_GROUPS; g++)); do

@@ -1,0 +1,78 @@
+"""Fault -> full strength, hot spare against cold respawn, on the real local Slurm cluster.
+
+Runs the fault drill (scripts/drill.py) in pairs, alternating: a job whose spare node runs a
+standby (`marduk sbatch --hot-spares 1`) and the same job whose spare is respawned on cold
+(the baseline). XID 79 on one replica group's GPU each time; the figure is the time from the
+controller's `gpu_verdict` to the replaced group's first committed step in a quorum of both
+groups (the training log of scripts/train_tiny.py, one clock: every node is this host).
+
+Needs the local cluster (scripts/slurm-cluster.sh) and root, like the drill; takes the nodes
+of the cluster while it runs (about a minute per job).
+
+    .venv/bin/python benchmarks/recovery.py [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_drill() -> Any:
+    spec = importlib.util.spec_from_file_location("drill", REPO / "scripts" / "drill.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["drill"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure(runs: int, max_steps: int, step_sleep_s: float) -> dict[str, list[float]]:
+    drill = load_drill()
+    times: dict[str, list[float]] = {"hot spare": [], "cold respawn": []}
+    for i in range(runs):
+        for label, hot in (("hot spare", 1), ("cold respawn", 0)):
+            work = Path(tempfile.mkdtemp(prefix=f"marduk-recovery-{hot}-"))
+            result = drill.run_drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s,
+                                     hot_spares=hot, finish_after=60)
+            if result.job_state != "COMPLETED" or result.fault_to_full_strength_s <= 0:
+                raise RuntimeError(f"run {i + 1} ({label}) did not complete: {result.job_state}"
+                                   f"; logs in {work}")
+            if bool(hot) != result.assumed_by_standby:
+                raise RuntimeError(f"run {i + 1} ({label}): standby took over: "
+                                   f"{result.assumed_by_standby}; logs in {work}")
+            times[label].append(result.fault_to_full_strength_s)
+            print(f"run {i + 1} {label:<12}: fault -> full strength "
+                  f"{result.fault_to_full_strength_s:.2f} s (drain "
+                  f"{result.fault_to_drain_s * 1000:.0f} ms)", flush=True)
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-steps", type=int, default=5000,
+                    help="long enough for a cold respawn; the job is ended 60 steps after "
+                         "the group is back")
+    ap.add_argument("--step-sleep", type=float, default=0.05)
+    args = ap.parse_args()
+    times = measure(args.runs, args.max_steps, args.step_sleep)
+    print("\n| recovery | runs (s) | median (s) |\n|---|---|---|")
+    for label, values in times.items():
+        print(f"| {label} | {', '.join(f'{v:.2f}' for v in values)} | "
+              f"{statistics.median(values):.2f} |")
+    ratio = statistics.median(times["cold respawn"]) / statistics.median(times["hot spare"])
+    print(f"\ncold / hot: {ratio:.1f}x; target: hot spare under 2 s "
+          f"({'met' if max(times['hot spare']) < 2.0 else 'missed'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
