@@ -436,17 +436,20 @@ def _check_version(msg: Any) -> Any:
     return msg
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
-    if len(data) > 1_000_000:
-        raise ProtocolError("too_large", f"{len(data)} bytes")
+def _decode_raw(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
+    """Decode, with every decoding failure as a ProtocolError of a countable reason."""
     try:
-        msg = decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        raise _classify(exc) from None
-    except msgspec.DecodeError as exc:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError included
         raise _classify(exc) from None
     except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
         raise ProtocolError("malformed_json", str(exc)[:300]) from None
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
+    if len(data) > 1_000_000:
+        raise ProtocolError("too_large", f"{len(data)} bytes")
+    msg = _decode_raw(decoder, data)
     _check_free_json(msg)
     return _check_version(msg)
 
@@ -460,14 +463,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
     # The hot path (one message per replica per step), so inline: a heartbeat has no free-form
     # JSON to walk, and its bounds (finite times among them) are all in the type. Payloads
     # are at most NATS's message limit.
-    try:
-        hb: Heartbeat = _heartbeat_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise _classify(exc) from None
-    except (UnicodeDecodeError, ValueError, TypeError, RecursionError) as exc:
-        raise ProtocolError("malformed_json", str(exc)[:300]) from None
-    if hb.v != PROTOCOL_VERSION:
-        raise ProtocolError("unsupported_version", f"v={hb.v}, this controller speaks v1")
+    hb: Heartbeat = _check_version(_decode_raw(_heartbeat_decoder, data))
     return hb
 
 

@@ -181,19 +181,10 @@ class MappingMixin:
                  limit: int | None = None) -> list[dict[str, Any]]:
         """The DR mapping joined up: one row per replica with its GPU UUIDs. `after` (a
         row's `replica_page_key`) and `limit` page through them in order."""
-        where: list[str] = []
-        params: list[Any] = []
+        where, params = _replica_filter(job_id=job_id, node=node, include_left=include_left)
         if after is not None:
             where.append("(r.job_id, r.replica_group, r.group_rank, r.replica_id) > (?,?,?,?)")
             params.extend(after)
-        if not include_left:
-            where.append("r.state != 'left'")
-        if job_id is not None:
-            where.append("r.job_id = ?")
-            params.append(job_id)
-        if node:
-            where.append("r.node = ?")
-            params.append(node)
         if replica_id:
             where.append("r.replica_id = ?")
             params.append(replica_id)
@@ -214,17 +205,8 @@ class MappingMixin:
 
     def count_replicas(self, *, job_id: int | None = None, node: str | None = None,
                        include_left: bool = False) -> int:
-        where: list[str] = ["1"]
-        params: list[Any] = []
-        if not include_left:
-            where.append("state != 'left'")
-        if job_id is not None:
-            where.append("job_id = ?")
-            params.append(job_id)
-        if node:
-            where.append("node = ?")
-            params.append(node)
-        sql = f"SELECT COUNT(*) FROM replicas WHERE {' AND '.join(where)}"
+        where, params = _replica_filter(job_id=job_id, node=node, include_left=include_left)
+        sql = "SELECT COUNT(*) FROM replicas r" + (" WHERE " + " AND ".join(where) if where else "")
         return int(self.conn.execute(sql, params).fetchone()[0])
 
     def write_heartbeats(self, beats: Sequence[m.Heartbeat], now: float) -> int:
@@ -253,6 +235,20 @@ class MappingMixin:
 def _beat_row(b: m.Heartbeat, now: float) -> tuple[Any, ...]:
     return (b.step, b.step_time_ms, b.allreduce_ms, b.participants, b.quorum_id, b.loss,
             b.config_revision, b.ts or now, b.replica_id, b.job_id)
+
+
+def _replica_filter(*, job_id: int | None, node: str | None, include_left: bool
+                    ) -> tuple[list[str], list[Any]]:
+    """The WHERE terms (on `replicas r`) shared by listing and counting replicas."""
+    where: list[str] = [] if include_left else ["r.state != 'left'"]
+    params: list[Any] = []
+    if job_id is not None:
+        where.append("r.job_id = ?")
+        params.append(job_id)
+    if node:
+        where.append("r.node = ?")
+        params.append(node)
+    return where, params
 
 
 def replica_page_key(row: dict[str, Any]) -> list[Any]:
