@@ -4,6 +4,7 @@ path. Real nats-server, real controller, real SQLite."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from marduk_slurm.cli.client import RequestFailed, call
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 
-from harness import ControllerProcess, publish_durable, wait_for
+from harness import ControllerProcess, publish_durable, run_cli, wait_for
 
 
 def _fill(state_dir: Path, replicas: int, events: int = 0) -> None:
@@ -33,6 +34,9 @@ def _fill(state_dir: Path, replicas: int, events: int = 0) -> None:
                                     hyperparams={"lr": 0.001, "batch_size": 64})
             store.register_replica(msg, now)
             store.ensure_node(msg.node, now)
+            if i % 8 == 7:  # each node's eight GPUs
+                store.upsert_gpus(msg.node, [m.GpuDescriptor(uuid=f"GPU-{j:08d}", index=j % 8)
+                                             for j in range(i - 7, i + 1)], False, now)
         for i in range(events):
             store.add_event("gpu_verdict", now=now, source="agent", node=f"node{i:05d}",
                             reason="xid 13: graphics engine exception " + "x" * 200)
@@ -78,6 +82,27 @@ def test_list_verbs_page_through_everything_with_a_cursor(
     assert ids == sorted(ids) and len(ids) == 3000
     nodes = busy_controller.request("nodes", {"page_size": 100})
     assert nodes["total"] == 375 and len(nodes["items"]) == 100 and nodes["next"] == "node00099"
+
+
+def test_top_is_one_screen_with_totals_and_nodes_carry_their_own_rows(
+        busy_controller: ControllerProcess, tmp_path: Path) -> None:
+    top = busy_controller.request("top", {})
+    assert len(top["replicas"]) == 200 and top["replicas_total"] == 3000
+    assert busy_controller.request("top", {"limit": 7})["replicas"] == top["replicas"][:7]
+    with pytest.raises(RequestFailed, match="limit must be between 1 and 1000"):
+        busy_controller.request("top", {"limit": 10**6})
+    # Every node of a page with its own GPUs and replicas, as the database has them.
+    page = busy_controller.request("nodes", {"page_size": 100, "cursor": "node00200"})
+    db = sqlite3.connect(tmp_path / "state" / "marduk.db")
+    for node in page["items"]:
+        assert [r["replica_id"] for r in busy_controller.request(
+            "replicas", {"node": node["name"]})] == node["replicas"]
+        assert len(node["replicas"]) == len(node["gpus"]) == 8 and "risk" in node
+        assert [g["uuid"] for g in node["gpus"]] == [u for (u,) in db.execute(
+            "SELECT uuid FROM gpus WHERE node=? ORDER BY idx", (node["name"],))]
+    proc = run_cli("nodes", "--json", "--nats-url", busy_controller.url)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 375
 
 
 async def _flood(url: str, n: int, *, timeout_ms: int, requesters: int = 1) -> None:

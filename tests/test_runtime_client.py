@@ -9,8 +9,8 @@ from datetime import timedelta
 
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
-from marduk_slurm.runtime.client import MardukClient
 from marduk_slurm.errors import BusError
+from marduk_slurm.runtime.client import MardukClient
 
 from harness import ControllerProcess, cli_json, wait_for
 

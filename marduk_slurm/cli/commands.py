@@ -274,21 +274,12 @@ def cmd_replicas(args: argparse.Namespace) -> int:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    from marduk_slurm.cli.client import RequestFailed
-
     if args.node:
         rows, total = ask(args, "nodes", {"node": args.node}), None
     else:
         limit = _shown(args)
         # A node row carries its GPUs and replicas: 1,000 of them can pass NATS's 1 MiB.
         rows, total = ask_list(args, "nodes", {}, limit=limit or 10**9, page_size=100)
-    try:
-        scores = ask(args, "risk", {"node": args.node})
-    except RequestFailed:  # a controller from before risk scores: the column shows "-"
-        scores = []
-    risk = {r["gpu_uuid"]: r["score"] for r in scores}
-    for n in rows:
-        n["risk"] = max((risk[g["uuid"]] for g in n["gpus"] if g["uuid"] in risk), default=None)
     if args.json:
         render.as_json(rows)
         return 0
@@ -299,7 +290,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
           "yes" if n["drained_by_marduk"] else "no",
           f"{len(n['gpus'])}{' (simulated)' if n['simulated_gpus'] else ''}",
           ",".join(f"{g['idx']}:{g['health']}" for g in n["gpus"] if g["health"] != "none")
-          or "-", n["risk"], len(n["replicas"]),
+          or "-", n.get("risk", "-"), len(n["replicas"]),
           (n["reason"] + (f" [{n['reason_user']}]" if n["reason_user"] else "")) or "-"]
          for n in rows],
     )

@@ -87,11 +87,20 @@ def frame(data: dict[str, Any], out: TextIO) -> None:
                    f"{r['step_time_ms']:.1f}", r["config_revision"],
                    render.fmt_ago(r["last_seen"]), "YES" if r.get("straggler") else "-",
                    r["replica_id"]] for r in data["replicas"]], out=out)
+    _more(len(data["replicas"]), data.get("replicas_total"), "replicas", "marduk replicas",
+          out)
     print(file=out)
     render.table(["DRAINED", "STATE", "BY_MARDUK", "RISK", "REASON"],
                  [[n["name"], "queued" if n["pending"] else "drained",
                    "yes" if n["by_marduk"] else "no", n["risk"], n["reason"] or "-"]
                   for n in data["drained"]], out=out)
+    _more(len(data["drained"]), data.get("drained_total"), "drained nodes", "marduk nodes",
+          out)
+
+
+def _more(shown: int, total: int | None, what: str, command: str, out: TextIO) -> None:
+    if total is not None and total > shown:
+        render.say(f"({shown} of {total:,} {what} shown; `{command}` lists them all)", out=out)
 
 
 def cmd_top(args: argparse.Namespace) -> int:

@@ -22,16 +22,22 @@ from marduk_slurm.controller.operations import Operations
 from marduk_slurm.controller.risk_watch import RiskWatch
 from marduk_slurm.controller.rpc import RpcServer
 from marduk_slurm.controller.stragglers import StragglerWatch
+from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.settings import ControllerSettings
 from marduk_slurm.supervisor import Supervisor
 
+# Rows of each table in `top`: a screen's worth by default, and never a whole large cluster.
+TOP_ROWS = 200
+MAX_TOP_ROWS = 1000
+
 
 class Observability:
-    def __init__(self, ctx: Context, ops: Operations, supervisor: Supervisor,
+    def __init__(self, ctx: Context, ops: Operations, rpc: RpcServer, supervisor: Supervisor,
                  heartbeats: HeartbeatWriter, settings: Callable[[], ControllerSettings]
                  ) -> None:
         self.ctx = ctx
         self.ops = ops
+        self.rpc = rpc
         self.settings = settings
         self.heartbeats = heartbeats
         self.stragglers = StragglerWatch(ctx, settings)
@@ -67,29 +73,31 @@ class Observability:
 
     async def nodes(self) -> list[dict[str, Any]]:
         def read(store: Store) -> list[dict[str, Any]]:
-            # A drain Slurm has not confirmed yet is shown too: the decision stands, and
-            # "queued, Slurm unreachable" is what an operator needs to see.
-            pending = {a["node"]: a for a in store.latest_actions("drain")
-                       if a["state"] == "pending"}
-            out = []
-            for node in store.nodes():
-                node["gpus"] = store.gpus(node["name"])
-                node["replicas"] = store.replicas(node=node["name"])
-                action = pending.get(node["name"])
-                node["drain_pending"] = None if action is None else {
-                    "reason": action["reason"], "last_error": action["last_error"],
-                    "since": action["created_at"]}
-                out.append(node)
+            pending = _pending_drains(store)
+            out = store.with_details(store.nodes(), full_replicas=True)
+            for node in out:
+                node["drain_pending"] = pending.get(node["name"])
             return out
-        rows = await self.ctx.db.read(read)
-        scores = {s.gpu_uuid: s for s in await self.risk.refresh()}
-        for node in rows:
+        return self._with_risk(await self.ctx.db.read(read), await self.risk.view())
+
+    @staticmethod
+    def _with_risk(nodes: list[dict[str, Any]], scores: list[Any]) -> list[dict[str, Any]]:
+        by_gpu = {s.gpu_uuid: s for s in scores}
+        for node in nodes:
             for gpu in node["gpus"]:
-                score = scores.get(gpu["uuid"])
+                score = by_gpu.get(gpu["uuid"])
                 gpu["risk"] = score.score if score else 0
                 gpu["risk_factors"] = [f.detail for f in score.factors] if score else []
             node["risk"] = max((g["risk"] for g in node["gpus"]), default=0)
-        return rows
+        return nodes
+
+    async def rpc_nodes(self, args: dict[str, Any], actor: str) -> Any:
+        """The `nodes` verb with each GPU's risk score: one page is annotated at a time, so
+        an answer never carries a whole cluster's scores."""
+        answer = await self.rpc.nodes(args, actor)
+        rows = answer["items"] if isinstance(answer, dict) else answer
+        self._with_risk(rows, await self.risk.view())
+        return answer
 
     async def status(self) -> dict[str, Any]:
         data = await self.ops.status()
@@ -98,18 +106,46 @@ class Observability:
         return data
 
     async def top(self, args: dict[str, Any], actor: str) -> dict[str, Any]:
-        """Everything `marduk top` shows, in one request."""
-        nodes = await self.nodes()
+        """One screen of `marduk top` in one request: the status line, each job's rate, the
+        first `limit` replicas and drained nodes (default TOP_ROWS) with their totals. Bounded
+        whatever the cluster's size, since a live view is asked for every second."""
+        limit = bounds.bounded_int("limit", args.get("limit") or TOP_ROWS, 1, MAX_TOP_ROWS)
+
+        def read(store: Store) -> dict[str, Any]:
+            pending = _pending_drains(store)
+            drained = store.drained_nodes(limit)
+            shown = {n["name"] for n in drained}
+            drained += [n for n in (store.node(name) for name in sorted(pending)
+                                    if name not in shown) if n is not None]
+            return {"replicas": store.replicas(limit=limit),
+                    "replicas_total": store.count_replicas(),
+                    "drained": store.with_details(drained[:limit]),
+                    "drained_total": store.drained_node_count() + len(
+                        [n for n in pending if n not in shown]),
+                    "pending": pending}
+        view = await self.ctx.db.read(read)
+        nodes = self._with_risk(view["drained"], await self.risk.view())
         return {
             "ts": time.time(),
             "status": await self.status(),
-            "replicas": await self.replicas(),
+            "replicas": self._with_live(view["replicas"]),
+            "replicas_total": view["replicas_total"],
             "job_rates": {str(j): r for j, r in self.stragglers.job_rates().items()},
             "drained": [{"name": n["name"], "by_marduk": n["drained_by_marduk"],
-                         "risk": n["risk"], "pending": n["drain_pending"] is not None,
-                         "reason": n["reason"] or (n["drain_pending"] or {}).get("reason", "")}
-                        for n in nodes if "DRAIN" in n["flags"] or n["drain_pending"]],
+                         "risk": n["risk"], "pending": n["name"] in view["pending"],
+                         "reason": n["reason"] or (view["pending"].get(n["name"]) or {}).get(
+                             "reason", "")}
+                        for n in nodes],
+            "drained_total": view["drained_total"],
         }
+
+
+def _pending_drains(store: Store) -> dict[str, dict[str, Any]]:
+    """Drains decided but not yet confirmed by Slurm, by node. They are shown too: the
+    decision stands, and "queued, Slurm unreachable" is what an operator needs to see."""
+    return {a["node"]: {"reason": a["reason"], "last_error": a["last_error"],
+                        "since": a["created_at"]}
+            for a in store.latest_actions("drain") if a["state"] == "pending"}
 
 
 def install(ctx: Context, rpc: RpcServer, ops: Operations, supervisor: Supervisor,
@@ -118,12 +154,13 @@ def install(ctx: Context, rpc: RpcServer, ops: Operations, supervisor: Superviso
     """Build, hook up and start the observability tasks of the controller."""
     from marduk_slurm.controller.http import HttpServer  # aiohttp only where it is used
 
-    obs = Observability(ctx, ops, supervisor, heartbeats, settings)
+    obs = Observability(ctx, ops, rpc, supervisor, heartbeats, settings)
     heartbeats.on_flush += [obs.stragglers.on_flush, obs.metrics.on_flush]
     rpc.register("straggler_policy", obs.stragglers.rpc_policy)
     rpc.register("straggler_show", obs.stragglers.rpc_show)
     rpc.register("risk", obs.risk.rpc_risk)
     rpc.register("top", obs.top)
+    rpc.register("nodes", obs.rpc_nodes)
     supervisor.start("stragglers", obs.stragglers.run)
     supervisor.start("risk", obs.risk.run)
     if settings().http_listen:

@@ -207,15 +207,8 @@ class Operations:
                     page_size: int | None = None) -> Any:
         """Nodes with their GPUs and replicas; paged (`page_size`, `after`) or all at once."""
         def read(store: Store) -> list[dict[str, Any]]:
-            out = []
             rows = [store.node(name)] if name else store.nodes(after=after, limit=page_size)
-            for node in rows:
-                if node is None:
-                    continue
-                node["gpus"] = store.gpus(node["name"])
-                node["replicas"] = [r["replica_id"] for r in store.replicas(node=node["name"])]
-                out.append(node)
-            return out
+            return store.with_details([row for row in rows if row is not None])
         rows = await self.ctx.db.read(read)
         if name and not rows:
             raise NotFound(f"unknown node {name}")

@@ -37,6 +37,9 @@ from marduk_slurm.supervisor import unsubscribe_all
 log = logging.getLogger(__name__)
 
 SCORE_EVERY_S = 5.0
+# A view (risk, nodes, top, the dashboard) may show scores this old: under a burst of
+# queries, scoring runs at most once per this interval, shared by every query waiting.
+VIEW_FRESH_S = 1.0
 RESUME_KINDS = ("resumed", "operator_resume")
 
 
@@ -54,6 +57,8 @@ class RiskWatch:
         # arrives; the thread applies the queue and scores, holding the lock.
         self._arrived: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
+        self._scored_at = -float("inf")  # time.monotonic() of the last scoring's start
+        self._scoring: asyncio.Future[list[RiskScore]] | None = None
 
     async def load(self) -> None:
         """Rebuild the scores from the history; a row that cannot be read is skipped."""
@@ -173,8 +178,24 @@ class RiskWatch:
 
     async def refresh(self) -> list[RiskScore]:
         """Scores as of now, with every reading that arrived applied (on a thread)."""
+        self._scored_at = time.monotonic()
         self.latest = await asyncio.to_thread(self._score)
         return self.latest
+
+    async def view(self) -> list[RiskScore]:
+        """Scores for a view: fresh when readings arrived since the last scoring, but scored
+        at most once per VIEW_FRESH_S, and one scoring serves every query waiting on it, so
+        a burst of queries does not keep a core busy scoring (and the fault path waiting on
+        the interpreter lock)."""
+        if self._scoring is not None:
+            return await asyncio.shield(self._scoring)
+        if not self._arrived or time.monotonic() - self._scored_at < VIEW_FRESH_S:
+            return self.latest
+        self._scoring = asyncio.ensure_future(self.refresh())
+        try:
+            return await asyncio.shield(self._scoring)
+        finally:
+            self._scoring = None
 
     def _score(self) -> list[RiskScore]:
         with self._lock:
@@ -186,4 +207,4 @@ class RiskWatch:
         node = args.get("node")
         if node is not None and not isinstance(node, str):
             raise ValueError("node must be a node name")
-        return [s.as_dict() for s in await self.refresh() if not node or s.node == node]
+        return [s.as_dict() for s in await self.view() if not node or s.node == node]

@@ -176,6 +176,7 @@ class MappingMixin:
         return rows[0] if rows else None
 
     def replicas(self, *, job_id: int | None = None, node: str | None = None,
+                 nodes: Sequence[str] | None = None,
                  gpu_uuid: str | None = None, replica_id: str | None = None,
                  include_left: bool = False, after: Sequence[Any] | None = None,
                  limit: int | None = None) -> list[dict[str, Any]]:
@@ -185,6 +186,9 @@ class MappingMixin:
         if after is not None:
             where.append("(r.job_id, r.replica_group, r.group_rank, r.replica_id) > (?,?,?,?)")
             params.extend(after)
+        if nodes is not None:
+            where.append(f"r.node IN ({','.join('?' * len(nodes))})")
+            params.extend(nodes)
         if replica_id:
             where.append("r.replica_id = ?")
             params.append(replica_id)
