@@ -105,6 +105,22 @@ def test_top_is_one_screen_with_totals_and_nodes_carry_their_own_rows(
     assert len(json.loads(proc.stdout)) == 375
 
 
+def test_history_beyond_one_answer_is_the_newest_n_oldest_first(
+        busy_controller: ControllerProcess, tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "state" / "marduk.db")
+    newest = [i for (i,) in db.execute("SELECT id FROM events ORDER BY id DESC LIMIT 2500")]
+    proc = run_cli("history", "--limit", "2500", "--json", "--nats-url", busy_controller.url)
+    assert proc.returncode == 0, proc.stderr
+    assert [e["id"] for e in json.loads(proc.stdout)] == sorted(newest)
+    # The window asked for first: the newest ten are after_id < id <= through_id.
+    window = busy_controller.request("history", {"window": 10})
+    assert window == {"after_id": sorted(newest)[-11], "through_id": newest[0]}
+    assert busy_controller.request("history", {"window": 10**6})["after_id"] == 0
+    proc = run_cli("history", "--limit", "1001", "--node", "node00007", "--nats-url",
+                   busy_controller.url)
+    assert proc.returncode == 0 and "node00007" in proc.stdout, proc.stderr
+
+
 async def _flood(url: str, n: int, *, timeout_ms: int, requesters: int = 1) -> None:
     """Heavy history requests whose requesters stop waiting at once (nobody reads the
     inboxes): what thousands of interrupted CLI calls look like to the controller."""

@@ -43,18 +43,21 @@ def die_with_parent() -> Callable[[], None] | None:
     """
     if not sys.platform.startswith("linux"):
         return None
+    parent = os.getpid()
+    return lambda: die_with(parent)
+
+
+def die_with(parent: int) -> None:
+    """In a child: get SIGTERM when `parent` dies (Linux; elsewhere nothing happens)."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
+        return
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def server_pid(store_dir: Path) -> int | None:

@@ -64,7 +64,7 @@ HUMAN_LIMIT = 1000
 
 
 def ask_list(args: argparse.Namespace, verb: str, params: dict[str, Any], *,
-             limit: int | None, newest_first: bool = False, page_size: int = 1000
+             limit: int | None, page_size: int = 1000
              ) -> tuple[list[Any], int | None]:
     """A list verb, page after page over one connection, up to `limit` rows (None: all).
     With --json and no limit, each page is written out as it arrives (exact JSON, one array)
@@ -72,7 +72,7 @@ def ask_list(args: argparse.Namespace, verb: str, params: dict[str, Any], *,
     s = cli_settings(args)
     url = resolve_nats_url(s, args.nats_url)
     rows: list[Any] = []
-    stream = getattr(args, "json", False) and limit is None and not newest_first
+    stream = getattr(args, "json", False) and limit is None
     out = sys.stdout
     first = [True]
 
@@ -85,16 +85,12 @@ def ask_list(args: argparse.Namespace, verb: str, params: dict[str, Any], *,
         rows.extend(items)
         return limit is not None and len(rows) >= limit
 
-    if newest_first:
-        params = {**params, "newest_first": True}
     total = asyncio.run(call_pages(url, verb, params, on_page, creds=resolve_creds(s),
                                    timeout_s=args.timeout or s.nats.request_timeout_s,
                                    actor=os.environ.get("MARDUK_ACTOR", _actor()),
                                    page_size=page_size))
     if stream:
         out.write("[]\n" if first[0] else "\n]\n")
-    if newest_first:  # pages came newest first, each in id order
-        rows = sorted(rows, key=lambda r: r["id"])[-limit:] if limit else rows
     return (rows[:limit] if limit is not None else rows), total
 
 
@@ -302,8 +298,11 @@ def cmd_history(args: argparse.Namespace) -> int:
     params = {"node": args.node, "job": args.job, "since": parse_since(args.since)}
     if args.limit <= 1000:
         rows = ask(args, "history", {**params, "limit": args.limit})
-    else:  # more than one answer holds: newest first, page after page
-        rows, _ = ask_list(args, "history", params, limit=args.limit, newest_first=True)
+    else:  # more than one answer holds: find where the newest N start, then page forward
+        window = ask(args, "history", {**params, "window": args.limit})
+        rows, _ = ask_list(args, "history", {**params, **window}, limit=None)
+        if args.json:  # written out page by page as it came
+            return 0
     if args.json:
         render.as_json(rows)
         return 0

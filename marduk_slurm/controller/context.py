@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller import queries
 from marduk_slurm.controller.decisions import Effects, Policy
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
@@ -22,6 +26,9 @@ from marduk_slurm.errors import BusError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_REJECTION_KEYS = 1000
+# The list queries' processes, and how far they stand back for the controller's own work.
+QUERY_PROCESSES = 2
+QUERY_NICE = 10
 
 
 class StoreRunner:
@@ -34,8 +41,11 @@ class StoreRunner:
     burst of heavy queries cannot delay a fault.
     """
 
-    def __init__(self, store: Store, *, readers: int = 2) -> None:
+    def __init__(self, store: Store, *, readers: int = 2,
+                 query_processes: int = QUERY_PROCESSES) -> None:
         self.store = store
+        self.query_processes = query_processes
+        self._query_pool: ProcessPoolExecutor | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._local = threading.local()
         self._readers: list[Store] = []
@@ -61,6 +71,31 @@ class StoreRunner:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.read_executor, self._read, fn)
 
+    async def answer_query(self, verb: str, args: dict[str, Any], risk: queries.RiskByGpu,
+                    max_payload: int) -> tuple[bytes, str]:
+        """A list query (controller.queries), answered and encoded in a query process: the
+        third lane, for work that is heavy in Python as well as in SQLite."""
+        if self.store.path == ":memory:" or self.query_processes == 0:
+            return await self.read(
+                lambda store: queries.answer(store, verb, args, risk, max_payload))
+        loop = asyncio.get_running_loop()
+        pool = self._query_pool or self.start_queries()
+        try:
+            return await loop.run_in_executor(pool, queries.worker_answer, verb, args, risk,
+                                              max_payload)
+        except BrokenProcessPool:  # a query process was killed: the next query starts anew
+            if self._query_pool is pool:
+                self._query_pool = None
+            raise
+
+    def start_queries(self) -> ProcessPoolExecutor:
+        """Start the query processes (spawned, never forked from this threaded process)."""
+        self._query_pool = ProcessPoolExecutor(
+            max_workers=self.query_processes, mp_context=multiprocessing.get_context("spawn"),
+            initializer=queries.worker_init,
+            initargs=(str(self.store.path), os.getpid(), QUERY_NICE))
+        return self._query_pool
+
     def _read(self, fn: Callable[[Store], T]) -> T:
         reader: Store | None = getattr(self._local, "store", None)
         if reader is None:
@@ -71,6 +106,8 @@ class StoreRunner:
         return fn(reader)
 
     def close(self) -> None:
+        if self._query_pool is not None:
+            self._query_pool.shutdown(wait=True, cancel_futures=True)
         self.read_executor.shutdown(wait=True)
         for reader in self._readers:
             reader.close()

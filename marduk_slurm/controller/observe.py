@@ -15,6 +15,7 @@ from typing import Any
 
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.adapters.store.mapping import replica_page_key
+from marduk_slurm.controller import queries
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.ingest import HeartbeatWriter
 from marduk_slurm.controller.metrics import MetricsCollector
@@ -32,12 +33,11 @@ MAX_TOP_ROWS = 1000
 
 
 class Observability:
-    def __init__(self, ctx: Context, ops: Operations, rpc: RpcServer, supervisor: Supervisor,
+    def __init__(self, ctx: Context, ops: Operations, supervisor: Supervisor,
                  heartbeats: HeartbeatWriter, settings: Callable[[], ControllerSettings]
                  ) -> None:
         self.ctx = ctx
         self.ops = ops
-        self.rpc = rpc
         self.settings = settings
         self.heartbeats = heartbeats
         self.stragglers = StragglerWatch(ctx, settings)
@@ -78,26 +78,12 @@ class Observability:
             for node in out:
                 node["drain_pending"] = pending.get(node["name"])
             return out
-        return self._with_risk(await self.ctx.db.read(read), await self.risk.view())
+        return queries.with_risk(await self.ctx.db.read(read), await self.risk_by_gpu())
 
-    @staticmethod
-    def _with_risk(nodes: list[dict[str, Any]], scores: list[Any]) -> list[dict[str, Any]]:
-        by_gpu = {s.gpu_uuid: s for s in scores}
-        for node in nodes:
-            for gpu in node["gpus"]:
-                score = by_gpu.get(gpu["uuid"])
-                gpu["risk"] = score.score if score else 0
-                gpu["risk_factors"] = [f.detail for f in score.factors] if score else []
-            node["risk"] = max((g["risk"] for g in node["gpus"]), default=0)
-        return nodes
-
-    async def rpc_nodes(self, args: dict[str, Any], actor: str) -> Any:
-        """The `nodes` verb with each GPU's risk score: one page is annotated at a time, so
-        an answer never carries a whole cluster's scores."""
-        answer = await self.rpc.nodes(args, actor)
-        rows = answer["items"] if isinstance(answer, dict) else answer
-        self._with_risk(rows, await self.risk.view())
-        return answer
+    async def risk_by_gpu(self) -> queries.RiskByGpu:
+        """The GPUs with a risk score, for the `nodes` query (every other GPU shows 0)."""
+        return {s.gpu_uuid: (s.score, [f.detail for f in s.factors])
+                for s in await self.risk.view() if s.score}
 
     async def status(self) -> dict[str, Any]:
         data = await self.ops.status()
@@ -124,7 +110,7 @@ class Observability:
                         [n for n in pending if n not in shown]),
                     "pending": pending}
         view = await self.ctx.db.read(read)
-        nodes = self._with_risk(view["drained"], await self.risk.view())
+        nodes = queries.with_risk(view["drained"], await self.risk_by_gpu())
         return {
             "ts": time.time(),
             "status": await self.status(),
@@ -154,13 +140,13 @@ def install(ctx: Context, rpc: RpcServer, ops: Operations, supervisor: Superviso
     """Build, hook up and start the observability tasks of the controller."""
     from marduk_slurm.controller.http import HttpServer  # aiohttp only where it is used
 
-    obs = Observability(ctx, ops, rpc, supervisor, heartbeats, settings)
+    obs = Observability(ctx, ops, supervisor, heartbeats, settings)
     heartbeats.on_flush += [obs.stragglers.on_flush, obs.metrics.on_flush]
     rpc.register("straggler_policy", obs.stragglers.rpc_policy)
     rpc.register("straggler_show", obs.stragglers.rpc_show)
     rpc.register("risk", obs.risk.rpc_risk)
     rpc.register("top", obs.top)
-    rpc.register("nodes", obs.rpc_nodes)
+    rpc.risk_view = obs.risk_by_gpu
     supervisor.start("stragglers", obs.stragglers.run)
     supervisor.start("risk", obs.risk.run)
     if settings().http_listen:

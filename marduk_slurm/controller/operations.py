@@ -203,21 +203,6 @@ class Operations:
                 return row["uuid"], row["idx"]
         return gpu, None  # a UUID we have not seen yet is still a valid target
 
-    async def nodes(self, name: str | None, *, after: str | None = None,
-                    page_size: int | None = None) -> Any:
-        """Nodes with their GPUs and replicas; paged (`page_size`, `after`) or all at once."""
-        def read(store: Store) -> list[dict[str, Any]]:
-            rows = [store.node(name)] if name else store.nodes(after=after, limit=page_size)
-            return store.with_details([row for row in rows if row is not None])
-        rows = await self.ctx.db.read(read)
-        if name and not rows:
-            raise NotFound(f"unknown node {name}")
-        if page_size is None:
-            return rows
-        total = await self.ctx.db.read(lambda store: store.count_nodes())
-        last = rows[-1]["name"] if len(rows) == page_size else None
-        return {"items": rows, "next": last, "total": total}
-
     async def status(self) -> dict[str, Any]:
         data: dict[str, Any] = await self.ctx.db.read(lambda store: store.status_counts())
         data.update({

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from marduk_slurm.adapters.bus import Incoming
-from marduk_slurm.adapters.store import Store
-from marduk_slurm.adapters.store.mapping import replica_page_key
+from marduk_slurm.controller import queries
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.operations import Operations
 from marduk_slurm.controller.request_queue import (
@@ -36,35 +34,13 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any], str], Awaitable[Any]]
 
 
-def _opt_int(args: dict[str, Any], key: str, low: int | None = None,
-             high: int | None = None) -> int | None:
-    """An optional integer argument within the range of `key` (input_bounds.INT_RANGES,
-    int64 otherwise) or within [low, high]."""
-    value = args.get(key)
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{key} must be an integer")
-    return bounds.bounded_int(key, value, low, high)
+class Encoded(bytes):
+    """A reply already encoded (and checked against the payload limit) by a query process."""
 
 
-# Verbs that may read and send thousands of rows: they have their own lane (see RpcServer).
-HEAVY_VERBS = frozenset({"replicas", "nodes", "history", "top", "straggler_show", "risk",
-                         "config_show", "deadletters"})
-
-# Rows per page when a list verb is paged: small enough that a page of the widest rows stays
-# well under NATS's 1 MiB message limit.
-MAX_PAGE_SIZE = 1000
-
-
-def _page_size(args: dict[str, Any]) -> int | None:
-    """The page size of a paged request, or None for the one-answer form."""
-    size = _opt_int(args, "page_size")
-    if size is None:
-        return None
-    if not 1 <= size <= MAX_PAGE_SIZE:
-        raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
-    return size
+_opt_int = queries.opt_int
+_opt_float = queries.opt_float
+_opt_str = queries.opt_str
 
 
 def _wait_s(args: dict[str, Any]) -> float:
@@ -73,24 +49,9 @@ def _wait_s(args: dict[str, Any]) -> float:
     return 5.0 if wait_s is None else wait_s
 
 
-def _opt_float(args: dict[str, Any], key: str, low: float, high: float) -> float | None:
-    value = args.get(key)
-    if value is None or value == "":
-        return None
-    return bounds.bounded_float(key, value, low, high)
-
-
-def _opt_str(args: dict[str, Any], key: str, max_len: int = bounds.TEXT_MAX,
-             pattern: re.Pattern[str] | None = None) -> str | None:
-    """An optional string argument: bounded, no control characters, and when `pattern` is
-    given a name that matches it (input_bounds.NODE_NAME for node names)."""
-    value = args.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string")
-    bounds.check_text(key, value, max_len)
-    return value if pattern is None else bounds.check_name(key, value, pattern)
+# Verbs that may read and send thousands of rows: they have their own lane (see RpcServer).
+HEAVY_VERBS = frozenset({"replicas", "nodes", "history", "top", "straggler_show", "risk",
+                         "config_show", "deadletters"})
 
 
 class RpcServer:
@@ -99,18 +60,17 @@ class RpcServer:
         self.ops = ops
         self.handlers: dict[str, Handler] = {
             "status": self.status,
-            "replicas": self.replicas,
-            "nodes": self.nodes,
-            "history": self.history,
+            **{verb: self._query_handler(verb) for verb in queries.QUERIES},
             "drain": self.drain,
             "resume": self.resume,
             "inject": self.inject,
-            "deadletters": self.deadletters,
             "gpu_release": self.gpu_release,
         }
         # Requests a training job makes about itself (marduk.v1.jobrpc.<job>.<verb>); the
         # job id from the subject is passed in args["job"], so a job cannot ask for another.
         self.job_handlers: dict[str, Handler] = {}
+        # The GPUs' risk scores for the `nodes` query; observability sets it when it runs.
+        self.risk_view: Callable[[], Awaitable[queries.RiskByGpu]] | None = None
         # Two lanes: list queries that may read thousands of rows, and everything else
         # (status, drains, resumes, config): an operator's drain never waits behind a
         # dashboard's or a script's heavy reads.
@@ -165,25 +125,21 @@ class RpcServer:
             return
         await self._respond(msg, reply)
 
-    async def _respond(self, msg: Incoming, reply: m.Reply) -> None:
+    async def _respond(self, msg: Incoming, reply: m.Reply | Encoded) -> None:
         if not msg.reply:
             return
-        data = m.encode(reply)
+        data = reply if isinstance(reply, Encoded) else m.encode(reply)
         limit = self.ctx.bus.max_payload()
         if len(data) > limit:
             self.ctx.stats["rpc_reply_too_large"] += 1
-            data = m.encode(m.Reply(
-                ok=False, error_kind="too_large",
-                error=f"the answer ({len(data):,} bytes) is larger than NATS allows in one "
-                      f"message ({limit:,} bytes): ask for fewer rows (--limit) or page "
-                      "through them (the CLI does with --all)"))
+            data = m.encode(queries.too_large(len(data), limit))
         try:
             await msg.respond(data)
         except Exception as exc:  # the asker may be gone; nothing else to do
             log.warning("could not answer %r: %s", msg.subject[:200], exc)
 
     async def dispatch_job(self, job: str, verb: str, request: m.Request, subject: str
-                           ) -> m.Reply:
+                           ) -> m.Reply | Encoded:
         if not job.isdigit() or len(job) > 10 or verb not in self.job_handlers:
             self.ctx.reject("unknown_verb", subject, verb, "request")
             return m.Reply(ok=False, error=f"unknown job request {subject}", error_kind="invalid")
@@ -191,7 +147,7 @@ class RpcServer:
 
     async def dispatch(self, verb: str, request: m.Request, subject: str,
                        handlers: dict[str, Handler] | None = None, job: int | None = None
-                       ) -> m.Reply:
+                       ) -> m.Reply | Encoded:
         handler = (self.handlers if handlers is None else handlers).get(verb)
         if handler is None:
             self.ctx.reject("unknown_verb", subject, verb, "request")
@@ -211,7 +167,7 @@ class RpcServer:
             log.exception("request %s failed", verb)
             return m.Reply(ok=False, error=f"internal error: {exc}", error_kind="internal")
         self.ctx.stats[f"rpc_{verb}"] += 1
-        return m.Reply(ok=True, data=result)
+        return result if isinstance(result, Encoded) else m.Reply(ok=True, data=result)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -223,64 +179,15 @@ class RpcServer:
         data["requests"]["waiting"] = sum(q.waiting() for q in self.queues.values())
         return data
 
-    async def replicas(self, args: dict[str, Any], actor: str) -> Any:
-        job_id, node = _opt_int(args, "job"), _opt_str(args, "node", pattern=bounds.NODE_NAME)
-        include_left = bool(args.get("all", False))
-        page_size = _page_size(args)
-        if page_size is None:
-            return await self.ctx.db.read(lambda store: store.replicas(
-                job_id=job_id, node=node, include_left=include_left))
-        after = args.get("cursor")
-        if after is not None and not (isinstance(after, list) and len(after) == 4):
-            raise ValueError("cursor must be the `next` of the previous page")
-
-        def page(store: Store) -> dict[str, Any]:
-            rows = store.replicas(job_id=job_id, node=node, include_left=include_left,
-                                  after=after, limit=page_size)
-            total = store.count_replicas(job_id=job_id, node=node, include_left=include_left)
-            last = replica_page_key(rows[-1]) if len(rows) == page_size else None
-            return {"items": rows, "next": last, "total": total}
-        return await self.ctx.db.read(page)
-
-    async def nodes(self, args: dict[str, Any], actor: str) -> Any:
-        page_size = _page_size(args)
-        after = _opt_str(args, "cursor", pattern=bounds.NODE_NAME)
-        return await self.ops.nodes(_opt_str(args, "node", pattern=bounds.NODE_NAME),
-                                    after=after, page_size=page_size)
-
-    async def history(self, args: dict[str, Any], actor: str) -> Any:
-        node, job_id = _opt_str(args, "node", pattern=bounds.NODE_NAME), _opt_int(args, "job")
-        since = args.get("since")
-        if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
-            raise ValueError("since must be a unix time in seconds")
-        since = _opt_float(args, "since", 0, 2**40)
-        limit = _opt_int(args, "limit") or 200
-        after_id = _opt_int(args, "after_id") or 0
-        kinds = args.get("kinds") or []
-        if not isinstance(kinds, list) or len(kinds) > 100 or not all(
-                isinstance(k, str) and bounds.NODE_NAME.fullmatch(k) for k in kinds):
-            raise ValueError("kinds must be a list of at most 100 event kinds")
-        page_size = _page_size(args)
-        if page_size is None:
-            return await self.ctx.db.read(lambda store: store.events(
-                node=node, job_id=job_id, since=since, after_id=after_id, kinds=kinds,
-                limit=limit))
-        cursor = _opt_int(args, "cursor", 0, 2**63 - 1)
-        newest_first = bool(args.get("newest_first", False))
-
-        def page(store: Store) -> dict[str, Any]:
-            # Oldest first pages forward from the cursor; newest first pages back from it
-            # (each page itself in id order).
-            if newest_first:
-                rows = store.events(node=node, job_id=job_id, since=since, after_id=after_id,
-                                    kinds=kinds, limit=page_size, before_id=cursor)
-                return {"items": rows,
-                        "next": rows[0]["id"] if len(rows) == page_size else None}
-            rows = store.events(node=node, job_id=job_id, since=since,
-                                after_id=cursor or after_id, kinds=kinds, limit=page_size,
-                                oldest_first=True)
-            return {"items": rows, "next": rows[-1]["id"] if len(rows) == page_size else None}
-        return await self.ctx.db.read(page)
+    def _query_handler(self, verb: str) -> Handler:
+        async def handle(args: dict[str, Any], actor: str) -> Encoded:
+            risk = await self.risk_view() if verb == "nodes" and self.risk_view else {}
+            data, outcome = await self.ctx.db.answer_query(verb, args, risk,
+                                                    self.ctx.bus.max_payload())
+            if outcome == "too_large":
+                self.ctx.stats["rpc_reply_too_large"] += 1
+            return Encoded(data)
+        return handle
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -324,13 +231,6 @@ class RpcServer:
                                      force=force)
 
     # -- the trust boundary ----------------------------------------------------------------
-
-    async def deadletters(self, args: dict[str, Any], actor: str) -> Any:
-        """Messages whose handling kept failing, set aside instead of blocking ingest."""
-        limit = _opt_int(args, "limit") or 100
-        if not 1 <= limit <= 10000:
-            raise ValueError("limit must be between 1 and 10000")
-        return await self.ctx.db.read(lambda store: store.dead_letters(limit))
 
     async def gpu_release(self, args: dict[str, Any], actor: str) -> Any:
         """Forget which node a GPU UUID belongs to, so that the next node to report it binds

@@ -137,30 +137,32 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin, StandbysMixin):
                ) -> list[dict[str, Any]]:
         """Events after `after_id` matching the filters, in id order: the newest `limit` of
         them, or with `oldest_first` the first `limit` (to page forward through all)."""
-        where: list[str] = ["id > ?"]
-        params: list[Any] = [after_id]
-        if before_id is not None:
-            where.append("id < ?")
-            params.append(before_id)
-        if node:
-            where.append("node = ?")
-            params.append(node)
-        if job_id is not None:
-            where.append("job_id = ?")
-            params.append(job_id)
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)
-        if kinds:
-            where.append(f"kind IN ({','.join('?' * len(kinds))})")
-            params.extend(kinds)
+        where, params = _event_filter(node=node, job_id=job_id, since=since, after_id=after_id,
+                                      kinds=kinds, before_id=before_id)
         order = "ASC" if oldest_first else "DESC"
-        sql = (f"SELECT * FROM (SELECT * FROM events WHERE {' AND '.join(where)} "
+        sql = (f"SELECT * FROM (SELECT * FROM events WHERE {where} "
                f"ORDER BY id {order} LIMIT ?) ORDER BY id")
         rows = list(self.db.query(sql, [*params, limit]))
         for row in rows:
             row["evidence"] = json.loads(row["evidence"])
         return rows
+
+    def event_window(self, newest: int, *, node: str | None = None, job_id: int | None = None,
+                     since: float | None = None, kinds: Sequence[str] = ()
+                     ) -> tuple[int, int]:
+        """Where the newest `newest` matching events are: (after_id, through_id) such that
+        they are exactly the matching events with after_id < id <= through_id. Paging forward
+        through that window shows the newest N oldest first without holding N rows."""
+        where, params = _event_filter(node=node, job_id=job_id, since=since, after_id=0,
+                                      kinds=kinds, before_id=None)
+        through = self.conn.execute(f"SELECT MAX(id) FROM events WHERE {where}",
+                                    params).fetchone()[0]
+        if through is None:
+            return 0, 0
+        row = self.conn.execute(f"SELECT id FROM events WHERE {where} AND id <= ? "
+                                "ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                [*params, through, newest]).fetchone()
+        return (0 if row is None else int(row[0])), int(through)
 
     def event(self, event_id: int) -> dict[str, Any] | None:
         rows = list(self.db["events"].rows_where("id = ?", [event_id]))
@@ -286,6 +288,30 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin, StandbysMixin):
             "SELECT uuid FROM gpus WHERE node=? AND idx=?", (node, index)
         ).fetchone()
         return str(row[0]) if row else None
+
+
+def _event_filter(*, node: str | None, job_id: int | None, since: float | None,
+                  after_id: int, kinds: Sequence[str], before_id: int | None
+                  ) -> tuple[str, list[Any]]:
+    """The WHERE clause (on `events`) shared by listing events and finding a window."""
+    where: list[str] = ["id > ?"]
+    params: list[Any] = [after_id]
+    if before_id is not None:
+        where.append("id < ?")
+        params.append(before_id)
+    if node:
+        where.append("node = ?")
+        params.append(node)
+    if job_id is not None:
+        where.append("job_id = ?")
+        params.append(job_id)
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    if kinds:
+        where.append(f"kind IN ({','.join('?' * len(kinds))})")
+        params.extend(kinds)
+    return " AND ".join(where), params
 
 
 def _node_row(row: dict[str, Any]) -> dict[str, Any]:
