@@ -60,7 +60,7 @@ class ControllerSettings:
     database: str = ""  # default: <state_dir>/marduk.db
     log_level: str = "info"  # debug, info, warning, error
     heartbeat_flush_ms: FlushMs = 50  # write-behind period of heartbeats
-    reconcile_interval_s: Period = 30.0  # how often Slurm state is read back
+    reconcile_interval_s: Period = 5.0  # how often Slurm state is read back
     step_grace_s: Delay = 30.0  # a reported step missing from Slurm for this long has ended
     outbox_retry_max_s: Period = 30.0  # longest wait between retries of a Slurm action
     leave_on_drain: bool = True  # tell replicas on a drained node to leave

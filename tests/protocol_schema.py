@@ -86,13 +86,21 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("heartbeat", "core", "job", _msg(
         "heartbeat", replica_id="job7_rg0:fuzz", job_id=7, step=11, step_time_ms=120.5,
         allreduce_ms=8.25, participants=2, quorum_id=3, loss=2.5, config_revision=0)),
-    # The doc calls it "informational" and names no fields; this is what agent/health.py
-    # sends, with the verdict evidence that docs/observability.md says is used as is.
+    # What agent/health.py sends: per GPU its verdict and NVML counters (docs/protocol.md,
+    # Bounds), and the verdict evidence an agent may add, used as is.
     Kind("health", "health", "node", {
         "v": 1, "type": "node_health", "node": "n1", "ts": 1_700_000_000.25,
         "simulated": True, "worst": "none", "stats": {"polls": 3},
         "gpus": [{"uuid": "GPU-n1-0", "index": 0, "action": "none", "reason": "",
-                  "evidence": EVIDENCE}]}),
+                  "evidence": EVIDENCE,
+                  "counters": {"ecc_sbe_volatile": 12, "ecc_sbe_aggregate": 5000,
+                               "ecc_dbe_volatile": 0, "ecc_dbe_aggregate": 1,
+                               "retired_pages_sbe": 40, "retired_pages_dbe": 0,
+                               "retired_pages_pending": False, "remap_correctable": 2,
+                               "remap_uncorrectable": 0, "remap_pending": False,
+                               "remap_failure": False, "temperature_c": 71.0,
+                               "power_w": 612.5, "throttle_reasons": ["sw_power_cap"],
+                               "xids": [{"xid": 48, "count": 1}]}}]}),
     Kind("job_command", "outbound", "job", _msg(
         "job_command", job_id=7, revision=1, apply_at_step=5, changes={"lr": 0.01})),
     Kind("replica_command", "outbound", "job", _msg(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from marduk_slurm.adapters.nats_server import NatsServerProcess
@@ -263,3 +264,19 @@ def test_inject_args_are_checked(args: dict[str, Any]) -> None:
 
     with pytest.raises(ValueError):
         inject_args(args)
+
+
+def test_summary_counters_are_clamped_to_the_protocol_bounds() -> None:
+    from collections import Counter
+
+    from marduk_slurm.agent.health import gpu_counters
+    from marduk_slurm.domain.gpu_health import GpuReading
+
+    reading = GpuReading(uuid="GPU-a", index=0, node="n1", ecc_sbe_volatile=-3,
+                         ecc_dbe_aggregate=2**60, temperature_c=5000, power_w=float("nan"),
+                         throttle_reasons=frozenset({"hw_slowdown"}))
+    counters = gpu_counters(reading, Counter({79: 2}))
+    assert (counters.ecc_sbe_volatile, counters.ecc_dbe_aggregate) == (0, 2**53)
+    assert (counters.temperature_c, counters.power_w) == (1000.0, None)
+    summary = m.HealthSummary(node="n1", gpus=[m.HealthGpu(uuid="GPU-a", counters=counters)])
+    assert m.decode_health(msgspec.json.encode(summary)).gpus[0].counters == counters

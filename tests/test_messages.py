@@ -86,3 +86,30 @@ def test_subject_must_match_the_message() -> None:
         with pytest.raises(ProtocolError):
             check_subject(subject, start)
     check_subject(subjects.job_event(1, "replica_register"), VALID[4])
+
+
+@pytest.mark.parametrize(("counters", "reason"), [
+    ({"ecc_sbe_volatile": -1}, "out_of_range"),
+    ({"ecc_dbe_aggregate": 2**53 + 1}, "out_of_range"),
+    ({"temperature_c": 1e9}, "out_of_range"),
+    ({"power_w": -5.0}, "out_of_range"),
+    ({"ecc_sbe_aggregate": "many"}, "invalid_field"),
+    ({"throttle_reasons": ["hw_slowdown\u202e"]}, "bad_format"),
+    ({"throttle_reasons": ["x" * 65]}, "too_large"),
+    ({"xids": [{"xid": 79, "count": 1}] * (m.MAX_XID_KINDS + 1)}, "too_large"),
+    ({"xids": [{"xid": -79, "count": 1}]}, "out_of_range"),
+])
+def test_health_counters_are_bounded(counters: dict[str, object], reason: str) -> None:
+    data = json.dumps({"node": "n1", "gpus": [{"uuid": "GPU-a", "counters": counters}]})
+    with pytest.raises(ProtocolError) as err:
+        m.decode_health(data.encode())
+    assert err.value.reason == reason, err.value
+
+
+def test_health_counters_round_trip() -> None:
+    counters = m.GpuCounters(ecc_sbe_aggregate=5000, ecc_dbe_volatile=2, retired_pages_sbe=40,
+                             temperature_c=91.5, power_w=350.0,
+                             throttle_reasons=["hw_thermal_slowdown"],
+                             xids=[m.XidCount(xid=48, count=3)])
+    summary = m.HealthSummary(node="n1", gpus=[m.HealthGpu(uuid="GPU-a", counters=counters)])
+    assert m.decode_health(msgspec.json.encode(summary)) == summary

@@ -73,3 +73,35 @@ def test_tracker_windows_and_forgets_a_resumed_node() -> None:
     assert later.score == 15
     tracker.forget_node("n1")
     assert tracker.scores(115.0) == []
+
+
+def test_summary_counters_score_their_growth() -> None:
+    def poll(ts: float, **c: object) -> Observation:
+        return from_summary_gpu({"uuid": "GPU-a", "action": "none", "counters": c}, ts)
+
+    obs = [poll(1.0, ecc_sbe_volatile=0, ecc_sbe_aggregate=None, retired_pages_sbe=0),
+           poll(2.0, ecc_sbe_volatile=4000, retired_pages_sbe=10),
+           # A driver reload resets the volatile counter: what came after still counts.
+           poll(3.0, ecc_sbe_volatile=1000, retired_pages_sbe=40, ecc_dbe_volatile=0),
+           poll(4.0, ecc_sbe_volatile=1000, retired_pages_sbe=40, ecc_dbe_volatile=1)]
+    points, factors = score(obs)
+    details = {f.name: (f.points, f.detail) for f in factors}
+    assert details == {
+        "corrected_ecc_growth": (30, "+5000 corrected ECC errors (0 -> 1000)"),
+        "uncorrected_ecc_growth": (25, "+1 uncorrected ECC errors (0 -> 1)"),
+        "retired_pages": (15, "40 retired pages"),
+        "retired_pages_growth": (10, "+40 retired pages (0 -> 40)")}
+    assert points == 80
+
+
+def test_an_xid_in_a_verdict_and_in_the_counts_counts_once() -> None:
+    def poll(ts: float, counts: dict[int, int]) -> Observation:
+        xids = [{"xid": x, "count": n} for x, n in counts.items()]
+        return from_summary_gpu({"uuid": "GPU-a", "counters": {"xids": xids}}, ts)
+
+    verdict = from_evidence(evidence(xids=(48,)), 2.5)
+    obs = [poll(1.0, {}), poll(2.0, {48: 1}), verdict, poll(3.0, {48: 1, 13: 2}),
+           poll(4.0, {48: 1, 13: 2})]
+    _, factors = score(obs)
+    assert [(f.name, f.points, f.detail) for f in factors] == [
+        ("recent_xids", 35, "xids 13 x2, 48")]

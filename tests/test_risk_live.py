@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.gpu_health import GpuAction
 
+from agent_fixtures import AgentProcess
 from harness import ControllerProcess, cli_json, publish_core, publish_durable, wait_for
 
 
@@ -51,3 +54,64 @@ def test_a_rising_risk_drains_its_node_once(tmp_path: Path,
         assert kinds.count("risk_drain") == 1 and kinds.count("drain_requested") == 1
     finally:
         assert ctl.stop() == 0, ctl.log()
+
+
+# -- fed by a real agent --------------------------------------------------------------------
+
+DRIVEN_NVML = Path(__file__).parent / "fakes" / "driven_nvml"
+SBE_VOL, DBE_VOL, SBE_AGG, DBE_AGG, RETIRED_SBE = 3, 4, 5, 6, 29  # NVML field ids
+
+
+def gpu_risk(url: str, uuid: str) -> dict[str, Any] | None:
+    return next((r for r in cli_json("risk", "--nats-url", url) if r["gpu_uuid"] == uuid), None)
+
+
+def drive(state: Path, gpu0: dict[str, Any]) -> None:
+    """Change GPU 0 of the driven NVML (written whole, then renamed: never half read)."""
+    tmp = state.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"0": gpu0}))
+    tmp.replace(state)
+
+
+def test_counter_growth_seen_by_a_real_agent_raises_the_score(
+        tmp_path: Path, controller: ControllerProcess) -> None:
+    state = tmp_path / "nvml-state.json"
+    agent = AgentProcess(tmp_path, controller.url, node="n1", gpus=0, poll_interval_s=0.3)
+    agent.env.update(PYTHONPATH=os.pathsep.join([str(DRIVEN_NVML),
+                                                 agent.env.get("PYTHONPATH", "")]),
+                     MARDUK_TEST_NVML_STATE=str(state))
+    gpu0, gpu1 = "GPU-driven-0000", "GPU-driven-0001"
+    drive(state, {"fields": {str(RETIRED_SBE): 0}})  # a GPU that reports retired pages
+    try:
+        agent.start()
+        first = wait_for(lambda: gpu_risk(controller.url, gpu0), what="the GPU in the scores")
+        assert first["score"] == 0 and first["node"] == "n1"
+        # The counters grow; the verdict ("none") does not change, so no verdict is sent:
+        # only the health summaries can tell.
+        drive(state, {"fields": {str(SBE_VOL): 5000, str(SBE_AGG): 5000,
+                                 str(RETIRED_SBE): 40}})
+        risk = wait_for(lambda: (r := gpu_risk(controller.url, gpu0)) and r["score"] >= 55
+                        and r, what="the score to rise")
+        factors = {f["name"]: (f["points"], f["detail"]) for f in risk["factors"]}
+        assert factors == {
+            "corrected_ecc_growth": (30, "+5000 corrected ECC errors (0 -> 5000)"),
+            "retired_pages": (15, "40 retired pages"),
+            "retired_pages_growth": (10, "+40 retired pages (0 -> 40)")}, factors
+        verdicts = [e for e in cli_json("history", "--node", "n1", "--nats-url", controller.url)
+                    if e["kind"] == "gpu_verdict" and e["gpu_uuid"] == gpu0]
+        assert [v["action"] for v in verdicts] == ["none"], verdicts  # the first reading only
+        # Uncorrected errors and a memory XID: the XID reaches the controller twice (in the
+        # verdict it causes and in the summary's XID counts) and counts once.
+        drive(state, {"fields": {str(SBE_VOL): 5000, str(SBE_AGG): 5000, str(RETIRED_SBE): 40,
+                                 str(DBE_VOL): 2, str(DBE_AGG): 2}, "xids": [48]})
+        risk = wait_for(lambda: (r := gpu_risk(controller.url, gpu0))
+                        and {"uncorrected_ecc_growth", "recent_xids"}
+                        <= {f["name"] for f in r["factors"]} and r, what="DBE and XID factors")
+        factors = {f["name"]: (f["points"], f["detail"]) for f in risk["factors"]}
+        assert factors["uncorrected_ecc_growth"] == (25, "+2 uncorrected ECC errors (0 -> 2)")
+        assert factors["recent_xids"] == (15, "xids 48")
+        assert risk["score"] == 95
+        other = gpu_risk(controller.url, gpu1)
+        assert other is not None and other["score"] == 0, other
+    finally:
+        assert agent.stop() == 0, agent.log()

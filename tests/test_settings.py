@@ -154,8 +154,8 @@ def test_file_values_are_checked_as_typed(tmp_path: Path, text: str, needle: str
 
 
 def test_file_int_for_a_float_setting_becomes_a_float(tmp_path: Path) -> None:
-    s = settings.load(write(tmp_path, "[controller]\nreconcile_interval_s = 5\n"), {})
-    assert s.controller.reconcile_interval_s == 5.0
+    s = settings.load(write(tmp_path, "[controller]\nreconcile_interval_s = 7\n"), {})
+    assert s.controller.reconcile_interval_s == 7.0
     assert isinstance(s.controller.reconcile_interval_s, float)
 
 

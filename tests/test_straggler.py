@@ -117,6 +117,21 @@ def test_a_flagged_replica_that_goes_silent_is_cleared_as_gone() -> None:
     assert "slow" not in det.tracks
 
 
+def test_replicas_that_left_the_mapping_are_forgotten_with_their_job_rate() -> None:
+    det = StragglerDetector(StragglerConfig(sustain_s=0.0))
+    fast = {f"r{i}": 100.0 for i in range(3)}
+    run(det, {**fast, "slow": 900.0}, range(1, 10))  # steps at t=0.5 .. 4.5
+    assert det.flagged() == {"slow"} and det.stats(JOB) is not None
+    det.observe("late", JOB + 1, 1, 50.0, 5.0, 6.0, 6.0)  # first heard of after the check
+    changes = det.retain({"r0"}, checked_at=5.0)
+    assert [(c.replica_id, c.flagged, c.reason) for c in changes] == [
+        ("slow", False, "gone: left the mapping")]
+    assert set(det.tracks) == {"r0", "late"}
+    changes = det.retain(set(), checked_at=6.5)  # the job ended: nothing of it is left
+    assert changes == [] and det.tracks == {} and det.jobs() == []
+    assert det.stats(JOB) is None
+
+
 def test_timeout_suggestions_scale_with_p99_and_have_floors() -> None:
     small = {s.name: s.seconds for s in suggest_torchft_timeouts(50.0)}
     big = {s.name: s.seconds for s in suggest_torchft_timeouts(20_000.0)}

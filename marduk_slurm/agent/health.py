@@ -89,6 +89,8 @@ class GpuWatcher:
         self.simulated = isinstance(runner.source, SimulatedGpuSource)
         self.gpus: list[GpuInfo] = []
         self.verdicts: dict[str, GpuVerdict] = {}
+        self.readings: dict[str, GpuReading] = {}  # the latest, for the summary's counters
+        self.xid_counts: dict[str, Counter[int]] = {}
         self.stats: Counter[str] = Counter()
         self._read_lock = asyncio.Lock()
         self._injections: dict[str, list[_Injection]] = {}
@@ -174,6 +176,7 @@ class GpuWatcher:
             reading = replace(reading, xids=reading.xids + tuple(synthetic))
         if reading.errors:
             self.stats["nvml_errors"] += 1
+        self._remember(reading)
         verdict = self.policy.evaluate(reading)
         injected = self._claim_injections(gpu.uuid, reading)
         if injected:
@@ -195,6 +198,15 @@ class GpuWatcher:
             if not injection.done.done():
                 injection.done.set_result(verdict)
         return verdict
+
+    def _remember(self, reading: GpuReading) -> None:
+        self.readings[reading.uuid] = reading
+        counts = self.xid_counts.setdefault(reading.uuid, Counter())
+        for xid in reading.xids:
+            if xid in counts or len(counts) < m.MAX_XID_KINDS:
+                counts[xid] += 1
+            else:  # a GPU reporting more distinct XIDs than a summary carries
+                self.stats["xid_kinds_dropped"] += 1
 
     def _claim_injections(self, uuid: str, reading: GpuReading) -> list[_Injection]:
         waiting = self._injections.get(uuid, [])
@@ -240,6 +252,9 @@ class GpuWatcher:
                 if g.uuid in self.verdicts
                 else "unknown",
                 "reason": self.verdicts[g.uuid].reason if g.uuid in self.verdicts else "",
+                **({"counters": msgspec.to_builtins(gpu_counters(
+                    self.readings[g.uuid], self.xid_counts.get(g.uuid, Counter())))}
+                   if g.uuid in self.readings else {}),
             }
             for g in self.gpus
         ]
@@ -301,6 +316,39 @@ class GpuWatcher:
         except TimeoutError:
             done.cancel()
             raise
+
+
+def gpu_counters(reading: GpuReading, xid_counts: Counter[int]) -> m.GpuCounters:
+    """The counters of one reading, clamped to the protocol's bounds: a driver's odd value
+    must not make the controller refuse the whole summary."""
+    return m.GpuCounters(
+        ecc_sbe_volatile=_count(reading.ecc_sbe_volatile),
+        ecc_sbe_aggregate=_count(reading.ecc_sbe_aggregate),
+        ecc_dbe_volatile=_count(reading.ecc_dbe_volatile),
+        ecc_dbe_aggregate=_count(reading.ecc_dbe_aggregate),
+        retired_pages_sbe=_count(reading.retired_pages_sbe),
+        retired_pages_dbe=_count(reading.retired_pages_dbe),
+        retired_pages_pending=reading.retired_pages_pending,
+        remap_correctable=_count(reading.remap_correctable),
+        remap_uncorrectable=_count(reading.remap_uncorrectable),
+        remap_pending=reading.remap_pending,
+        remap_failure=reading.remap_failure,
+        temperature_c=_within(reading.temperature_c, -273.0, 1000.0),
+        power_w=_within(reading.power_w, 0.0, 1e6),
+        throttle_reasons=sorted(r[:64] for r in reading.throttle_reasons if r)[:64],
+        xids=[m.XidCount(xid=x, count=_count(n) or 0) for x, n in sorted(xid_counts.items())
+              if 0 <= x <= MAX_XID],
+    )
+
+
+def _count(value: int | None) -> int | None:
+    return None if value is None else min(max(0, int(value)), 2**53)
+
+
+def _within(value: float | None, low: float, high: float) -> float | None:
+    if value is None or value != value:  # NaN
+        return None
+    return min(max(low, float(value)), high)
 
 
 def _request_id(injected: list[_Injection]) -> dict[str, str]:

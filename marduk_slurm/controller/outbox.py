@@ -17,10 +17,11 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from marduk_slurm.adapters.slurm.base import SlurmBackend
+from marduk_slurm.adapters.slurm.base import SlurmBackend, SlurmNode
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.backoff import Backoff, backoff_delay
 from marduk_slurm.controller.context import Context
+from marduk_slurm.controller.node_rows import write_nodes
 from marduk_slurm.domain.slurm_names import sanitize_reason
 from marduk_slurm.errors import SlurmError, SlurmUnavailable
 
@@ -139,6 +140,7 @@ class OutboxWorker:
     async def _skip_already_drained(self, group: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Read the nodes from Slurm just before draining: a node someone else drained keeps
         its reason (overwriting it would undo their drain), one we drained stays as it is."""
+        read_at = time.time()
         current = {n.name: n for n in await self.slurm.get_nodes([a["node"] for a in group])}
         todo, skipped = [], []
         for action in group:
@@ -148,19 +150,19 @@ class OutboxWorker:
             else:
                 todo.append(action)
         if skipped:
-            await self._skipped(skipped)
+            await self._skipped(skipped, read_at)
         return todo
 
-    async def _skipped(self, skipped: list[tuple[dict[str, Any], Any]]) -> None:
+    async def _skipped(self, skipped: list[tuple[dict[str, Any], Any]], read_at: float) -> None:
         now = time.time()
         prefix = self.ctx.policy.reason_prefix
 
         def commit(store: Store) -> list[int]:
-            ids = []
+            # The drain found here may be news (someone else's): recorded as such first.
+            ids = write_nodes(store, [node for _, node in skipped], read_at=read_at,
+                              prefix=prefix, now=now)
             for action, node in skipped:
                 store.complete_action(action["id"], now)
-                store.update_node_from_slurm(node.name, str(node.state), node.flags,
-                                             node.reason, node.reason_user or "", now, prefix)
                 who = "marduk" if node.reason.startswith(prefix + ":") else (
                     node.reason_user or "someone else")
                 ids.append(store.add_event(
@@ -172,8 +174,21 @@ class OutboxWorker:
         ids = await self.ctx.db.tx(commit)
         await self.ctx.publish_feed(ids)
 
+    async def _read_back(self, nodes: list[str]) -> list[SlurmNode]:
+        """The nodes as Slurm has them right after our call, so the node view is fresh at
+        once; a failed read leaves the row as the action implies, until the next reconcile."""
+        try:
+            return await self.slurm.get_nodes(nodes)
+        except Exception as exc:
+            self.ctx.stats["slurm_read_back_failures"] += 1
+            log.warning("reading %d node(s) back after a Slurm action failed: %s",
+                        len(nodes), _describe(exc))
+            return []
+
     async def _done(self, kind: str, group: list[dict[str, Any]], reason: str) -> None:
+        current = await self._read_back(sorted({a["node"] for a in group}))
         now = time.time()
+        prefix = self.ctx.policy.reason_prefix
 
         def commit(store: Store) -> list[int]:
             ids = []
@@ -191,7 +206,9 @@ class OutboxWorker:
                               "queued_s": round(now - action["created_at"], 4),
                               "batch": len(group)},
                 ))
-            return ids
+            # Then Slurm's own view over the row (`IDLE+DRAIN` or `MIXED+DRAIN`, its user),
+            # as of just after the call; the rows were just written, so none counts as newer.
+            return ids + write_nodes(store, current, read_at=now, prefix=prefix, now=now)
 
         ids = await self.ctx.db.tx(commit)
         self.ctx.stats[f"slurm_{kind}s"] += len(group)

@@ -13,10 +13,11 @@ import logging
 import time
 from typing import Any
 
-from marduk_slurm.adapters.slurm.base import SlurmBackend, SlurmNode, SlurmStep
+from marduk_slurm.adapters.slurm.base import SlurmBackend, SlurmStep
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
+from marduk_slurm.controller.node_rows import changed_nodes, write_nodes
 from marduk_slurm.errors import SlurmError
 
 log = logging.getLogger(__name__)
@@ -90,16 +91,19 @@ class Reconciler:
                 "last_error": self.last_error}
 
     async def refresh_nodes(self) -> None:
+        """Read every node from Slurm; record what changed, and drains and resumes someone
+        else made (`foreign_drain`, `foreign_resume`) as events."""
+        read_at = time.time()
         nodes = await self.slurm.list_nodes()
-        await self.ctx.db.tx(lambda store: self._write_nodes(store, nodes))
-
-    def _write_nodes(self, store: Store, nodes: list[SlurmNode]) -> None:
-        now = time.time()
-        for node in nodes:
-            store.update_node_from_slurm(
-                node.name, str(node.state), [str(f) for f in node.flags], node.reason or "",
-                node.reason_user or "", now, self.ctx.policy.reason_prefix,
-            )
+        changed = await self.ctx.db.read(
+            lambda store: changed_nodes(store.node_slurm_rows(), nodes))
+        if not changed:
+            return
+        ids = await self.ctx.db.tx(lambda store: write_nodes(
+            store, changed, read_at=read_at, prefix=self.ctx.policy.reason_prefix))
+        self.ctx.stats["foreign_node_changes"] += len(ids)
+        if ids:
+            await self.ctx.publish_feed(ids)
 
     async def reconcile_steps(self, steps: list[SlurmStep]) -> None:
         live = {(s.job_id, s.step_id, n) for s in steps for n in s.nodes}

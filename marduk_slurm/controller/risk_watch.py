@@ -122,7 +122,7 @@ class RiskWatch:
                 self.ctx.reject("identity_conflict", msg.subject,
                                 f"GPU {gpu.uuid} of {known.node}", "health")
                 continue
-            gpus.append(msgspec.structs.asdict(gpu))
+            gpus.append(msgspec.to_builtins(gpu))
         self.summaries += 1
         now = time.time()
         self._arrived.append(lambda: self.tracker.add_summary(node, {"node": node, "gpus": gpus},

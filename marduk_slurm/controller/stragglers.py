@@ -98,9 +98,30 @@ class StragglerWatch:
 
     async def run(self) -> None:
         await self.load_policies()
+        next_sync = time.monotonic() + PRUNE_EVERY_S
         while True:
-            change = await self.changes.get()
+            wait_s = max(0.0, next_sync - time.monotonic())
+            try:
+                change = await asyncio.wait_for(self.changes.get(), timeout=wait_s)
+            except TimeoutError:
+                next_sync = time.monotonic() + PRUNE_EVERY_S
+                for change in await self.sync():
+                    await self.record(change)
+                continue
             await self.record(change)
+
+    async def sync(self) -> list[StragglerChange]:
+        """Drop what ended from the live numbers, heartbeats or not: replicas that left the
+        mapping (their step or job ended), and ones silent for `stale_s`. Without this an
+        ended job's last step rate stays in `top`, `straggler show` and /metrics, since
+        pruning otherwise runs only when heartbeats arrive."""
+        checked_at = time.time()
+        live = await self.ctx.db.read(lambda store: store.live_replica_ids())
+        changes = self.detector.retain(live, checked_at)
+        changes += self.detector.prune(time.time())
+        self._last_evaluation = {j: t for j, t in self._last_evaluation.items()
+                                 if j in self.detector.by_job}
+        return changes
 
     async def load_policies(self) -> None:
         rows = await self.ctx.db(lambda: self.ctx.db.store.events(

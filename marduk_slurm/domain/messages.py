@@ -39,6 +39,7 @@ Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 Pid = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
 GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=4095)]
 Xid = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
+MAX_XID_KINDS = 64  # distinct XIDs a health summary counts per GPU
 GroupSize = Annotated[int, msgspec.Meta(ge=0, le=2**20)]
 ExitStatus = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**32)]
 Int64 = Annotated[int, msgspec.Meta(ge=-INT64_MAX, le=INT64_MAX)]
@@ -258,6 +259,37 @@ class Reply(msgspec.Struct, kw_only=True, omit_defaults=True):
 # -- node agent -> controller (core NATS, not persisted) ---------------------------------------
 
 
+class XidCount(msgspec.Struct, kw_only=True):
+    xid: Xid
+    count: Count
+
+
+# Throttle (clock event) reasons by name, as gpu_health names them: short words.
+ThrottleReason = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_PRINTABLE)]
+
+
+class GpuCounters(msgspec.Struct, kw_only=True):
+    """A GPU's NVML counters as of the agent's latest reading (None: NVML could not read
+    it). ECC and page counters only ever grow, save the volatile ones at a driver reload;
+    `xids` counts each XID seen since the agent started."""
+
+    ecc_sbe_volatile: Count | None = None  # corrected
+    ecc_sbe_aggregate: Count | None = None
+    ecc_dbe_volatile: Count | None = None  # uncorrected
+    ecc_dbe_aggregate: Count | None = None
+    retired_pages_sbe: Count | None = None
+    retired_pages_dbe: Count | None = None
+    retired_pages_pending: bool | None = None
+    remap_correctable: Count | None = None
+    remap_uncorrectable: Count | None = None
+    remap_pending: bool | None = None
+    remap_failure: bool | None = None
+    temperature_c: Annotated[float, msgspec.Meta(ge=-273.0, le=1000.0)] | None = None
+    power_w: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] | None = None
+    throttle_reasons: Annotated[list[ThrottleReason], msgspec.Meta(max_length=64)] = []
+    xids: Annotated[list[XidCount], msgspec.Meta(max_length=MAX_XID_KINDS)] = []
+
+
 class HealthGpu(msgspec.Struct, kw_only=True):
     """One GPU of a health summary; fields the controller does not read are ignored."""
 
@@ -266,6 +298,7 @@ class HealthGpu(msgspec.Struct, kw_only=True):
     action: Annotated[str, msgspec.Meta(max_length=32, pattern=_PRINTABLE)] = ""
     reason: Text = ""
     evidence: dict[str, Any] | None = None
+    counters: GpuCounters | None = None
 
 
 class HealthSummary(msgspec.Struct, kw_only=True):

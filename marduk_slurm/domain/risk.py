@@ -9,7 +9,9 @@ errors); it has not been fitted to failure data and claims no predictive accurac
 | evidence (within `window_s`) | points |
 |---|---|
 | corrected (single-bit) ECC growth: >=1, >=10, >=100 | 5, 15, 30 |
+| uncorrected (double-bit) ECC growth: >=1, >=5 | 25, 40 |
 | retired pages (sbe+dbe): >=1, >=16, >=48 | 5, 15, 25 |
+| retired pages growth: >=1 | 10 |
 | page retirement pending a reset | 20 |
 | row remap pending a reset | 25 |
 | uncorrectable row remaps > 0 | 10 |
@@ -17,15 +19,21 @@ errors); it has not been fitted to failure data and claims no predictive accurac
 | thermal throttling in >=10% / >=50% of polls (at least 3 polls known) | 5 / 15 |
 | each XID seen (memory XIDs 48 63 64 92 94 95 count 15, others 10), at most | 45 |
 
-Evidence arrives in two forms: the full NVML evidence attached to every verdict (counters,
-remap state, throttle reasons, XIDs), and the agent's periodic health summary (per GPU only
-its verdict action and reason; counters when a newer agent adds them).
+Evidence arrives in two forms: the full NVML evidence attached to every verdict (published
+only when the verdict changes), and the agent's periodic health summary, which carries every
+GPU's counters at every poll (`messages.GpuCounters`: ECC, retired and remapped pages,
+temperature, power, throttle reasons, XID counts since the agent started); a summary from an
+older agent has only the verdict's action and reason. Growth is the sum of the increases
+between consecutive readings (after a reset, a volatile counter at a driver reload, from
+zero), so nothing is lost or counted twice; an XID counts once whether a verdict or the
+counters report it.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +55,11 @@ class Observation:
     remap_uncorrectable: int | None = None
     remap_failure: bool | None = None
     thermal_throttled: bool | None = None
-    xids: tuple[int, ...] = ()
+    xids: tuple[int, ...] = ()  # XIDs this reading saw (a verdict's)
+    uncorrected_ecc: int | None = None
+    xid_counts: tuple[tuple[int, int], ...] | None = None  # (xid, count since agent start)
+    temperature_c: float | None = None
+    power_w: float | None = None
 
 
 def _int(value: Any) -> int | None:
@@ -57,6 +69,11 @@ def _int(value: Any) -> int | None:
 def _sum(*values: int | None) -> int | None:
     known = [v for v in values if v is not None]
     return sum(known) if known else None
+
+
+def _either(aggregate: Any, volatile: Any) -> int | None:
+    value = _int(aggregate)
+    return value if value is not None else _int(volatile)
 
 
 def from_evidence(evidence: dict[str, Any], ts: float) -> Observation:
@@ -77,7 +94,37 @@ def from_evidence(evidence: dict[str, Any], ts: float) -> Observation:
         thermal_throttled=(bool(THERMAL_REASONS & set(throttle))
                            if isinstance(throttle, list) else None),
         xids=tuple(x for x in evidence.get("xids") or () if _int(x) is not None),
+        uncorrected_ecc=_either(ecc.get("dbe_aggregate"), ecc.get("dbe_volatile")),
     )
+
+
+def from_counters(c: dict[str, Any], ts: float) -> Observation:
+    """The counters of a health summary (`messages.GpuCounters`, as a dict)."""
+    throttle = c.get("throttle_reasons")
+    listed = c.get("xids")
+    xids: list[Any] = listed if isinstance(listed, list) else []
+    counts = tuple((x["xid"], x["count"]) for x in xids if isinstance(x, dict)
+                   and _int(x.get("xid")) is not None and _int(x.get("count")) is not None)
+    temp, power = c.get("temperature_c"), c.get("power_w")
+    return Observation(
+        ts=ts,
+        corrected_ecc=_either(c.get("ecc_sbe_aggregate"), c.get("ecc_sbe_volatile")),
+        uncorrected_ecc=_either(c.get("ecc_dbe_aggregate"), c.get("ecc_dbe_volatile")),
+        retired_pages=_sum(_int(c.get("retired_pages_sbe")), _int(c.get("retired_pages_dbe"))),
+        retired_pending=_flag(c.get("retired_pages_pending")),
+        remap_pending=_flag(c.get("remap_pending")),
+        remap_uncorrectable=_int(c.get("remap_uncorrectable")),
+        remap_failure=_flag(c.get("remap_failure")),
+        thermal_throttled=(bool(THERMAL_REASONS & set(throttle))
+                           if isinstance(throttle, list) else None),
+        xid_counts=counts,
+        temperature_c=float(temp) if isinstance(temp, int | float) else None,
+        power_w=float(power) if isinstance(power, int | float) else None,
+    )
+
+
+def _flag(value: Any) -> bool | None:
+    return value if isinstance(value, bool) else None
 
 
 _THERMAL_TEXT = re.compile(r"clocks throttled:.*(thermal|hw_slowdown)")
@@ -85,7 +132,9 @@ _THERMAL_TEXT = re.compile(r"clocks throttled:.*(thermal|hw_slowdown)")
 
 def from_summary_gpu(gpu: dict[str, Any], ts: float) -> Observation:
     """One GPU of the agent's health summary: its verdict action and reason (the worst
-    finding only), plus the verdict evidence fields when the agent sends them."""
+    finding only), plus its counters (or verdict evidence) when the agent sends them."""
+    if isinstance(gpu.get("counters"), dict):
+        return from_counters(gpu["counters"], ts)
     if isinstance(gpu.get("evidence"), dict):
         return from_evidence(gpu["evidence"], ts)
     action, reason = str(gpu.get("action", "")), str(gpu.get("reason", ""))
@@ -137,19 +186,33 @@ def _latest(observations: list[Observation], attr: str) -> Any:
     return None
 
 
+def growth(values: list[int]) -> int:
+    """The sum of the increases between consecutive readings. A counter found lower than
+    before was reset (a volatile one, at a driver reload): it counted up from zero since."""
+    return sum(b - a if b >= a else b for a, b in itertools.pairwise(values))
+
+
+def _growth_factor(obs: list[Observation], attr: str, name: str, what: str,
+                   tiers: list[tuple[int, int]]) -> list[RiskFactor]:
+    values = [getattr(o, attr) for o in obs if getattr(o, attr) is not None]
+    grown = growth(values)
+    pts = _tier(grown, tiers)
+    if not pts:
+        return []
+    return [RiskFactor(name, pts, f"+{grown} {what} ({values[0]} -> {values[-1]})")]
+
+
 def _counter_factors(obs: list[Observation]) -> list[RiskFactor]:
-    out = []
-    ecc = [o.corrected_ecc for o in obs if o.corrected_ecc is not None]
-    if len(ecc) >= 2:
-        growth = max(0, ecc[-1] - ecc[0])
-        pts = _tier(growth, [(1, 5), (10, 15), (100, 30)])
-        if pts:
-            out.append(RiskFactor("corrected_ecc_growth", pts,
-                                  f"+{growth} corrected ECC errors ({ecc[0]} -> {ecc[-1]})"))
+    out = _growth_factor(obs, "corrected_ecc", "corrected_ecc_growth",
+                         "corrected ECC errors", [(1, 5), (10, 15), (100, 30)])
+    out += _growth_factor(obs, "uncorrected_ecc", "uncorrected_ecc_growth",
+                          "uncorrected ECC errors", [(1, 25), (5, 40)])
     pages = _latest(obs, "retired_pages")
     if pages:
         out.append(RiskFactor("retired_pages", _tier(pages, [(1, 5), (16, 15), (48, 25)]),
                               f"{pages} retired pages"))
+    out += _growth_factor(obs, "retired_pages", "retired_pages_growth", "retired pages",
+                          [(1, 10)])
     if _latest(obs, "retired_pending"):
         out.append(RiskFactor("retirement_pending", 20, "page retirement pending a reset"))
     if _latest(obs, "remap_pending"):
@@ -172,12 +235,23 @@ def _trend_factors(obs: list[Observation]) -> list[RiskFactor]:
         if pts:
             out.append(RiskFactor("thermal_throttling", pts,
                                   f"thermally throttled in {share:.0%} of {len(known)} polls"))
-    xids = [x for o in obs for x in o.xids]
+    xids = xid_occurrences(obs)
     if xids:
-        pts = min(45, sum(15 if x in MEMORY_XIDS else 10 for x in xids))
-        out.append(RiskFactor("recent_xids", pts,
-                              f"xids {', '.join(str(x) for x in xids[-8:])}"))
+        pts = min(45, sum((15 if x in MEMORY_XIDS else 10) * n for x, n in xids.items()))
+        out.append(RiskFactor("recent_xids", pts, "xids " + ", ".join(
+            f"{x}" if n == 1 else f"{x} x{n}" for x, n in sorted(xids.items())[:8])))
     return out
+
+
+def xid_occurrences(obs: list[Observation]) -> dict[int, int]:
+    """Each XID's occurrences in the window: the verdicts that named it or the growth of
+    the summaries' counts, whichever says more (both report the same events)."""
+    from_verdicts: Counter[int] = Counter(x for o in obs for x in o.xids)
+    polls = [dict(o.xid_counts) for o in obs if o.xid_counts is not None]
+    from_counts = {x: growth([p.get(x, 0) for p in polls])
+                   for x in {x for p in polls for x in p}}
+    return {x: n for x in from_verdicts.keys() | from_counts.keys()
+            if (n := max(from_verdicts[x], from_counts.get(x, 0)))}
 
 
 def score(observations: list[Observation]) -> tuple[int, tuple[RiskFactor, ...]]:

@@ -88,6 +88,7 @@ class ReplicaTrack:
     job_id: int
     samples: deque[Sample]
     seen_at: float = 0.0  # controller time of the newest sample
+    created_at: float = 0.0  # controller time of the first heartbeat
     flagged: bool = False
     flagged_at: float = 0.0
     above_since: float | None = None
@@ -159,7 +160,7 @@ class StragglerDetector:
         track = self.tracks.get(replica_id)
         if track is None:
             track = self.tracks[replica_id] = ReplicaTrack(
-                replica_id, job_id, deque(maxlen=self.config.history))
+                replica_id, job_id, deque(maxlen=self.config.history), created_at=now)
             self.by_job.setdefault(job_id, {})[replica_id] = track
         if step_time_ms <= 0 or (track.samples and track.samples[-1].step >= step):
             return False
@@ -240,6 +241,21 @@ class StragglerDetector:
             if track.flagged and stats is not None:
                 changes.append(StragglerChange(track.replica_id, track.job_id, False, 0.0,
                                                stats, "gone: no heartbeat"))
+        return changes
+
+    def retain(self, live: set[str], checked_at: float) -> list[StragglerChange]:
+        """Forget the replicas that are no longer live (their step or job ended, they left),
+        as the mapping said at `checked_at`; one first heard of after that is kept until the
+        next check. A flagged one is cleared as gone."""
+        ended = [t for r, t in self.tracks.items()
+                 if r not in live and t.created_at <= checked_at]
+        changes = []
+        for track in ended:
+            self.forget(track.replica_id)
+            stats = self.stats(track.job_id)
+            if track.flagged and stats is not None:
+                changes.append(StragglerChange(track.replica_id, track.job_id, False, 0.0,
+                                               stats, "gone: left the mapping"))
         return changes
 
     def forget(self, replica_id: str) -> None:

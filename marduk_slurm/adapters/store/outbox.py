@@ -46,6 +46,11 @@ class OutboxMixin:
     def pending_actions(self) -> list[dict[str, Any]]:
         return list(self.db.query("SELECT * FROM outbox WHERE state='pending' ORDER BY id"))
 
+    def pending_action_nodes(self, kind: str) -> set[str]:
+        """Nodes with a `kind` action not yet confirmed by Slurm."""
+        return {str(r[0]) for r in self.conn.execute(
+            "SELECT DISTINCT node FROM outbox WHERE kind=? AND state='pending'", (kind,))}
+
     def next_action_due(self) -> float | None:
         row = self.conn.execute(
             "SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'"

@@ -193,6 +193,18 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin, StandbysMixin):
     def count_nodes(self) -> int:
         return self.db["nodes"].count
 
+    def node_slurm_rows(self, names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The Slurm columns of `names` (None: every node) by name, flags decoded, read lean:
+        a reconcile pass compares a whole cluster with them every few seconds."""
+        sql = "SELECT name, state, flags, reason, reason_user, updated_at FROM nodes"
+        if names is not None and len(names) <= 500:
+            cur = self.conn.execute(f"{sql} WHERE name IN ({','.join('?' * len(names))})",
+                                    list(names))
+        else:
+            cur = self.conn.execute(sql)
+        return {r[0]: {"state": r[1], "flags": json.loads(r[2]), "reason": r[3],
+                       "reason_user": r[4], "updated_at": r[5]} for r in cur}
+
     def update_node_from_slurm(self, name: str, state: str, flags: Iterable[str], reason: str,
                                reason_user: str, now: float, marduk_prefix: str) -> None:
         """Record what Slurm says; a drain reason not starting with our prefix is not ours."""
@@ -209,18 +221,27 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin, StandbysMixin):
         )
 
     def mark_node_drained(self, name: str, reason: str, event_id: int | None, now: float) -> None:
+        """Slurm took our drain: the row says so until the next read of Slurm refines it."""
         self.ensure_node(name, now)
+        row = self.node(name) or {}
+        flags = sorted({*row.get("flags", []), "DRAIN"})
         self.conn.execute(
-            "UPDATE nodes SET flags=?, reason=?, drained_by_marduk=1, drain_event_id=?, "
-            "updated_at=? WHERE name=?",
-            (_dumps(["DRAIN"]), reason, event_id, now, name),
+            "UPDATE nodes SET state=?, flags=?, reason=?, reason_user='', drained_by_marduk=1, "
+            "drain_event_id=?, updated_at=? WHERE name=?",
+            (_with_drain(row.get("state", "unknown"), True), _dumps(flags), reason, event_id,
+             now, name),
         )
 
     def mark_node_resumed(self, name: str, now: float) -> None:
+        """Slurm took our resume: no drain left in the state, the flags or the reason."""
+        row = self.node(name)
+        if row is None:
+            return
+        flags = [f for f in row["flags"] if f != "DRAIN"]
         self.conn.execute(
-            "UPDATE nodes SET flags='[]', reason='', reason_user='', drained_by_marduk=0, "
+            "UPDATE nodes SET state=?, flags=?, reason='', reason_user='', drained_by_marduk=0, "
             "drain_event_id=NULL, updated_at=? WHERE name=?",
-            (now, name),
+            (_with_drain(row["state"], False), _dumps(flags), now, name),
         )
 
     def upsert_gpus(self, node: str, gpus: Sequence[m.GpuDescriptor], simulated: bool,
@@ -318,6 +339,14 @@ def _node_row(row: dict[str, Any]) -> dict[str, Any]:
     row["flags"] = json.loads(row["flags"])
     row["drained_by_marduk"] = bool(row["drained_by_marduk"])
     return row
+
+
+def _with_drain(state: str, drained: bool) -> str:
+    """`IDLE` <-> `IDLE+DRAIN`: the state text (base+flags, as the reconciler stores it) after
+    a drain or resume Slurm confirmed, so the row never shows a drain that is gone."""
+    base, *flags = state.split("+")
+    flags = [f for f in flags if f != "DRAIN"]
+    return "+".join([base, *flags, "DRAIN"] if drained else [base, *flags])
 
 
 def _split_sql(script: str) -> list[str]:

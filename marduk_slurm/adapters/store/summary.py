@@ -51,6 +51,11 @@ class SummaryMixin:
         return {(str(job), state): n for job, state, n in self.conn.execute(
             "SELECT job_id, state, COUNT(*) FROM replicas WHERE state != 'left' GROUP BY 1, 2")}
 
+    def live_replica_ids(self) -> set[str]:
+        """Every replica and standby still in the mapping (not left)."""
+        return {r[0] for r in self.conn.execute(
+            "SELECT replica_id FROM replicas WHERE state != 'left'")}
+
     def pending_action_counts(self) -> dict[str, int]:
         return dict(self.conn.execute(
             "SELECT kind, COUNT(*) FROM outbox WHERE state='pending' GROUP BY 1").fetchall())
