@@ -15,6 +15,7 @@ from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.cli.client import RequestFailed, call
+from marduk_slurm.controller import queries
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 
@@ -119,6 +120,25 @@ def test_history_beyond_one_answer_is_the_newest_n_oldest_first(
     proc = run_cli("history", "--limit", "1001", "--node", "node00007", "--nats-url",
                    busy_controller.url)
     assert proc.returncode == 0 and "node00007" in proc.stdout, proc.stderr
+
+
+def test_a_page_too_large_for_one_message_comes_back_shorter(tmp_path: Path) -> None:
+    _fill(tmp_path, replicas=300)
+    store = Store(tmp_path / "marduk.db", read_only=True)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        data, outcome = queries.answer(store, "replicas", {"page_size": 300, "cursor": cursor},
+                                       {}, 50_000)
+        assert outcome == "ok" and len(data) <= 50_000
+        page = json.loads(data)["data"]
+        assert 0 < len(page["items"]) < 300 and page["total"] == 300
+        seen += [r["replica_id"] for r in page["items"]]
+        if (cursor := page["next"]) is None:
+            break
+    assert len(seen) == len(set(seen)) == 300
+    data, outcome = queries.answer(store, "replicas", {}, {}, 50_000)
+    assert outcome == "too_large" and json.loads(data)["error_kind"] == "too_large"
 
 
 async def _flood(url: str, n: int, *, timeout_ms: int, requesters: int = 1) -> None:

@@ -157,17 +157,23 @@ QUERIES: dict[str, Callable[[Store, dict[str, Any], RiskByGpu], Any]] = {
 def answer(store: Store, verb: str, args: dict[str, Any], risk: RiskByGpu,
            max_payload: int) -> tuple[bytes, str]:
     """The encoded reply to a list query and its outcome: "ok", "too_large" or the error
-    kind."""
-    try:
-        reply = m.Reply(ok=True, data=QUERIES[verb](store, args, risk))
-    except NotFound as exc:
-        reply = m.Reply(ok=False, error=str(exc), error_kind="not_found")
-    except (ValueError, MardukError) as exc:
-        reply = m.Reply(ok=False, error=str(exc), error_kind="invalid")
-    data = m.encode(reply)
-    if len(data) > max_payload:
-        return m.encode(too_large(len(data), max_payload)), "too_large"
-    return data, "ok" if reply.ok else reply.error_kind
+    kind. A page that would not fit in one message comes back shorter (a page holds *up to*
+    page_size rows, and its `next` says where the rest starts); only a one-answer request,
+    or a single row, can be too large."""
+    while True:
+        try:
+            reply = m.Reply(ok=True, data=QUERIES[verb](store, args, risk))
+        except NotFound as exc:
+            reply = m.Reply(ok=False, error=str(exc), error_kind="not_found")
+        except (ValueError, MardukError) as exc:
+            reply = m.Reply(ok=False, error=str(exc), error_kind="invalid")
+        data = m.encode(reply)
+        if len(data) <= max_payload:
+            return data, "ok" if reply.ok else reply.error_kind
+        size = page_size(args)
+        if size is None or size == 1:
+            return m.encode(too_large(len(data), max_payload)), "too_large"
+        args = {**args, "page_size": max(1, size // 2)}
 
 
 def too_large(size: int, limit: int) -> m.Reply:
