@@ -11,6 +11,7 @@ import pytest
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.controller import inbound
 from marduk_slurm.controller.decisions import Effects, Policy
+from marduk_slurm.controller.leaves import LeaveSender
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain.gpu_health import GpuAction
 from marduk_slurm.errors import IdentityError
@@ -120,6 +121,33 @@ def test_pending_assumes_of_gone_standbys_are_closed(job: Store) -> None:
         gone = job.finish_assumes_of_gone_standbys(200.0)
         due = job.due_assume_commands(300.0)
     assert [r["standby_id"] for r in gone] == ["job7_sb0:s2"] and due == []
+
+
+def test_standbys_on_a_node_being_drained_stand_down_whatever_their_job(job: Store) -> None:
+    apply(job, m.ReplicaRegister(replica_id="job8_sb0:s9", job_id=8, step_id=9,
+                                 replica_group=0, node="n3", standby=True,
+                                 gpu_uuids=["GPU-n3-1"]))
+    register(job, "job7_sb1:s4", 1, "n4", standby=True, step=4)
+    effects = apply(job, verdict("n3"))
+    assert sorted(d.standby.standby_id for d, _ in effects.dismissals) == [
+        "job7_sb0:s2", "job8_sb0:s9"]
+    assert effects.assumes == []  # no group left: the standby on n4 stays ready
+    for sid in ("job7_sb0:s2", "job8_sb0:s9"):
+        cmd = job.assume_command(sid)
+        assert cmd is not None and (cmd["action"], cmd["state"]) == ("leave", "pending")
+        assert job.replica(sid)["state"] == "leaving"  # type: ignore[index]
+    assert [s["standby_id"] for s in job.ready_standbys([7, 8])] == ["job7_sb1:s4"]
+    dismissed = job.events(kinds=["standby_dismissed"])
+    assert len(dismissed) == 2 and all("n3 drained" in e["reason"] for e in dismissed)
+    # A second fault on the same node does not dismiss them again.
+    assert apply(job, verdict("n3")).dismissals == []
+    # Gone as told: the command is done, and no "standby lost" is recorded for it.
+    apply(job, m.StepEnd(job_id=JOB, step_id=2, node="n3", exit_status=75))
+    with job.transaction():
+        LeaveSender(None)._take_due_assumes(job, 200.0)  # type: ignore[arg-type]
+    assert job.assume_command("job7_sb0:s2")["state"] == "done"  # type: ignore[index]
+    assert not job.events(kinds=["standby_lost"])
+    assert job.assume_command("job8_sb0:s9")["state"] == "pending"  # type: ignore[index]
 
 
 def test_a_standby_of_several_ranks_is_one_standby(store: Store) -> None:

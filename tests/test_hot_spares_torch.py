@@ -131,3 +131,29 @@ def test_a_standby_assumes_the_failed_group_heals_and_the_job_completes(
     finally:
         for w in workers:
             w.stop()
+
+
+def test_a_standby_on_a_node_being_drained_stands_down(
+        tmp_path: Path, lighthouse: Lighthouse, controller: ControllerProcess) -> None:
+    spare = start(tmp_path, lighthouse, controller, 9, "n9", MARDUK_STEP_ID="2",
+                  MARDUK_STANDBY="1", MARDUK_STANDBY_SLOT="0",
+                  MARDUK_ASSUME_DIR=str(tmp_path))
+    try:
+        def standby_registered() -> Any:
+            assert spare.proc.poll() is None, spare.tail()
+            return [r for r in rows(controller) if r["state"] == "standby"]
+        wait_for(standby_registered, 90, 0.3, "the standby registered")
+        verdict = m.Verdict(node="n9", gpu_uuid="cpu:n9:0", action=GpuAction.DRAIN_NODE,
+                            reason="xid 79 (drill)", xid=79, ts=time.time())
+        asyncio.run(publish_durable(controller.url, [
+            (subjects.node_event("n9", "verdict"), m.encode(verdict))]))
+        assert spare.wait(30) == EXIT_LEAVE, spare.tail()
+        assert spare.events("ready") == [] and not (tmp_path / "group-0.assumed").exists()
+        wait_for(lambda: [r["state"] for r in cli_json(
+            "replicas", "--all", "--job", str(JOB), "--nats-url", controller.url)] == ["left"],
+            20, 0.2, "the standby's row to leave")
+        kinds = [e["kind"] for e in cli_json("history", "--nats-url", controller.url)]
+        assert "standby_dismissed" in kinds and "standby_lost" not in kinds, kinds
+        assert kinds.index("gpu_verdict") < kinds.index("standby_dismissed")
+    finally:
+        spare.stop()

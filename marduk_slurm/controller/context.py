@@ -166,6 +166,14 @@ class Context:
                 event_id=event_id, ts=time.time())
             await self.publish(subjects.standby_commands(sb.job_id), m.encode(cmd))
             self.stats["assume_commands"] += 1
+        for dismissal, event_id in effects.dismissals:
+            sb = dismissal.standby
+            cmd = m.ReplicaCommand(
+                replica_id=sb.standby_id, job_id=sb.job_id, action="leave",
+                reason=dismissal.reason[:1000], immediate=True, event_id=event_id,
+                ts=time.time())
+            await self.publish(subjects.standby_commands(sb.job_id), m.encode(cmd))
+            self.stats["standby_dismissals"] += 1
         if effects.feed:
             await self.publish_feed(effects.feed)
 

@@ -20,6 +20,7 @@ from marduk_slurm.domain.decisions import (
     Cause,
     Decision,
     DecisionPolicy,
+    Dismissal,
     Facts,
     Leave,
     NodeFacts,
@@ -44,6 +45,7 @@ class Effects:
 
     leaves: list[tuple[Leave, int]] = field(default_factory=list)  # (leave, event id)
     assumes: list[tuple[Assignment, int]] = field(default_factory=list)  # (assignment, event)
+    dismissals: list[tuple[Dismissal, int]] = field(default_factory=list)  # (dismissal, event)
     feed: list[int] = field(default_factory=list)  # event ids to publish on the feed
     outbox: bool = False  # Slurm actions were queued
     # Parts of a message refused while the rest applied: (cause, subject, detail, kind).
@@ -52,6 +54,7 @@ class Effects:
     def extend(self, other: Effects) -> None:
         self.leaves += other.leaves
         self.assumes += other.assumes
+        self.dismissals += other.dismissals
         self.feed += other.feed
         self.outbox = self.outbox or other.outbox
         self.rejected += other.rejected
@@ -86,8 +89,11 @@ def gather_facts(store: Store, cause: Cause) -> Facts:
         jobs.add(cause.job_id)
     standbys = tuple(StandbyRef(s["standby_id"], s["job_id"], tuple(s["nodes"]), s["drained"])
                      for s in store.ready_standbys(jobs))
+    here = tuple(StandbyRef(s["standby_id"], s["job_id"], tuple(s["nodes"]), s["drained"])
+                 for s in store.ready_standbys_on(node_names))
     return Facts(nodes=nodes, job_replicas=job_replicas, standbys=standbys,
-                 assuming=frozenset(store.assuming_groups(jobs)) if standbys else frozenset())
+                 assuming=frozenset(store.assuming_groups(jobs)) if standbys else frozenset(),
+                 standbys_here=here)
 
 
 def apply_decision(store: Store, decision: Decision, *, cause_event: int, source: str,
@@ -97,6 +103,24 @@ def apply_decision(store: Store, decision: Decision, *, cause_event: int, source
         queue_drain(store, drain.node, drain.reason, cause_event, source, now, effects,
                     batch_reason=drain.batch_reason)
     queue_assumes(store, decision.assignments, cause_event, source, now, effects)
+    queue_dismissals(store, decision.dismissals, cause_event, source, now, effects)
+
+
+def queue_dismissals(store: Store, dismissals: list[Dismissal], cause_event: int, source: str,
+                     now: float, effects: Effects) -> None:
+    """Record each standby told to stand down and store its command (durable, re-sent until
+    the standby is gone)."""
+    for d in dismissals:
+        sb = d.standby
+        store.mark_standby_assuming(sb.standby_id, leaving=True)
+        eid = store.add_event(
+            "standby_dismissed", now=now, source=source, node=sb.nodes[0] if sb.nodes else None,
+            job_id=sb.job_id, replica_id=sb.standby_id, reason=d.reason,
+            evidence={"cause_event": cause_event, "nodes": list(sb.nodes)})
+        store.put_assume_command(sb.standby_id, sb.job_id, -1, d.reason, eid,
+                                 now + FIRST_LEAVE_RESEND_S, now, action="leave")
+        effects.dismissals.append((d, eid))
+        effects.feed.append(eid)
 
 
 def replica_refs(rows: list[dict[str, Any]]) -> list[ReplicaRef]:

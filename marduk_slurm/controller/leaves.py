@@ -54,16 +54,19 @@ class LeaveSender:
             self.ctx.stats["leave_commands_resent"] += 1
         assumes = await self.ctx.db.tx(lambda store: self._take_due_assumes(store, now))
         for row in assumes:
+            leave = row["action"] == "leave"
             assume = m.ReplicaCommand(
-                replica_id=row["standby_id"], job_id=row["job_id"], action="assume",
-                reason=row["reason"], replica_group=row["replica_group"],
-                event_id=row["event_id"], ts=now)
+                replica_id=row["standby_id"], job_id=row["job_id"], action=row["action"],
+                reason=row["reason"], replica_group=None if leave else row["replica_group"],
+                immediate=leave, event_id=row["event_id"], ts=now)
             await self.ctx.publish(subjects.standby_commands(row["job_id"]), m.encode(assume))
             self.ctx.stats["assume_commands_resent"] += 1
         return len(due) + len(assumes)
 
     def _take_due_assumes(self, store: Store, now: float) -> list[dict[str, Any]]:
         for row in store.finish_assumes_of_gone_standbys(now):
+            if row["action"] == "leave":
+                continue  # stood down as told
             store.add_event("standby_lost", now=now, source="controller", job_id=row["job_id"],
                             replica_id=row["standby_id"],
                             reason=f"standby ended before it assumed replica group "

@@ -49,6 +49,15 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class Dismissal:
+    """`standby` stands down: a node it waits on is being drained, so it could never take a
+    group there. Its process exits and the job's supervisor starts a standby elsewhere."""
+
+    standby: StandbyRef
+    reason: str
+
+
+@dataclass(frozen=True)
 class Leave:
     replica: ReplicaRef
     immediate: bool  # True: leave now; False: at the next step boundary
@@ -67,6 +76,7 @@ class Decision:
     leaves: list[Leave] = field(default_factory=list)
     drains: list[Drain] = field(default_factory=list)
     assignments: list[Assignment] = field(default_factory=list)
+    dismissals: list[Dismissal] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,8 @@ class Facts:
     # pairs a standby is already assuming (an earlier decision's assume is pending).
     standbys: tuple[StandbyRef, ...] = ()
     assuming: frozenset[tuple[int, int]] = frozenset()
+    # Ready standbys of any job with a node among the cause's nodes.
+    standbys_here: tuple[StandbyRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,7 +183,19 @@ def decide(cause: Cause, *, event_id: int, facts: Facts, policy: DecisionPolicy)
         decision = _step_crash(cause, facts.job_replicas)
     crashed = ({(cause.job_id, g): (cause.node,) for g in cause.replica_groups}
                if isinstance(cause, StepCrash) else {})
-    return replace(decision, assignments=assign_standbys(decision, facts, crashed))
+    return replace(decision, assignments=assign_standbys(decision, facts, crashed),
+                   dismissals=dismiss_standbys(decision, facts))
+
+
+def dismiss_standbys(decision: Decision, facts: Facts) -> list[Dismissal]:
+    """The ready standbys on a node this decision drains stand down."""
+    drains = {d.node: d for d in decision.drains}
+    out = []
+    for standby in facts.standbys_here:
+        hit = next((drains[n] for n in standby.nodes if n in drains), None)
+        if hit is not None:
+            out.append(Dismissal(standby, f"node {hit.node} drained: {hit.reason}"[:500]))
+    return out
 
 
 def assign_standbys(decision: Decision, facts: Facts,

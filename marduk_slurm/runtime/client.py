@@ -54,7 +54,7 @@ class ReplicaLink:
         self.replica_group = replica_group
         self.replica_id = replica_id
         self.on_command = on_command
-        self.standby = standby  # a hot spare: hears only its own assume command
+        self.standby = standby  # a hot spare: hears only its own assume or leave command
         self.rejected = 0
         self._subscriptions: list[Any] = []
 
@@ -89,8 +89,8 @@ class ReplicaLink:
             self.rejected += 1
             return
         if isinstance(cmd, m.ReplicaCommand):
-            if (cmd.action == "assume") != self.standby:
-                return
+            if cmd.action == "assume" and not self.standby:
+                return  # a standby may be told to assume a group, or to leave
             # An assume names the standby without "/<rank>": every rank of it takes it.
             own = self.replica_id.split("/", 1)[0] if self.standby else self.replica_id
             # The group's subject also carries leaves meant for an earlier incarnation of the
@@ -198,7 +198,8 @@ class MardukClient:
         self._call(self._main)
 
     def wait_assignment(self, timeout: timedelta) -> m.ReplicaCommand | None:
-        """A standby waits (bounded) for its assume command; None when none came in time."""
+        """A standby waits (bounded) for its command (assume a group, or leave); None when
+        none came in time."""
         if not self._assigned.wait(timeout.total_seconds()):
             return None
         return self._assignment
@@ -278,7 +279,8 @@ class MardukClient:
     # -- loop thread -----------------------------------------------------------------------
 
     def _on_command(self, cmd: Command) -> None:
-        if isinstance(cmd, m.ReplicaCommand) and cmd.action == "assume":
+        standing_by = self.link is not None and self.link.standby
+        if isinstance(cmd, m.ReplicaCommand) and (cmd.action == "assume" or standing_by):
             if self._assignment is None:  # re-sent until acknowledged: the first one counts
                 self._assignment = cmd
                 self._assigned.set()

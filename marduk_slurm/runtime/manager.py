@@ -340,7 +340,9 @@ class ManagerMarduk(Manager):
     def _stand_by(self, identity: ReplicaIdentity, client: MardukClient | None,
                   assume_dir: Path | None) -> ReplicaIdentity:
         """Register as a standby, heartbeat, and wait for the assume command; then write the
-        marker, acknowledge, and return the identity of the assumed group."""
+        marker, acknowledge, and return the identity of the assumed group. Told to leave
+        instead (its node is being drained), it exits with EXIT_LEAVE: the job's supervisor
+        starts a standby on a healthy spare."""
         if client is None:
             raise ValueError("a standby needs the controller (MARDUK_NATS_URL): nothing else "
                              "can assign it a replica group")
@@ -365,6 +367,13 @@ class ManagerMarduk(Manager):
         while (cmd := client.wait_assignment(timedelta(seconds=1))) is None:
             client.send_heartbeat(m.Heartbeat(replica_id=standby_id, job_id=identity.job_id,
                                               step=0, ts=time.time()))
+        if cmd.action == "leave":  # a node it waits on is drained: it could never train there
+            log.info("standby %s stands down: %s", standby_id, cmd.reason)
+            client.send_leave(cmd.reason or "told to stand down", EXIT_LEAVE, 0)
+            if not client.flush(timedelta(seconds=2)):
+                log.warning("leave not confirmed by NATS within 2 s; exiting anyway")
+            client.close()
+            raise SystemExit(EXIT_LEAVE)
         group = int(cmd.replica_group or 0)
         if assume_dir is not None and rank == 0:
             marker = assume_marker(assume_dir, group)

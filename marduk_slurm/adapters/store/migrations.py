@@ -226,4 +226,8 @@ MIGRATIONS: Final[list[str]] = [
     CREATE INDEX assume_commands_pending ON assume_commands(state, next_attempt_at);
     CREATE INDEX assume_commands_group ON assume_commands(job_id, replica_group, state);
     """,
+    # 5: a command to a standby is to assume a group, or to stand down (its node drained).
+    """
+    ALTER TABLE assume_commands ADD COLUMN action TEXT NOT NULL DEFAULT 'assume';
+    """,
 ]

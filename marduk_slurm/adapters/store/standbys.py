@@ -53,19 +53,31 @@ class StandbysMixin:
             unit["drained"] = unit["drained"] or bool(drained)
         return list(out.values())
 
+    def ready_standbys_on(self, nodes: Iterable[str]) -> list[dict[str, Any]]:
+        """Ready standbys, of any job, with a rank on one of these nodes."""
+        names = sorted(set(nodes))
+        if not names:
+            return []
+        jobs = [j for (j,) in self.conn.execute(
+            "SELECT DISTINCT job_id FROM replicas WHERE role='standby' AND state='standby' AND "
+            f"node IN ({','.join('?' * len(names))})", names)]
+        return [u for u in self.ready_standbys(jobs) if set(u["nodes"]) & set(names)]
+
     def assuming_groups(self, job_ids: Iterable[int]) -> set[tuple[int, int]]:
         jobs = sorted(set(job_ids))
         if not jobs:
             return set()
         rows = self.conn.execute(
             "SELECT job_id, replica_group FROM assume_commands WHERE state='pending' AND "
-            f"job_id IN ({','.join('?' * len(jobs))})", jobs).fetchall()
+            f"action='assume' AND job_id IN ({','.join('?' * len(jobs))})", jobs).fetchall()
         return {(int(j), int(g)) for j, g in rows}
 
-    def mark_standby_assuming(self, standby_id: str) -> None:
+    def mark_standby_assuming(self, standby_id: str, *, leaving: bool = False) -> None:
+        """The standby was given a command: it is `assuming` a group, or `leaving`."""
         self.conn.execute(
-            f"UPDATE replicas SET state='assuming' WHERE role='standby' AND {_OF_STANDBY} "
-            "AND state='standby'", (standby_id, _like_ranks(standby_id)))
+            f"UPDATE replicas SET state=? WHERE role='standby' AND {_OF_STANDBY} "
+            "AND state='standby'",
+            ("leaving" if leaving else "assuming", standby_id, _like_ranks(standby_id)))
 
     def standby_assumed(self, standby_id: str, replica_group: int, now: float) -> bool:
         """The standby took its command: its rows leave (the new replica registers itself)."""
@@ -79,14 +91,20 @@ class StandbysMixin:
         return cur.rowcount > 0
 
     def put_assume_command(self, standby_id: str, job_id: int, replica_group: int, reason: str,
-                           event_id: int, next_attempt_at: float, now: float) -> None:
+                           event_id: int, next_attempt_at: float, now: float,
+                           action: str = "assume") -> None:
+        """Store a command to a standby: `assume` a replica group, or `leave` (stand down,
+        its node is drained; replica_group is then unused)."""
         self.conn.execute(
             "INSERT INTO assume_commands (standby_id, job_id, replica_group, reason, event_id, "
-            "next_attempt_at, created_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT(standby_id) DO "
+            "next_attempt_at, created_at, action) VALUES (?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(standby_id) DO "
             "UPDATE SET replica_group=excluded.replica_group, reason=excluded.reason, "
             "event_id=excluded.event_id, state='pending', attempts=0, "
-            "next_attempt_at=excluded.next_attempt_at, done_at=NULL, done_reason=''",
-            (standby_id, job_id, replica_group, reason[:500], event_id, next_attempt_at, now))
+            "next_attempt_at=excluded.next_attempt_at, done_at=NULL, done_reason='', "
+            "action=excluded.action",
+            (standby_id, job_id, replica_group, reason[:500], event_id, next_attempt_at, now,
+             action))
 
     def assume_command(self, standby_id: str) -> dict[str, Any] | None:
         rows = list(self.db.query("SELECT * FROM assume_commands WHERE standby_id=?",
