@@ -17,6 +17,7 @@ never heartbeats to the lighthouse and never counts in its quorum arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -158,7 +159,11 @@ class ManagerMarduk(Manager):
         self._leave_at: int | None = None
         self._exit_code: int | None = None
         self._loss: float | None = None
-        self._allreduce_s = 0.0
+        self._allreduce_s = 0.0  # blocking waits noted by SafeDDP's hook this step
+        # Any other caller of allreduce (torchft's DDP, FSDP, a training loop's own): when
+        # this step's last allreduce was issued and when the last one completed.
+        self._issued_last = 0.0
+        self._done_last = 0.0
         self._last_commit_end: float | None = None
         self._step_started = 0.0
         self._participants = 0
@@ -218,6 +223,33 @@ class ManagerMarduk(Manager):
         """Called by SafeDDP's hook with the time spent waiting for each allreduce."""
         self._allreduce_s += seconds
 
+    def allreduce(self, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        """torchft's allreduce, timed. A caller that does not wait at once (torchft's DDP
+        overlaps its buckets with the backward pass; FSDP's managed process group) hides its
+        wait inside the backward pass; what shows it is how long the step's allreduces take
+        to complete after the last one was issued: a fast group waits for the slow one's
+        last bucket, the slow one finds its peers ready."""
+        self._issued_last = time.perf_counter()
+        work = super().allreduce(tensor, *args, **kwargs)
+        # The process group's own work: torchft's managed future runs its callbacks only
+        # when someone waits, so it cannot tell when the allreduce completed. A dummy work
+        # (after an error) has none; that step then shows no wait, and it does not commit.
+        inner = getattr(work, "_work", None)
+        if inner is not None:
+            with contextlib.suppress(RuntimeError, AttributeError):
+                inner.get_future().add_done_callback(self._allreduce_done)
+        return work
+
+    def _allreduce_done(self, _fut: Any) -> None:
+        self._done_last = max(self._done_last, time.perf_counter())
+
+    def _allreduce_wait_s(self) -> float:
+        """This step's time waiting for peers: SafeDDP's own measure when it ran, else the
+        tail of the overlapped allreduces."""
+        if self._allreduce_s > 0 or not self._issued_last:
+            return self._allreduce_s
+        return max(0.0, self._done_last - self._issued_last)
+
     @property
     def max_steps(self) -> int | None:
         return self.config.max_steps
@@ -256,6 +288,7 @@ class ManagerMarduk(Manager):
             raise LeaveRequested(self._leave_now(*self._leave))
         self._step_started = time.perf_counter()
         self._allreduce_s = 0.0
+        self._issued_last = self._done_last = 0.0
         super().start_quorum(allow_heal=allow_heal, shrink_only=shrink_only, timeout=timeout)
 
     def should_commit(self, timeout: timedelta | None = None) -> bool:
@@ -269,7 +302,7 @@ class ManagerMarduk(Manager):
             self.client.send_heartbeat(m.Heartbeat(
                 replica_id=self.marduk_replica_id, job_id=self.identity.job_id,
                 step=self.current_step(), step_time_ms=self.last_step_time_s * 1000.0,
-                allreduce_ms=(self._allreduce_s + now - started) * 1000.0,
+                allreduce_ms=(self._allreduce_wait_s() + now - started) * 1000.0,
                 participants=self._participants, quorum_id=max(self._quorum_id, 0),
                 loss=self._loss, config_revision=self.config.revision, ts=time.time()))
         return committed
