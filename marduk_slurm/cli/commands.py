@@ -18,6 +18,7 @@ from marduk_slurm.cli import arguments, render
 from marduk_slurm.cli.client import Session, call_pages, resolve_creds, resolve_nats_url
 from marduk_slurm.domain import hostlist
 from marduk_slurm.domain import input_bounds as bounds
+from marduk_slurm.domain.slurm_state import step_name
 
 if TYPE_CHECKING:
     from marduk_slurm.adapters.health_check import CheckResult
@@ -264,7 +265,8 @@ def cmd_replicas(args: argparse.Namespace) -> int:
     render.table(
         ["JOB", "STEP", "GROUP", "RANK", "NODE", "STATE", "REPLICA", "GPUS", "LAST_STEP",
          "STEP_MS", "CFG", "LAST_SEEN"],
-        [[r["job_id"], r["step_id"], r["replica_group"], r["group_rank"], r["node"],
+        [[r["job_id"], "-" if r["step_id"] is None else step_name(r["step_id"]),
+          r["replica_group"], r["group_rank"], r["node"],
           r["state"], r["replica_id"], ",".join(render.short_uuid(g) for g in r["gpu_uuids"]),
           r["last_step"], f"{r['step_time_ms']:.1f}", r["config_revision"],
           render.fmt_ago(r["last_seen"])] for r in rows],
