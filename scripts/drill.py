@@ -196,6 +196,13 @@ class Drill:
                    if r["replica_group"] != victim["replica_group"]
                    and r.get("role", "replica") == "replica")
 
+    def reset_gpu(self, node: str, uuid: str) -> None:
+        """The simulated GPU stays off the bus after XID 79 until it is reset."""
+        index = next(g["idx"] for n in self.marduk("nodes", node) for g in n["gpus"]
+                     if g["uuid"] == uuid)
+        reset = self.marduk("inject", "--node", node, "--gpu", str(index), "--reset")
+        say(f"reset {node} GPU {index} (as nvidia-smi -r would): {reset.get('reason')}")
+
     def follow(self, victim: dict[str, Any], t0: float, result: DrillResult) -> None:
         node, group = victim["node"], victim["replica_group"]
         drained = self.wait(f"{node} drained in Slurm", lambda: [
@@ -340,6 +347,10 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
         result.steps_lost = result.steps_discarded + result.steps_redone
     finally:
         if result.node:
+            try:
+                drill.reset_gpu(result.node, result.gpu_uuid)
+            except (RuntimeError, StopIteration) as exc:
+                say(f"  GPU not reset: {exc!r}")
             say(f"resuming {result.node} (marduk set this drain, so it may undo it)")
             try:
                 drill.marduk("resume", result.node)

@@ -427,11 +427,12 @@ async def _check_or_interrupt(template: str, nodes: str, timeout_s: float
 
 def cmd_inject(args: argparse.Namespace) -> int:
     data = ask(args, "inject", {"node": args.node, "gpu": args.gpu, "xid": args.xid,
-                                "force": args.force or None})
+                                "force": args.force or None, "reset": args.reset or None})
     if args.json:
         render.as_json(data)
         return 0
-    render.say(f"injected xid {args.xid} on {args.node} gpu {args.gpu} via {data['via']}: "
+    done = "reset" if args.reset else f"injected xid {args.xid} on"
+    render.say(f"{done} {args.node} gpu {args.gpu} via {data['via']}: "
                f"{data.get('action', '?')} ({data.get('reason', '')})")
     return 0
 
@@ -486,11 +487,16 @@ def add_parsers(sub: Any, add: Any) -> None:
                    default=60.0, metavar="S",
                    help="stop the check (its whole process group) after S seconds and refuse "
                         "the resume (default 60)")
-    p = add(sub, "inject", "inject a GPU fault (an XID) for drills",
-            "marduk inject --node n2 --gpu 1 --xid 79", cmd_inject)
+    p = add(sub, "inject", "inject a GPU fault (an XID) for drills, or reset a simulated GPU",
+            "marduk inject --node n2 --gpu 1 --xid 79; marduk inject --node n2 --gpu 1 --reset",
+            cmd_inject)
     p.add_argument("--node", required=True)
     p.add_argument("--gpu", required=True, help="GPU UUID or index on the node")
-    p.add_argument("--xid", type=int, required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--xid", type=int)
+    what.add_argument("--reset", action="store_true",
+                      help="reset a simulated GPU, as nvidia-smi -r would a real one: one "
+                           "lost after XID 79 is back on the bus")
     p.add_argument("--force", action="store_true",
                    help="when the agent does not answer, let the controller publish the "
                         "verdict even for real (not simulated) GPUs")
