@@ -5,8 +5,9 @@ over a few NATS connections and, like real replicas on many hosts, over several 
 (`--processes`). Each acknowledges a JobCommand the moment it arrives with a durable
 ConfigAck, as a replica whose apply step has already passed would. Measured per replica:
 from sending the `config_set` request to JetStream confirming that replica's ack. The baseline,
-in the same run: one core-NATS publish fanned out to 1,000 subscriptions on the same
-connections, from publish to receipt.
+in the same run and the same layout: one core-NATS publish fanned out to 1,000 subscriptions
+spread over the same number of processes and connections, each printing its receipt as a
+replica prints its ack, from publish to receipt (wall clock, one machine).
 
     .venv/bin/python benchmarks/config_fanout.py [--replicas 1000] [--connections 20]
                                                  [--processes 2]
@@ -98,17 +99,34 @@ async def worker(url: str, first: int, count: int, conns: int) -> None:
     await asyncio.Event().wait()
 
 
+async def raw_worker(url: str, first: int, count: int, conns: int) -> None:
+    """The baseline's process: `count` plain subscriptions spread over `conns` connections as
+    the fleet's replicas are; one line per message: trial, subscriber, wall-clock receipt."""
+    buses = [Bus(url, name=f"raw-{first}-{c}") for c in range(conns)]
+    for b in buses:
+        await b.connect()
+    for i in range(first, first + count):
+        async def on_msg(msg: Any, i: int = i) -> None:
+            print(json.dumps([int(msg.data), i, time.time()]), flush=True)
+        await buses[i % len(buses)].subscribe("bench.fanout", on_msg)
+    for b in buses:
+        await b.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
 class ProcessFleet:
     """The fleet spread over child processes running `worker`."""
 
-    def __init__(self, url: str, n: int, conns: int, processes: int) -> None:
+    def __init__(self, url: str, n: int, conns: int, processes: int, role: str = "--worker"
+                 ) -> None:
         share, extra = divmod(n, processes)
         self.procs: list[subprocess.Popen[str]] = []
         first = 0
         for p in range(processes):
             count = share + (p < extra)
             self.procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", url, str(first), str(count),
+                [sys.executable, __file__, role, url, str(first), str(count),
                  str(max(1, conns // processes))], stdout=subprocess.PIPE, text=True))
             first += count
         for proc in self.procs:
@@ -134,29 +152,31 @@ class ProcessFleet:
                 acked.append(a)
         return recv, acked
 
+    def collect_receipts(self, trial: int, n: int, timeout_s: float = 30.0) -> list[float]:
+        """The n wall-clock receipts of the baseline's message `trial`."""
+        got = []
+        deadline = time.monotonic() + timeout_s
+        while len(got) < n and time.monotonic() < deadline:
+            key, _, received = json.loads(self.lines.get(timeout=timeout_s))
+            if key == trial:
+                got.append(received)
+        return got
+
     def stop(self) -> None:
         for proc in self.procs:
             proc.kill()
             proc.wait()
 
 
-async def raw_fanout(buses: list[Bus], n: int, trials: int) -> list[float]:
-    got: list[float] = []
-    sent = [0.0]
-    for i in range(n):
-        async def on_msg(msg: Any) -> None:
-            got.append(time.perf_counter() - sent[0])
-        await buses[i % len(buses)].subscribe("bench.fanout", on_msg)
-    for b in buses:
-        await b.flush()
+async def raw_fanout(bus: Bus, fleet: ProcessFleet, n: int, trials: int) -> list[float]:
     lat: list[float] = []
-    for _ in range(trials):
-        got.clear()
-        sent[0] = time.perf_counter()
-        await buses[0].publish("bench.fanout", b"x" * 200)
-        while len(got) < n:
-            await asyncio.sleep(0.001)
-        lat += got
+    for t in range(trials):
+        sent = time.time()
+        await bus.publish("bench.fanout", str(t).encode())
+        await bus.flush()
+        got = await asyncio.to_thread(fleet.collect_receipts, t, n)
+        assert len(got) == n, f"{len(got)} of {n} receipts"
+        lat += [r - sent for r in got]
         await asyncio.sleep(0.05)
     return lat
 
@@ -165,7 +185,9 @@ async def config_fanout(bus: Bus, fleet: ProcessFleet, n: int, trials: int
                         ) -> tuple[list[float], list[float], list[float]]:
     per_replica, all_acked, received = [], [], []
     for t in range(trials):
-        request = m.Request(args={"job": JOB, "changes": {"lr": 1e-3 * (t + 1)}}, actor="bench")
+        # force: the simulated replicas never register, so the job is unknown to the controller
+        request = m.Request(args={"job": JOB, "changes": {"lr": 1e-3 * (t + 1)}, "force": True},
+                            actor="bench")
         start = time.time()
         raw = await bus.request(subjects.rpc("config_set"), m.encode(request), 10)
         reply = m.decode_reply(raw)
@@ -180,23 +202,23 @@ async def config_fanout(bus: Bus, fleet: ProcessFleet, n: int, trials: int
 
 
 async def run(url: str, n: int, conns: int, trials: int, processes: int) -> None:
-    buses = [Bus(url, name=f"bench-{i}") for i in range(conns)]
-    for b in buses:
-        await b.connect()
-    try:
-        base = await raw_fanout(buses, n, trials)
-    finally:
-        for b in buses:
-            await b.close()
-    fleet = await asyncio.to_thread(ProcessFleet, url, n, conns, processes)
     operator = Bus(url, name="bench-operator")
     await operator.connect()
     try:
-        per, whole, received = await config_fanout(operator, fleet, n, trials)
+        raw = await asyncio.to_thread(ProcessFleet, url, n, conns, processes, "--raw-worker")
+        try:
+            base = await raw_fanout(operator, raw, n, trials)
+        finally:
+            raw.stop()
+        fleet = await asyncio.to_thread(ProcessFleet, url, n, conns, processes)
+        try:
+            per, whole, received = await config_fanout(operator, fleet, n, trials)
+        finally:
+            fleet.stop()
     finally:
         await operator.close()
-        fleet.stop()
-    print(f"{n} replicas over {conns} connections in {processes} process(es), {trials} trials")
+    print(f"{n} replicas over {conns} connections in {processes} process(es), {trials} trials;"
+          " the baseline's subscribers in the same layout")
     print(f"raw NATS fan-out, publish -> received:   p50 {pct(base, .5) * 1e3:7.1f} ms"
           f"   p99 {pct(base, .99) * 1e3:7.1f} ms")
     print(f"config set -> command received:        p50 {pct(received, .5) * 1e3:7.1f} ms"
@@ -218,11 +240,14 @@ def main() -> int:
                         help="processes the simulated replicas are spread over")
     parser.add_argument("--worker", nargs=4, metavar=("URL", "FIRST", "COUNT", "CONNS"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--raw-worker", nargs=4, metavar=("URL", "FIRST", "COUNT", "CONNS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        url, first, count, conns = args.worker
-        asyncio.run(worker(url, int(first), int(count), int(conns)))
-        return 0
+    for role, fn in ((args.worker, worker), (args.raw_worker, raw_worker)):
+        if role:
+            url, first, count, conns = role
+            asyncio.run(fn(url, int(first), int(count), int(conns)))
+            return 0
     with tempfile.TemporaryDirectory() as tmp:
         nats = NatsServerProcess(Path(tmp) / "nats")
         url = nats.start()

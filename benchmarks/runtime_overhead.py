@@ -1,18 +1,27 @@
 """What ManagerMarduk costs a training step, and what a commanded leave costs the survivors.
 
-1. Step time of two replica groups with torchft's own Manager, then with ManagerMarduk
-   (reporting to a real controller), same model and script (tests/runtime_worker.py); the
-   median step time of each and their ratio (goal <= 1.01).
-2. Survivors' stall: three groups train; one is SIGKILLed, later one is told to leave. The
+1. The hook's own cost: in every step, the time spent in ManagerMarduk's code (its
+   start_quorum and should_commit minus torchft's inside them, plus should_stop), timed in
+   the worker (tests/runtime_worker.py, HookClock); p50 and p99 in microseconds. The same
+   clock around torchft's own Manager gives the floor (what the clock itself costs).
+2. Step time: two replica groups with torchft's own Manager, then with ManagerMarduk
+   (reporting to a real controller), same model and script, in interleaved pairs (the order
+   alternates: A B, B A, ...). Each run gives its median step time (boundary included);
+   each pair a ratio. The figure is the geometric mean of the pairs' ratios with a 95%
+   confidence interval (Student t over the log ratios): the goal (<= 1.01) is met only when
+   the whole interval is below it, and not resolved while the interval spans it.
+3. Survivors' stall: three groups train; one is SIGKILLed, later one is told to leave. The
    stall is the longest gap between two commits of a survivor around each event, for each
-   lighthouse --heartbeat_timeout_ms given.
+   lighthouse --heartbeat_timeout_ms given (none: skipped).
 
-    .venv/bin/python benchmarks/runtime_overhead.py [--steps 300] [--timeouts 5000,1000,500]
+    .venv/bin/python benchmarks/runtime_overhead.py [--steps 300] [--pairs 6]
+        [--timeouts 5000,1000,500]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -30,13 +39,16 @@ from runtime_worker import Lighthouse, WorkerProcess, commit_gap, send_leave
 JOB = 77
 
 
-def step_times(w: WorkerProcess, skip: int) -> list[float]:
-    return [r["dt"] for r in w.steps() if r.get("committed") and r["step"] > skip]
+def committed(w: WorkerProcess, skip: int) -> list[dict[str, float]]:
+    return [r for r in w.steps() if r.get("committed") and r["step"] > skip]
 
 
-def run_pair(tmp: Path, manager: str, steps: int, env: dict[str, str]) -> float:
+def run_pair(tmp: Path, manager: str, steps: int, env: dict[str, str]
+             ) -> tuple[float, list[float]]:
+    """(median step time in s, the hook's cost of every step in us) of two groups."""
     lh = Lighthouse(tmp / f"lh-{manager}.log")
     workers = [WorkerProcess(g, lh, tmp, {**env, "WORKER_MANAGER": manager,
+                                          "WORKER_HOOK_TIMING": "1",
                                           "MAX_STEPS": str(steps), "MARDUK_NODE": f"n{g}"})
                for g in (0, 1)]
     try:
@@ -47,8 +59,61 @@ def run_pair(tmp: Path, manager: str, steps: int, env: dict[str, str]) -> float:
         for w in workers:
             w.stop()
         lh.stop()
-    times = [t for w in workers for t in step_times(w, 20)]
-    return statistics.median(times)
+    records = [r for w in workers for r in committed(w, 20)]
+    return statistics.median(r["dt"] for r in records), [r["hook_us"] for r in records]
+
+
+# Student t, two-sided 95%, by degrees of freedom (beyond the table: the normal's 1.96).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def ratio_ci(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of `ratios` and its 95% confidence interval."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), 0.0, math.inf
+    df = len(logs) - 1
+    t = T95.get(df) or next((v for k, v in sorted(T95.items()) if k >= df), 1.96)
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def overhead(tmp: Path, env: dict[str, str], steps: int, pairs: int) -> None:
+    ratios: list[float] = []
+    times: dict[str, list[float]] = {"torchft": [], "marduk": []}
+    hooks: dict[str, list[float]] = {"torchft": [], "marduk": []}
+    for i in range(pairs):
+        pair: dict[str, float] = {}
+        for kind in (("torchft", "marduk") if i % 2 == 0 else ("marduk", "torchft")):
+            pair[kind], hook_us = run_pair(tmp, kind, steps, env)
+            times[kind].append(pair[kind])
+            hooks[kind].extend(hook_us)
+        ratios.append(pair["marduk"] / pair["torchft"])
+        print(f"  pair {i + 1}: torchft {pair['torchft'] * 1e3:.2f} ms, marduk "
+              f"{pair['marduk'] * 1e3:.2f} ms, ratio {ratios[-1]:.3f}", flush=True)
+    for kind, label in (("marduk", "ManagerMarduk's own code"),
+                        ("torchft", "the clock around torchft's Manager (floor)")):
+        us = hooks[kind]
+        print(f"hook cost per step, {label}: p50 {percentile(us, 0.5):.0f} us, p99 "
+              f"{percentile(us, 0.99):.0f} us ({len(us)} steps)")
+    step_us = statistics.median(times["marduk"]) * 1e6
+    print(f"  p50 hook cost / median step ({step_us / 1e3:.2f} ms): "
+          f"{percentile(hooks['marduk'], 0.5) / step_us:.2%}")
+    mean, low, high = ratio_ci(ratios)
+    verdict = ("met" if high <= 1.01 else "NOT MET" if low > 1.01
+               else "not resolved (the interval spans it)")
+    print(f"step time ratio ManagerMarduk/torchft over {pairs} interleaved pairs, "
+          f"{steps} steps, 2 groups: {mean:.3f} (95% CI {low:.3f}-{high:.3f}); "
+          f"goal <= 1.01: {verdict}")
+    print(f"  per-run medians: torchft {', '.join(f'{t * 1e3:.2f}' for t in times['torchft'])}"
+          f" ms; marduk {', '.join(f'{t * 1e3:.2f}' for t in times['marduk'])} ms")
 
 
 def stall(tmp: Path, url: str, timeout_ms: int) -> tuple[float, float]:
@@ -88,7 +153,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--timeouts", default="5000,1000,500")
+    parser.add_argument("--pairs", type=int, default=6,
+                        help="interleaved torchft/ManagerMarduk pairs (at least 2 for a CI)")
+    parser.add_argument("--timeouts", default="5000,1000,500",
+                        help="lighthouse heartbeat timeouts for the stall runs ('' skips)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -97,14 +165,8 @@ def main() -> int:
         ctl = ControllerProcess(tmp / "state", url).start()
         try:
             env = {"MARDUK_NATS_URL": url, "MARDUK_JOB_ID": str(JOB)}
-            runs = [(k, run_pair(tmp, k, args.steps, env))
-                    for k in ("torchft", "marduk", "torchft", "marduk")]
-            plain = statistics.median([t for k, t in runs if k == "torchft"])
-            marduk = statistics.median([t for k, t in runs if k == "marduk"])
-            print(f"median step time, 2 groups, {args.steps} steps, 2 runs each: torchft Manager "
-                  f"{plain * 1e3:.2f} ms, ManagerMarduk {marduk * 1e3:.2f} ms, ratio "
-                  f"{marduk / plain:.3f} (goal <= 1.01)")
-            for timeout_ms in (int(t) for t in args.timeouts.split(",")):
+            overhead(tmp, env, args.steps, args.pairs)
+            for timeout_ms in (int(t) for t in args.timeouts.split(",") if t):
                 kill_s, leave_s = stall(tmp, url, timeout_ms)
                 print(f"heartbeat_timeout_ms={timeout_ms}: survivor stall after SIGKILL "
                       f"{kill_s:.2f} s, after a commanded leave {leave_s:.2f} s, ratio "

@@ -63,8 +63,12 @@ class DrillResult:
     fault_to_full_strength_s: float = 0.0  # verdict -> replaced group in a full quorum
     hot_spares: int = 0
     assumed_by_standby: bool = False
-    step_at_fault: int = 0
+    step_at_fault: int = 0  # the surviving group's step, first heartbeat after the injection
     step_rejoined: int = 0
+    left_at_step: int = 0  # the replaced group's last committed step before it left
+    healed_to_step: int = 0  # the step its new incarnation started from (healed)
+    steps_discarded: int = 0  # step attempts after the fault that did not commit, all groups
+    steps_redone: int = 0  # steps the replaced group had committed and did again
     final_step: int = 0
     max_steps: int = 0  # where the job was to end (moved by `finish_after`)
     steps_lost: int = 0
@@ -175,7 +179,7 @@ class Drill:
                 f"GPU {r['gpu_uuids'][0]}")
         return [r for r in rows if r["state"] != "standby"]
 
-    def inject(self, victim: dict[str, Any]) -> tuple[float, int]:
+    def inject(self, victim: dict[str, Any]) -> float:
         node, uuid = victim["node"], victim["gpu_uuids"][0]
         index = next(g["idx"] for n in self.marduk("nodes", node) for g in n["gpus"]
                      if g["uuid"] == uuid)
@@ -184,7 +188,20 @@ class Drill:
         t0 = time.time()
         injected = self.marduk("inject", "--node", node, "--gpu", str(index), "--xid", "79")
         say(f"  agent verdict: {injected.get('action')} ({injected.get('reason')})")
-        return t0, victim["last_step"]
+        return t0
+
+    def survivor_step(self, victim: dict[str, Any]) -> int:
+        """The other group's step as its heartbeats report it now."""
+        return max(r["last_step"] for r in self.replicas()
+                   if r["replica_group"] != victim["replica_group"]
+                   and r.get("role", "replica") == "replica")
+
+    def reset_gpu(self, node: str, uuid: str) -> None:
+        """The simulated GPU stays off the bus after XID 79 until it is reset."""
+        index = next(g["idx"] for n in self.marduk("nodes", node) for g in n["gpus"]
+                     if g["uuid"] == uuid)
+        reset = self.marduk("inject", "--node", node, "--gpu", str(index), "--reset")
+        say(f"reset {node} GPU {index} (as nvidia-smi -r would): {reset.get('reason')}")
 
     def follow(self, victim: dict[str, Any], t0: float, result: DrillResult) -> None:
         node, group = victim["node"], victim["replica_group"]
@@ -255,6 +272,41 @@ def full_strength_at(output: str, group: int, old_node: str, groups: int,
     return None
 
 
+_NOT_COMMITTED = re.compile(r"^group (\d+): step (\d+) not committed on (\S+) t=([\d.]+)$")
+_FIRST_COMMIT = re.compile(r"^group (\d+): first commit at step (\d+) on (\S+) t=([\d.]+)$")
+_EXIT = re.compile(r"^group (\d+): exit (-?\d+) at step (\d+) on (\S+)$")
+
+
+def step_losses(output: str, group: int, old_node: str, after: float
+                ) -> tuple[int, int, int, int]:
+    """(discarded, left_at, healed_to, redone), read from the training log
+    (scripts/train_tiny.py):
+
+    - discarded: step attempts in any group, after `after`, whose should_commit said no;
+    - left_at: the last step the group committed on `old_node` before it exited;
+    - healed_to: the step its new incarnation (on another node) started from, one below its
+      first committed step;
+    - redone: steps between the two that the group had committed and did again.
+
+    ValueError when the log lacks the exit or the new incarnation's first commit: the figure
+    is then unknown, not zero."""
+    discarded, left_at, first = 0, None, None
+    for line in output.splitlines():
+        if (m := _NOT_COMMITTED.match(line)) and float(m.group(4)) >= after:
+            discarded += 1
+        elif (m := _EXIT.match(line)) and int(m.group(1)) == group and m.group(4) == old_node:
+            left_at = int(m.group(3))
+        elif ((m := _FIRST_COMMIT.match(line)) and int(m.group(1)) == group
+              and m.group(3) != old_node and first is None):
+            first = int(m.group(2))
+    if left_at is None or first is None:
+        raise ValueError(f"group {group}: the log lacks "
+                         + ("its exit on " + old_node if left_at is None
+                            else "a first commit on another node"))
+    healed_to = first - 1
+    return discarded, left_at, healed_to, max(0, left_at - healed_to)
+
+
 def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
               hot_spares: int = 0, finish_after: int | None = None) -> DrillResult:
     """One drill. With `finish_after`, once the group is back at full strength the job is
@@ -268,7 +320,8 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
         result.job_id = drill.job_id
         rows = drill.wait_training()
         victim = max(rows, key=lambda r: r["replica_group"])
-        t0, result.step_at_fault = drill.inject(victim)
+        t0 = drill.inject(victim)
+        result.step_at_fault = drill.survivor_step(victim)
         result.node, result.gpu_uuid = victim["node"], victim["gpu_uuids"][0]
         drill.follow(victim, t0, result)
         if finish_after is not None:
@@ -288,11 +341,16 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
         if full is not None:
             result.fault_to_full_strength_s = full - verdict_ts
         result.final_step = max(r["last_step"] for r in result.replicas)
-        # The respawned group heals to the survivors' step; anything below the step at the
-        # fault would be work done twice.
-        result.steps_lost = max(0, result.step_at_fault - result.step_rejoined)
+        losses = step_losses(output, victim["replica_group"], result.node, t0)
+        (result.steps_discarded, result.left_at_step, result.healed_to_step,
+         result.steps_redone) = losses
+        result.steps_lost = result.steps_discarded + result.steps_redone
     finally:
         if result.node:
+            try:
+                drill.reset_gpu(result.node, result.gpu_uuid)
+            except (RuntimeError, StopIteration) as exc:
+                say(f"  GPU not reset: {exc!r}")
             say(f"resuming {result.node} (marduk set this drain, so it may undo it)")
             try:
                 drill.marduk("resume", result.node)
@@ -313,10 +371,12 @@ def summary(r: DrillResult) -> str:
              + ("a standby that assumed the group)" if r.assumed_by_standby
                 else "respawned cold)"),
              f"full strength  : {r.fault_to_full_strength_s:.2f} s after the fault; the "
-             f"surviving group kept committing (step {r.step_at_fault} at the fault, "
-             f"{r.step_rejoined} when the respawned group had healed from it)",
-             f"steps lost     : {r.steps_lost} (steps the job had to redo: the global step "
-             "never went back)",
+             f"surviving group was at step {r.step_at_fault} just after the injection, "
+             f"{r.step_rejoined} when the replaced group was seen healed",
+             f"steps lost     : {r.steps_lost} = {r.steps_discarded} step attempts thrown away "
+             f"after the fault (not committed, any group) + {r.steps_redone} redone (the "
+             f"group left at step {r.left_at_step}, came back healed to step "
+             f"{r.healed_to_step})",
              "timeline (marduk history):"]
     t0 = r.history[0]["ts"] if r.history else 0.0
     for ev in r.history:
@@ -349,7 +409,7 @@ def main() -> int:
     try:
         result = run_drill(work, max_steps=args.max_steps, step_sleep_s=args.step_sleep,
                            hot_spares=args.hot_spares)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # ValueError: a figure the log cannot give
         say(f"drill failed: {exc}")
         return 1
     print(summary(result))

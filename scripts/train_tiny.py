@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed import TCPStore
 from torchft import Optimizer, ProcessGroupGloo
 
-from marduk_slurm.runtime import ManagerMarduk, SafeDDP
+from marduk_slurm.runtime import LeaveRequested, ManagerMarduk, SafeDDP
 
 
 def main() -> int:
@@ -62,29 +62,45 @@ def main() -> int:
     ddp = SafeDDP(manager, model)  # survives a peer dying mid-allreduce
     opt = Optimizer(manager, inner)
     data = torch.Generator().manual_seed(group)
-    print(f"group {group}: replica {manager.full_replica_id} on "
-          f"{os.environ.get('SLURMD_NODENAME', '?')}"
+    node = os.environ.get("SLURMD_NODENAME", "?")
+    print(f"group {group}: replica {manager.full_replica_id} on {node}"
           + (f" (was standby {manager.assumed_from})" if manager.assumed_from else ""),
           flush=True)
-    participants = 0
-    while not manager.should_stop():
-        x = torch.randn(8, 16, generator=data)
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(ddp(x), x.sum(dim=1, keepdim=True))
-        loss.backward()
-        opt.step()
-        manager.report_loss(float(loss))
-        step = manager.current_step()
-        if manager.num_participants() != participants:  # the drill times recoveries by this
-            participants = manager.num_participants()
-            print(f"group {group}: participants {participants} at step {step} "
-                  f"t={time.time():.3f}", flush=True)
-        if step % 25 == 0:
-            print(f"group {group}: step {step} loss {float(loss):.4f} "
-                  f"participants {manager.num_participants()}", flush=True)
-        time.sleep(step_sleep_s)
+    # The drill reads these lines: the participant count (recovery times), every step whose
+    # work was thrown away, this incarnation's first committed step and its last one (steps
+    # lost or redone around a fault).
+    participants, committed_once = 0, False
+    try:
+        while not manager.should_stop():
+            x = torch.randn(8, 16, generator=data)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(ddp(x), x.sum(dim=1, keepdim=True))
+            loss.backward()
+            failed = manager.uncommitted_steps
+            opt.step()
+            manager.report_loss(float(loss))
+            step = manager.current_step()
+            if manager.uncommitted_steps != failed:
+                print(f"group {group}: step {step} not committed on {node} "
+                      f"t={time.time():.3f}", flush=True)
+            elif not committed_once:
+                committed_once = True
+                print(f"group {group}: first commit at step {step} on {node} "
+                      f"t={time.time():.3f}", flush=True)
+            if manager.num_participants() != participants:
+                participants = manager.num_participants()
+                print(f"group {group}: participants {participants} at step {step} "
+                      f"t={time.time():.3f}", flush=True)
+            if step % 25 == 0:
+                print(f"group {group}: step {step} loss {float(loss):.4f} "
+                      f"participants {manager.num_participants()}", flush=True)
+            time.sleep(step_sleep_s)
+    except LeaveRequested as leave:  # told to leave between should_stop and the next quorum
+        print(f"group {group}: exit {leave.code} at step {manager.current_step()} on {node}",
+              flush=True)
+        raise
     code = manager.finish()
-    print(f"group {group}: exit {code} at step {manager.current_step()}", flush=True)
+    print(f"group {group}: exit {code} at step {manager.current_step()} on {node}", flush=True)
     del store
     return code
 

@@ -1,7 +1,10 @@
 """Malformed messages for the chaos tests: hypothesis strategies plus hand-written nasty cases.
 
-Every payload returned is invalid by the controller's own decoders (checked here, so a
-generated message that happens to be valid is never counted as a rejection)."""
+Every payload returned is invalid by docs/protocol.md, as this module reads it with the
+standard library's JSON parser and tests/protocol_schema.py: never with the project's own
+decoders, so a decoder that lets a bad message through makes the chaos test fail instead of
+dropping the case. A generated payload whose invalidity these rules cannot show is left out
+(a dropped optional field, a value of the right type but outside a bound)."""
 
 from __future__ import annotations
 
@@ -9,13 +12,12 @@ import json
 import random
 from typing import Any
 
+import protocol_schema as schema
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from marduk_slurm.controller.ingest import check_subject
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import ProtocolError
 
 NODE_KINDS = ["step_start", "step_end", "verdict", "gpu_inventory"]
 JOB_KINDS = ["replica_register", "replica_leave", "config_ack"]
@@ -98,12 +100,64 @@ NASTY: list[bytes] = [
 ]
 
 
-def _durable_invalid(subject: str, data: bytes) -> bool:
+class NotJson(ValueError):
+    """NaN and Infinity: Python's json module reads them, RFC 8259 JSON has no such thing."""
+
+
+def _no_constants(name: str) -> Any:
+    raise NotJson(name)
+
+
+def _json(data: bytes) -> tuple[bool, Any]:
+    """(True, value) for RFC 8259 JSON text, (False, None) otherwise."""
     try:
-        check_subject(subject, m.decode_durable(data))
-    except ProtocolError:
+        return True, json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False, None
+
+
+def _category(value: Any) -> str:
+    for name, types in (("bool", bool), ("number", (int, float)), ("string", str),
+                        ("array", list), ("object", dict)):
+        if isinstance(value, types):
+            return name
+    return "null"
+
+
+def _breaks_the_doc(msg: dict[str, Any], kind: str) -> bool:
+    """True when `msg`, a JSON object, is not a valid `kind` by the doc: another tag, another
+    version, a field the kind does not have, or a field of another JSON type."""
+    if msg.get("type") != kind:
         return True
+    if "v" in msg and not (type(msg["v"]) is int and msg["v"] == 1):
+        return True
+    example = schema.KINDS[kind].example
+    for key, value in msg.items():
+        if key not in example:
+            return True  # unknown_field
+        if example[key] is not None and value is not None \
+                and _category(value) != _category(example[key]):
+            return True
     return False
+
+
+def durable_invalid(subject: str, data: bytes) -> bool:
+    """Invalid on `subject` by the doc: not JSON, not an object, on a subject the doc does not
+    list, a message the subject does not carry or about another node or job, or a message
+    that breaks the doc's fields."""
+    ok, msg = _json(data)
+    if not ok or not isinstance(msg, dict):
+        return True
+    tokens = subject.split(".")
+    if len(tokens) != 6 or tokens[2] != "evt" or tokens[3] not in ("node", "job"):
+        return True  # bad_subject
+    scope, owner, kind = tokens[3], tokens[4], tokens[5]
+    if kind not in schema.KINDS or schema.KINDS[kind].scope != scope:
+        return True
+    named = msg.get("node") if scope == "node" else msg.get("job_id")
+    if named is not None and str(named) != owner:
+        return True  # subject_mismatch
+    return _breaks_the_doc(msg, kind)
 
 
 def fuzz_durable(count: int, seed: int = 8) -> list[tuple[str, bytes]]:
@@ -119,15 +173,17 @@ def fuzz_durable(count: int, seed: int = 8) -> list[tuple[str, bytes]]:
             m.ReplicaLeave(replica_id="job7_rg0:u", job_id=7, reason="x")))]
     for data in draw_many(payloads(NODE_KINDS + JOB_KINDS), count + count // 10):
         items.append((rng.choice(every), data))
-    return [(s, d) for s, d in items if _durable_invalid(s, d)][:count]
+    return [(s, d) for s, d in items if durable_invalid(s, d)][:count]
 
 
-def _heartbeat_invalid(subject: str, data: bytes) -> bool:
-    try:
-        hb = m.decode_heartbeat(data)
-    except ProtocolError:
+def heartbeat_invalid(subject: str, data: bytes) -> bool:
+    ok, msg = _json(data)
+    if not ok or not isinstance(msg, dict):
         return True
-    return subject != subjects.heartbeat(hb.job_id)
+    job = msg.get("job_id")
+    if job is not None and subject != f"{schema.PREFIX}.hb.{job}":
+        return True  # subject_mismatch
+    return _breaks_the_doc(msg, "heartbeat")
 
 
 def fuzz_heartbeats(count: int, seed: int = 9) -> list[tuple[str, bytes]]:
@@ -136,15 +192,23 @@ def fuzz_heartbeats(count: int, seed: int = 9) -> list[tuple[str, bytes]]:
     items = [(rng.choice(every), d) for d in NASTY if len(d) < 1_000_000]
     drawn = draw_many(payloads(["heartbeat"]), count + count // 5)
     items += [(rng.choice(every), d) for d in drawn]
-    return [(s, d) for s, d in items if _heartbeat_invalid(s, d)][:count]
+    return [(s, d) for s, d in items if heartbeat_invalid(s, d)][:count]
 
 
-def _request_invalid(data: bytes) -> bool:
-    try:
-        m.decode_request(data)
-    except ProtocolError:
+REQUEST_FIELDS = {"v": "number", "args": "object", "actor": "string", "timeout_ms": "number"}
+
+
+def request_invalid(data: bytes) -> bool:
+    """Not a request by the doc (`{"v": 1, "args": {...}, "actor": "name", "timeout_ms": ...}`,
+    every field optional): not JSON, not an object, an unknown field or one of another type."""
+    ok, msg = _json(data)
+    if not ok or not isinstance(msg, dict):
         return True
-    return False
+    if "v" in msg and not (type(msg["v"]) is int and msg["v"] == 1):
+        return True
+    return any(key not in REQUEST_FIELDS or (value is not None and key != "v"
+                                             and _category(value) != REQUEST_FIELDS[key])
+               for key, value in msg.items())
 
 
 def fuzz_requests(count: int, seed: int = 10) -> list[tuple[str, bytes]]:
@@ -153,7 +217,7 @@ def fuzz_requests(count: int, seed: int = 10) -> list[tuple[str, bytes]]:
     strategy = st.one_of(st.binary(max_size=128), json_values.map(lambda v: json.dumps(v).encode()))
     items: list[tuple[str, bytes]] = []
     for data in draw_many(strategy, count * 2):
-        if not _request_invalid(data):
+        if not request_invalid(data):
             continue
         if rng.random() < 0.75:
             items.append((subjects.rpc(rng.choice(RPC_VERBS)), data))

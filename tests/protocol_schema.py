@@ -119,7 +119,7 @@ OPERATOR_ARGS: dict[str, dict[str, Any]] = {
                 "limit": 10},
     "drain": {"nodes": "n1", "reason": "fuzz", "gpu": "GPU-n1-0", "wait_s": 0.1},
     "resume": {"nodes": "n1", "force": True, "wait_s": 0.1},
-    "inject": {"node": "n1", "gpu": "GPU-n1-0", "xid": 79, "force": False},
+    "inject": {"node": "n1", "gpu": "GPU-n1-0", "xid": 79, "force": False, "reset": False},
     "deadletters": {"limit": 10}, "gpu_release": {"uuid": "GPU-spare-0"},
     "config_set": {"job": 7, "changes": {"lr": 0.002}}, "config_show": {"job": 7},
     "checkpoint_load": {"job": 7, "path": "/ckpt/step-10"},
@@ -127,7 +127,8 @@ OPERATOR_ARGS: dict[str, dict[str, Any]] = {
     "straggler_show": {"job": 7}, "risk": {"node": "n1"}, "top": {},
 }
 JOB_ARGS: dict[str, dict[str, Any]] = {"config_latest": {}}
-AGENT_ARGS: dict[str, dict[str, Any]] = {"inject": {"gpu": "GPU-n1-0", "xid": 79}}
+AGENT_ARGS: dict[str, dict[str, Any]] = {"inject": {"gpu": "GPU-n1-0", "xid": 79,
+                                                    "reset": False}}
 CRED_ARGS: dict[str, Any] = {"job": 7, "uid": 1000}
 
 

@@ -114,8 +114,16 @@ def main() -> int:
     def stop() -> bool:
         return marduk.should_stop() if marduk else manager.current_step() >= max_steps
 
-    while not stop():
-        t0 = time.perf_counter()
+    clock = HookClock(manager) if os.environ.get("WORKER_HOOK_TIMING") == "1" else None
+    while True:
+        t0 = time.perf_counter()  # the step includes the boundary (should_stop)
+        if clock is not None:
+            clock.start_step()
+            stopping = clock.timed_stop(stop)
+        else:
+            stopping = stop()
+        if stopping:
+            break
         x = torch.randn(8, 16, generator=gen) * scale["x"]
         opt.zero_grad()
         loss = loss_fn(ddp(x), x.sum(dim=1, keepdim=True))
@@ -125,7 +133,8 @@ def main() -> int:
         emit(rg=group, step=manager.current_step(), committed=manager.current_step() > before,
              np=manager.num_participants(), lr=inner.param_groups[0]["lr"],
              rev=marduk.config.revision if marduk else 0, digest=digest(model),
-             dt=time.perf_counter() - t0)
+             dt=time.perf_counter() - t0,
+             **({"hook_us": clock.step_us()} if clock is not None else {}))
         if step_sleep:
             time.sleep(step_sleep)
     code = marduk.finish() if marduk else 0
@@ -134,6 +143,43 @@ def main() -> int:
     emit(ev="exit", rg=group, code=code, step=manager.current_step())
     del store
     return code
+
+
+class HookClock:
+    """The time a step spends in ManagerMarduk's own code: each Manager call it overrides
+    (start_quorum, should_commit) minus the torchft call inside it, plus should_stop.
+
+    torchft's methods are wrapped on the class (what ManagerMarduk's super() calls reach) and
+    the manager's on the instance (what torchft's Optimizer calls). With torchft's own
+    Manager the same wrappers measure the clock's own cost, which is the floor."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.outer_ns = self.inner_ns = 0
+        for name in ("start_quorum", "should_commit"):
+            setattr(Manager, name, self._timed(getattr(Manager, name), "inner_ns"))
+            setattr(manager, name, self._timed(getattr(manager, name), "outer_ns"))
+
+    def _timed(self, fn: Any, total: str) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(self, total, getattr(self, total) + time.perf_counter_ns() - started)
+        return timed
+
+    def start_step(self) -> None:
+        self.outer_ns = self.inner_ns = 0
+
+    def timed_stop(self, stop: Any) -> bool:
+        started = time.perf_counter_ns()
+        try:
+            return bool(stop())
+        finally:
+            self.outer_ns += time.perf_counter_ns() - started
+
+    def step_us(self) -> float:
+        return (self.outer_ns - self.inner_ns) / 1000.0
 
 
 # -- launching (used by the tests and the benchmarks) ------------------------------------------

@@ -5,6 +5,7 @@ the real Unix socket, delivery after a NATS outage, and re-announcement after a 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -75,6 +76,38 @@ def test_inventory_and_inject_go_through_the_agent(
         "inject", "--node", "n2", "--gpu", "7", "--xid", "79", "--nats-url", controller.url
     )
     assert bad.returncode != 0 and "no GPU '7'" in bad.stderr
+
+
+def test_a_gpu_lost_after_xid_79_stays_lost_until_reset(
+    controller: ControllerProcess, agent: AgentProcess
+) -> None:
+    """A GPU that fell off the bus does not come back by itself, poll after poll; a drill's
+    reset (`marduk inject --reset`) brings it back, through the agent's own verdict."""
+    wait_for(lambda: len(node_gpus(controller, "n2")) == 2, what="the agent's inventory")
+    proc = run_cli("inject", "--node", "n2", "--gpu", "1", "--xid", "79",
+                   "--nats-url", controller.url)
+    assert proc.returncode == 0, proc.stderr
+    first = asyncio.run(next_health(controller.url, "n2"))
+    # Three more polls of both GPUs (the fixture polls every 0.5 s).
+    later = wait_for(
+        lambda: (h := asyncio.run(next_health(controller.url, "n2")))["stats"]["readings"]
+        >= first["stats"]["readings"] + 6 and h, what="three more polls")
+    assert [(g["action"], g["reason"]) for g in later["gpus"]] == [
+        ("none", "healthy"), ("drain_node", "GPU is lost (NVML_ERROR_GPU_IS_LOST)")]
+
+    reset = run_cli("inject", "--json", "--node", "n2", "--gpu", "1", "--reset",
+                    "--nats-url", controller.url)
+    assert reset.returncode == 0, reset.stderr
+    data = json.loads(reset.stdout)
+    assert (data["reset"], data["action"], data["gpu_uuid"]) == (True, "none", GPU1)
+    wait_for(lambda: [e for e in events(controller, "gpu_verdict", node="n2")
+                      if e["gpu_uuid"] == GPU1 and e["action"] == "none"],
+             what="the healthy verdict after the reset")
+    after = asyncio.run(next_health(controller.url, "n2"))
+    assert [g["action"] for g in after["gpus"]] == ["none", "none"]
+    both = run_cli("inject", "--node", "n2", "--gpu", "1", "--xid", "79", "--reset",
+                   "--nats-url", controller.url)
+    assert both.returncode != 0 and "not allowed with argument" in both.stderr
 
 
 def test_step_reports_on_the_socket_reach_the_controller(

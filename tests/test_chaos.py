@@ -278,30 +278,35 @@ def test_ten_thousand_malformed_messages(tmp_path: Path, nats_server: NatsServer
         return replies
 
     replies = asyncio.run(send())
-    sent_total = len(durable) + len(heartbeats)
     status = wait_for(lambda: (s := ctl.request("status"))["rejected_total"] >= len(durable)
                       and s, 60, 0.2, "every durable message counted")
     elapsed = time.monotonic() - started
+    # Each counter row names the kind of message it refused: heartbeats and requests by
+    # theirs, durable messages by the kind they claimed (or "?").
     by_cause: dict[str, int] = {}
+    by_lane = {"durable": 0, "heartbeat": 0, "request": 0}
     for row in status["rejections"]:
         by_cause[row["cause"]] = by_cause.get(row["cause"], 0) + row["count"]
-    rejected = sum(by_cause.values())
-    rpc_rejected = rejected - sent_total  # rpc decode failures are counted too
+        lane = row["kind"] if row["kind"] in ("heartbeat", "request") else "durable"
+        by_lane[lane] += row["count"]
     error_replies = sum(1 for r in replies if r is not None and not r.ok)
     assert ctl.proc is not None and ctl.proc.poll() is None
     asyncio.run(publish_durable(ctl.url, [step_start(400_000, "n3")]))
     wait_for(lambda: recorded_jobs(db_path(ctl), 400_000)[0] == 1, what="a valid event after")
     assert ctl.stop() == 0, ctl.log()
     report("10,000 malformed messages", {
-        "durable (JetStream) sent / persisted rejections": f"{len(durable)} / "
-                                                           f"{status['rejected_total']}",
-        "heartbeats sent": len(heartbeats), "rpc + jobrpc requests": len(requests),
-        "rejected (all counters)": rejected, "rpc requests counted as rejected": rpc_rejected,
+        "durable (JetStream) sent / counted / persisted rejections":
+            f"{len(durable)} / {by_lane['durable']} / {status['rejected_total']}",
+        "heartbeats sent / counted": f"{len(heartbeats)} / {by_lane['heartbeat']}",
+        "rpc + jobrpc requests sent / counted": f"{len(requests)} / {by_lane['request']}",
         "rpc error replies / no reply": f"{error_replies} / {replies.count(None)}",
         "by reason": ", ".join(f"{k}={v}" for k, v in sorted(by_cause.items())),
-        "daemon": "up, still ingesting", "seconds": f"{elapsed:.1f}"})
+        "daemon": "up, still ingesting", "seconds": f"{elapsed:.1f}"},
+        note="Every message sent is invalid by docs/protocol.md (tests/chaos_fuzz.py checks "
+             "that without the project's decoders): each must be counted once, in its lane.")
     assert status["rejected_total"] == len(durable)
-    assert rpc_rejected >= 0 and rejected - rpc_rejected == sent_total
+    assert by_lane == {"durable": len(durable), "heartbeat": len(heartbeats),
+                       "request": len(requests)}
     assert error_replies == len(requests)
 
 
@@ -315,6 +320,7 @@ def test_slurmctld_down_during_a_fault_then_back(
     figures = drain_after_slurmctld_returns(tmp_path, nats_server, slurm_cluster)
     report("slurmctld stopped during a GPU fault", figures)
     assert figures["drained after the outage"] is True
+    assert figures["outbox pending afterwards"] == 0
 
 
 @pytest.mark.slow

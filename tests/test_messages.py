@@ -53,6 +53,19 @@ def test_malformed_messages_get_a_reason(data: bytes, reason: str) -> None:
     assert err.value.reason == reason
 
 
+def test_a_heartbeat_must_name_its_type() -> None:
+    """Every message carries `type` (docs/protocol.md); decoding one tagged struct alone,
+    msgspec would take a message without it."""
+    fields = b'"replica_id":"r","job_id":1,"step":1,"step_time_ms":1.0,"allreduce_ms":1.0,' \
+             b'"participants":2'
+    assert m.decode_heartbeat(b'{"type":"heartbeat",' + fields + b"}").step == 1
+    for data in (b"{" + fields + b"}", b'{"type":"unsent"}', b'{"type":"step_start",' + fields
+                 + b"}"):
+        with pytest.raises(ProtocolError) as err:
+            m.decode_heartbeat(data)
+        assert err.value.reason in ("missing_field", "unknown_type"), data
+
+
 def test_heartbeat_rejects_infinite_timings() -> None:
     data = b'{"type":"heartbeat","replica_id":"r","job_id":1,"step":1,"step_time_ms":1e999}'
     with pytest.raises(ProtocolError):

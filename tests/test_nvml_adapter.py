@@ -256,7 +256,28 @@ def test_simulated_xid_79_drains_through_the_policy() -> None:
     verdict = FaultPolicy().evaluate(source.read(gpu))
     assert verdict.action is GpuAction.DRAIN_NODE
     assert verdict.reason == "xid 79: GPU has fallen off the bus"
-    assert FaultPolicy().evaluate(source.read(gpu)).action is GpuAction.NONE
+
+
+def test_a_simulated_gpu_stays_lost_after_xid_79_until_reset() -> None:
+    """A GPU that fell off the bus does not come back by itself: every later reading is
+    lost (as NVML answers GPU_IS_LOST) until the GPU is reset; the other GPUs stay healthy."""
+    source = SimulatedGpuSource("node-a", 2)
+    lost, other = source.gpus()
+    source.inject_xid(0, 79)
+    source.read(lost)  # the reading that carries the XID
+    for _ in range(3):
+        reading = source.read(lost)
+        assert reading.lost and reading.xids == () and reading.temperature_c is None
+        verdict = FaultPolicy().evaluate(reading)
+        assert (verdict.action, verdict.reason) == (GpuAction.DRAIN_NODE,
+                                                    "GPU is lost (NVML_ERROR_GPU_IS_LOST)")
+    assert not source.read(other).lost
+    source.inject_xid(0, 79)
+    source.reset(0)  # drops the pending XID too: a reset GPU starts clean
+    assert FaultPolicy().evaluate(source.read(lost)).action is GpuAction.NONE
+    source.inject_xid(1, 13)  # an XID that leaves the GPU on the bus
+    assert FaultPolicy().evaluate(source.read(other)).action is not GpuAction.NONE
+    assert not source.read(other).lost
 
 
 def test_simulated_wait_wakes_on_injection() -> None:

@@ -60,7 +60,7 @@ def test_summary_entries_say_what_their_reason_says() -> None:
     assert remap.remap_pending is True and remap.thermal_throttled is None
 
 
-def test_tracker_windows_and_forgets_a_resumed_node() -> None:
+def test_tracker_windows_and_keeps_a_resumed_nodes_history() -> None:
     tracker = RiskTracker(window_s=100.0)
     tracker.add_verdict("GPU-a", "n1", 0, evidence(xids=(79,)), 10.0)
     summary = {"node": "n1", "gpus": [{"uuid": "GPU-a", "index": 0, "action": "watch",
@@ -71,8 +71,18 @@ def test_tracker_windows_and_forgets_a_resumed_node() -> None:
     assert now.node == "n1" and now.index == 0 and now.score == 25  # xid 10 + thermal 15
     [later] = tracker.scores(115.0)  # the XID left the window, the polls did not
     assert later.score == 15
-    tracker.forget_node("n1")
-    assert tracker.scores(115.0) == []
+    tracker.mark_resumed("n1", 60.0)
+    tracker.mark_resumed("n1", 30.0)  # an older resume, replayed late, moves nothing back
+    # The history stays (and decays by the window); only evidence after the resume counts
+    # towards draining the node again.
+    [kept] = tracker.scores(115.0)
+    assert (kept.score, [f.name for f in kept.factors]) == (15, ["thermal_throttling"])
+    [fresh] = tracker.scores(115.0, since_resume=True)
+    assert (fresh.score, fresh.factors) == (0, ())
+    tracker.add_verdict("GPU-a", "n1", 0, evidence(xids=(79,)), 70.0)
+    [fresh] = tracker.scores(115.0, since_resume=True)
+    assert fresh.score == 10 and [f.name for f in fresh.factors] == ["recent_xids"]
+    assert tracker.scores(115.0)[0].score == 25
 
 
 def test_summary_counters_score_their_growth() -> None:

@@ -16,7 +16,7 @@ from marduk_slurm.domain import subjects
 from marduk_slurm.domain.gpu_health import GpuAction
 
 from agent_fixtures import AgentProcess
-from harness import ControllerProcess, cli_json, publish_core, publish_durable, wait_for
+from harness import ControllerProcess, cli_json, publish_core, publish_durable, run_cli, wait_for
 
 
 def watch_verdict(sbe: int, xid: int | None) -> tuple[str, bytes]:
@@ -52,6 +52,28 @@ def test_a_rising_risk_drains_its_node_once(tmp_path: Path,
         time.sleep(6)  # the next scoring pass must not drain again
         kinds = [e["kind"] for e in cli_json("history", "--nats-url", ctl.url)]
         assert kinds.count("risk_drain") == 1 and kinds.count("drain_requested") == 1
+
+        # A resume keeps the evidence: the score and its factors are still there...
+        before = cli_json("risk", "--nats-url", ctl.url)[0]
+        run_cli("resume", "n1", "--force", "--nats-url", ctl.url)
+        wait_for(lambda: any(e["kind"] in ("resumed", "operator_resume")
+                             for e in cli_json("history", "--nats-url", ctl.url)),
+                 what="the resume on record")
+        time.sleep(6)  # a scoring pass after the resume
+        after = cli_json("risk", "--nats-url", ctl.url)
+        assert [(r["score"], r["factors"]) for r in after] == [(before["score"],
+                                                                  before["factors"])]
+        assert before["score"] >= 60
+        # ...but it already had its say: no drain until new evidence arrives.
+        kinds = [e["kind"] for e in cli_json("history", "--nats-url", ctl.url)]
+        assert kinds.count("risk_drain") == 1
+        asyncio.run(publish_durable(ctl.url, [watch_verdict(150, 92), watch_verdict(400, 92),
+                                              watch_verdict(700, 94)]))
+        again = wait_for(lambda: [e for e in cli_json("history", "--nats-url", ctl.url)
+                                  if e["kind"] == "risk_drain"][1:], 15, 0.2,
+                         "a drain on evidence that came after the resume")
+        assert {f["name"] for f in again[0]["evidence"]["factors"]} == {
+            "corrected_ecc_growth", "recent_xids"}
     finally:
         assert ctl.stop() == 0, ctl.log()
 

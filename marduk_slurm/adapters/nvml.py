@@ -339,11 +339,18 @@ def simulated_gpu_uuid(node: str, index: int) -> str:
     return f"GPU-SIM-{uuidlib.uuid5(_SIM_NAMESPACE, f'{node}/{index}')}"
 
 
+# XIDs after which a GPU is gone from the bus: NVML answers GPU_IS_LOST to every later call
+# until the GPU is reset (`nvidia-smi -r`) or the node rebooted.
+FALLEN_OFF_BUS_XIDS = frozenset({79})
+
+
 class SimulatedGpuSource:
     """`count` healthy GPUs that exist only in memory, for clusters and tests without NVML.
 
     `inject_xid` feeds the same path a real XID takes (the next `wait_xid`, then the next
     `read`), so the verdict comes from `FaultPolicy.evaluate` as it would for real hardware.
+    After XID 79 the GPU stays lost, as a real one does, until `reset` (a drill's stand-in for
+    `nvidia-smi -r`) or a new source (the agent restarted: the node rebooted).
     """
 
     def __init__(self, node: str, count: int) -> None:
@@ -360,6 +367,7 @@ class SimulatedGpuSource:
         self._events: list[XidEvent] = []
         self._ready = threading.Condition()
         self._faults: dict[int, dict[str, Any]] = {}
+        self._lost: set[int] = set()
 
     def gpus(self) -> list[GpuInfo]:
         return list(self._gpus)
@@ -368,9 +376,18 @@ class SimulatedGpuSource:
         """Report XID `xid` on GPU `index`, as the driver would."""
         gpu = self._gpus[index]
         self._inbox.add(gpu.uuid, xid)
+        if xid in FALLEN_OFF_BUS_XIDS:
+            self._lost.add(index)
         with self._ready:
             self._events.append(XidEvent(gpu.uuid, index, xid))
             self._ready.notify_all()
+
+    def reset(self, index: int) -> None:
+        """Reset GPU `index`: back on the bus, no pending XID, no fault set on it."""
+        gpu = self._gpus[index]
+        self._lost.discard(index)
+        self._faults.pop(index, None)
+        self._inbox.take(gpu.uuid)
 
     def set_fault(self, index: int, **fields: Any) -> None:
         """Make every later reading of GPU `index` carry `fields` (e.g. `lost=True`)."""
@@ -381,21 +398,27 @@ class SimulatedGpuSource:
         self._faults.pop(index, None)
 
     def read(self, gpu: GpuInfo) -> GpuReading:
-        reading = GpuReading(
-            uuid=gpu.uuid,
-            index=gpu.index,
-            node=self.node,
-            xids=self._inbox.take(gpu.uuid),
-            ecc_dbe_volatile=0,
-            ecc_dbe_aggregate=0,
-            ecc_sbe_volatile=0,
-            ecc_sbe_aggregate=0,
-            remap_correctable=0,
-            remap_uncorrectable=0,
-            recovery_action=0,
-            temperature_c=40,
-            power_w=80.0,
-        )
+        xids = self._inbox.take(gpu.uuid)
+        if gpu.index in self._lost:  # what NVML answers for a GPU off the bus: nothing read
+            reading = GpuReading(uuid=gpu.uuid, index=gpu.index, node=self.node, xids=xids,
+                                 lost=True,
+                                 errors={"handle": "GPU is lost (simulated, after XID 79)"})
+        else:
+            reading = GpuReading(
+                uuid=gpu.uuid,
+                index=gpu.index,
+                node=self.node,
+                xids=xids,
+                ecc_dbe_volatile=0,
+                ecc_dbe_aggregate=0,
+                ecc_sbe_volatile=0,
+                ecc_sbe_aggregate=0,
+                remap_correctable=0,
+                remap_uncorrectable=0,
+                recovery_action=0,
+                temperature_c=40,
+                power_w=80.0,
+            )
         return replace(reading, **self._faults.get(gpu.index, {}))
 
     def wait_xid(self, timeout_ms: int) -> list[XidEvent]:

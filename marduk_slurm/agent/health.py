@@ -317,6 +317,18 @@ class GpuWatcher:
             done.cancel()
             raise
 
+    async def reset(self, ref: str, actor: str) -> GpuVerdict:
+        """Reset simulated GPU `ref` (what `nvidia-smi -r` does to a real one: a GPU lost
+        after XID 79 is back on the bus) and return the verdict of a fresh reading."""
+        gpu = self.find(ref)
+        if not isinstance(self.runner.source, SimulatedGpuSource):
+            raise InjectRefused(f"{self.node} has real GPUs; reset them with the driver's "
+                                "tools (nvidia-smi -r), then let the polls see them")
+        log.warning("resetting simulated GPU %d (%s) for %s", gpu.index, gpu.uuid, actor)
+        self.runner.source.reset(gpu.index)
+        self.stats["resets"] += 1
+        return await self.check(gpu)
+
 
 def gpu_counters(reading: GpuReading, xid_counts: Counter[int]) -> m.GpuCounters:
     """The counters of one reading, clamped to the protocol's bounds: a driver's odd value

@@ -1,7 +1,8 @@
 """The agent's request/reply verbs on NATS: ``marduk.v1.agent.<node>.<verb>``.
 
 Today one verb, `inject` (fault drills): the controller asks the agent first, so an injected
-XID is judged by the same agent code as a real one. Each request is answered in its own
+XID is judged by the same agent code as a real one. With `reset: true` instead of an XID it
+resets a simulated GPU (brings one lost after XID 79 back). Each request is answered in its own
 task, because nats-py runs the callbacks of one subscription one after another.
 """
 
@@ -29,11 +30,18 @@ def inject_request(args: dict[str, Any]) -> str | None:
     return value
 
 
-def inject_args(args: dict[str, Any]) -> tuple[str, int]:
-    """(gpu, xid) from a request's args; ValueError when they are not usable."""
-    gpu, xid = args.get("gpu"), args.get("xid")
+def inject_args(args: dict[str, Any]) -> tuple[str, int | None]:
+    """(gpu, xid) from a request's args, xid None for a reset; ValueError when they are not
+    usable."""
+    gpu, xid, reset = args.get("gpu"), args.get("xid"), args.get("reset", False)
     if isinstance(gpu, bool) or not isinstance(gpu, str | int) or str(gpu).strip() == "":
         raise ValueError("inject needs gpu: a GPU index or UUID")
+    if not isinstance(reset, bool):
+        raise ValueError(f"inject reset must be true or false, got {reset!r}")
+    if reset:
+        if xid is not None:
+            raise ValueError("inject takes an xid or reset, not both")
+        return str(gpu).strip(), None
     if isinstance(xid, str) and xid.strip().isdigit():
         xid = int(xid)
     if isinstance(xid, bool) or not isinstance(xid, int) or xid < 0:
@@ -69,8 +77,11 @@ class AgentRpc:
             request = m.decode_request(data)
             gpu, xid = inject_args(request.args)
             request_id = inject_request(request.args)
-            verdict = await self.watcher.inject(gpu, xid, request.actor or "operator",
-                                                request_id=request_id)
+            actor = request.actor or "operator"
+            if xid is None:
+                verdict = await self.watcher.reset(gpu, actor)
+            else:
+                verdict = await self.watcher.inject(gpu, xid, actor, request_id=request_id)
         except (ProtocolError, ValueError) as exc:
             return m.Reply(ok=False, error=str(exc), error_kind="invalid")
         except InjectRefused as exc:
@@ -89,6 +100,7 @@ class AgentRpc:
                 "gpu_uuid": target.uuid,
                 "gpu_index": target.index,
                 "xid": xid,
+                "reset": xid is None,
                 "action": verdict.action.value,
                 "reason": verdict.reason,
                 "simulated": self.watcher.simulated,

@@ -18,6 +18,7 @@ from marduk_slurm.cli import arguments, render
 from marduk_slurm.cli.client import Session, call_pages, resolve_creds, resolve_nats_url
 from marduk_slurm.domain import hostlist
 from marduk_slurm.domain import input_bounds as bounds
+from marduk_slurm.domain.slurm_state import step_name
 
 if TYPE_CHECKING:
     from marduk_slurm.adapters.health_check import CheckResult
@@ -260,7 +261,8 @@ def cmd_replicas(args: argparse.Namespace) -> int:
     render.table(
         ["JOB", "STEP", "GROUP", "RANK", "NODE", "STATE", "REPLICA", "GPUS", "LAST_STEP",
          "STEP_MS", "CFG", "LAST_SEEN"],
-        [[r["job_id"], r["step_id"], r["replica_group"], r["group_rank"], r["node"],
+        [[r["job_id"], "-" if r["step_id"] is None else step_name(r["step_id"]),
+          r["replica_group"], r["group_rank"], r["node"],
           r["state"], r["replica_id"], ",".join(render.short_uuid(g) for g in r["gpu_uuids"]),
           r["last_step"], f"{r['step_time_ms']:.1f}", r["config_revision"],
           render.fmt_ago(r["last_seen"])] for r in rows],
@@ -415,11 +417,12 @@ async def _check_or_interrupt(template: str, nodes: str, timeout_s: float
 
 def cmd_inject(args: argparse.Namespace) -> int:
     data = ask(args, "inject", {"node": args.node, "gpu": args.gpu, "xid": args.xid,
-                                "force": args.force or None})
+                                "force": args.force or None, "reset": args.reset or None})
     if args.json:
         render.as_json(data)
         return 0
-    render.say(f"injected xid {args.xid} on {args.node} gpu {args.gpu} via {data['via']}: "
+    done = "reset" if args.reset else f"injected xid {args.xid} on"
+    render.say(f"{done} {args.node} gpu {args.gpu} via {data['via']}: "
                f"{data.get('action', '?')} ({data.get('reason', '')})")
     return 0
 
@@ -474,11 +477,16 @@ def add_parsers(sub: Any, add: Any) -> None:
                    default=60.0, metavar="S",
                    help="stop the check (its whole process group) after S seconds and refuse "
                         "the resume (default 60)")
-    p = add(sub, "inject", "inject a GPU fault (an XID) for drills",
-            "marduk inject --node n2 --gpu 1 --xid 79", cmd_inject)
+    p = add(sub, "inject", "inject a GPU fault (an XID) for drills, or reset a simulated GPU",
+            "marduk inject --node n2 --gpu 1 --xid 79; marduk inject --node n2 --gpu 1 --reset",
+            cmd_inject)
     p.add_argument("--node", required=True)
     p.add_argument("--gpu", required=True, help="GPU UUID or index on the node")
-    p.add_argument("--xid", type=int, required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--xid", type=int)
+    what.add_argument("--reset", action="store_true",
+                      help="reset a simulated GPU, as nvidia-smi -r would a real one: one "
+                           "lost after XID 79 is back on the bus")
     p.add_argument("--force", action="store_true",
                    help="when the agent does not answer, let the controller publish the "
                         "verdict even for real (not simulated) GPUs")

@@ -22,6 +22,7 @@ from marduk_slurm.domain import subjects
 from marduk_slurm.domain.decisions import GpuFault, Leave, StepCrash
 from marduk_slurm.domain.exit_codes import describe
 from marduk_slurm.domain.inject import inject_request_id, mark_repeat
+from marduk_slurm.domain.slurm_state import step_label
 from marduk_slurm.errors import IdentityError
 
 
@@ -37,7 +38,7 @@ def on_step_start(store: Store, msg: m.StepStart, now: float, policy: Policy) ->
     joined = store.map_step_gpus_to_replicas(msg.job_id, msg.step_id, msg.node, uuids, now)
     eid = store.add_event(
         "step_start", now=now, source="agent", node=msg.node, job_id=msg.job_id,
-        reason=f"step {msg.job_id}.{msg.step_id} started on {msg.node}",
+        reason=f"step {step_label(msg.job_id, msg.step_id)} started on {msg.node}",
         evidence={"step_id": msg.step_id, "gpu_indices": msg.gpu_indices, "gpu_uuids": uuids,
                   "pid": msg.pid, "uid": msg.uid, "replicas_mapped": joined},
     )
@@ -78,7 +79,7 @@ def on_step_end(store: Store, msg: m.StepEnd, now: float, policy: Policy) -> Eff
     crashed = msg.exit_status is not None and describe(msg.exit_status) == "crash"
     eid = store.add_event(
         "step_end", now=now, source="agent", node=msg.node, job_id=msg.job_id,
-        reason=f"step {msg.job_id}.{msg.step_id} ended on {msg.node}",
+        reason=f"step {step_label(msg.job_id, msg.step_id)} ended on {msg.node}",
         evidence={"step_id": msg.step_id, "exit_status": msg.exit_status,
                   "replicas_removed": gone, "crashed": crashed},
     )

@@ -174,6 +174,21 @@ class Operations:
                              "to inject on real GPUs anyway)")
         return await self._publish_injected_verdict(node, gpu, xid, actor, at, request_id)
 
+    async def reset_gpu(self, node: str, gpu: str, *, actor: str) -> dict[str, Any]:
+        """A drill's GPU reset, by the node's agent only (simulated GPUs): the GPU's next
+        verdict is published by the agent, as after any change."""
+        request = m.Request(args={"gpu": gpu, "reset": True}, actor=actor)
+        try:
+            raw = await self.ctx.bus.request(subjects.agent_rpc(node, "inject"),
+                                             m.encode(request), timeout_s=AGENT_ANSWER_WAIT_S)
+        except (BusError, BusTimeout) as exc:
+            raise ValueError(f"the agent on {node} did not answer ({exc}); only an agent "
+                             "resets its GPUs") from None
+        reply = m.decode_reply(raw)
+        if not reply.ok:
+            raise ValueError(f"agent on {node}: {reply.error}")
+        return {"via": "agent", **(reply.data or {})}
+
     async def _publish_injected_verdict(self, node: str, gpu: str, xid: int, actor: str,
                                         at: float, request_id: str) -> dict[str, Any]:
         uuid, index = await self._resolve_gpu(node, gpu)

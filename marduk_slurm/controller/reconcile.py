@@ -18,6 +18,7 @@ from marduk_slurm.adapters.store import Store
 from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.node_rows import changed_nodes, write_nodes
+from marduk_slurm.domain.slurm_state import step_label
 from marduk_slurm.errors import SlurmError
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,8 @@ class Reconciler:
                 ids.append(store.add_event(
                     "step_gone", now=now, source="reconcile", node=row["node"],
                     job_id=row["job_id"],
-                    reason=f"step {row['job_id']}.{row['step_id']} no longer runs in Slurm",
+                    reason=f"step {step_label(row['job_id'], row['step_id'])} no longer runs "
+                           "in Slurm",
                     evidence={"replicas_removed": gone}))
             return ids
 

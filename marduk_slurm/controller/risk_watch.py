@@ -4,8 +4,8 @@ Evidence comes from the verdicts already in the history (read once at start, the
 controller's own feed publishes them) and from the agents' health summaries on
 ``marduk.v1.health.<node>``. Scores are recomputed every few seconds by `domain.risk`. With
 ``controller.risk_drain_threshold`` > 0, a GPU reaching it drains its node (event
-``risk_drain``, then the usual drain path); a node resumed by an operator starts with a
-clean history, since a resume follows a repair or a passed health check.
+``risk_drain``, then the usual drain path). A resume keeps the node's history (scores decay
+as it leaves the window); only evidence that arrives after the resume may drain it again.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class RiskWatch:
             self.drained.add(gpu)
         elif kind in RESUME_KINDS and node:
             self.drained -= {u for u, h in self.tracker.gpus.items() if h.node == node}
-            self.tracker.forget_node(node)
+            self.tracker.mark_resumed(node, ts)
 
     async def on_feed(self, msg: Incoming) -> None:
         try:
@@ -147,7 +147,8 @@ class RiskWatch:
         await self.refresh()
         threshold = self.settings().risk_drain_threshold
         if threshold > 0:
-            for score in self.latest:
+            fresh = await asyncio.to_thread(self._score, since_resume=True)
+            for score in fresh:
                 if score.score >= threshold and score.gpu_uuid not in self.drained:
                     await self.drain(score, threshold)
 
@@ -197,11 +198,11 @@ class RiskWatch:
         finally:
             self._scoring = None
 
-    def _score(self) -> list[RiskScore]:
+    def _score(self, *, since_resume: bool = False) -> list[RiskScore]:
         with self._lock:
             while self._arrived:
                 self._arrived.popleft()()
-            return self.tracker.scores(time.time())
+            return self.tracker.scores(time.time(), since_resume=since_resume)
 
     async def rpc_risk(self, args: dict[str, Any], actor: str) -> Any:
         node = args.get("node")

@@ -222,11 +222,14 @@ class RpcServer:
         elif gpu not in (None, ""):
             gpu = _opt_str(args, "gpu", pattern=bounds.GPU_ID)
         xid = _opt_int(args, "xid")
-        if not node or gpu in (None, "") or xid is None:
-            raise ValueError("inject needs node, gpu (UUID or index) and xid")
-        force = args.get("force", False)
-        if not isinstance(force, bool):
-            raise ValueError("force must be true or false")
+        force, reset = args.get("force", False), args.get("reset", False)
+        if not isinstance(force, bool) or not isinstance(reset, bool):
+            raise ValueError("force and reset must be true or false")
+        if not node or gpu in (None, "") or (xid is None) != reset:
+            raise ValueError("inject needs node, gpu (UUID or index) and either xid or "
+                             "reset")
+        if reset:
+            return await self.ops.reset_gpu(node, str(gpu), actor=actor)
         return await self.ops.inject(node, str(gpu), xid, actor=actor, at=time.time(),
                                      force=force)
 

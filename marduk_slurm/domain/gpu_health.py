@@ -225,12 +225,13 @@ class FaultPolicy:
 
     def _findings(self, reading: GpuReading) -> list[_Finding]:
         findings = _recovery_findings(reading)
-        if reading.lost:
-            findings.append(_Finding(GpuAction.DRAIN_NODE, "GPU is lost (NVML_ERROR_GPU_IS_LOST)"))
         for xid in dict.fromkeys(reading.xids):  # dedupe, keep order
             action = self.xid_action(xid)
             suffix = " (ignored)" if action is GpuAction.NONE else ""
             findings.append(_Finding(action, f"xid {xid}: {xid_description(xid)}{suffix}"))
+        # After the XID that names the cause (79: fallen off the bus), the symptom.
+        if reading.lost:
+            findings.append(_Finding(GpuAction.DRAIN_NODE, "GPU is lost (NVML_ERROR_GPU_IS_LOST)"))
         findings.extend(_memory_findings(reading))
         findings.extend(_watch_findings(reading))
         return findings

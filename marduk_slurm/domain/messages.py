@@ -428,9 +428,14 @@ DurableMessage = (
     | AssumeAck
 )
 
+class _Unsent(Message, tag="unsent"):
+    """Never sent. Decoding one tagged struct alone, msgspec takes a message without `type`
+    for it; in a union the tag is required, as every message must carry it."""
+
+
 _encoder = msgspec.json.Encoder()
 _durable_decoder = msgspec.json.Decoder(DurableMessage)
-_heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+_heartbeat_decoder = msgspec.json.Decoder(Heartbeat | _Unsent)
 _command_decoder = msgspec.json.Decoder(JobCommand | ReplicaCommand)
 _request_decoder = msgspec.json.Decoder(Request)
 _reply_decoder = msgspec.json.Decoder(Reply)
@@ -496,7 +501,9 @@ def decode_heartbeat(data: bytes) -> Heartbeat:
     # The hot path (one message per replica per step), so inline: a heartbeat has no free-form
     # JSON to walk, and its bounds (finite times among them) are all in the type. Payloads
     # are at most NATS's message limit.
-    hb: Heartbeat = _check_version(_decode_raw(_heartbeat_decoder, data))
+    hb = _check_version(_decode_raw(_heartbeat_decoder, data))
+    if not isinstance(hb, Heartbeat):
+        raise ProtocolError("unknown_type", "type 'unsent' is no message")
     return hb
 
 

@@ -271,10 +271,16 @@ class GpuHistory:
 
 @dataclass
 class RiskTracker:
-    """Observations per GPU within `window_s`, and their scores."""
+    """Observations per GPU within `window_s`, and their scores.
+
+    A resume keeps a node's history: the evidence still describes the GPU, and ages out of
+    the window like any other. It only marks where the evidence that may drain the node again
+    starts (`scores(..., since_resume=True)`): a resume follows a repair or a passed check,
+    so what was seen before it already had its say."""
 
     window_s: float = 24 * 3600.0
     gpus: dict[str, GpuHistory] = field(default_factory=dict)
+    resumed_at: dict[str, float] = field(default_factory=dict)  # node -> last resume
 
     def _history(self, uuid: str, node: str, index: int | None) -> GpuHistory:
         hist = self.gpus.get(uuid)
@@ -294,16 +300,21 @@ class RiskTracker:
                 index = _int(gpu.get("index"))
                 self._history(gpu["uuid"], node, index).polls.append(from_summary_gpu(gpu, ts))
 
-    def scores(self, now: float) -> list[RiskScore]:
+    def scores(self, now: float, *, since_resume: bool = False) -> list[RiskScore]:
+        """Every GPU's score from its evidence in the window; with `since_resume`, from the
+        evidence that arrived after its node was last resumed."""
         out = []
         for uuid, hist in sorted(self.gpus.items(), key=lambda kv: (kv[1].node, kv[1].index
                                                                      or 0)):
-            recent = [o for o in (*hist.readings, *hist.polls) if now - o.ts <= self.window_s]
+            start = now - self.window_s
+            if since_resume:
+                start = max(start, self.resumed_at.get(hist.node, start))
+            recent = [o for o in (*hist.readings, *hist.polls) if o.ts >= start]
             points, factors = score(recent)
             out.append(RiskScore(uuid, hist.node, hist.index, points, factors))
         return out
 
-    def forget_node(self, node: str) -> None:
-        """A node came back (resumed after repair): its history no longer describes it."""
-        for uuid in [u for u, h in self.gpus.items() if h.node == node]:
-            del self.gpus[uuid]
+    def mark_resumed(self, node: str, ts: float) -> None:
+        """`node` was resumed at `ts`: its history stays, the evidence to drain it anew starts
+        after `ts`."""
+        self.resumed_at[node] = max(ts, self.resumed_at.get(node, ts))

@@ -302,3 +302,32 @@ _JOB_ACTIVE = frozenset(
         JobState.STOPPED,
     }
 )
+
+
+# Slurm's step ids for the steps without a number (slurm.h): a step id stays an int
+# everywhere, and only its label names these.
+PENDING_STEP = 0xFFFFFFFD
+EXTERN_STEP = 0xFFFFFFFC
+BATCH_STEP = 0xFFFFFFFB
+INTERACTIVE_STEP = 0xFFFFFFFA
+STEP_NAMES = {
+    PENDING_STEP: "pending",
+    EXTERN_STEP: "extern",
+    BATCH_STEP: "batch",
+    INTERACTIVE_STEP: "interactive",
+}
+STEP_IDS = {name: number for number, name in STEP_NAMES.items()}
+
+
+def step_name(step_id: int) -> str:
+    """`0`, or `batch` for the batch script's step, as Slurm names it."""
+    return STEP_NAMES.get(step_id, str(step_id))
+
+
+def step_label(job_id: int, step_id: int) -> str:
+    """`123.0` or `123.batch`, as Slurm prints a step.
+
+    >>> step_label(5, BATCH_STEP)
+    '5.batch'
+    """
+    return f"{job_id}.{step_name(step_id)}"

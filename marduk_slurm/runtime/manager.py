@@ -168,6 +168,7 @@ class ManagerMarduk(Manager):
         self._step_started = 0.0
         self._participants = 0
         self.last_step_time_s = 0.0
+        self.uncommitted_steps = 0  # steps whose work was thrown away (should_commit False)
         if client is not None:
             if self.assumed_from is not None:
                 client.assume(identity.replica_group, self.marduk_replica_id,
@@ -295,6 +296,8 @@ class ManagerMarduk(Manager):
         started = time.perf_counter()
         committed = super().should_commit(timeout)
         now = time.perf_counter()
+        if not committed:
+            self.uncommitted_steps += 1
         self.last_step_time_s = now - (self._last_commit_end or self._step_started)
         self._last_commit_end = now
         self._participants = self.num_participants()

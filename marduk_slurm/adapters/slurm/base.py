@@ -18,21 +18,18 @@ from datetime import datetime
 from typing import Protocol
 
 from marduk_slurm.domain import slurm_names
-from marduk_slurm.domain.slurm_state import JobState, NodeState
+from marduk_slurm.domain.slurm_state import (  # noqa: F401  (the backends import them here)
+    BATCH_STEP,
+    EXTERN_STEP,
+    INTERACTIVE_STEP,
+    PENDING_STEP,
+    STEP_IDS,
+    STEP_NAMES,
+    JobState,
+    NodeState,
+    step_label,
+)
 from marduk_slurm.errors import SlurmError
-
-# Slurm's step ids for the non-numbered steps (slurm.h), so `SlurmStep.step_id` stays an int.
-PENDING_STEP = 0xFFFFFFFD
-EXTERN_STEP = 0xFFFFFFFC
-BATCH_STEP = 0xFFFFFFFB
-INTERACTIVE_STEP = 0xFFFFFFFA
-STEP_NAMES = {
-    PENDING_STEP: "pending",
-    EXTERN_STEP: "extern",
-    BATCH_STEP: "batch",
-    INTERACTIVE_STEP: "interactive",
-}
-STEP_IDS = {name: number for number, name in STEP_NAMES.items()}
 
 
 class InvalidSlurmArgument(SlurmError, ValueError):
@@ -102,7 +99,7 @@ class SlurmStep:
     @property
     def label(self) -> str:
         """`123.0` or `123.batch`, as Slurm prints it."""
-        return f"{self.job_id}.{STEP_NAMES.get(self.step_id, self.step_id)}"
+        return step_label(self.job_id, self.step_id)
 
 
 class SlurmBackend(Protocol):
