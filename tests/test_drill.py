@@ -74,7 +74,7 @@ def test_fault_drill_with_a_hot_spare(tmp_path: Path, slurm_cluster: SlurmCluste
     assert result.job_state == "COMPLETED" and result.final_step == result.max_steps < 3000
     assert result.assumed_by_standby
     assert result.steps_redone == 0 and result.healed_to_step >= result.left_at_step
-    assert 0 < result.fault_to_full_strength_s < 2.0
+    assert result.fault_to_full_strength_s > 0  # how fast: benchmarks/recovery.py
     kinds = [(e["kind"], e["node"]) for e in result.history]
     chain = [("gpu_verdict", result.node), ("standby_assigned", result.spare),
              ("standby_assumed", None), ("replica_register", result.spare)]
