@@ -60,6 +60,10 @@ FAKE_TRAIN = r"""#!/bin/bash
 if [ -n "${MARDUK_STANDBY:-}" ]; then
   echo "standby $MARDUK_STANDBY_SLOT $SLURMD_NODENAME $MASTER_PORT" >> "$FAKE_SLURM/runs"
   [ -e "$FAKE_SLURM/standby-crash.$MARDUK_STANDBY_SLOT" ] && exit 1
+  if [ -e "$FAKE_SLURM/standby-drain.$MARDUK_STANDBY_SLOT" ]; then  # told to stand down
+    touch "$FAKE_SLURM/drained.$SLURMD_NODENAME"
+    exit 75
+  fi
   assume=$FAKE_SLURM/assume.$MARDUK_STANDBY_SLOT
   while [ ! -e "$assume" ]; do sleep 0.05; done
   REPLICA_GROUP_ID=$(cat "$assume")
@@ -84,6 +88,7 @@ handover\ *)
   exit "${action#handover }" ;;
 "") exit 0 ;;
 sleep) sleep 1; exit 0 ;;
+sleep\ *) sleep "${action#sleep }"; exit 0 ;;
 *) exit "$action" ;;
 esac
 """
@@ -258,3 +263,36 @@ def test_hot_spares_are_some_of_the_spares() -> None:
     with pytest.raises(ValueError, match=r"hot_spares \(2\) exceeds spares \(1\)"):
         sbatch.render({"train_script": "t.py", "replica_groups": 2, "spares": 1,
                        "hot_spares": 2})
+
+
+def test_two_faults_at_once_one_standby_the_other_group_respawns_cold(tmp_path: Path) -> None:
+    # Group 1 hands over to the one standby (n3); group 0 leaves too. The free spare (n4) goes
+    # to the group that still has none, before any new standby: groups come first.
+    out = supervise(tmp_path, {0: ["75"], 1: ["handover 75"]}, spares=2, hot_spares=1,
+                    assume_grace_s=1)
+    assert out.rc == 0, out.log
+    assert "group 1: told to leave (exit 75); assumed by standby 0 on n3" in out.log
+    assert "group 0: starting on n4" in out.log
+    assert "all groups done after 1 restart(s)" in out.log
+
+
+def test_with_no_free_node_a_group_takes_a_standby_s_nodes(tmp_path: Path) -> None:
+    # No standby is told to assume group 0 (no controller here); once the grace is over it
+    # needs a node, and the only one is the standby's: the standby stops, the group starts.
+    out = supervise(tmp_path, {0: ["75"], 1: ["sleep 4"]}, spares=1, hot_spares=1,
+                    assume_grace_s=1)
+    assert out.rc == 0, out.log
+    assert "standby 0: stopped to free n3 for group 0" in out.log
+    assert "group 0: starting on n3" in out.log
+    assert "all groups done after 1 restart(s)" in out.log
+
+
+def test_a_standby_told_to_stand_down_is_replaced_away_from_its_drained_node(
+        tmp_path: Path) -> None:
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "standby-drain.0").touch()  # its node is drained; it exits 75
+    out = supervise(tmp_path, {0: ["sleep"], 1: ["sleep"]}, spares=2, hot_spares=1)
+    assert out.rc == 0, out.log
+    assert "standby 0: exited (75) before assuming a group" in out.log
+    assert "standby 1: starting on n4" in out.log
+    assert "standby 2" not in out.log and "on n3" not in out.log.split("standby 0: exited")[1]
