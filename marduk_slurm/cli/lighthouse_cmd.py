@@ -25,6 +25,7 @@ def _config(args: argparse.Namespace) -> Any:
     return ProxyConfig(
         listen=args.listen, lighthouse=args.lighthouse,
         long_timeout=timedelta(milliseconds=args.long_timeout_ms),
+        lighthouse_timeout=timedelta(milliseconds=args.lighthouse_timeout_ms),
         relay_interval=timedelta(milliseconds=args.relay_interval_ms),
         job_id=job, nats_url=url if job is not None else "",
         nats_creds=os.environ.get("MARDUK_NATS_CREDS", ""))
@@ -68,6 +69,9 @@ def add_parsers(sub: Any, add: Any) -> None:
                         "--heartbeat_timeout_ms, e.g. 200)")
     p.add_argument("--long-timeout-ms", type=arguments.int_in("--long-timeout-ms", 100, 3_600_000),
                    default=1000, help="the heartbeat timeout replicas get (default 1000)")
+    p.add_argument("--lighthouse-timeout-ms",
+                   type=arguments.int_in("--lighthouse-timeout-ms", 10, 3_600_000), default=200,
+                   help="the real lighthouse's --heartbeat_timeout_ms (default 200)")
     p.add_argument("--relay-interval-ms", type=arguments.int_in("--relay-interval-ms", 5, 10_000),
                    default=50, help="how often it heartbeats on a replica's behalf (default 50)")
     p.add_argument("--job", type=arguments.job_id,

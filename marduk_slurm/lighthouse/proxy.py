@@ -46,12 +46,14 @@ LOG_EVERY_S = 10.0
 @dataclass(frozen=True)
 class ProxyConfig:
     """`listen` and `lighthouse` as host:port (or http://host:port); `long_timeout` is the
-    operator's heartbeat timeout; `job_id` and `nats_url` (with `nats_creds`, the job's
-    credential) let the proxy hear the controller's leave commands."""
+    operator's heartbeat timeout, `lighthouse_timeout` the real lighthouse's; `job_id` and
+    `nats_url` (with `nats_creds`, the job's credential) let the proxy hear the controller's
+    leave commands."""
 
     listen: str
     lighthouse: str
     long_timeout: timedelta
+    lighthouse_timeout: timedelta = timedelta(milliseconds=200)
     relay_interval: timedelta = timedelta(milliseconds=50)
     job_id: int | None = None
     nats_url: str = ""
@@ -61,6 +63,8 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         if not timedelta(milliseconds=1) <= self.relay_interval < self.long_timeout:
             raise ValueError("relay_interval must be at least 1 ms and below long_timeout")
+        if not timedelta(0) < self.lighthouse_timeout < self.long_timeout:
+            raise ValueError("lighthouse_timeout must be positive and below long_timeout")
         if self.nats_url and self.job_id is None:
             raise ValueError("a NATS URL needs the job id whose leave commands to hear")
 
@@ -105,9 +109,13 @@ class LighthouseProxy:
         outcome = self.table.leave(replica_id)
         self.counts[f"leave_from_{source}"] += 1
         if outcome is LeaveOutcome.APPLIED:
-            cancelled = self.server.cancel_quorums(replica_id)
-            log.info("%s left (told by %s): no longer heartbeated; %d quorum call(s) "
-                     "cancelled", replica_id, source, cancelled)
+            log.info("%s left (told by %s): no longer heartbeated", replica_id, source)
+            # A quorum call it has pending may still be answered with it in: the lighthouse
+            # counts it healthy for its own timeout, and then the replica must take part in
+            # that step. After that timeout no quorum can include it: end the call, so that
+            # the replica reaches its step boundary (and leaves) instead of waiting.
+            delay = (self.config.lighthouse_timeout + self.config.relay_interval).total_seconds()
+            asyncio.get_running_loop().call_later(delay, self.server.cancel_quorums, replica_id)
         elif outcome is LeaveOutcome.UNKNOWN:
             self._warn("leave for %s (from %s) ignored: not heard within the long timeout",
                        replica_id[:64], source)
