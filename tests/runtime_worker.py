@@ -176,6 +176,7 @@ class Lighthouse:
     def __init__(self, log_path: Path, *, heartbeat_timeout_ms: int = 5000,
                  join_timeout_ms: int = 10000, min_replicas: int = 1) -> None:
         self.port = free_port()
+        self.heartbeat_timeout_ms = heartbeat_timeout_ms
         binary = Path(sys.executable).parent / "torchft_lighthouse"
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -224,7 +225,8 @@ class LighthouseProxyProcess:
         self.port = free_port()
         argv = [sys.executable, "-m", "marduk_slurm.cli.main", "lighthouse-proxy",
                 "--listen", f"127.0.0.1:{self.port}", "--lighthouse", lighthouse.url,
-                "--long-timeout-ms", str(long_timeout_ms)]
+                "--long-timeout-ms", str(long_timeout_ms),
+                "--lighthouse-timeout-ms", str(lighthouse.heartbeat_timeout_ms)]
         if job_id is not None:
             argv += ["--job", str(job_id), "--nats-url", nats_url]
         self.log = log_path.open("wb")
