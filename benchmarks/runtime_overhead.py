@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,13 +133,18 @@ def proxied_leave(tmp: Path, url: str, proxy: bool, short_ms: int, run: int
                  120, 0.1, "three groups in quorum")
         if isinstance(front, LighthouseProxyProcess):
             wait_for(lambda: front.stats()["nats_connected"], 30, 0.1, "the proxy on NATS")
-        wait_for(lambda: past([0, 1, 2], ws[0].last_step() + 20), 60, 0.1, "warm steps")
+        warm = ws[0].last_step() + 20
+        wait_for(lambda: past([0, 1, 2], warm), 60, 0.1, "warm steps")
         replica_id = ws[1].events("ready")[0]["replica_id"]
         left = time.time()
         send_leave(url, JOB, replica_id, 1, "bench")
-        ws[1].wait(30)
         mark = ws[0].last_step()
         wait_for(lambda: past([0, 2], mark + 20), 60, 0.1, "survivors after the leave")
+        try:
+            ws[1].wait(30)
+        except subprocess.TimeoutExpired:
+            print(f"  run {run}: the leaver did not exit within 30 s after its leave:\n"
+                  f"{ws[1].tail()[-1500:]}", flush=True)
         out = {"leave_stall": commit_gap(ws[0].steps(), left),
                "leave_step": longest_step([ws[0], ws[2]], left, time.time())}
         ws[2].kill()
