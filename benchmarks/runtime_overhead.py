@@ -13,9 +13,15 @@
 3. Survivors' stall: three groups train; one is SIGKILLed, later one is told to leave. The
    stall is the longest gap between two commits of a survivor around each event, for each
    lighthouse --heartbeat_timeout_ms given (none: skipped).
+3. The same commanded leave with the Managers behind `marduk lighthouse-proxy` (the real
+   lighthouse at --short-ms, the proxy holding the 1000 ms timeout) and without it (the
+   lighthouse at 1000 ms), alternating, --proxy-runs runs each: the survivors' stall and their
+   longest step around the leave, p50/p90; then, in the same runs, a SIGKILL of a second group
+   (what an unannounced death costs with the proxy).
 
     .venv/bin/python benchmarks/runtime_overhead.py [--steps 300] [--pairs 6]
-        [--timeouts 5000,1000,500]
+        [--timeouts 5000,1000,500] [--proxy-runs 5] [--short-ms 250]
+        [--sections overhead,stall,proxy]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 
 from harness import ControllerProcess, wait_for
-from runtime_worker import Lighthouse, WorkerProcess, commit_gap, send_leave
+from runtime_worker import (
+    Lighthouse,
+    LighthouseProxyProcess,
+    WorkerProcess,
+    commit_gap,
+    send_leave,
+)
 
 JOB = 77
 
@@ -149,6 +162,85 @@ def stall(tmp: Path, url: str, timeout_ms: int) -> tuple[float, float]:
         lh.stop()
 
 
+def longest_step(ws: list[WorkerProcess], after: float, before: float) -> float:
+    """The survivors' longest step that ended between `after` and `before` (wall clock)."""
+    return max((r["dt"] for w in ws for r in w.steps() if after <= r["t"] <= before),
+               default=0.0)
+
+
+def proxied_leave(tmp: Path, url: str, proxy: bool, short_ms: int, run: int
+                  ) -> dict[str, float]:
+    """Three groups; group 1 told to leave, then group 2 SIGKILLed. Survivor group 0's stall
+    and the survivors' longest step after each, with or without the liveness proxy."""
+    tag = f"{'proxy' if proxy else 'plain'}-{run}"
+    lh = Lighthouse(tmp / f"lh-{tag}.log", heartbeat_timeout_ms=short_ms if proxy else 1000)
+    front: Lighthouse | LighthouseProxyProcess = lh
+    if proxy:
+        front = LighthouseProxyProcess(lh, tmp / f"proxy-{tag}.log", long_timeout_ms=1000,
+                                       job_id=JOB, nats_url=url)
+    env = {"MARDUK_NATS_URL": url, "MARDUK_JOB_ID": str(JOB), "STEP_SLEEP_S": "0.02"}
+    ws = {g: WorkerProcess(g, front, tmp, {**env, "MARDUK_NODE": f"n{g}"}) for g in range(3)}
+
+    def past(groups: list[int], n: int) -> bool:
+        return all(ws[g].last_step() > n for g in groups)
+
+    try:
+        wait_for(lambda: all(w.steps() and w.steps()[-1]["np"] == 3 for w in ws.values()),
+                 120, 0.1, "three groups in quorum")
+        if isinstance(front, LighthouseProxyProcess):
+            wait_for(lambda: front.stats()["nats_connected"], 30, 0.1, "the proxy on NATS")
+        warm = ws[0].last_step() + 20
+        wait_for(lambda: past([0, 1, 2], warm), 60, 0.1, "warm steps")
+        replica_id = ws[1].events("ready")[0]["replica_id"]
+        left = time.time()
+        send_leave(url, JOB, replica_id, 1, "bench")
+        mark = ws[0].last_step()
+        wait_for(lambda: past([0, 2], mark + 20), 60, 0.1, "survivors after the leave")
+        try:
+            ws[1].wait(30)
+        except subprocess.TimeoutExpired:
+            print(f"  run {run}: the leaver did not exit within 30 s after its leave:\n"
+                  f"{ws[1].tail()[-1500:]}", flush=True)
+        out = {"leave_stall": commit_gap(ws[0].steps(), left),
+               "leave_step": longest_step([ws[0], ws[2]], left, time.time())}
+        ws[2].kill()
+        killed = time.time()
+        mark = ws[0].last_step()
+        wait_for(lambda: past([0], mark + 20), 60, 0.1, "the survivor after the kill")
+        out["kill_stall"] = commit_gap(ws[0].steps(), killed)
+        return out
+    finally:
+        for w in ws.values():
+            w.stop()
+        if isinstance(front, LighthouseProxyProcess):
+            front.stop()
+        lh.stop()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def proxy_section(tmp: Path, url: str, runs: int, short_ms: int) -> None:
+    results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    for run in range(runs):
+        for proxy in (False, True):
+            r = proxied_leave(tmp, url, proxy, short_ms, run)
+            results[proxy].append(r)
+            print(f"  run {run} {'proxy' if proxy else 'plain'}: " + ", ".join(
+                f"{k} {v:.3f} s" for k, v in r.items()), flush=True)
+    for key, what in (("leave_stall", "survivor stall after a commanded leave"),
+                      ("leave_step", "survivors' longest step around the leave"),
+                      ("kill_stall", "survivor stall after a SIGKILL")):
+        plain = [r[key] for r in results[False]]
+        prox = [r[key] for r in results[True]]
+        print(f"{what}, {runs} runs: without proxy p50 {pct(plain, .5):.3f} s p90 "
+              f"{pct(plain, .9):.3f} s; with proxy (lighthouse {short_ms} ms) p50 "
+              f"{pct(prox, .5):.3f} s p90 {pct(prox, .9):.3f} s; ratio of p50 "
+              f"{statistics.median(prox) / statistics.median(plain):.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,7 +249,11 @@ def main() -> int:
                         help="interleaved torchft/ManagerMarduk pairs (at least 2 for a CI)")
     parser.add_argument("--timeouts", default="5000,1000,500",
                         help="lighthouse heartbeat timeouts for the stall runs ('' skips)")
+    parser.add_argument("--proxy-runs", type=int, default=5)
+    parser.add_argument("--short-ms", type=int, default=250)
+    parser.add_argument("--sections", default="overhead,stall,proxy")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         nats = NatsServerProcess(tmp / "nats")
@@ -165,12 +261,17 @@ def main() -> int:
         ctl = ControllerProcess(tmp / "state", url).start()
         try:
             env = {"MARDUK_NATS_URL": url, "MARDUK_JOB_ID": str(JOB)}
-            overhead(tmp, env, args.steps, args.pairs)
-            for timeout_ms in (int(t) for t in args.timeouts.split(",") if t):
+            if "overhead" in sections:
+                overhead(tmp, env, args.steps, args.pairs)
+            timeouts = [int(t) for t in args.timeouts.split(",") if t] if "stall" in sections \
+                else []
+            for timeout_ms in timeouts:
                 kill_s, leave_s = stall(tmp, url, timeout_ms)
                 print(f"heartbeat_timeout_ms={timeout_ms}: survivor stall after SIGKILL "
                       f"{kill_s:.2f} s, after a commanded leave {leave_s:.2f} s, ratio "
                       f"{leave_s / kill_s:.2f}")
+            if "proxy" in sections:
+                proxy_section(tmp, url, args.proxy_runs, args.short_ms)
         finally:
             ctl.stop()
             nats.stop()

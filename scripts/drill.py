@@ -80,9 +80,10 @@ class DrillResult:
 
 class Drill:
     def __init__(self, work: Path, *, max_steps: int, step_sleep_s: float,
-                 hot_spares: int = 0) -> None:
+                 hot_spares: int = 0, lighthouse_proxy: bool = True) -> None:
         self.work = work
         self.hot_spares = hot_spares
+        self.lighthouse_proxy = lighthouse_proxy
         self.conf, self.run_dir = cluster_paths()
         self.state = work / "controller"
         self.max_steps = max_steps
@@ -150,12 +151,15 @@ class Drill:
                 "--param", f"assume_dir={self.work / 'assume'}",
                 "--job-name", "marduk-drill", "--launcher", str(BIN / "python"),
                 "--param", f"lighthouse={BIN / 'torchft_lighthouse'}",
+                "--param", f"marduk={BIN / 'marduk'}",
+                "--param", f"lighthouse_proxy={str(self.lighthouse_proxy).lower()}",
                 "--sbatch-arg", f"output={self.work}/job-%j.out", "--submit",
                 str(REPO / "scripts" / "train_tiny.py")]
         self.job_id = int(self.marduk(*args)["job_id"])
         spare = "a standby on the spare node" if self.hot_spares else "1 spare node"
-        say(f"submitted job {self.job_id} from the rendered template: lighthouse + 2 replica "
-            f"groups + {spare}, {self.max_steps} steps")
+        proxy = " behind marduk's liveness proxy" if self.lighthouse_proxy else ""
+        say(f"submitted job {self.job_id} from the rendered template: lighthouse{proxy} + "
+            f"2 replica groups + {spare}, {self.max_steps} steps")
 
     def replicas(self) -> list[dict[str, Any]]:
         return list(self.marduk("replicas", "--job", str(self.job_id)))
@@ -308,11 +312,13 @@ def step_losses(output: str, group: int, old_node: str, after: float
 
 
 def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
-              hot_spares: int = 0, finish_after: int | None = None) -> DrillResult:
+              hot_spares: int = 0, finish_after: int | None = None,
+              lighthouse_proxy: bool = True) -> DrillResult:
     """One drill. With `finish_after`, once the group is back at full strength the job is
     told (`marduk config set JOB max_steps=...`) to end that many steps later: a long
     `max_steps` then leaves room for a slow cold respawn without making every run long."""
-    drill = Drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s, hot_spares=hot_spares)
+    drill = Drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s, hot_spares=hot_spares,
+                  lighthouse_proxy=lighthouse_proxy)
     result = DrillResult(work=str(work), hot_spares=hot_spares, max_steps=max_steps)
     try:
         drill.start_services()
@@ -404,11 +410,15 @@ def main() -> int:
     ap.add_argument("--step-sleep", type=float, default=0.05, help="seconds per step")
     ap.add_argument("--hot-spares", type=int, default=0, choices=(0, 1),
                     help="run the spare node as a standby (default 0: cold respawn)")
+    ap.add_argument("--no-lighthouse-proxy", action="store_true",
+                    help="the Managers talk to the lighthouse directly (a commanded leave then "
+                         "costs the survivors the whole heartbeat timeout)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="marduk-drill-"))
     try:
         result = run_drill(work, max_steps=args.max_steps, step_sleep_s=args.step_sleep,
-                           hot_spares=args.hot_spares)
+                           hot_spares=args.hot_spares,
+                           lighthouse_proxy=not args.no_lighthouse_proxy)
     except (RuntimeError, ValueError) as exc:  # ValueError: a figure the log cannot give
         say(f"drill failed: {exc}")
         return 1

@@ -19,11 +19,13 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -220,6 +222,7 @@ class Lighthouse:
     def __init__(self, log_path: Path, *, heartbeat_timeout_ms: int = 5000,
                  join_timeout_ms: int = 10000, min_replicas: int = 1) -> None:
         self.port = free_port()
+        self.heartbeat_timeout_ms = heartbeat_timeout_ms
         binary = Path(sys.executable).parent / "torchft_lighthouse"
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(
@@ -249,11 +252,64 @@ class Lighthouse:
         self.log.close()
 
 
+_HEARTBEAT_ROW = re.compile(r'<li class="heartbeat\s*(old)?\s*">\s*(\S+): seen ([0-9.e-]+)s ago')
+
+
+def lighthouse_heartbeats(port: int) -> dict[str, tuple[float, bool]]:
+    """The real lighthouse's view (its /status page): replica id -> (seconds since its last
+    heartbeat, whether that is beyond the lighthouse's heartbeat timeout)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as reply:
+        page = reply.read().decode(errors="replace")
+    return {rid: (float(age), old == "old") for old, rid, age in _HEARTBEAT_ROW.findall(page)}
+
+
+class LighthouseProxyProcess:
+    """`marduk lighthouse-proxy` on a free loopback port in front of `lighthouse`."""
+
+    def __init__(self, lighthouse: Lighthouse, log_path: Path, *, long_timeout_ms: int,
+                 job_id: int | None = None, nats_url: str = "") -> None:
+        self.port = free_port()
+        argv = [sys.executable, "-m", "marduk_slurm.cli.main", "lighthouse-proxy",
+                "--listen", f"127.0.0.1:{self.port}", "--lighthouse", lighthouse.url,
+                "--long-timeout-ms", str(long_timeout_ms),
+                "--lighthouse-timeout-ms", str(lighthouse.heartbeat_timeout_ms)]
+        if job_id is not None:
+            argv += ["--job", str(job_id), "--nats-url", nats_url]
+        self.log = log_path.open("wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"lighthouse proxy did not start listening:\n{log_path.read_text()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        from marduk_slurm.adapters.lighthouse_grpc import proxy_stats
+        return asyncio.run(proxy_stats(f"127.0.0.1:{self.port}"))
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.log.close()
+        return rc
+
+
 class WorkerProcess:
     """One replica group running this script; its JSON lines are read back from a file."""
 
-    def __init__(self, group: int, lighthouse: Lighthouse, out_dir: Path,
-                 env: dict[str, str]) -> None:
+    def __init__(self, group: int, lighthouse: Lighthouse | LighthouseProxyProcess,
+                 out_dir: Path, env: dict[str, str]) -> None:
         self.group = group
         self.out_path = out_dir / f"rg{group}-{time.monotonic_ns()}.jsonl"
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHFT_LIGHTHOUSE": lighthouse.url,

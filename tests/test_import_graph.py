@@ -35,7 +35,8 @@ SQL_OUTSIDE_STORE_TODO: frozenset[str] = frozenset()
 DOMAIN = f"{PACKAGE}.domain"
 ADAPTERS = f"{PACKAGE}.adapters"
 STORE = f"{PACKAGE}.adapters.store"
-APPS = tuple(f"{PACKAGE}.{app}" for app in ("controller", "agent", "runtime", "cli"))
+APPS = tuple(f"{PACKAGE}.{app}"
+             for app in ("controller", "agent", "runtime", "cli", "lighthouse"))
 SQL_METHODS = {"execute", "executemany", "query"}
 # A receiver that names a connection: conn, _conn, connection, db, self._db, store.db ...
 CONNECTION_NAME = re.compile(r"^_*(conn|connection|db)(_|$)|_(conn|connection|db)$")

@@ -93,12 +93,25 @@ def test_training_command_survives_the_shell(tmp_path: Path) -> None:
 
 
 def test_lighthouse_command() -> None:
-    text = rendered("full")
+    text = sbatch.render({**CASES["full"], "lighthouse_proxy": False})
     assert ('torchft_lighthouse --bind "$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" --min_replicas 1 \\\n'
             "  --quorum_tick_ms 100 --join_timeout_ms 10000 \\\n"
             "  --heartbeat_timeout_ms 2000 &") in text
+    assert "lighthouse-proxy" not in text
     assert "LIGHTHOUSE_PORT=29500" in text
     assert "export MARDUK_NATS_URL=nats://nats.example:4222" in text
+
+
+def test_lighthouse_behind_the_liveness_proxy() -> None:
+    marduk = "'/opt/my env/bin/python' -m marduk_slurm.cli.main"
+    text = sbatch.render({**CASES["full"], "marduk": marduk})
+    assert ('torchft_lighthouse --bind "$REAL_LIGHTHOUSE" --min_replicas 1 \\\n'
+            "  --quorum_tick_ms 100 --join_timeout_ms 10000 \\\n"
+            "  --heartbeat_timeout_ms 250 &") in text
+    assert ("'/opt/my env/bin/python' -m marduk_slurm.cli.main lighthouse-proxy --listen "
+            '"$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" \\\n'
+            '  --lighthouse "$REAL_LIGHTHOUSE" --long-timeout-ms 2000 \\\n'
+            '  --lighthouse-timeout-ms 250 --job "$SLURM_JOB_ID" &') in text
 
 
 def test_unknown_parameter_is_rejected_with_the_valid_ones() -> None:
@@ -140,6 +153,13 @@ def test_missing_required_parameter() -> None:
     ({"train_args": "--lr 1"}, "must be a list"),
     ({"train_args": ["a\nb"]}, "newlines"),
     ({"train_script": " "}, "train_script must not be empty"),
+    ({"lighthouse_short_timeout_ms": 1000}, r"must be below heartbeat_timeout_ms \(1000\)"),
+    ({"lighthouse_short_timeout_ms": 0}, "lighthouse_short_timeout_ms must be an integer"),
+    ({"lighthouse_proxy": "yes"}, "lighthouse_proxy must be true or false"),
+    ({"marduk": " "}, "marduk .* is empty"),
+    ({"marduk": "a\nb"}, "newlines"),
+    ({"lighthouse_port": 65535}, "lighthouse_port 65535 leaves the port range"),
+    ({"lighthouse_port": 29599}, "overlap the MASTER_PORTs"),
 ])
 def test_bad_values_raise_value_error(override: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -133,8 +133,9 @@ def supervise(tmp_path: Path, plans: dict[int, list[str]], **params: object) -> 
     lighthouse = write_exe(fake / "lighthouse.py", FAKE_LIGHTHOUSE)
     for group, plan in plans.items():
         (fake / f"plan.{group}").write_text("".join(f"{a}\n" for a in plan))
+    # The lighthouse here is a stand-in that only listens: no proxy in front of it.
     values = {"replica_groups": 2, "nodes_per_group": 1, "spares": 0, "max_restarts": 3,
-              **params}
+              "lighthouse_proxy": False, **params}
     script = sbatch.render({
         "train_script": str(train), "launcher": "", "gpus_per_node": 1, "poll_s": 0.05,
         "lighthouse": str(lighthouse), "lighthouse_port": free_port(), "master_port": 40000,
@@ -221,7 +222,7 @@ def test_multi_node_group_replaces_only_the_drained_node(tmp_path: Path) -> None
 def test_lighthouse_that_dies_fails_the_job(tmp_path: Path) -> None:
     out = supervise(tmp_path, {}, lighthouse="/bin/false")
     assert out.rc == 1
-    assert "lighthouse exited before listening; giving up" in out.log
+    assert "lighthouse (or its proxy) exited before listening; giving up" in out.log
     assert out.sruns == []
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.cli import arguments, render
 
-DAEMONS = {"controller", "agent"}
+DAEMONS = {"controller", "agent", "lighthouse-proxy"}
 
 
 def setup_logging(level: str) -> None:

@@ -13,7 +13,16 @@ import sys
 from collections.abc import Sequence
 
 from marduk_slurm import __version__
-from marduk_slurm.cli import arguments, auth_cmd, commands, daemons, observe, render, sbatch_cmd
+from marduk_slurm.cli import (
+    arguments,
+    auth_cmd,
+    commands,
+    daemons,
+    lighthouse_cmd,
+    observe,
+    render,
+    sbatch_cmd,
+)
 from marduk_slurm.cli import jobs as job_commands
 from marduk_slurm.cli.client import RequestFailed
 from marduk_slurm.errors import BusError, BusTimeout, MardukError, NotFound, SettingsError
@@ -67,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     job_commands.add_parsers(sub, _add)
     auth_cmd.add_parsers(sub, _add)
     observe.add_parsers(sub, _add)
+    lighthouse_cmd.add_parsers(sub, _add)
     return parser
 
 

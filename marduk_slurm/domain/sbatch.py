@@ -73,6 +73,9 @@ def sbatch_script(
     quorum_tick_ms: int = 100,
     join_timeout_ms: int = 10000,
     heartbeat_timeout_ms: int = 1000,
+    lighthouse_proxy: bool = True,
+    lighthouse_short_timeout_ms: int = 250,
+    marduk: str = "marduk",
     master_port: int = 29600,
     poll_s: float = 1.0,
     assume_grace_s: int = 5,
@@ -86,6 +89,10 @@ def sbatch_script(
     "python3" or "torchrun --nproc-per-node=8"; empty runs the script itself. Group g's
     MASTER_PORT is master_port + g. `lighthouse_bind` defaults to the first node's NodeAddr.
     `max_restarts` counts respawns over the whole job, all groups together.
+    With `lighthouse_proxy` (the default) the Managers reach `marduk lighthouse-proxy` on
+    lighthouse_port (`marduk` is the command, shell words), which holds `heartbeat_timeout_ms`
+    and drops a replica told to leave at once; the real lighthouse listens on loopback at
+    lighthouse_port + 1 with `lighthouse_short_timeout_ms` (docs/architecture.md).
     `hot_spares` of the `spares` run standbys (MARDUK_STANDBY=1); up to `max_restarts` more
     standbys are started as free healthy spares allow, to keep `hot_spares` standing by.
     Standby s uses MASTER_PORT master_port + replica_groups + s. A group that ends while
@@ -105,7 +112,8 @@ def sbatch_script(
     env.filters["q"] = shlex.quote
     command = [*shlex.split(launcher), train_script, *train_args]
     return env.get_template(TEMPLATE_NAME).render(
-        **params, command=command, total_nodes=(replica_groups + spares) * nodes_per_group,
+        **params, command=command, marduk_command=shlex.split(marduk),
+        total_nodes=(replica_groups + spares) * nodes_per_group,
         sbatch_lines=_sbatch_lines(params), exit_leave=EXIT_LEAVE, exit_stop=EXIT_STOP,
     )
 
@@ -158,8 +166,16 @@ def _check(p: Mapping[str, Any]) -> None:
     if not str(p["train_script"]).strip():
         raise ValueError("train_script must not be empty")
     for name in ("replica_groups", "nodes_per_group", "min_replicas", "quorum_tick_ms",
-                 "join_timeout_ms", "heartbeat_timeout_ms"):
+                 "join_timeout_ms", "heartbeat_timeout_ms", "lighthouse_short_timeout_ms"):
         _int_at_least(p, name, 1)
+    if not isinstance(p["lighthouse_proxy"], bool):
+        raise ValueError(f"lighthouse_proxy must be true or false, got {p['lighthouse_proxy']!r}")
+    if p["lighthouse_proxy"]:
+        if p["lighthouse_short_timeout_ms"] >= p["heartbeat_timeout_ms"]:
+            raise ValueError(f"lighthouse_short_timeout_ms ({p['lighthouse_short_timeout_ms']}) "
+                             f"must be below heartbeat_timeout_ms ({p['heartbeat_timeout_ms']})")
+        if not shlex.split(p["marduk"]):
+            raise ValueError("marduk (the command that runs the lighthouse proxy) is empty")
     for name in ("gpus_per_node", "spares", "hot_spares", "max_restarts", "assume_grace_s"):
         _int_at_least(p, name, 0)
     if p["hot_spares"] > p["spares"]:
@@ -167,9 +183,14 @@ def _check(p: Mapping[str, Any]) -> None:
                          "a standby runs on spare nodes")
     if not (isinstance(p["poll_s"], int | float) and p["poll_s"] > 0):
         raise ValueError(f"poll_s must be a positive number, got {p['poll_s']!r}")
-    _port(p, "lighthouse_port", p["lighthouse_port"])
+    _port(p, "lighthouse_port", p["lighthouse_port"] + int(p["lighthouse_proxy"]))
     standby_ports = p["hot_spares"] + p["max_restarts"] if p["hot_spares"] else 0
     _port(p, "master_port", p["master_port"] + p["replica_groups"] + standby_ports - 1)
+    lighthouse_ports = range(p["lighthouse_port"], p["lighthouse_port"] + 1 + p["lighthouse_proxy"])
+    master_ports = range(p["master_port"], p["master_port"] + p["replica_groups"] + standby_ports)
+    if set(lighthouse_ports) & set(master_ports):
+        raise ValueError(f"lighthouse ports {lighthouse_ports.start}-{lighthouse_ports.stop - 1} "
+                         f"overlap the MASTER_PORTs {master_ports.start}-{master_ports.stop - 1}")
     if p["min_replicas"] > p["replica_groups"]:
         raise ValueError(f"min_replicas ({p['min_replicas']}) exceeds replica_groups "
                          f"({p['replica_groups']})")
@@ -180,7 +201,7 @@ def _check(p: Mapping[str, Any]) -> None:
         raise ValueError("train_args must be a list of arguments, not one string")
     for key, value in (p["sbatch_args"] or {}).items():
         _sbatch_arg(key, value)
-    text = [p["train_script"], *p["train_args"], p["launcher"], p["lighthouse"],
+    text = [p["train_script"], *p["train_args"], p["launcher"], p["lighthouse"], p["marduk"],
             p["nats_url"] or "", p["lighthouse_bind"] or "", p["assume_dir"] or ""]
     if any("\n" in str(t) or "\0" in str(t) for t in text):
         raise ValueError("arguments must not contain newlines or NUL characters")

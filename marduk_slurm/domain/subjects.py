@@ -48,6 +48,11 @@ def replica_commands(job_id: int, replica_group: int) -> str:
     return f"{PREFIX}.cmd.replica.{job_id}.{replica_group}"
 
 
+def replica_commands_all(job_id: int) -> str:
+    """Every replica group's commands of a job (the lighthouse proxy listens for leaves)."""
+    return f"{PREFIX}.cmd.replica.{job_id}.*"
+
+
 def standby_commands(job_id: int) -> str:
     """Commands for the standbys (hot spares) of a job (assume); under the replica commands,
     so a job's credential already covers it."""

@@ -72,11 +72,19 @@ LIGHTHOUSE_NODE=${SLURMD_NODENAME:-${ALL_NODES[0]}}
 LIGHTHOUSE_ADDR=''
 [ -n "$LIGHTHOUSE_ADDR" ] || LIGHTHOUSE_ADDR=$(node_addr "$LIGHTHOUSE_NODE")
 export TORCHFT_LIGHTHOUSE="http://$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT"
-torchft_lighthouse --bind "$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" --min_replicas 1 \
+# The Managers talk to marduk's liveness proxy, which keeps each replica alive at the real
+# lighthouse for the job's heartbeat timeout (--long-timeout-ms) and drops one at once when
+# marduk tells it to leave; the real lighthouse, on loopback, runs with a short timeout.
+REAL_LIGHTHOUSE="127.0.0.1:$((LIGHTHOUSE_PORT + 1))"
+torchft_lighthouse --bind "$REAL_LIGHTHOUSE" --min_replicas 1 \
   --quorum_tick_ms 100 --join_timeout_ms 10000 \
-  --heartbeat_timeout_ms 1000 &
+  --heartbeat_timeout_ms 250 &
 LIGHTHOUSE_PID=$!
-log "lighthouse (pid $LIGHTHOUSE_PID) on $LIGHTHOUSE_NODE at $TORCHFT_LIGHTHOUSE"
+marduk lighthouse-proxy --listen "$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" \
+  --lighthouse "$REAL_LIGHTHOUSE" --long-timeout-ms 1000 \
+  --lighthouse-timeout-ms 250 --job "$SLURM_JOB_ID" &
+PROXY_PID=$!
+log "lighthouse (pid $LIGHTHOUSE_PID) at $REAL_LIGHTHOUSE behind its proxy (pid $PROXY_PID) on $LIGHTHOUSE_NODE at $TORCHFT_LIGHTHOUSE"
 
 declare -a GROUP_NODES GROUP_PID GROUP_STATE GROUP_RESTARTS GROUP_DEADLINE
 declare -a STANDBY_NODES STANDBY_PID STANDBY_STATE
@@ -106,20 +114,20 @@ stop_all() {
 }
 # The batch script gets TERM on scancel or at the time limit: pass it to the steps.
 trap 'log "terminated: stopping all groups"; stop_all; exit 143' TERM INT
-trap 'kill "$LIGHTHOUSE_PID" 2>/dev/null' EXIT
+trap 'kill "$LIGHTHOUSE_PID" "$PROXY_PID" 2>/dev/null' EXIT
 
 # A replica that starts before the lighthouse listens would fail to join; wait for the port.
 wait_lighthouse() {
   local _
   for _ in $(seq 300); do
     (exec 3<>"/dev/tcp/$LIGHTHOUSE_ADDR/$LIGHTHOUSE_PORT") 2>/dev/null && return 0
-    kill -0 "$LIGHTHOUSE_PID" 2>/dev/null || return 1
+    kill -0 "$LIGHTHOUSE_PID" 2>/dev/null && kill -0 "$PROXY_PID" 2>/dev/null || return 1
     sleep 0.1
   done
   log "lighthouse not listening after 30 s; starting the groups anyway"
 }
 if ! wait_lighthouse; then
-  log "lighthouse exited before listening; giving up"
+  log "lighthouse (or its proxy) exited before listening; giving up"
   exit 1
 fi
 
@@ -205,8 +213,12 @@ start_standby() {
 }
 
 # refill_standbys: start standbys on free healthy nodes until NUM_STANDBYS stand by again.
+# Groups come first: no new standby while a group waits for nodes or for its standby.
 refill_standbys() {
-  local s ready=0 chosen=()
+  local s g ready=0 chosen=()
+  for ((g = 0; g < NUM_GROUPS; g++)); do
+    [[ ${GROUP_STATE[$g]} == waiting || ${GROUP_STATE[$g]} == pending* ]] && return 0
+  done
   for s in "${!STANDBY_STATE[@]}"; do
     [ "${STANDBY_STATE[$s]}" = standby ] && ready=$((ready + 1))
   done
@@ -298,6 +310,23 @@ check_pending() {
   done
 }
 
+# reclaim_standby G: a group that needs nodes takes a standing-by standby's: the standby
+# stops and its nodes go back to the spare pool. Returns 1 when none is standing by.
+reclaim_standby() {
+  local g=$1 s nodes
+  for s in "${!STANDBY_STATE[@]}"; do
+    [ "${STANDBY_STATE[$s]}" = standby ] || continue
+    kill -TERM "${STANDBY_PID[$s]}" 2>/dev/null
+    wait "${STANDBY_PID[$s]}" 2>/dev/null
+    STANDBY_STATE[s]=gone
+    log "standby $s: stopped to free ${STANDBY_NODES[$s]// /,} for group $g"
+    read -r -a nodes <<<"${STANDBY_NODES[$s]}"
+    release "${nodes[@]}"
+    return 0
+  done
+  return 1
+}
+
 respawn() {
   local g=$1 keep=$2
   if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then
@@ -305,7 +334,7 @@ respawn() {
     GROUP_STATE[g]=abandoned
     return
   fi
-  if ! place_group "$g" "$keep"; then
+  if ! place_group "$g" "$keep" && ! { reclaim_standby "$g" && place_group "$g" "$keep"; }; then
     [ "${GROUP_STATE[$g]}" = waiting ] || log "group $g: no healthy spare node free; waiting"
     GROUP_STATE[g]=waiting
     return
