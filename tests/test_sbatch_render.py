@@ -6,9 +6,11 @@ change, regenerate them with MARDUK_REGEN_GOLDEN=1 and review the diff.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +174,12 @@ def test_template_uses_strict_undefined(tmp_path: Path) -> None:
         sbatch.render({**CASES["basic"], "template_dir": str(tmp_path)})
 
 
+def test_the_job_runs_the_marduk_that_rendered_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert marduk_main(["sbatch", "--json", "--replica-groups", "2", "train.py"]) == 0
+    marduk = json.loads(capsys.readouterr().out)["parameters"]["marduk"]
+    assert marduk == str(Path(sys.executable).with_name("marduk"))
+
+
 def test_coerce_uses_the_type_of_the_default() -> None:
     assert sbatch.coerce("lighthouse_port", "1234") == 1234
     assert sbatch.coerce("poll_s", "0.5") == 0.5
@@ -191,7 +199,7 @@ def test_cli_prints_the_rendered_script(capsys: pytest.CaptureFixture[str]) -> N
                       "--sbatch-arg", "qos=high", "--launcher", "torchrun --nproc-per-node=8",
                       "--heartbeat-timeout-ms", "2000",
                       "--param", "nats_url=nats://nats.example:4222",
-                      "--param", "lighthouse_port=29500",
+                      "--param", "lighthouse_port=29500", "--param", "marduk=marduk",
                       "/shared/train.py", "--", *CASES["full"]["train_args"]])
     assert rc == 0
     assert capsys.readouterr().out == (GOLDEN / "full.sh").read_text()
@@ -222,7 +230,7 @@ def test_cli_hot_spares(capsys: pytest.CaptureFixture[str]) -> None:
     rc = marduk_main(["sbatch", "--replica-groups", "2", "--spares", "2", "--hot-spares", "1",
                       "--param", "assume_dir=/shared/run 1/marduk", "--param",
                       "assume_grace_s=3", "--param", "nats_url=nats://nats.example:4222",
-                      "--gpus-per-node", "8", "train.py"])
+                      "--param", "marduk=marduk", "--gpus-per-node", "8", "train.py"])
     assert rc == 0
     assert capsys.readouterr().out == (GOLDEN / "hot.sh").read_text()
     assert marduk_main(["sbatch", "--replica-groups", "2", "--hot-spares", "1",

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from marduk_slurm.cli import render as out
@@ -109,12 +111,22 @@ def _default_nats_url(args: argparse.Namespace) -> str | None:
         return None
 
 
+def _own_marduk() -> str:
+    """The `marduk` the job runs (the lighthouse proxy): this one, by its full path, so that
+    the job does not depend on the PATH a batch step starts with; plain `marduk` when this
+    one is not an installed command."""
+    here = Path(sys.executable).with_name("marduk")
+    return str(here) if here.is_file() and os.access(here, os.X_OK) else "marduk"
+
+
 def cmd_sbatch(args: argparse.Namespace) -> int:
     from marduk_slurm.domain import sbatch
 
     params = parameters(args)
     if "nats_url" not in params:
         params["nats_url"] = _default_nats_url(args)
+    if "marduk" not in params:
+        params["marduk"] = _own_marduk()
     script = sbatch.render(params)
     if not args.submit:
         if args.json:
