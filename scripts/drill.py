@@ -226,8 +226,9 @@ class Drill:
         new = self.wait(f"group {group} respawned on a spare and healed", rejoined, 180)
         result.fault_to_full_strength_s = time.time() - t0
         result.spare, result.step_rejoined = new["node"], new["last_step"]
-        say(f"group {group} back on {new['node']} at step {new['last_step']}: full strength "
-            f"{result.fault_to_full_strength_s:.1f} s after the fault")
+        say(f"group {group} back on {new['node']} at step {new['last_step']}: seen at full "
+            f"strength {result.fault_to_full_strength_s:.1f} s after the fault (polling; the "
+            "summary reads the exact time from the training log)")
 
     def wait_job(self) -> str:
         def finished() -> str | None:
