@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -139,6 +141,24 @@ def test_a_page_too_large_for_one_message_comes_back_shorter(tmp_path: Path) -> 
     assert len(seen) == len(set(seen)) == 300
     data, outcome = queries.answer(store, "replicas", {}, {}, 50_000)
     assert outcome == "too_large" and json.loads(data)["error_kind"] == "too_large"
+
+
+def _query_processes(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children
+            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_list_queries_survive_their_processes_being_killed(
+        busy_controller: ControllerProcess) -> None:
+    first = busy_controller.request("replicas", {"page_size": 10})
+    assert busy_controller.proc is not None
+    workers = _query_processes(busy_controller.proc.pid)
+    assert workers  # the query lane is processes (started as needed), not controller threads
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    assert busy_controller.request("replicas", {"page_size": 10}) == first
+    assert set(_query_processes(busy_controller.proc.pid)).isdisjoint(workers)
 
 
 async def _flood(url: str, n: int, *, timeout_ms: int, requesters: int = 1) -> None:

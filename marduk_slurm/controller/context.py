@@ -79,14 +79,19 @@ class StoreRunner:
             return await self.read(
                 lambda store: queries.answer(store, verb, args, risk, max_payload))
         loop = asyncio.get_running_loop()
-        pool = self._query_pool or self.start_queries()
-        try:
-            return await loop.run_in_executor(pool, queries.worker_answer, verb, args, risk,
-                                              max_payload)
-        except BrokenProcessPool:  # a query process was killed: the next query starts anew
-            if self._query_pool is pool:
-                self._query_pool = None
-            raise
+        for attempt in (1, 2):
+            pool = self._query_pool or self.start_queries()
+            try:
+                return await loop.run_in_executor(pool, queries.worker_answer, verb, args,
+                                                  risk, max_payload)
+            except BrokenProcessPool:  # a query process died (killed, out of memory)
+                log.warning("a query process died; starting them again")
+                if self._query_pool is pool:
+                    self._query_pool = None
+                    pool.shutdown(wait=False, cancel_futures=True)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def start_queries(self) -> ProcessPoolExecutor:
         """Start the query processes (spawned, never forked from this threaded process)."""
