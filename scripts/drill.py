@@ -282,6 +282,15 @@ _FIRST_COMMIT = re.compile(r"^group (\d+): first commit at step (\d+) on (\S+) t
 _EXIT = re.compile(r"^group (\d+): exit (-?\d+) at step (\d+) on (\S+)$")
 
 
+def final_step(output: str) -> int:
+    """The highest step a group exited at, from the training log: the last heartbeat before
+    an exit may be lost (heartbeats are at most once), the exit line is not."""
+    steps = [int(m.group(3)) for line in output.splitlines() if (m := _EXIT.match(line))]
+    if not steps:
+        raise ValueError("the training log has no exit line: the final step is unknown")
+    return max(steps)
+
+
 def step_losses(output: str, group: int, old_node: str, after: float
                 ) -> tuple[int, int, int, int]:
     """(discarded, left_at, healed_to, redone), read from the training log
@@ -347,7 +356,7 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
         full = full_strength_at(output, victim["replica_group"], result.node, 2, verdict_ts)
         if full is not None:
             result.fault_to_full_strength_s = full - verdict_ts
-        result.final_step = max(r["last_step"] for r in result.replicas)
+        result.final_step = final_step(output)
         losses = step_losses(output, victim["replica_group"], result.node, t0)
         (result.steps_discarded, result.left_at_step, result.healed_to_step,
          result.steps_redone) = losses

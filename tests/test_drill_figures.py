@@ -72,6 +72,14 @@ def test_a_log_without_the_exit_or_the_return_gives_no_figure(drill: ModuleType,
         drill.step_losses(log(*lines), 1, "n2", after=20.0)
 
 
+def test_the_final_step_is_the_highest_exit_in_the_log(drill: ModuleType) -> None:
+    output = log(*BEFORE_FAULT, "group 1: exit 75 at step 57 on n2",
+                 "group 0: exit 0 at step 140 on n1", "group 1: exit 0 at step 140 on n3")
+    assert drill.final_step(output) == 140
+    with pytest.raises(ValueError, match="no exit line"):
+        drill.final_step(log(*BEFORE_FAULT))
+
+
 def test_the_batch_step_is_named_batch_in_the_history(tmp_path: Path, drill: ModuleType
                                                       ) -> None:
     store = Store(tmp_path / "marduk.db")
