@@ -248,3 +248,49 @@ def test_events_stream_survives_its_leader_dying_in_a_fault_storm(
         "SELECT source, xid FROM events WHERE kind = 'gpu_verdict' AND node = ? AND xid = 79",
         (AGENT_NODE,)).fetchall()
     assert [tuple(row) for row in agent_verdicts] == [("agent", 79)]
+
+
+def test_a_single_replica_stream_is_raised_to_stream_replicas_with_its_consumer(
+        tmp_path: Path, nats_cluster: NatsCluster) -> None:
+    """A site that moves to a cluster (or raises nats.stream_replicas): the next start of the
+    controller replicates the existing stream, and its consumer follows."""
+    consumer = f"{subjects.EVENTS_STREAM}.{DURABLE_NAME}"
+
+    async def layout() -> tuple[int, int]:
+        bus = Bus(nats_cluster.url, name="probe")
+        await bus.connect(retry=True)
+        try:
+            stream = await bus.stream_info()
+            info = json.loads(await bus.request(f"$JS.API.CONSUMER.INFO.{consumer}", b"", 5.0))
+            return stream["replicas"], 1 + len(info.get("cluster", {}).get("replicas") or [])
+        finally:
+            await bus.close()
+
+    ctl = ControllerProcess(tmp_path / "state", nats_cluster.url).start()
+    assert ctl.stop() == 0
+    assert asyncio.run(layout()) == (1, 1)
+    ctl = ControllerProcess(tmp_path / "state", nats_cluster.url,
+                            extra_env={"MARDUK_NATS_STREAM_REPLICAS": "3"}).start()
+    try:
+        wait_for(lambda: asyncio.run(layout()) == (3, 3), 30,
+                 what="the stream and its consumer at 3 replicas")
+    finally:
+        assert ctl.stop() == 0, ctl.log()
+
+
+def test_more_replicas_than_servers_stops_the_controller_with_the_reason(
+        tmp_path: Path) -> None:
+    from marduk_slurm.adapters.nats_server import NatsServerProcess
+
+    server = NatsServerProcess(tmp_path / "nats")
+    server.start()
+    try:
+        ctl = ControllerProcess(tmp_path / "state", server.url,
+                                extra_env={"MARDUK_NATS_STREAM_REPLICAS": "3"})
+        with pytest.raises(RuntimeError) as exited:
+            ctl.start()
+        # It exits (rather than wait for JetStream as for a cluster still electing a leader).
+        assert ctl.proc is not None and ctl.proc.poll() not in (None, 0)
+        assert "cannot create stream MARDUK_EVENTS with 3 replica(s)" in str(exited.value)
+    finally:
+        server.stop()
