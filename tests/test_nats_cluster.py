@@ -284,13 +284,14 @@ def test_more_replicas_than_servers_stops_the_controller_with_the_reason(
 
     server = NatsServerProcess(tmp_path / "nats")
     server.start()
+    ctl = ControllerProcess(tmp_path / "state", server.url,
+                            extra_env={"MARDUK_NATS_STREAM_REPLICAS": "3"})
     try:
-        ctl = ControllerProcess(tmp_path / "state", server.url,
-                                extra_env={"MARDUK_NATS_STREAM_REPLICAS": "3"})
         with pytest.raises(RuntimeError) as exited:
             ctl.start()
         # It exits (rather than wait for JetStream as for a cluster still electing a leader).
         assert ctl.proc is not None and ctl.proc.poll() not in (None, 0)
         assert "cannot create stream MARDUK_EVENTS with 3 replica(s)" in str(exited.value)
     finally:
+        ctl.stop()
         server.stop()
