@@ -77,7 +77,7 @@ class ControllerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class NatsSettings:
-    url: str = ""  # empty: start the embedded nats-server in the state directory
+    url: str = ""  # empty: start the embedded nats-server; several: nats://a,nats://b,...
     creds: str = ""  # NATS credentials file of this process
     connect_timeout_s: Timeout = 5.0  # time limit of one connection attempt
     request_timeout_s: Timeout = 10.0  # how long the CLI waits for the controller's answer
@@ -324,8 +324,11 @@ def validate(s: Settings) -> None:
     if s.controller.http_listen and (not host or not port.isdigit() or int(port) > 65535):
         raise SettingsError(f"{where('controller.http_listen')}: controller.http_listen must be "
                             "HOST:PORT (e.g. 127.0.0.1:9108) or empty")
-    if s.nats.url and not s.nats.url.startswith(("nats://", "tls://", "ws://", "wss://")):
-        raise SettingsError(f"{where('nats.url')}: nats.url must start with nats:// or tls://")
+    if s.nats.url and not all(
+            part.strip().startswith(("nats://", "tls://", "ws://", "wss://"))
+            for part in s.nats.url.split(",")):
+        raise SettingsError(f"{where('nats.url')}: nats.url must be one URL or several, "
+                            "comma-separated, each starting with nats:// or tls://")
     if not s.slurm.reason_prefix.strip():
         raise SettingsError(f"{where('slurm.reason_prefix')}: must not be empty")
 

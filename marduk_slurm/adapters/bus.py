@@ -3,6 +3,11 @@
 Everything NATS-specific stays here: callers see `Bus`, raw bytes, and our own errors
 (`BusError`, `BusTimeout`). Reconnection is nats-py's, unlimited, with a capped wait; the
 connection state is reported through `on_state` for metrics and logs.
+
+A URL may name several servers of one NATS cluster, comma-separated
+(`nats://a:4222,nats://b:4222,nats://c:4222`): the connection picks one at random (spreading
+a site's agents and replicas over the cluster) and, when that server goes away, reconnects to
+another, also to those the cluster announces but the URL does not name.
 """
 
 from __future__ import annotations
@@ -28,6 +33,23 @@ from marduk_slurm.errors import BusClosed, BusError, BusTimeout
 
 log = logging.getLogger(__name__)
 
+# JetStream answers of a cluster that has no meta leader yet (starting, or electing a new
+# one after a server died): worth waiting for, unlike a request it refuses.
+JETSTREAM_UNAVAILABLE = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError,
+                         nats.errors.TimeoutError, TimeoutError)
+
+
+# How long JetStream remembers a message id: a publisher that retries a message whose
+# confirmation it lost (a server died after storing it) within this window is not recorded twice.
+DUPLICATE_WINDOW_S = 120.0
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers of a NATS URL: one, or several of one cluster, comma-separated."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise BusError(f"no NATS server in {url!r}")
+    return servers
 
 
 class Incoming(Protocol):
@@ -118,6 +140,7 @@ class Bus:
         self._closing = False
         self._last_error_log = 0.0
         self._quiet = False
+        self.reconnects = 0  # reconnections after a loss, to this server or another
 
     # -- connection ------------------------------------------------------------------------
 
@@ -133,9 +156,10 @@ class Bus:
             raise BusError(str(exc)) from None
         if self.user:
             auth.update(user=self.user, password=self.password)
+        servers = server_urls(self.url)
         try:
             self.nc = await nats.connect(
-                self.url, name=self.name, **auth,
+                servers, name=self.name, **auth,
                 connect_timeout=self.connect_timeout_s, allow_reconnect=retry,
                 max_reconnect_attempts=-1 if retry else 1, reconnect_time_wait=0.2,
                 error_cb=self._on_error, disconnected_cb=self._on_disconnect,
@@ -163,7 +187,8 @@ class Bus:
         self.on_state("disconnected")
 
     async def _on_reconnect(self) -> None:
-        log.info("NATS reconnected to %s", self.url)
+        self.reconnects += 1
+        log.info("NATS reconnected to %s", self.server)
         self.on_state("connected")
 
     async def _on_closed(self) -> None:
@@ -172,6 +197,15 @@ class Bus:
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    @property
+    def server(self) -> str:
+        """The server this connection is on now (one of a cluster's); "" when none."""
+        nc = self.nc
+        where = nc.connected_url if nc is not None and nc.is_connected else None
+        if where is None:
+            return ""
+        return f"{where.scheme}://{where.hostname}:{where.port}"
 
     def _client(self) -> Client:
         if self.nc is None:
@@ -238,18 +272,25 @@ class Bus:
 
     async def ensure_events_stream(self, *, replicas: int = 1, max_age_s: float = 7 * 86400.0
                                    ) -> None:
-        """Create (or update) the durable events stream."""
+        """Create (or update) the durable events stream. `BusTimeout` while JetStream cannot
+        answer yet (a cluster electing its meta leader): worth retrying; `BusError` when it
+        refuses the stream (for instance more replicas than it has servers)."""
         config = StreamConfig(
             name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_ALL],
             retention=RetentionPolicy.LIMITS, max_age=max_age_s, num_replicas=replicas,
-            duplicate_window=120.0,
+            duplicate_window=DUPLICATE_WINDOW_S,
         )
         try:
-            await self.js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await self.js.update_stream(config)
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:  # there already, with another config
+                await self.js.update_stream(config)
+        except JETSTREAM_UNAVAILABLE as exc:
+            raise BusTimeout(f"JetStream cannot create {subjects.EVENTS_STREAM} yet: "
+                             f"{_describe(exc)}") from exc
         except (nats.errors.Error, OSError) as exc:
-            raise BusError(f"cannot create stream {subjects.EVENTS_STREAM}: {exc}") from exc
+            raise BusError(f"cannot create stream {subjects.EVENTS_STREAM} with "
+                           f"{replicas} replica(s): {_describe(exc)}") from exc
 
     async def publish_durable(self, subject: str, data: bytes, *, msg_id: str = "",
                               timeout_s: float = 5.0) -> int:
@@ -275,5 +316,25 @@ class Bus:
         ))
 
     async def stream_info(self) -> dict[str, Any]:
-        info = await self.js.stream_info(subjects.EVENTS_STREAM)
-        return {"messages": info.state.messages, "last_seq": info.state.last_seq}
+        """The events stream's state and, on a NATS cluster, where its replicas are: the
+        leader's server name and each other replica's (`current`: caught up with it)."""
+        try:
+            info = await self.js.stream_info(subjects.EVENTS_STREAM)
+        except JETSTREAM_UNAVAILABLE as exc:
+            raise BusTimeout(f"no answer about {subjects.EVENTS_STREAM}: {_describe(exc)}"
+                             ) from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"no information about {subjects.EVENTS_STREAM}: {_describe(exc)}"
+                           ) from exc
+        cluster = info.cluster
+        return {
+            "messages": info.state.messages, "last_seq": info.state.last_seq,
+            "replicas": info.config.num_replicas,
+            "leader": (cluster.leader or "") if cluster is not None else "",
+            "followers": [{"name": peer.name, "current": bool(peer.current)}
+                          for peer in ((cluster.replicas or []) if cluster is not None else [])],
+        }
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

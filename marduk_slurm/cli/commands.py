@@ -172,8 +172,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         render.as_json(data)
         return EXIT_SLURM_DOWN if unreachable else 0
     say = render.say
-    say(f"controller up {data['uptime_s']:.0f}s, NATS {data['nats']}, "
-        f"Slurm backend {data['slurm_backend']}")
+    # An older controller does not say which server it is on.
+    server = f" to {data['nats_server']}" if data.get("nats_server") else ""
+    say(f"controller up {data['uptime_s']:.0f}s, NATS {data['nats']}{server} "
+        f"({data.get('nats_reconnects', 0)} reconnects), Slurm backend {data['slurm_backend']}")
     for line in slurm:
         say(line)
     say(f"nodes {data['nodes']} ({data['nodes_drained']} drained, "

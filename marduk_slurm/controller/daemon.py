@@ -21,6 +21,7 @@ from marduk_slurm.adapters.slurm.factory import make_backend
 from marduk_slurm.adapters.slurm.none import NoSlurm
 from marduk_slurm.adapters.store import Store
 from marduk_slurm.adapters.systemd import Notifier, install_signal_handlers
+from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller import config_service, observe
 from marduk_slurm.controller.context import Context, StoreRunner
 from marduk_slurm.controller.decisions import Policy
@@ -31,6 +32,7 @@ from marduk_slurm.controller.operations import Operations
 from marduk_slurm.controller.outbox import OutboxWorker
 from marduk_slurm.controller.reconcile import Reconciler
 from marduk_slurm.controller.rpc import RpcServer
+from marduk_slurm.errors import BusTimeout
 from marduk_slurm.settings import Settings
 from marduk_slurm.supervisor import Supervisor
 
@@ -103,11 +105,29 @@ class Controller:
                 bus.creds = str(self.state_dir / "auth" / CONTROLLER_CREDS)
             self.notifier.status(f"connecting to NATS at {bus.url}")
             await bus.connect(retry=True)
-            await bus.ensure_events_stream(replicas=self.settings.nats.stream_replicas,
-                                           max_age_s=self.settings.nats.stream_max_age_s)
+            await self._ensure_stream(bus)
             return await self._serve(ctx)
         finally:
             await self._shutdown(ctx)
+
+    async def _ensure_stream(self, bus: Bus) -> None:
+        """Create the events stream, waiting while JetStream cannot answer yet (a NATS cluster
+        that is starting, or electing a meta leader); a refusal (say more replicas than the
+        cluster has servers) is an error."""
+        n = self.settings.nats
+        backoff = Backoff(base_s=0.5, max_s=5.0)
+        last_log = 0.0
+        while True:
+            try:
+                await bus.ensure_events_stream(replicas=n.stream_replicas,
+                                               max_age_s=n.stream_max_age_s)
+                return
+            except BusTimeout as exc:
+                self.notifier.status(f"waiting for JetStream: {exc}")
+                if time.monotonic() - last_log > 10:  # one line per 10 s while it waits
+                    last_log = time.monotonic()
+                    log.warning("%s; retrying", exc)
+                await asyncio.sleep(backoff.next())
 
     async def _serve(self, ctx: Context) -> int:
         c = self.settings.controller

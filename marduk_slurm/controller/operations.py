@@ -223,6 +223,8 @@ class Operations:
         data.update({
             "uptime_s": round(time.time() - self.ctx.started_at, 1),
             "nats": self.ctx.nats_state,
+            "nats_server": self.ctx.bus.server,
+            "nats_reconnects": self.ctx.bus.reconnects,
             "slurm_backend": self.slurm.name,
             "slurm_calls": self.slurm.stats(),
             "counters": dict(self.ctx.stats),
