@@ -1,5 +1,5 @@
-"""The shape of the house, checked on the source: no import cycles, a pure domain, and NATS and
-SQL only in their adapters.
+"""The shape of the house, checked on the source: no import cycles, a pure domain, NATS and
+SQL only in their adapters, and the apps holding the store by its protocol (`StoreApi`).
 
 The graph is read with `ast`, so it sees every import statement wherever it stands: at module
 level, inside functions (the lazy imports that hide cycles until run time) and under
@@ -32,12 +32,23 @@ NATS_OUTSIDE_ADAPTERS_TODO: frozenset[str] = frozenset()
 # Modules outside marduk_slurm/adapters/store/ that still run SQL on a connection themselves.
 SQL_OUTSIDE_STORE_TODO: frozenset[str] = frozenset()
 
+# Modules outside marduk_slurm/adapters/store/ that import the concrete SQLite `Store`: only
+# those that open a database. Everything else takes a `StoreApi` (adapters/store/api.py).
+OPENS_THE_STORE: frozenset[str] = frozenset({
+    "marduk_slurm.controller.daemon",   # the writing connection, migrated at start
+    "marduk_slurm.controller.context",  # StoreRunner: the read lane's read-only connections
+    "marduk_slurm.controller.queries",  # worker_init: a query process's read-only connection
+})
+
 DOMAIN = f"{PACKAGE}.domain"
 ADAPTERS = f"{PACKAGE}.adapters"
 STORE = f"{PACKAGE}.adapters.store"
 APPS = tuple(f"{PACKAGE}.{app}"
              for app in ("controller", "agent", "runtime", "cli", "lighthouse"))
 SQL_METHODS = {"execute", "executemany", "query"}
+# The modules that hold (`store`) or export (the package) the concrete class: importing one
+# of them as a module, or `Store` from it, reaches the class.
+STORE_CLASS_MODULES = {STORE, f"{STORE}.store"}
 # A receiver that names a connection: conn, _conn, connection, db, self._db, store.db ...
 CONNECTION_NAME = re.compile(r"^_*(conn|connection|db)(_|$)|_(conn|connection|db)$")
 
@@ -49,6 +60,7 @@ class ModuleImports:
     runtime: set[str] = field(default_factory=set)
     typing: set[str] = field(default_factory=set)
     sql_calls: list[int] = field(default_factory=list)  # line numbers
+    store_class: list[int] = field(default_factory=list)  # imports of the concrete Store
 
 
 def module_name(path: Path) -> str:
@@ -140,7 +152,14 @@ class ImportVisitor(ast.NodeVisitor):
 
     def _add(self, node: ast.Import | ast.ImportFrom) -> None:
         target = self.found.typing if self._typing_depth else self.found.runtime
-        target.update(imported_names(self.module, self.is_package, node))
+        names = set(imported_names(self.module, self.is_package, node))
+        target.update(names)
+        if names & STORE_CLASS_MODULES and (
+                isinstance(node, ast.Import)
+                or any(alias.name in {"Store", "*"} for alias in node.names)
+                or any(f"{resolve_from(self.module, self.is_package, node)}.{alias.name}"
+                       in STORE_CLASS_MODULES for alias in node.names)):
+            self.found.store_class.append(node.lineno)
 
     def visit_Import(self, node: ast.Import) -> None:
         self._add(node)
@@ -242,6 +261,11 @@ def sql_callers() -> set[str]:
             if not within(module, STORE) and imports_of(module).sql_calls}
 
 
+def store_class_importers() -> set[str]:
+    return {module for module in project_files()
+            if not within(module, STORE) and imports_of(module).store_class}
+
+
 # -- the checker itself, on small made-up sources --------------------------------------------
 
 def test_cycle_finder_sees_a_cycle_through_a_lazy_import() -> None:
@@ -270,6 +294,23 @@ def test_visitor_reads_lazy_relative_and_type_checking_imports() -> None:
         "typing", f"{PACKAGE}.adapters.slurm.parse", "nats.js", f"{PACKAGE}.adapters.errors"}
     assert visitor.found.typing == {f"{PACKAGE}.settings"}
     assert visitor.found.sql_calls == [8, 9, 11]
+
+
+def test_visitor_sees_the_concrete_store_however_it_is_imported() -> None:
+    source = (
+        "from marduk_slurm.adapters.store import StoreApi\n"
+        "from marduk_slurm.adapters.store.mapping import replica_page_key\n"
+        "from marduk_slurm.adapters.store import Store\n"
+        "from marduk_slurm.adapters.store.store import Store as S\n"
+        "import marduk_slurm.adapters.store\n"
+        "from marduk_slurm.adapters import store\n"
+        "from ..adapters.store import store as concrete\n"
+        "if TYPE_CHECKING:\n"
+        "    from marduk_slurm.adapters.store import Store\n"
+    )
+    visitor = ImportVisitor(f"{PACKAGE}.controller.inbound", is_package=False)
+    visitor.visit(ast.parse(source))
+    assert visitor.found.store_class == [3, 4, 5, 6, 7, 9]
 
 
 def test_relative_import_inside_a_package_init() -> None:
@@ -316,3 +357,9 @@ def test_nats_is_imported_only_by_adapters() -> None:
 def test_sql_runs_only_in_the_store() -> None:
     check_allow_list(sql_callers(), SQL_OUTSIDE_STORE_TODO, "SQL outside adapters/store/",
                      "SQL_OUTSIDE_STORE_TODO")
+
+
+def test_only_the_code_that_opens_a_database_names_the_concrete_store() -> None:
+    check_allow_list(store_class_importers(), OPENS_THE_STORE,
+                     "the concrete Store outside adapters/store/ (take a StoreApi)",
+                     "OPENS_THE_STORE")

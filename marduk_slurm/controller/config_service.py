@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.rpc import RpcServer
 from marduk_slurm.domain import config_revision as cr
@@ -41,7 +41,7 @@ def _progress(rows: list[dict[str, Any]]) -> list[cr.ReplicaProgress]:
                                float(r["last_seen"])) for r in rows if r["state"] == "active"]
 
 
-def _job_known(store: Store, job: int) -> bool:
+def _job_known(store: StoreApi, job: int) -> bool:
     """Whether the controller has seen the job: a replica (even one that left), a running
     step, or an earlier revision (one set with force before the job started)."""
     return bool(store.replicas(job_id=job, include_left=True)
@@ -67,7 +67,7 @@ class ConfigService:
                             force: bool) -> dict[str, Any]:
         now = time.time()
 
-        def commit(store: Store) -> tuple[int, int, int, list[str]]:
+        def commit(store: StoreApi) -> tuple[int, int, int, list[str]]:
             rows = store.replicas(job_id=job)
             if not rows and not force and not _job_known(store, job):
                 raise NotFound(
@@ -99,7 +99,7 @@ class ConfigService:
     async def config_show(self, args: dict[str, Any], actor: str) -> Any:
         job = _job(args)
 
-        def read(store: Store) -> dict[str, Any]:
+        def read(store: StoreApi) -> dict[str, Any]:
             return {"revisions": store.config_revisions(job), "acks": store.config_acks(job),
                     "replicas": store.replicas(job_id=job)}
 
@@ -109,7 +109,7 @@ class ConfigService:
     async def config_latest(self, args: dict[str, Any], actor: str) -> Any:
         job = _job(args)
 
-        def read(store: Store) -> tuple[list[dict[str, Any]], int]:
+        def read(store: StoreApi) -> tuple[list[dict[str, Any]], int]:
             rows = store.replicas(job_id=job)
             return store.config_revisions(job), max((r["last_step"] for r in rows), default=0)
 

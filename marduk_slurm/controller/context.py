@@ -16,7 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from marduk_slurm.adapters.bus import Bus
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import Store, StoreApi
 from marduk_slurm.controller import queries
 from marduk_slurm.controller.decisions import Effects, Policy
 from marduk_slurm.domain import messages as m
@@ -43,7 +43,9 @@ class StoreRunner:
 
     def __init__(self, store: Store, *, readers: int = 2,
                  query_processes: int = QUERY_PROCESSES) -> None:
-        self.store = store
+        # The concrete store: its path opens the read lane's connections and the query
+        # processes'. The apps see it as `store`, a StoreApi.
+        self._store = store
         self.query_processes = query_processes
         self._query_pool: ProcessPoolExecutor | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
@@ -53,20 +55,25 @@ class StoreRunner:
         self.read_executor = ThreadPoolExecutor(max_workers=readers,
                                                 thread_name_prefix="sqlite-read")
 
+    @property
+    def store(self) -> StoreApi:
+        """The writing connection (the write lane's thread only)."""
+        return self._store
+
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, fn, *args)
 
-    async def tx(self, fn: Callable[[Store], T]) -> T:
+    async def tx(self, fn: Callable[[StoreApi], T]) -> T:
         """Run `fn(store)` inside one transaction."""
         def run() -> T:
             with self.store.transaction():
                 return fn(self.store)
         return await self(run)
 
-    async def read(self, fn: Callable[[Store], T]) -> T:
+    async def read(self, fn: Callable[[StoreApi], T]) -> T:
         """Run `fn(store)` on a read-only connection of the read lane."""
-        if self.store.path == ":memory:":  # nothing to share a memory database with
+        if self._store.path == ":memory:":  # nothing to share a memory database with
             return await self(fn, self.store)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.read_executor, self._read, fn)
@@ -75,7 +82,7 @@ class StoreRunner:
                     max_payload: int) -> tuple[bytes, str]:
         """A list query (controller.queries), answered and encoded in a query process: the
         third lane, for work that is heavy in Python as well as in SQLite."""
-        if self.store.path == ":memory:" or self.query_processes == 0:
+        if self._store.path == ":memory:" or self.query_processes == 0:
             return await self.read(
                 lambda store: queries.answer(store, verb, args, risk, max_payload))
         loop = asyncio.get_running_loop()
@@ -98,13 +105,13 @@ class StoreRunner:
         self._query_pool = ProcessPoolExecutor(
             max_workers=self.query_processes, mp_context=multiprocessing.get_context("spawn"),
             initializer=queries.worker_init,
-            initargs=(str(self.store.path), os.getpid(), QUERY_NICE))
+            initargs=(str(self._store.path), os.getpid(), QUERY_NICE))
         return self._query_pool
 
-    def _read(self, fn: Callable[[Store], T]) -> T:
+    def _read(self, fn: Callable[[StoreApi], T]) -> T:
         reader: Store | None = getattr(self._local, "store", None)
         if reader is None:
-            reader = Store(self.store.path, read_only=True)
+            reader = Store(self._store.path, read_only=True)
             self._local.store = reader
             with self._readers_lock:
                 self._readers.append(reader)
@@ -117,7 +124,7 @@ class StoreRunner:
         for reader in self._readers:
             reader.close()
         self.executor.shutdown(wait=True)
-        self.store.close()
+        self._store.close()
 
 
 class Context:

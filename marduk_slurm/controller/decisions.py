@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.domain.decisions import (
     Assignment,
     Cause,
@@ -60,7 +60,7 @@ class Effects:
         self.rejected += other.rejected
 
 
-def take_decision(store: Store, cause: Cause, *, cause_event: int, source: str, now: float,
+def take_decision(store: StoreApi, cause: Cause, *, cause_event: int, source: str, now: float,
                   policy: Policy, effects: Effects) -> Decision:
     """Decide what `cause` (already recorded as event `cause_event`) means, and write the
     decision down. Must run inside the caller's transaction."""
@@ -71,7 +71,7 @@ def take_decision(store: Store, cause: Cause, *, cause_event: int, source: str, 
     return decision
 
 
-def gather_facts(store: Store, cause: Cause) -> Facts:
+def gather_facts(store: StoreApi, cause: Cause) -> Facts:
     """Read what `decide` needs for this cause (domain.decisions.needs), and the ready
     standbys of every job it concerns."""
     node_names, job_id = needs(cause)
@@ -96,7 +96,7 @@ def gather_facts(store: Store, cause: Cause) -> Facts:
                  standbys_here=here)
 
 
-def apply_decision(store: Store, decision: Decision, *, cause_event: int, source: str,
+def apply_decision(store: StoreApi, decision: Decision, *, cause_event: int, source: str,
                    now: float, effects: Effects) -> None:
     queue_leaves(store, decision.leaves, cause_event, source, now, effects)
     for drain in decision.drains:
@@ -106,7 +106,7 @@ def apply_decision(store: Store, decision: Decision, *, cause_event: int, source
     queue_dismissals(store, decision.dismissals, cause_event, source, now, effects)
 
 
-def queue_dismissals(store: Store, dismissals: list[Dismissal], cause_event: int, source: str,
+def queue_dismissals(store: StoreApi, dismissals: list[Dismissal], cause_event: int, source: str,
                      now: float, effects: Effects) -> None:
     """Record each standby told to stand down and store its command (durable, re-sent until
     the standby is gone)."""
@@ -130,7 +130,7 @@ def replica_refs(rows: list[dict[str, Any]]) -> list[ReplicaRef]:
             for r in rows if r.get("role", "replica") == "replica"]
 
 
-def queue_assumes(store: Store, assignments: list[Assignment], cause_event: int, source: str,
+def queue_assumes(store: StoreApi, assignments: list[Assignment], cause_event: int, source: str,
                   now: float, effects: Effects) -> None:
     """Record each assignment and store its assume command (durable, re-sent until the
     standby acknowledges it or is gone), in the decision's transaction."""
@@ -148,7 +148,7 @@ def queue_assumes(store: Store, assignments: list[Assignment], cause_event: int,
         effects.feed.append(eid)
 
 
-def queue_leaves(store: Store, leaves: list[Leave], cause_event: int, source: str,
+def queue_leaves(store: StoreApi, leaves: list[Leave], cause_event: int, source: str,
                  now: float, effects: Effects) -> None:
     """Record a leave per replica, store its command (durable), schedule the first send."""
     for leave in leaves:
@@ -167,7 +167,7 @@ def queue_leaves(store: Store, leaves: list[Leave], cause_event: int, source: st
         effects.feed.append(eid)
 
 
-def queue_drain(store: Store, node: str, reason: str, cause_event: int, source: str,
+def queue_drain(store: StoreApi, node: str, reason: str, cause_event: int, source: str,
                 now: float, effects: Effects, batch_reason: str = "") -> None:
     """Put a drain in the outbox. A drain already pending for the node is reused; whether
     the node is already drained is asked of Slurm just before acting, not of our copy."""

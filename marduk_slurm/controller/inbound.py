@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.controller.decisions import Effects, Policy, replica_refs, take_decision
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
@@ -26,7 +26,7 @@ from marduk_slurm.domain.slurm_state import step_label
 from marduk_slurm.errors import IdentityError
 
 
-def on_step_start(store: Store, msg: m.StepStart, now: float, policy: Policy) -> Effects:
+def on_step_start(store: StoreApi, msg: m.StepStart, now: float, policy: Policy) -> Effects:
     store.ensure_node(msg.node, now)
     effects = Effects()
     uuids = _own_gpus(store, msg.node, list(msg.gpu_uuids), now, "step_start", effects)
@@ -51,7 +51,7 @@ def _with_uuids(msg: m.StepStart, uuids: list[str]) -> m.StepStart:
                        gpu_indices=msg.gpu_indices, gpu_uuids=uuids, pid=msg.pid, uid=msg.uid)
 
 
-def _own_gpus(store: Store, node: str, uuids: list[str], now: float, what: str,
+def _own_gpus(store: StoreApi, node: str, uuids: list[str], now: float, what: str,
               effects: Effects, subject: str = "") -> list[str]:
     """The UUIDs of `uuids` that are not bound to another node. A GPU belongs to the node that
     first reported it; a report from elsewhere is refused, with an event, until an operator
@@ -72,7 +72,7 @@ def _own_gpus(store: Store, node: str, uuids: list[str], now: float, what: str,
     return mine
 
 
-def on_step_end(store: Store, msg: m.StepEnd, now: float, policy: Policy) -> Effects:
+def on_step_end(store: StoreApi, msg: m.StepEnd, now: float, policy: Policy) -> Effects:
     gone = store.end_step(msg.job_id, msg.step_id, msg.node, msg.exit_status, now)
     for replica_id in gone:
         store.finish_leave_command(replica_id, "step ended", now)
@@ -95,7 +95,7 @@ def on_step_end(store: Store, msg: m.StepEnd, now: float, policy: Policy) -> Eff
     return effects
 
 
-def on_inventory(store: Store, msg: m.GpuInventory, now: float, policy: Policy) -> Effects:
+def on_inventory(store: StoreApi, msg: m.GpuInventory, now: float, policy: Policy) -> Effects:
     effects = Effects()
     mine = set(_own_gpus(store, msg.node, [g.uuid for g in msg.gpus], now, "gpu_inventory",
                          effects))
@@ -111,7 +111,7 @@ def on_inventory(store: Store, msg: m.GpuInventory, now: float, policy: Policy) 
     return effects
 
 
-def on_verdict(store: Store, msg: m.Verdict, now: float, policy: Policy) -> Effects:
+def on_verdict(store: StoreApi, msg: m.Verdict, now: float, policy: Policy) -> Effects:
     """A GPU verdict: persist it, then act on it (see domain.decisions). A verdict only
     ever concerns its own node: a GPU bound to another node is refused, and only replicas on
     the verdict's node are asked to leave."""
@@ -140,7 +140,7 @@ def on_verdict(store: Store, msg: m.Verdict, now: float, policy: Policy) -> Effe
     return effects
 
 
-def _check_replica_owner(store: Store, replica_id: str, job_id: int) -> None:
+def _check_replica_owner(store: StoreApi, replica_id: str, job_id: int) -> None:
     """A replica id belongs to the job that first registered it."""
     owner = store.replica_job(replica_id)
     if owner is not None and owner != job_id:
@@ -148,7 +148,7 @@ def _check_replica_owner(store: Store, replica_id: str, job_id: int) -> None:
                             f"job {job_id} used replica id {replica_id} of job {owner}")
 
 
-def on_register(store: Store, msg: m.ReplicaRegister, now: float, policy: Policy) -> Effects:
+def on_register(store: StoreApi, msg: m.ReplicaRegister, now: float, policy: Policy) -> Effects:
     _check_replica_owner(store, msg.replica_id, msg.job_id)
     nodes = store.job_nodes(msg.job_id)
     if nodes is not None and msg.node not in nodes:
@@ -182,7 +182,7 @@ def on_register(store: Store, msg: m.ReplicaRegister, now: float, policy: Policy
     return effects
 
 
-def on_leave(store: Store, msg: m.ReplicaLeave, now: float, policy: Policy) -> Effects:
+def on_leave(store: StoreApi, msg: m.ReplicaLeave, now: float, policy: Policy) -> Effects:
     _check_replica_owner(store, msg.replica_id, msg.job_id)
     row = store.replica(msg.replica_id)
     left = store.leave_replica(msg.replica_id, msg.reason or "left", now)
@@ -197,7 +197,7 @@ def on_leave(store: Store, msg: m.ReplicaLeave, now: float, policy: Policy) -> E
     return Effects(feed=[eid])
 
 
-def on_assume_ack(store: Store, msg: m.AssumeAck, now: float, policy: Policy) -> Effects:
+def on_assume_ack(store: StoreApi, msg: m.AssumeAck, now: float, policy: Policy) -> Effects:
     """A standby took its assume command: the command is done and the standby's rows leave
     (it registers again as the group's replica, under torchft's new replica id)."""
     _check_replica_owner(store, msg.standby_id, msg.job_id)
@@ -220,14 +220,14 @@ def on_assume_ack(store: Store, msg: m.AssumeAck, now: float, policy: Policy) ->
     return Effects(feed=[eid])
 
 
-def on_config_ack(store: Store, msg: m.ConfigAck, now: float, policy: Policy) -> Effects:
+def on_config_ack(store: StoreApi, msg: m.ConfigAck, now: float, policy: Policy) -> Effects:
     _check_replica_owner(store, msg.replica_id, msg.job_id)
     store.record_config_ack(msg.job_id, msg.revision, msg.replica_id, msg.applied_at_step,
                             msg.ok, msg.error, now)
     return Effects()
 
 
-HANDLERS: dict[type, Callable[[Store, Any, float, Policy], Effects]] = {
+HANDLERS: dict[type, Callable[[StoreApi, Any, float, Policy], Effects]] = {
     m.StepStart: on_step_start,
     m.StepEnd: on_step_end,
     m.GpuInventory: on_inventory,
@@ -239,5 +239,5 @@ HANDLERS: dict[type, Callable[[Store, Any, float, Policy], Effects]] = {
 }
 
 
-def apply_message(store: Store, msg: m.DurableMessage, now: float, policy: Policy) -> Effects:
+def apply_message(store: StoreApi, msg: m.DurableMessage, now: float, policy: Policy) -> Effects:
     return HANDLERS[type(msg)](store, msg, now, policy)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from marduk_slurm.adapters.bus import Incoming, StreamMessage
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.decisions import Effects
@@ -110,7 +110,7 @@ class EventIngest:
                 await msg.nak(delay)
         await asyncio.sleep(delay)
 
-    def _apply(self, store: Store, items: list[_Item]) -> _BatchResult:
+    def _apply(self, store: StoreApi, items: list[_Item]) -> _BatchResult:
         result = _BatchResult()
         now = time.time()
         for item in items:
@@ -122,7 +122,7 @@ class EventIngest:
                 store.mark_ingested(item.seq, now)
         return result
 
-    def _apply_one(self, store: Store, item: _Item, now: float, result: _BatchResult) -> None:
+    def _apply_one(self, store: StoreApi, item: _Item, now: float, result: _BatchResult) -> None:
         """Decode, check and apply one message in its own savepoint: whatever it raises, the
         rest of the batch commits."""
         kind = item.subject.rsplit(".", 1)[-1][:32]
@@ -148,13 +148,13 @@ class EventIngest:
         except Exception as exc:
             self._poison(store, item, exc, now)
 
-    def _refuse(self, store: Store, item: _Item, kind: str, exc: ProtocolError, now: float,
+    def _refuse(self, store: StoreApi, item: _Item, kind: str, exc: ProtocolError, now: float,
                 result: _BatchResult) -> None:
         subject = subjects.subject_class(item.subject)
         store.count_rejection(exc.reason, subject, kind, exc.detail, now)
         result.rejected.append((exc.reason, item.subject, kind, exc.detail))
 
-    def _poison(self, store: Store, item: _Item, exc: BaseException, now: float) -> None:
+    def _poison(self, store: StoreApi, item: _Item, exc: BaseException, now: float) -> None:
         """A message whose handling raised: retried a few times (the cause may pass), then
         kept in the dead-letter table and terminated in JetStream. Never a crash loop."""
         error = f"{type(exc).__name__}: {exc}"[:1000]

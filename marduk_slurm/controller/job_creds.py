@@ -30,7 +30,7 @@ from typing import Any
 from marduk_slurm.adapters.bus import Bus, Incoming
 from marduk_slurm.adapters.nats_auth import AuthDir, AuthError, Credentials
 from marduk_slurm.adapters.nats_server import NatsServerProcess
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.controller.context import Context
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
@@ -139,7 +139,7 @@ class JobCredentialService:
         self.ctx.stats["job_credential_refused"] += 1
         log.warning("job %s: credential refused to the agent of %s: %s", job, node, why)
 
-        def record(store: Store) -> int:
+        def record(store: StoreApi) -> int:
             return store.add_event(REFUSED_EVENT, now=time.time(), source="controller",
                                    node=node, job_id=int(job), reason=why)
         try:
@@ -164,7 +164,7 @@ class JobCredentialService:
         return creds
 
 
-def running_step_of(store: Store, job_id: int, node: str) -> bool:
+def running_step_of(store: StoreApi, job_id: int, node: str) -> bool:
     """Whether `node` has a step of the job that has not ended."""
     return any(step["job_id"] == job_id for step in store.running_steps(node))
 

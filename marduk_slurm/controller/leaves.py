@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.backoff import backoff_delay
 from marduk_slurm.controller.context import Context
 from marduk_slurm.domain import messages as m
@@ -63,7 +63,7 @@ class LeaveSender:
             self.ctx.stats["assume_commands_resent"] += 1
         return len(due) + len(assumes)
 
-    def _take_due_assumes(self, store: Store, now: float) -> list[dict[str, Any]]:
+    def _take_due_assumes(self, store: StoreApi, now: float) -> list[dict[str, Any]]:
         for row in store.finish_assumes_of_gone_standbys(now):
             if row["action"] == "leave":
                 continue  # stood down as told
@@ -81,7 +81,7 @@ class LeaveSender:
             due.append(row)
         return due
 
-    def _take_due(self, store: Store, now: float) -> list[dict[str, Any]]:
+    def _take_due(self, store: StoreApi, now: float) -> list[dict[str, Any]]:
         store.finish_leaves_of_gone_replicas(now)
         due = []
         for row in store.due_leave_commands(now):

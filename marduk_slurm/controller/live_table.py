@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 
 FIELDS = ("replica_id", "job_id", "replica_group", "group_rank", "node", "state",
           "last_step", "step_time_ms", "last_seen", "config_revision",
@@ -35,7 +35,7 @@ LiveView = dict[str, dict[str, Any]]
 NO_LIVE: Live = (None, None, False)
 
 # The narrow reads behind every tick: ten columns as plain tuples, about 5x faster at 100,000
-# replicas than `Store.replicas()` (every column as a dict, with each replica's GPU list).
+# replicas than `StoreApi.replicas()` (every column as a dict, with each replica's GPU list).
 # They belong in the store adapter as methods; until they move there they are the only SQL
 # here.
 SWEEP_TICKS = 10  # every replica is read and compared again at least every this many ticks
@@ -181,7 +181,7 @@ class ReplicaTable:
         self.since = 0.0  # what the next partial read starts from (last_seen, left_at)
         self.swept_to = ""  # the replica id the last slice ended at
 
-    def refresh(self, store: Store, live: LiveView) -> Comparison:
+    def refresh(self, store: StoreApi, live: LiveView) -> Comparison:
         """Compute the next version (on a reader thread of the read lane: the current rows
         are not changed, pages may be taking a snapshot of them); `apply` makes it current."""
         started = time.time()
@@ -211,7 +211,7 @@ class ReplicaTable:
             tick.put(stored, live_numbers(live.get(stored[0])))
             seen.add(stored[0])
 
-    def _sweep(self, tick: Comparison, store: Store, live: LiveView, seen: set[str]) -> None:
+    def _sweep(self, tick: Comparison, store: StoreApi, live: LiveView, seen: set[str]) -> None:
         """Compare the next slice of every replica; a row in its id range that was not read
         is gone."""
         size = max(SLICE_MIN, len(self.rows) // SWEEP_TICKS + 1)

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.risk_watch import RiskWatch
 from marduk_slurm.controller.stragglers import StragglerWatch
@@ -40,7 +40,7 @@ class DbSnapshot:
     outbox: dict[str, int] = field(default_factory=dict)  # kind -> pending
     nodes_drained: int = 0
 
-    def read(self, store: Store) -> None:
+    def read(self, store: StoreApi) -> None:
         for kind, xid, action, count, max_id in store.event_counts_since(self.last_event_id):
             self.events[kind] += count
             if kind == "gpu_verdict":

@@ -12,18 +12,18 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from marduk_slurm.adapters.slurm.base import SlurmNode
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.domain.node_changes import FOREIGN_DRAIN, NodeView, node_change, who
 
 
 def changed_nodes(rows: dict[str, dict[str, Any]], nodes: Iterable[SlurmNode]
                   ) -> list[SlurmNode]:
-    """The nodes whose row (`Store.node_slurm_rows`) differs from what Slurm says, or is
+    """The nodes whose row (`StoreApi.node_slurm_rows`) differs from what Slurm says, or is
     missing: found on a read connection, so the write lane only sees the few that changed."""
     return [n for n in nodes if n.name not in rows or _differs(rows[n.name], n)]
 
 
-def write_nodes(store: Store, nodes: Sequence[SlurmNode], *, read_at: float, prefix: str,
+def write_nodes(store: StoreApi, nodes: Sequence[SlurmNode], *, read_at: float, prefix: str,
                 now: float | None = None) -> list[int]:
     """Write what changed; returns the ids of the foreign drain/resume events it added."""
     now = read_at if now is None else now
@@ -62,7 +62,7 @@ def _current(node: SlurmNode) -> NodeView:
                     reason_user=node.reason_user or "")
 
 
-def _record(store: Store, kind: str, node: SlurmNode, row: dict[str, Any] | None,
+def _record(store: StoreApi, kind: str, node: SlurmNode, row: dict[str, Any] | None,
             now: float) -> int:
     if kind == FOREIGN_DRAIN:
         when = node.reason_time.isoformat() if node.reason_time else None

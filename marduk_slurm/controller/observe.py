@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.adapters.store.mapping import replica_page_key
 from marduk_slurm.controller import queries
 from marduk_slurm.controller.context import Context
@@ -54,7 +54,7 @@ class Observability:
                            ) -> dict[str, Any]:
         """`limit` replicas after the page key `after`: `{items, next, total}`, where `next`
         is the page key of the last row when there may be more."""
-        def read(store: Store) -> dict[str, Any]:
+        def read(store: StoreApi) -> dict[str, Any]:
             rows = store.replicas(job_id=job_id, after=after, limit=limit)
             return {"items": rows, "total": store.count_replicas(job_id=job_id),
                     "next": replica_page_key(rows[-1]) if len(rows) == limit else None}
@@ -72,7 +72,7 @@ class Observability:
         return rows
 
     async def nodes(self) -> list[dict[str, Any]]:
-        def read(store: Store) -> list[dict[str, Any]]:
+        def read(store: StoreApi) -> list[dict[str, Any]]:
             pending = _pending_drains(store)
             out = store.with_details(store.nodes(), full_replicas=True)
             for node in out:
@@ -97,7 +97,7 @@ class Observability:
         whatever the cluster's size, since a live view is asked for every second."""
         limit = bounds.bounded_int("limit", args.get("limit") or TOP_ROWS, 1, MAX_TOP_ROWS)
 
-        def read(store: Store) -> dict[str, Any]:
+        def read(store: StoreApi) -> dict[str, Any]:
             pending = _pending_drains(store)
             drained = store.drained_nodes(limit)
             shown = {n["name"] for n in drained}
@@ -126,7 +126,7 @@ class Observability:
         }
 
 
-def _pending_drains(store: Store) -> dict[str, dict[str, Any]]:
+def _pending_drains(store: StoreApi) -> dict[str, dict[str, Any]]:
     """Drains decided but not yet confirmed by Slurm, by node. They are shown too: the
     decision stands, and "queued, Slurm unreachable" is what an operator needs to see."""
     return {a["node"]: {"reason": a["reason"], "last_error": a["last_error"],

@@ -13,7 +13,7 @@ from typing import Any
 
 from marduk_slurm.adapters.health_check import run_check
 from marduk_slurm.adapters.slurm.base import SlurmBackend
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.decisions import Effects, take_decision
 from marduk_slurm.domain import hostlist, slurm_names, subjects
@@ -57,7 +57,7 @@ class Operations:
         reason = slurm_names.sanitize_reason(reason, slurm_names.MAX_OPERATOR_REASON_LEN)
         now = time.time()
 
-        def decide(store: Store) -> tuple[Effects, list[int]]:
+        def decide(store: StoreApi) -> tuple[Effects, list[int]]:
             # One decision for the whole list: one event, one reason, one Slurm call.
             effects = Effects()
             eid = store.add_event("operator_drain", now=now, source=actor,
@@ -91,7 +91,7 @@ class Operations:
             raise ValueError("; ".join(f"{n}: {why}" for n, why in refused.items()))
         now = time.time()
 
-        def decide(store: Store) -> Effects:
+        def decide(store: StoreApi) -> Effects:
             effects = Effects()
             for node in names:
                 store.cancel_pending("drain", node, now)
@@ -124,7 +124,7 @@ class Operations:
             return
         now = time.time()
 
-        def record(store: Store) -> list[int]:
+        def record(store: StoreApi) -> list[int]:
             return [store.add_event(
                 "resume_check_passed" if ok else "resume_check_failed", now=now,
                 source=actor, node=node, reason=f"{kind} check: {ev.get('command', '')}",

@@ -18,7 +18,7 @@ from collections import defaultdict
 from typing import Any
 
 from marduk_slurm.adapters.slurm.base import SlurmBackend, SlurmNode
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.backoff import Backoff, backoff_delay
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.node_rows import write_nodes
@@ -157,7 +157,7 @@ class OutboxWorker:
         now = time.time()
         prefix = self.ctx.policy.reason_prefix
 
-        def commit(store: Store) -> list[int]:
+        def commit(store: StoreApi) -> list[int]:
             # The drain found here may be news (someone else's): recorded as such first.
             ids = write_nodes(store, [node for _, node in skipped], read_at=read_at,
                               prefix=prefix, now=now)
@@ -190,7 +190,7 @@ class OutboxWorker:
         now = time.time()
         prefix = self.ctx.policy.reason_prefix
 
-        def commit(store: Store) -> list[int]:
+        def commit(store: StoreApi) -> list[int]:
             ids = []
             for action in group:
                 store.complete_action(action["id"], now)
@@ -228,7 +228,7 @@ class OutboxWorker:
                         len(group), attempts, delay, error)
         next_at = time.time() + delay
 
-        def commit(store: Store) -> None:
+        def commit(store: StoreApi) -> None:
             for action in group:
                 store.retry_action(action["id"], error, next_at)
 
@@ -239,7 +239,7 @@ class OutboxWorker:
         now = time.time()
         log.error("Slurm refused %s of %s: %s", action["kind"], action["node"], error)
 
-        def commit(store: Store) -> int:
+        def commit(store: StoreApi) -> int:
             store.fail_action(action["id"], error, now)
             return store.add_event(
                 f"{action['kind']}_failed", now=now, source="slurm", node=action["node"],

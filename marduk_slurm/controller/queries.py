@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from marduk_slurm.adapters.nats_server import die_with
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import Store, StoreApi
 from marduk_slurm.adapters.store.mapping import replica_page_key
 from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.domain import messages as m
@@ -74,7 +74,7 @@ def page_size(args: dict[str, Any]) -> int | None:
     return size
 
 
-def replicas(store: Store, args: dict[str, Any], risk: RiskByGpu) -> Any:
+def replicas(store: StoreApi, args: dict[str, Any], risk: RiskByGpu) -> Any:
     job_id, node = opt_int(args, "job"), opt_str(args, "node", pattern=bounds.NODE_NAME)
     include_left = bool(args.get("all", False))
     size = page_size(args)
@@ -90,7 +90,7 @@ def replicas(store: Store, args: dict[str, Any], risk: RiskByGpu) -> Any:
     return {"items": rows, "next": last, "total": total}
 
 
-def nodes(store: Store, args: dict[str, Any], risk: RiskByGpu) -> Any:
+def nodes(store: StoreApi, args: dict[str, Any], risk: RiskByGpu) -> Any:
     """Nodes with their GPUs (and each GPU's risk) and replica ids; paged or all at once."""
     name = opt_str(args, "node", pattern=bounds.NODE_NAME)
     size = page_size(args)
@@ -105,7 +105,7 @@ def nodes(store: Store, args: dict[str, Any], risk: RiskByGpu) -> Any:
     return {"items": found, "next": last, "total": store.count_nodes()}
 
 
-def history(store: Store, args: dict[str, Any], risk: RiskByGpu) -> Any:
+def history(store: StoreApi, args: dict[str, Any], risk: RiskByGpu) -> Any:
     node, job_id = opt_str(args, "node", pattern=bounds.NODE_NAME), opt_int(args, "job")
     since = args.get("since")
     if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
@@ -133,7 +133,7 @@ def history(store: Store, args: dict[str, Any], risk: RiskByGpu) -> Any:
     return {"items": rows, "next": rows[-1]["id"] if len(rows) == size else None}
 
 
-def deadletters(store: Store, args: dict[str, Any], risk: RiskByGpu) -> Any:
+def deadletters(store: StoreApi, args: dict[str, Any], risk: RiskByGpu) -> Any:
     """Messages whose handling kept failing, set aside instead of blocking ingest."""
     limit = opt_int(args, "limit") or 100
     if not 1 <= limit <= 10000:
@@ -150,11 +150,11 @@ def with_risk(nodes: list[dict[str, Any]], risk: RiskByGpu) -> list[dict[str, An
     return nodes
 
 
-QUERIES: dict[str, Callable[[Store, dict[str, Any], RiskByGpu], Any]] = {
+QUERIES: dict[str, Callable[[StoreApi, dict[str, Any], RiskByGpu], Any]] = {
     "replicas": replicas, "nodes": nodes, "history": history, "deadletters": deadletters}
 
 
-def answer(store: Store, verb: str, args: dict[str, Any], risk: RiskByGpu,
+def answer(store: StoreApi, verb: str, args: dict[str, Any], risk: RiskByGpu,
            max_payload: int) -> tuple[bytes, str]:
     """The encoded reply to a list query and its outcome: "ok", "too_large" or the error
     kind. A page that would not fit in one message comes back shorter (a page holds *up to*

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from marduk_slurm.adapters.slurm.base import SlurmBackend, SlurmStep
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.node_rows import changed_nodes, write_nodes
@@ -111,7 +111,7 @@ class Reconciler:
         live_jobs = {s.job_id for s in steps}
         now = time.time()
 
-        def write(store: Store) -> list[int]:
+        def write(store: StoreApi) -> list[int]:
             ids = []
             for row in store.running_steps():
                 key = (row["job_id"], row["step_id"], row["node"])

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from marduk_slurm.adapters.bus import Incoming
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.decisions import Effects, take_decision
 from marduk_slurm.controller.startup import BAD_ROW_ERRORS, apply_rows
@@ -158,7 +158,7 @@ class RiskWatch:
         now = time.time()
         why = "; ".join(f.detail for f in score.factors)
 
-        def decide(store: Store) -> tuple[Effects, bool]:
+        def decide(store: StoreApi) -> tuple[Effects, bool]:
             eid = store.add_event("risk_drain", now=now, source="risk", node=score.node,
                                   gpu_uuid=score.gpu_uuid,
                                   reason=f"risk {score.score} >= {threshold}: {why}"[:500],

@@ -109,6 +109,7 @@ class RpcServer:
     async def answer(self, item: Pending) -> None:
         msg, request = item.payload
         parts = msg.subject.split(".")
+        reply: m.Reply | Encoded
         try:
             if isinstance(request, ProtocolError):
                 self.ctx.reject(request.reason, msg.subject, request.detail, "request")
@@ -228,7 +229,7 @@ class RpcServer:
         if not node or gpu in (None, "") or (xid is None) != reset:
             raise ValueError("inject needs node, gpu (UUID or index) and either xid or "
                              "reset")
-        if reset:
+        if xid is None:  # a reset (checked above: no xid exactly when reset)
             return await self.ops.reset_gpu(node, str(gpu), actor=actor)
         return await self.ops.inject(node, str(gpu), xid, actor=actor, at=time.time(),
                                      force=force)

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from marduk_slurm.adapters.store import Store
+from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.decisions import Effects, replica_refs, take_decision
 from marduk_slurm.controller.startup import apply_rows
@@ -145,7 +145,7 @@ class StragglerWatch:
         kind = "straggler" if change.flagged else "straggler_cleared"
         now = time.time()
 
-        def decide(store: Store) -> Effects:
+        def decide(store: StoreApi) -> Effects:
             row = store.replica(change.replica_id)
             node = row["node"] if row else None
             eid = store.add_event(kind, now=now, source="stragglers", node=node,
