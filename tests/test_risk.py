@@ -115,3 +115,30 @@ def test_an_xid_in_a_verdict_and_in_the_counts_counts_once() -> None:
     _, factors = score(obs)
     assert [(f.name, f.points, f.detail) for f in factors] == [
         ("recent_xids", 35, "xids 13 x2, 48")]
+
+
+def test_a_scoring_pass_reuses_a_score_only_while_its_evidence_is_unchanged() -> None:
+    """The tracker keeps each GPU's last score until something is added or an observation
+    leaves the window; at every moment its scores equal a fresh tracker's, fed the same."""
+    feed: list[tuple[str, int, float]] = []  # (gpu, xid, ts)
+    live = RiskTracker(window_s=100.0)
+
+    def add(tracker: RiskTracker, gpu: str, xid: int, ts: float) -> None:
+        tracker.add_verdict(gpu, "n1", int(gpu[-1]), evidence(xids=(xid,)), ts)
+
+    for ts, gpu, xid in [(1.0, "GPU-0", 13), (5.0, "GPU-1", 48), (40.0, "GPU-0", 79),
+                         (90.0, "GPU-1", 13), (95.0, "GPU-2", 31)]:
+        feed.append((gpu, xid, ts))
+        add(live, gpu, xid, ts)
+    seen = set()
+    for now in (96.0, 100.5, 104.0, 106.0, 139.0, 141.0, 150.0, 189.0, 191.0, 196.0):
+        if now == 150.0:  # late evidence, stamped in the past, still in the window
+            feed.append(("GPU-2", 79, 120.0))
+            add(live, "GPU-2", 79, 120.0)
+        fresh = RiskTracker(window_s=100.0)
+        for gpu, xid, ts in feed:
+            add(fresh, gpu, xid, ts)
+        got = [(s.gpu_uuid, s.score, s.factors) for s in live.scores(now)]
+        assert got == [(s.gpu_uuid, s.score, s.factors) for s in fresh.scores(now)], now
+        seen.add(tuple(score for _, score, _ in got))
+    assert len(seen) >= 4  # the window moved past evidence several times

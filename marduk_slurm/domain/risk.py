@@ -32,6 +32,7 @@ counters report it.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -267,6 +268,31 @@ class GpuHistory:
     index: int | None
     readings: deque[Observation] = field(default_factory=lambda: deque(maxlen=500))
     polls: deque[Observation] = field(default_factory=lambda: deque(maxlen=720))
+    version: int = 0  # counts what was added: a full deque drops one as it takes one
+    # The last score for each kind of window (whole window, since resume): (version, window
+    # start it was scored from, oldest observation it used, points, factors).
+    cache: dict[bool, tuple[int, float, float, int, tuple[RiskFactor, ...]]] = field(
+        default_factory=dict)
+
+    def add(self, kind: deque[Observation], observation: Observation) -> None:
+        kind.append(observation)
+        self.version += 1
+
+    def score(self, start: float, since_resume: bool) -> tuple[int, tuple[RiskFactor, ...]]:
+        """score() of the observations since `start`. A GPU's score depends on nothing but
+        that set, which changes only when something is added or an observation leaves the
+        window: until then the last score stands, so a scoring pass over a large cluster
+        only recomputes the GPUs with news."""
+        cached = self.cache.get(since_resume)
+        if cached is not None:
+            version, scored_from, oldest, points, factors = cached
+            if version == self.version and scored_from <= start <= oldest:
+                return points, factors
+        recent = [o for o in (*self.readings, *self.polls) if o.ts >= start]
+        points, factors = score(recent)
+        oldest = min((o.ts for o in recent), default=math.inf)
+        self.cache[since_resume] = (self.version, start, oldest, points, factors)
+        return points, factors
 
 
 @dataclass
@@ -292,13 +318,15 @@ class RiskTracker:
 
     def add_verdict(self, uuid: str, node: str, index: int | None,
                     evidence: dict[str, Any], ts: float) -> None:
-        self._history(uuid, node, index).readings.append(from_evidence(evidence, ts))
+        hist = self._history(uuid, node, index)
+        hist.add(hist.readings, from_evidence(evidence, ts))
 
     def add_summary(self, node: str, summary: dict[str, Any], ts: float) -> None:
         for gpu in summary.get("gpus") or ():
             if isinstance(gpu, dict) and isinstance(gpu.get("uuid"), str):
                 index = _int(gpu.get("index"))
-                self._history(gpu["uuid"], node, index).polls.append(from_summary_gpu(gpu, ts))
+                hist = self._history(gpu["uuid"], node, index)
+                hist.add(hist.polls, from_summary_gpu(gpu, ts))
 
     def scores(self, now: float, *, since_resume: bool = False) -> list[RiskScore]:
         """Every GPU's score from its evidence in the window; with `since_resume`, from the
@@ -309,8 +337,7 @@ class RiskTracker:
             start = now - self.window_s
             if since_resume:
                 start = max(start, self.resumed_at.get(hist.node, start))
-            recent = [o for o in (*hist.readings, *hist.polls) if o.ts >= start]
-            points, factors = score(recent)
+            points, factors = hist.score(start, since_resume)
             out.append(RiskScore(uuid, hist.node, hist.index, points, factors))
         return out
 
