@@ -135,10 +135,16 @@ def test_a_scoring_pass_reuses_a_score_only_while_its_evidence_is_unchanged() ->
         if now == 150.0:  # late evidence, stamped in the past, still in the window
             feed.append(("GPU-2", 79, 120.0))
             add(live, "GPU-2", 79, 120.0)
+        if now == 141.0:
+            live.mark_resumed("n1", 125.0)
         fresh = RiskTracker(window_s=100.0)
         for gpu, xid, ts in feed:
             add(fresh, gpu, xid, ts)
+        if now >= 141.0:
+            fresh.mark_resumed("n1", 125.0)
         got = [(s.gpu_uuid, s.score, s.factors) for s in live.scores(now)]
         assert got == [(s.gpu_uuid, s.score, s.factors) for s in fresh.scores(now)], now
+        assert ([(s.gpu_uuid, s.score) for s in live.scores(now, since_resume=True)]
+                == [(s.gpu_uuid, s.score) for s in fresh.scores(now, since_resume=True)]), now
         seen.add(tuple(score for _, score, _ in got))
     assert len(seen) >= 4  # the window moved past evidence several times

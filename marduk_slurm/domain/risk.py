@@ -31,6 +31,7 @@ counters report it.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import re
@@ -307,6 +308,14 @@ class RiskTracker:
     window_s: float = 24 * 3600.0
     gpus: dict[str, GpuHistory] = field(default_factory=dict)
     resumed_at: dict[str, float] = field(default_factory=dict)  # node -> last resume
+    # What a scoring pass must look at, per kind of window (whole window, since resume): the
+    # GPUs with news, and when each scored GPU's oldest evidence leaves the window (a heap;
+    # an entry made stale by a later scoring only costs a cached look-up). Every other GPU
+    # keeps its last score, so a pass costs what changed, not the size of the cluster.
+    _dirty: dict[bool, set[str]] = field(default_factory=dict)
+    _expiry: dict[bool, list[tuple[float, str]]] = field(default_factory=dict)
+    _scores: dict[bool, dict[str, RiskScore]] = field(default_factory=dict)
+    _ordered: dict[bool, list[RiskScore]] = field(default_factory=dict)
 
     def _history(self, uuid: str, node: str, index: int | None) -> GpuHistory:
         hist = self.gpus.get(uuid)
@@ -314,6 +323,8 @@ class RiskTracker:
             hist = self.gpus[uuid] = GpuHistory(node, index)
         if index is not None:
             hist.index = index
+        for dirty in self._dirty.values():
+            dirty.add(uuid)
         return hist
 
     def add_verdict(self, uuid: str, node: str, index: int | None,
@@ -331,17 +342,32 @@ class RiskTracker:
     def scores(self, now: float, *, since_resume: bool = False) -> list[RiskScore]:
         """Every GPU's score from its evidence in the window; with `since_resume`, from the
         evidence that arrived after its node was last resumed."""
-        out = []
-        for uuid, hist in sorted(self.gpus.items(), key=lambda kv: (kv[1].node, kv[1].index
-                                                                     or 0)):
+        kind = since_resume
+        if kind not in self._dirty:  # the first pass of this kind looks at every GPU
+            self._dirty[kind], self._expiry[kind], self._scores[kind] = set(self.gpus), [], {}
+        todo, expiry, scores = self._dirty[kind], self._expiry[kind], self._scores[kind]
+        while expiry and expiry[0][0] <= now:
+            todo.add(heapq.heappop(expiry)[1])
+        if not todo and kind in self._ordered:
+            return list(self._ordered[kind])
+        for uuid in todo:
+            hist = self.gpus[uuid]
             start = now - self.window_s
             if since_resume:
                 start = max(start, self.resumed_at.get(hist.node, start))
             points, factors = hist.score(start, since_resume)
-            out.append(RiskScore(uuid, hist.node, hist.index, points, factors))
-        return out
+            scores[uuid] = RiskScore(uuid, hist.node, hist.index, points, factors)
+            oldest = hist.cache[kind][2]
+            if oldest != math.inf:
+                heapq.heappush(expiry, (oldest + self.window_s, uuid))
+        todo.clear()
+        self._ordered[kind] = sorted(scores.values(),
+                                     key=lambda s: (s.node, s.index or 0, s.gpu_uuid))
+        return list(self._ordered[kind])
 
     def mark_resumed(self, node: str, ts: float) -> None:
         """`node` was resumed at `ts`: its history stays, the evidence to drain it anew starts
         after `ts`."""
         self.resumed_at[node] = max(ts, self.resumed_at.get(node, ts))
+        if True in self._dirty:  # where its since-resume window starts has moved
+            self._dirty[True].update(u for u, h in self.gpus.items() if h.node == node)
