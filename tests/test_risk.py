@@ -148,3 +148,19 @@ def test_a_scoring_pass_reuses_a_score_only_while_its_evidence_is_unchanged() ->
                 == [(s.gpu_uuid, s.score) for s in fresh.scores(now, since_resume=True)]), now
         seen.add(tuple(score for _, score, _ in got))
     assert len(seen) >= 4  # the window moved past evidence several times
+
+
+def test_a_page_of_nodes_gets_the_scores_of_its_own_nodes() -> None:
+    from marduk_slurm.controller.risk_watch import RiskWatch
+
+    watch = RiskWatch(None, lambda: None)  # type: ignore[arg-type]
+    names = [f"n{i:03d}" for i in range(100)]
+    scored = names[::7] + names[40:46]
+    watch.by_node = {n: {f"GPU-{n}": (10, [f"x {n}"])} for n in scored}
+    watch.risk_nodes = sorted(watch.by_node)
+    for size in (1, 3, 10, 100):
+        for first in range(0, 100, size):
+            page, after = names[first:first + size], names[first - 1] if first else ""
+            got = watch.for_page(after, size)
+            assert {u for n in page if n in watch.by_node for u in watch.by_node[n]} <= set(got)
+            assert len(got) <= size

@@ -78,12 +78,19 @@ class Observability:
             for node in out:
                 node["drain_pending"] = pending.get(node["name"])
             return out
-        return queries.with_risk(await self.ctx.db.read(read), await self.risk_by_gpu())
+        return queries.with_risk(await self.ctx.db.read(read), await self.risk_for({}))
 
-    async def risk_by_gpu(self) -> queries.RiskByGpu:
-        """The GPUs with a risk score, for the `nodes` query (every other GPU shows 0)."""
-        return {s.gpu_uuid: (s.score, [f.detail for f in s.factors])
-                for s in await self.risk.view() if s.score}
+    async def risk_for(self, args: dict[str, Any]) -> queries.RiskByGpu:
+        """The scores a `nodes` query needs: one node's, a page's, or (the one-answer form)
+        every scored GPU's."""
+        await self.risk.view()
+        node, size, after = args.get("node"), args.get("page_size"), args.get("cursor")
+        if isinstance(node, str) and node:
+            return self.risk.for_nodes([node])
+        if isinstance(size, int) and not isinstance(size, bool):
+            return self.risk.for_page(after if isinstance(after, str) else "",
+                                      max(0, min(size, queries.MAX_PAGE_SIZE)))
+        return self.risk.for_nodes(self.risk.risk_nodes)
 
     async def status(self) -> dict[str, Any]:
         data = await self.ops.status()
@@ -110,7 +117,9 @@ class Observability:
                         [n for n in pending if n not in shown]),
                     "pending": pending}
         view = await self.ctx.db.read(read)
-        nodes = queries.with_risk(view["drained"], await self.risk_by_gpu())
+        await self.risk.view()
+        nodes = queries.with_risk(view["drained"], self.risk.for_nodes(
+            [n["name"] for n in view["drained"]]))
         return {
             "ts": time.time(),
             "status": await self.status(),
@@ -146,7 +155,7 @@ def install(ctx: Context, rpc: RpcServer, ops: Operations, supervisor: Superviso
     rpc.register("straggler_show", obs.stragglers.rpc_show)
     rpc.register("risk", obs.risk.rpc_risk)
     rpc.register("top", obs.top)
-    rpc.risk_view = obs.risk_by_gpu
+    rpc.risk_view = obs.risk_for
     supervisor.start("stragglers", obs.stragglers.run)
     supervisor.start("risk", obs.risk.run)
     if settings().http_listen:

@@ -11,6 +11,7 @@ as it leaves the window); only evidence that arrives after the resume may drain 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
@@ -50,6 +51,10 @@ class RiskWatch:
         self.settings = settings
         self.tracker = RiskTracker(window_s=window_s)
         self.latest: list[RiskScore] = []
+        # The GPUs with a score, as the views show them, by node: {node: {uuid: (score,
+        # factor details)}}, and those nodes' names in order (for pages of nodes).
+        self.by_node: dict[str, dict[str, tuple[int, list[str]]]] = {}
+        self.risk_nodes: list[str] = []
         self.drained: set[str] = set()  # GPUs whose risk drained their node
         self.summaries = 0
         # Scoring a day of verdicts on a large cluster takes a good part of a second: it runs
@@ -202,7 +207,29 @@ class RiskWatch:
         with self._lock:
             while self._arrived:
                 self._arrived.popleft()()
-            return self.tracker.scores(time.time(), since_resume=since_resume)
+            scores = self.tracker.scores(time.time(), since_resume=since_resume)
+            if not since_resume:  # for the views, built here rather than on the event loop
+                by_node: dict[str, dict[str, tuple[int, list[str]]]] = {}
+                for s in scores:
+                    if s.score:
+                        by_node.setdefault(s.node, {})[s.gpu_uuid] = (
+                            s.score, [f.detail for f in s.factors])
+                self.by_node, self.risk_nodes = by_node, sorted(by_node)
+            return scores
+
+    def for_nodes(self, names: list[str]) -> dict[str, tuple[int, list[str]]]:
+        """The scored GPUs of these nodes: {uuid: (score, factor details)}."""
+        out: dict[str, tuple[int, list[str]]] = {}
+        for name in names:
+            out.update(self.by_node.get(name, {}))
+        return out
+
+    def for_page(self, after: str, size: int) -> dict[str, tuple[int, list[str]]]:
+        """Enough for a page of `size` nodes after `after` (by name): its scored nodes are
+        among the first `size` scored nodes after `after`, so a page never carries the
+        scores of a whole cluster to the query that builds it."""
+        start = bisect.bisect_right(self.risk_nodes, after)
+        return self.for_nodes(self.risk_nodes[start:start + size])
 
     async def rpc_risk(self, args: dict[str, Any], actor: str) -> Any:
         node = args.get("node")

@@ -70,7 +70,7 @@ class RpcServer:
         # job id from the subject is passed in args["job"], so a job cannot ask for another.
         self.job_handlers: dict[str, Handler] = {}
         # The GPUs' risk scores for the `nodes` query; observability sets it when it runs.
-        self.risk_view: Callable[[], Awaitable[queries.RiskByGpu]] | None = None
+        self.risk_view: Callable[[dict[str, Any]], Awaitable[queries.RiskByGpu]] | None = None
         # Two lanes: list queries that may read thousands of rows, and everything else
         # (status, drains, resumes, config): an operator's drain never waits behind a
         # dashboard's or a script's heavy reads.
@@ -182,7 +182,7 @@ class RpcServer:
 
     def _query_handler(self, verb: str) -> Handler:
         async def handle(args: dict[str, Any], actor: str) -> Encoded:
-            risk = await self.risk_view() if verb == "nodes" and self.risk_view else {}
+            risk = await self.risk_view(args) if verb == "nodes" and self.risk_view else {}
             data, outcome = await self.ctx.db.answer_query(verb, args, risk,
                                                     self.ctx.bus.max_payload())
             if outcome == "too_large":

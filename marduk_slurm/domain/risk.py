@@ -316,6 +316,7 @@ class RiskTracker:
     _expiry: dict[bool, list[tuple[float, str]]] = field(default_factory=dict)
     _scores: dict[bool, dict[str, RiskScore]] = field(default_factory=dict)
     _ordered: dict[bool, list[RiskScore]] = field(default_factory=dict)
+    _position: dict[bool, dict[str, int]] = field(default_factory=dict)  # in _ordered
 
     def _history(self, uuid: str, node: str, index: int | None) -> GpuHistory:
         hist = self.gpus.get(uuid)
@@ -350,19 +351,30 @@ class RiskTracker:
             todo.add(heapq.heappop(expiry)[1])
         if not todo and kind in self._ordered:
             return list(self._ordered[kind])
+        ordered = self._ordered.get(kind)
+        position = self._position.setdefault(kind, {})
+        resort = ordered is None
         for uuid in todo:
             hist = self.gpus[uuid]
             start = now - self.window_s
             if since_resume:
                 start = max(start, self.resumed_at.get(hist.node, start))
             points, factors = hist.score(start, since_resume)
-            scores[uuid] = RiskScore(uuid, hist.node, hist.index, points, factors)
+            new = scores[uuid] = RiskScore(uuid, hist.node, hist.index, points, factors)
+            at = position.get(uuid)
+            if ordered is None or at is None or (ordered[at].node, ordered[at].index) != (
+                    new.node, new.index):
+                resort = True  # a new GPU, or one that moved: its place in the order
+            else:
+                ordered[at] = new
             oldest = hist.cache[kind][2]
             if oldest != math.inf:
                 heapq.heappush(expiry, (oldest + self.window_s, uuid))
         todo.clear()
-        self._ordered[kind] = sorted(scores.values(),
-                                     key=lambda s: (s.node, s.index or 0, s.gpu_uuid))
+        if resort:
+            ordered = self._ordered[kind] = sorted(
+                scores.values(), key=lambda s: (s.node, s.index or 0, s.gpu_uuid))
+            self._position[kind] = {s.gpu_uuid: i for i, s in enumerate(ordered)}
         return list(self._ordered[kind])
 
     def mark_resumed(self, node: str, ts: float) -> None:
