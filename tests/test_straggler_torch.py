@@ -81,14 +81,17 @@ def test_a_slowed_group_is_flagged_within_seconds_and_evicted(
     # Unslowed: sample the flags once a second; every flagged replica-second is a false one.
     samples = flagged = 0
     started = time.monotonic()
-    while time.monotonic() - started < QUIET_WINDOW_S:
+    # The false-flag rate is measured over the full window once (SafeDDP); torchft's DDP
+    # goes through the same detector, so a shorter quiet spell does there.
+    quiet_s = QUIET_WINDOW_S if ddp == "safe" else QUIET_WINDOW_S / 3
+    while time.monotonic() - started < quiet_s:
         shown = cli(ctl, "straggler", "show", str(JOB))
         samples += len(shown["replicas"])
         flagged += sum(r["straggler"] for r in shown["replicas"])
         time.sleep(1.0)
     false_flags = len(straggler_events(ctl))
     stats = shown["stats"]
-    print(f"\nunslowed run: {QUIET_WINDOW_S:.0f} s x 3 groups, {samples} replica samples, "
+    print(f"\nunslowed run: {quiet_s:.0f} s x 3 groups, {samples} replica samples, "
           f"{flagged} flagged ({flagged / max(samples, 1):.1%}), {false_flags} straggler "
           f"events; median step {stats['median_step_ms']:.0f} ms, work "
           f"{stats['median_work_ms']:.0f} ms (MAD {stats['mad_work_ms']:.1f})")

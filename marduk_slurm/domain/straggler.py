@@ -234,14 +234,7 @@ class StragglerDetector:
     def prune(self, now: float) -> list[StragglerChange]:
         """Forget silent replicas; a flagged one that went silent is cleared as gone."""
         gone = [t for t in self.tracks.values() if now - t.seen_at > self.config.stale_s]
-        changes = []
-        for track in gone:
-            self.forget(track.replica_id)
-            stats = self.stats(track.job_id)
-            if track.flagged and stats is not None:
-                changes.append(StragglerChange(track.replica_id, track.job_id, False, 0.0,
-                                               stats, "gone: no heartbeat"))
-        return changes
+        return self._drop(gone, "gone: no heartbeat")
 
     def retain(self, live: set[str], checked_at: float) -> list[StragglerChange]:
         """Forget the replicas that are no longer live (their step or job ended, they left),
@@ -249,13 +242,17 @@ class StragglerDetector:
         next check. A flagged one is cleared as gone."""
         ended = [t for r, t in self.tracks.items()
                  if r not in live and t.created_at <= checked_at]
+        return self._drop(ended, "gone: left the mapping")
+
+    def _drop(self, tracks: list[ReplicaTrack], why: str) -> list[StragglerChange]:
+        """Forget these replicas; each flagged one is cleared, saying `why`."""
         changes = []
-        for track in ended:
+        for track in tracks:
             self.forget(track.replica_id)
             stats = self.stats(track.job_id)
             if track.flagged and stats is not None:
                 changes.append(StragglerChange(track.replica_id, track.job_id, False, 0.0,
-                                               stats, "gone: left the mapping"))
+                                               stats, why))
         return changes
 
     def forget(self, replica_id: str) -> None:
