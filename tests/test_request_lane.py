@@ -106,6 +106,9 @@ def test_top_is_one_screen_with_totals_and_nodes_carry_their_own_rows(
     proc = run_cli("nodes", "--json", "--nats-url", busy_controller.url)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == 375
+    assert [n["name"] for n in json.loads(proc.stdout)] == [f"node{i:05d}" for i in range(375)]
+    proc = run_cli("nodes", "--json", "--limit", "5", "--nats-url", busy_controller.url)
+    assert [n["name"] for n in json.loads(proc.stdout)] == [f"node{i:05d}" for i in range(5)]
 
 
 def test_history_beyond_one_answer_is_the_newest_n_oldest_first(

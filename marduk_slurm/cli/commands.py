@@ -279,7 +279,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     else:
         limit = _shown(args)
         # A node row carries its GPUs and replicas: 1,000 of them can pass NATS's 1 MiB.
-        rows, total = ask_list(args, "nodes", {}, limit=limit or 10**9, page_size=100)
+        rows, total = ask_list(args, "nodes", {}, limit=limit, page_size=100)
+        if args.json and limit is None:  # written out page by page as it came
+            return 0
     if args.json:
         render.as_json(rows)
         return 0
