@@ -15,23 +15,14 @@ of the cluster while it runs (about a minute per job).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-
-def load_drill() -> Any:
-    spec = importlib.util.spec_from_file_location("drill", REPO / "scripts" / "drill.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["drill"] = module
-    spec.loader.exec_module(module)
-    return module
+from harness import load_drill
 
 
 def measure(runs: int, max_steps: int, step_sleep_s: float) -> dict[str, list[float]]:

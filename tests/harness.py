@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from marduk_slurm.adapters.bus import Bus
@@ -17,6 +19,16 @@ from marduk_slurm.cli.client import call
 from marduk_slurm.errors import BusError, BusTimeout
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def load_drill() -> ModuleType:
+    """scripts/drill.py as a module (the drill is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("drill", REPO / "scripts" / "drill.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["drill"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def marduk_argv(*args: str) -> list[str]:

@@ -5,30 +5,20 @@ node drained, the replica respawned on the spare and healed, and the job complet
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from harness import load_drill
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.slurm, pytest.mark.torch, pytest.mark.slow]
-REPO = Path(__file__).resolve().parent.parent
 
-
-def _load_drill():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("drill", REPO / "scripts" / "drill.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["drill"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_fault_drill(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:  # noqa: F811
     pytest.importorskip("torchft", reason="the drill trains with torchft")
-    drill = _load_drill()
+    drill = load_drill()
     # A long max_steps, moved to 40 steps past the recovery: a cold respawn on a loaded host
     # (a new process importing torch) must not find the survivor finished already.
     result = drill.run_drill(tmp_path, max_steps=3000, step_sleep_s=0.05, finish_after=40)
@@ -66,7 +56,7 @@ def test_fault_drill_with_a_hot_spare(tmp_path: Path, slurm_cluster: SlurmCluste
     """The spare node runs a standby: the decision that sends the faulty group away names it,
     it assumes the group and heals, the supervisor follows it there, nothing is respawned."""
     pytest.importorskip("torchft", reason="the drill trains with torchft")
-    drill = _load_drill()
+    drill = load_drill()
     result = drill.run_drill(tmp_path, max_steps=3000, step_sleep_s=0.05, hot_spares=1,
                              finish_after=40)
     print(drill.summary(result))

@@ -4,8 +4,6 @@ from an older state), and a batch step printed as Slurm names it in the history 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -16,17 +14,12 @@ from marduk_slurm.controller import inbound
 from marduk_slurm.controller.decisions import Policy
 from marduk_slurm.domain import messages as m
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import load_drill
 
 
 @pytest.fixture(scope="module")
 def drill() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("drill", REPO / "scripts" / "drill.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["drill"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_drill()
 
 
 def log(*lines: str) -> str:
