@@ -79,26 +79,28 @@ class StoreRunner:
         return await loop.run_in_executor(self.read_executor, self._read, fn)
 
     async def answer_query(self, verb: str, args: dict[str, Any], risk: queries.RiskByGpu,
-                    max_payload: int) -> tuple[bytes, str]:
+                           max_payload: int) -> tuple[bytes, str]:
         """A list query (controller.queries), answered and encoded in a query process: the
         third lane, for work that is heavy in Python as well as in SQLite."""
         if self._store.path == ":memory:" or self.query_processes == 0:
             return await self.read(
                 lambda store: queries.answer(store, verb, args, risk, max_payload))
-        loop = asyncio.get_running_loop()
-        for attempt in (1, 2):
-            pool = self._query_pool or self.start_queries()
-            try:
-                return await loop.run_in_executor(pool, queries.worker_answer, verb, args,
-                                                  risk, max_payload)
-            except BrokenProcessPool:  # a query process died (killed, out of memory)
-                log.warning("a query process died; starting them again")
-                if self._query_pool is pool:
-                    self._query_pool = None
-                    pool.shutdown(wait=False, cancel_futures=True)
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        call = (queries.worker_answer, verb, args, risk, max_payload)
+        try:
+            return await self._in_query_process(*call)
+        except BrokenProcessPool:  # a query process died (killed, out of memory): once more
+            return await self._in_query_process(*call)
+
+    async def _in_query_process(self, fn: Callable[..., T], *args: Any) -> T:
+        pool = self._query_pool or self.start_queries()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except BrokenProcessPool:
+            log.warning("a query process died; the next query starts them again")
+            if self._query_pool is pool:
+                self._query_pool = None
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
     def start_queries(self) -> ProcessPoolExecutor:
         """Start the query processes (spawned, never forked from this threaded process)."""

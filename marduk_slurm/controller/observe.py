@@ -83,13 +83,15 @@ class Observability:
     async def risk_for(self, args: dict[str, Any]) -> queries.RiskByGpu:
         """The scores a `nodes` query needs: one node's, a page's, or (the one-answer form)
         every scored GPU's."""
+        # The query's own argument checks: what they refuse, the query would refuse too.
+        node = queries.opt_str(args, "node", pattern=bounds.NODE_NAME)
+        size = queries.page_size(args)
         await self.risk.view()
-        node, size, after = args.get("node"), args.get("page_size"), args.get("cursor")
-        if isinstance(node, str) and node:
+        if node:
             return self.risk.for_nodes([node])
-        if isinstance(size, int) and not isinstance(size, bool):
-            return self.risk.for_page(after if isinstance(after, str) else "",
-                                      max(0, min(size, queries.MAX_PAGE_SIZE)))
+        if size is not None:
+            after = queries.opt_str(args, "cursor", pattern=bounds.NODE_NAME) or ""
+            return self.risk.for_page(after, size)
         return self.risk.for_nodes(self.risk.risk_nodes)
 
     async def status(self) -> dict[str, Any]:
