@@ -107,9 +107,11 @@ class Browser:
         raise AssertionError(f"timed out after {timeout_s} s waiting for {what or expression}"
                              f"{'; last error: ' + last_error if last_error else ''}")
 
-    def screenshot(self, path: Path) -> Path:
+    def screenshot(self, path: Path, *, whole_page: bool = True) -> Path:
+        """A PNG of the page: all of it, or (whole_page=False) the viewport, for a page whose
+        scrolling table is taller than Chromium will capture in one image."""
         [shot] = asyncio.run(self._session(
-            ("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})))
+            ("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": whole_page})))
         path.write_bytes(base64.b64decode(shot["data"]))
         return path
 

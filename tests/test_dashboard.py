@@ -203,7 +203,8 @@ def test_the_replica_table_keeps_only_the_rows_in_view(
         browser.wait("document.querySelector('#replicas').textContent.includes('job199_rg99:')",
                      what="the last replica after scrolling")
         assert browser.evaluate("document.querySelectorAll('#replicas tr.r').length") < 100
-        shot = browser.screenshot(artifacts_dir() / "dashboard-20000-replicas.png")
+        shot = browser.screenshot(artifacts_dir() / "dashboard-20000-replicas.png",
+                                  whole_page=False)
         print(f"\nscreenshot: {shot}")
     finally:
         browser.close()
