@@ -96,11 +96,39 @@ class Supervisor:
             return False
         return True
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float | None = None) -> list[str]:
+        """Cancel every task and wait for them, at most timeout_s. Returns the names of the
+        tasks still running then, each logged with where it waits."""
         for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        tasks = dict(self._tasks)
         self._tasks.clear()
+        if not tasks:
+            return []
+        _, pending = await asyncio.wait(tasks.values(), timeout=timeout_s)
+        stuck = [name for name, task in tasks.items() if task in pending]
+        for task in tasks.values():  # their errors were logged where they crashed
+            if task.done() and not task.cancelled():
+                task.exception()
+        for name in stuck:
+            log.error("task %s did not stop within %.0f s of its cancellation; it waits in:\n%s",
+                      name, timeout_s or 0, "\n".join(awaiting(tasks[name])))
+        return stuck
+
+
+def awaiting(task: asyncio.Task[Any]) -> list[str]:
+    """Where a suspended task waits: its chain of awaits, outermost first (a task's own
+    stack shows only the outermost coroutine)."""
+    lines = []
+    step: Any = task.get_coro()
+    while step is not None:
+        frame = getattr(step, "cr_frame", None) or getattr(step, "gi_frame", None)
+        if frame is None:
+            lines.append(f"  on {step!r}"[:300])
+            break
+        lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        step = getattr(step, "cr_await", None) or getattr(step, "gi_yieldfrom", None)
+    return lines
 
     def running(self) -> list[str]:
         return [n for n, t in self._tasks.items() if not t.done()]

@@ -195,6 +195,28 @@ async def test_supervisor_backoff_resets_after_a_stable_run() -> None:
     assert delays[3] <= 0.05, f"the backoff was not reset after a stable run: {delays}"
 
 
+async def test_a_task_that_ignores_its_cancellation_is_named_and_left_behind(
+        caplog: pytest.LogCaptureFixture) -> None:
+    sup = Supervisor()
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await release.wait()  # a cleanup that never ends
+
+    sup.start("stubborn", stubborn)
+    sup.start("polite", lambda: asyncio.sleep(3600))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    assert await sup.stop(timeout_s=0.3) == ["stubborn"]
+    assert time.monotonic() - started < 5
+    assert "task stubborn did not stop within 0 s of its cancellation" in caplog.text
+    assert "in stubborn" in caplog.text  # where it waits
+    release.set()
+
+
 async def _until(predicate: Callable[[], bool]) -> None:
     while not predicate():
         await asyncio.sleep(0.01)

@@ -228,7 +228,8 @@ def test_lighthouse_that_dies_fails_the_job(tmp_path: Path) -> None:
 
 def test_a_standby_assumes_the_group_that_leaves_and_the_pool_is_refilled(
         tmp_path: Path) -> None:
-    out = supervise(tmp_path, {1: ["handover 75"]}, spares=2, hot_spares=1)
+    # Group 0 trains on meanwhile: a standby is refilled only while the job is not ending.
+    out = supervise(tmp_path, {0: ["sleep 2"], 1: ["handover 75"]}, spares=2, hot_spares=1)
     assert out.rc == 0, out.log
     assert "standby 0: starting on n3" in out.log
     assert ("group 1: told to leave (exit 75); assumed by standby 0 on n3, not respawned"
@@ -297,3 +298,14 @@ def test_a_standby_told_to_stand_down_is_replaced_away_from_its_drained_node(
     assert "standby 0: exited (75) before assuming a group" in out.log
     assert "standby 1: starting on n4" in out.log
     assert "standby 2" not in out.log and "on n3" not in out.log.split("standby 0: exited")[1]
+
+
+def test_no_new_standby_once_a_group_has_finished(tmp_path: Path) -> None:
+    # Group 1 hands over to the standby on n3 and finishes there while group 0 still trains:
+    # the job is ending, so the node it frees is not given to a new standby.
+    out = supervise(tmp_path, {0: ["sleep 2"], 1: ["handover 75"]}, spares=1, hot_spares=1)
+    assert out.rc == 0, out.log
+    assert "group 1: told to leave (exit 75); assumed by standby 0 on n3" in out.log
+    assert "group 1: finished (exit 0)" in out.log
+    assert "standby 1" not in out.log
+    assert sorted(out.sruns) == ["n1", "n2", "n3"]

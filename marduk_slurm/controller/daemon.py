@@ -8,8 +8,10 @@ the tasks, and only then tell systemd READY=1. SIGTERM stops cleanly; SIGHUP rel
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 from marduk_slurm import settings as settings_mod
@@ -41,6 +43,10 @@ log = logging.getLogger(__name__)
 NATS_URL_FILE = "nats.url"
 # The embedded server's port, kept across restarts so that the URL agents know stays valid.
 NATS_PORT_FILE = "nats.port"
+# A stop's steps are bounded (SHUTDOWN_STEP_S each) and so is the whole (SHUTDOWN_LIMIT_S,
+# under systemd's default TimeoutStopSec of 90 s): see Controller._shutdown.
+SHUTDOWN_STEP_S = 5.0
+SHUTDOWN_LIMIT_S = 15.0
 
 
 def build_slurm(s: Settings) -> SlurmBackend:
@@ -206,15 +212,31 @@ class Controller:
         self.notifier.ready("settings reloaded")
 
     async def _shutdown(self, ctx: Context) -> None:
+        """Stop in order, each step bounded. A step that overruns is named in the log with
+        what it waits on, and the shutdown goes on; past SHUTDOWN_LIMIT_S in all, every
+        thread's stack goes to stderr and the process exits 1 (a stop never hangs)."""
         self.notifier.stopping("stopping")
         log.info("controller stopping")
-        await self.supervisor.stop()
-        heartbeats = getattr(self, "heartbeats", None)
-        if heartbeats is not None:
-            await heartbeats.flush()
-        await ctx.bus.close()
-        await asyncio.to_thread(ctx.db.close)
-        if self.nats_server is not None:
-            await asyncio.to_thread(self.nats_server.stop)
-            (self.state_dir / NATS_URL_FILE).unlink(missing_ok=True)
+        faulthandler.dump_traceback_later(SHUTDOWN_LIMIT_S, exit=True)
+        try:
+            await self.supervisor.stop(timeout_s=SHUTDOWN_STEP_S)
+            heartbeats = getattr(self, "heartbeats", None)
+            if heartbeats is not None:
+                await bounded("writing the last heartbeats", heartbeats.flush())
+            await bounded("closing the NATS connection", ctx.bus.close())
+            await bounded("closing the database", asyncio.to_thread(ctx.db.close))
+            if self.nats_server is not None:
+                await asyncio.to_thread(self.nats_server.stop)
+                (self.state_dir / NATS_URL_FILE).unlink(missing_ok=True)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         log.info("controller stopped")
+
+
+async def bounded(what: str, step: Awaitable[object], timeout_s: float = SHUTDOWN_STEP_S
+                  ) -> None:
+    """One shutdown step, given up (and logged) after timeout_s."""
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except TimeoutError:
+        log.error("shutdown: %s took over %.0f s; going on without it", what, timeout_s)
