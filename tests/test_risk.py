@@ -164,3 +164,37 @@ def test_a_page_of_nodes_gets_the_scores_of_its_own_nodes() -> None:
             got = watch.for_page(after, size)
             assert {u for n in page if n in watch.by_node for u in watch.by_node[n]} <= set(got)
             assert len(got) <= size
+
+
+def test_a_pass_scores_only_what_changed_and_the_views_index_matches_a_rebuild() -> None:
+    """The controller's index of scored GPUs by node is kept up to date from each pass's
+    changes; after a random run of verdicts, moves and ageing it equals one built from
+    every score at once."""
+    import random
+
+    from marduk_slurm.controller.risk_watch import RiskWatch
+    from marduk_slurm.settings import ControllerSettings
+
+    watch = RiskWatch(None, ControllerSettings, window_s=50.0)  # type: ignore[arg-type]
+    rnd = random.Random(7)
+    for uuid in ("GPU-a", "GPU-b"):
+        watch.tracker.add_verdict(uuid, "n1", 0, evidence(xids=(79,)), 1.0)
+    assert {s.gpu_uuid for s in watch._score(now=1.0)} == {"GPU-a", "GPU-b"}
+    assert watch._score(now=1.0) == []  # nothing new: nothing scored again
+    now = 1.0
+    for _ in range(300):
+        now += rnd.choice((0.5, 5.0))
+        uuid, node = f"GPU-{rnd.randrange(20)}", f"n{rnd.randrange(6)}"
+        watch._arrived.append(lambda u=uuid, n=node, t=now: watch.tracker.add_verdict(
+            u, n, 0, evidence(xids=(rnd.choice((79, 48)),)), t))
+        changed = watch._score(now=now)
+        assert uuid in {s.gpu_uuid for s in changed}
+        rebuilt: dict[str, dict[str, tuple[int, list[str]]]] = {}
+        for s in watch.tracker.scores(now):
+            if s.score:
+                rebuilt.setdefault(s.node, {})[s.gpu_uuid] = (
+                    s.score, [f.detail for f in s.factors])
+        assert watch.by_node == rebuilt
+        assert watch.risk_nodes == sorted(rebuilt)
+    ordered = watch.tracker.ordered()
+    assert ordered == sorted(ordered, key=lambda s: (s.node, s.index or 0, s.gpu_uuid))

@@ -50,12 +50,13 @@ class RiskWatch:
         self.ctx = ctx
         self.settings = settings
         self.tracker = RiskTracker(window_s=window_s)
-        self.latest: list[RiskScore] = []
         # The GPUs with a score, as the views show them, by node: {node: {uuid: (score,
         # factor details)}}, and those nodes' names in order (for pages of nodes).
         self.by_node: dict[str, dict[str, tuple[int, list[str]]]] = {}
         self.risk_nodes: list[str] = []
+        self._node_of: dict[str, str] = {}  # a scored GPU -> the node it is listed under
         self.drained: set[str] = set()  # GPUs whose risk drained their node
+        self._threshold_seen = 0  # the drain threshold of the last pass (a lower one re-checks)
         self.summaries = 0
         # Scoring a day of verdicts on a large cluster takes a good part of a second: it runs
         # on a thread, never on the event loop that ingests faults. The loop only queues what
@@ -70,6 +71,7 @@ class RiskWatch:
         # From scratch: a supervised restart reloads the same verdicts, which must not count
         # twice.
         self.tracker = RiskTracker(window_s=self.tracker.window_s)
+        self.by_node, self.risk_nodes, self._node_of = {}, [], {}
         self.drained = set()
         since = time.time() - self.tracker.window_s
         rows = await self.ctx.db(lambda: self.ctx.db.store.events(
@@ -148,12 +150,21 @@ class RiskWatch:
         finally:
             await unsubscribe_all(subscriptions)
 
+    @property
+    def latest(self) -> list[RiskScore]:
+        """Every scored GPU as of the last scoring, in no particular order."""
+        return list(self.tracker.current().values())
+
     async def score_and_drain(self) -> None:
         await self.refresh()
         threshold = self.settings().risk_drain_threshold
         if threshold > 0:
-            fresh = await asyncio.to_thread(self._score, since_resume=True)
-            for score in fresh:
+            changed = await asyncio.to_thread(self._score, since_resume=True)
+            if threshold < self._threshold_seen or not self._threshold_seen:
+                # A lower threshold (a reload) may put GPUs over it whose scores did not move.
+                changed = list(self.tracker.current(since_resume=True).values())
+            self._threshold_seen = threshold
+            for score in changed:
                 if score.score >= threshold and score.gpu_uuid not in self.drained:
                     await self.drain(score, threshold)
 
@@ -182,13 +193,12 @@ class RiskWatch:
                         score.gpu_uuid, score.score, why)
         await self.ctx.carry_out(effects)
 
-    async def refresh(self) -> list[RiskScore]:
+    async def refresh(self) -> None:
         """Scores as of now, with every reading that arrived applied (on a thread)."""
         self._scored_at = time.monotonic()
-        self.latest = await asyncio.to_thread(self._score)
-        return self.latest
+        await asyncio.to_thread(self._score)
 
-    async def view(self) -> list[RiskScore]:
+    async def view(self) -> None:
         """Scores for a view: fresh when readings arrived since the last scoring, but scored
         at most once per VIEW_FRESH_S, and one scoring serves every query waiting on it, so
         a burst of queries does not keep a core busy scoring (and the fault path waiting on
@@ -196,26 +206,52 @@ class RiskWatch:
         if self._scoring is not None:
             return await asyncio.shield(self._scoring)
         if not self._arrived or time.monotonic() - self._scored_at < VIEW_FRESH_S:
-            return self.latest
+            return
         self._scoring = asyncio.ensure_future(self.refresh())
         try:
-            return await asyncio.shield(self._scoring)
+            await asyncio.shield(self._scoring)
         finally:
             self._scoring = None
 
-    def _score(self, *, since_resume: bool = False) -> list[RiskScore]:
+    def _score(self, *, since_resume: bool = False, now: float | None = None
+               ) -> list[RiskScore]:
+        """Apply what arrived and score the GPUs it touched; return their new scores."""
         with self._lock:
             while self._arrived:
                 self._arrived.popleft()()
-            scores = self.tracker.scores(time.time(), since_resume=since_resume)
-            if not since_resume:  # for the views, built here rather than on the event loop
-                by_node: dict[str, dict[str, tuple[int, list[str]]]] = {}
-                for s in scores:
-                    if s.score:
-                        by_node.setdefault(s.node, {})[s.gpu_uuid] = (
-                            s.score, [f.detail for f in s.factors])
-                self.by_node, self.risk_nodes = by_node, sorted(by_node)
-            return scores
+            changed = self.tracker.update(time.time() if now is None else now,
+                                          since_resume=since_resume)
+            if not since_resume and changed:
+                self._index(changed)
+            return changed
+
+    def _index(self, changed: list[RiskScore]) -> None:
+        """Bring the views' index (`by_node`, `risk_nodes`) up to date with changed scores.
+        The event loop reads it meanwhile: what it holds is replaced, never changed."""
+        by_node = dict(self.by_node)
+        for s in changed:
+            before = self._node_of.pop(s.gpu_uuid, None)
+            if before is not None and before != s.node:  # the GPU moved: off its old node
+                by_node[before] = {u: v for u, v in by_node.get(before, {}).items()
+                                   if u != s.gpu_uuid}
+                if not by_node[before]:
+                    del by_node[before]
+            gpus = dict(by_node.get(s.node, {}))
+            gpus.pop(s.gpu_uuid, None)
+            if s.score:
+                gpus[s.gpu_uuid] = (s.score, [f.detail for f in s.factors])
+                self._node_of[s.gpu_uuid] = s.node
+            if gpus:
+                by_node[s.node] = gpus
+            else:
+                by_node.pop(s.node, None)
+        if by_node.keys() != self.by_node.keys():
+            self.risk_nodes = sorted(by_node)
+        self.by_node = by_node
+
+    def _ordered(self) -> list[RiskScore]:
+        with self._lock:
+            return self.tracker.ordered()
 
     def for_nodes(self, names: list[str]) -> dict[str, tuple[int, list[str]]]:
         """The scored GPUs of these nodes: {uuid: (score, factor details)}."""
@@ -235,4 +271,9 @@ class RiskWatch:
         node = args.get("node")
         if node is not None and not isinstance(node, str):
             raise ValueError("node must be a node name")
-        return [s.as_dict() for s in await self.view() if not node or s.node == node]
+        await self.view()
+        if node:
+            return [s.as_dict() for s in sorted(
+                (s for s in self.tracker.current().values() if s.node == node),
+                key=lambda s: (s.index or 0, s.gpu_uuid))]
+        return [s.as_dict() for s in await asyncio.to_thread(self._ordered)]

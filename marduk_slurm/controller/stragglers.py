@@ -116,7 +116,8 @@ class StragglerWatch:
         ended job's last step rate stays in `top`, `straggler show` and /metrics, since
         pruning otherwise runs only when heartbeats arrive."""
         checked_at = time.time()
-        live = await self.ctx.db.read(lambda store: store.live_replica_ids())
+        tracked = list(self.detector.tracks)
+        live = await self.ctx.db.read(lambda store: store.live_replica_ids(tracked))
         changes = self.detector.retain(live, checked_at)
         changes += self.detector.prune(time.time())
         self._last_evaluation = {j: t for j, t in self._last_evaluation.items()

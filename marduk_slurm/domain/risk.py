@@ -315,8 +315,8 @@ class RiskTracker:
     _dirty: dict[bool, set[str]] = field(default_factory=dict)
     _expiry: dict[bool, list[tuple[float, str]]] = field(default_factory=dict)
     _scores: dict[bool, dict[str, RiskScore]] = field(default_factory=dict)
-    _ordered: dict[bool, list[RiskScore]] = field(default_factory=dict)
-    _position: dict[bool, dict[str, int]] = field(default_factory=dict)  # in _ordered
+    _version: dict[bool, int] = field(default_factory=dict)  # passes that changed a score
+    _ordered: dict[bool, tuple[int, list[RiskScore]]] = field(default_factory=dict)
 
     def _history(self, uuid: str, node: str, index: int | None) -> GpuHistory:
         hist = self.gpus.get(uuid)
@@ -340,20 +340,19 @@ class RiskTracker:
                 hist = self._history(gpu["uuid"], node, index)
                 hist.add(hist.polls, from_summary_gpu(gpu, ts))
 
-    def scores(self, now: float, *, since_resume: bool = False) -> list[RiskScore]:
-        """Every GPU's score from its evidence in the window; with `since_resume`, from the
-        evidence that arrived after its node was last resumed."""
+    def update(self, now: float, *, since_resume: bool = False) -> list[RiskScore]:
+        """Score anew the GPUs with news since the last pass of this kind, and those whose
+        oldest evidence left the window; return their new scores. Every other GPU keeps its
+        score, so a pass costs what changed, not the size of the cluster. With
+        `since_resume`, from the evidence that arrived after the node was last resumed."""
         kind = since_resume
         if kind not in self._dirty:  # the first pass of this kind looks at every GPU
             self._dirty[kind], self._expiry[kind], self._scores[kind] = set(self.gpus), [], {}
+            self._version[kind] = 0
         todo, expiry, scores = self._dirty[kind], self._expiry[kind], self._scores[kind]
         while expiry and expiry[0][0] <= now:
             todo.add(heapq.heappop(expiry)[1])
-        if not todo and kind in self._ordered:
-            return list(self._ordered[kind])
-        ordered = self._ordered.get(kind)
-        position = self._position.setdefault(kind, {})
-        resort = ordered is None
+        changed = []
         for uuid in todo:
             hist = self.gpus[uuid]
             start = now - self.window_s
@@ -361,21 +360,35 @@ class RiskTracker:
                 start = max(start, self.resumed_at.get(hist.node, start))
             points, factors = hist.score(start, since_resume)
             new = scores[uuid] = RiskScore(uuid, hist.node, hist.index, points, factors)
-            at = position.get(uuid)
-            if ordered is None or at is None or (ordered[at].node, ordered[at].index) != (
-                    new.node, new.index):
-                resort = True  # a new GPU, or one that moved: its place in the order
-            else:
-                ordered[at] = new
+            changed.append(new)
             oldest = hist.cache[kind][2]
             if oldest != math.inf:
                 heapq.heappush(expiry, (oldest + self.window_s, uuid))
         todo.clear()
-        if resort:
-            ordered = self._ordered[kind] = sorted(
-                scores.values(), key=lambda s: (s.node, s.index or 0, s.gpu_uuid))
-            self._position[kind] = {s.gpu_uuid: i for i, s in enumerate(ordered)}
-        return list(self._ordered[kind])
+        if changed:
+            self._version[kind] += 1
+        return changed
+
+    def current(self, *, since_resume: bool = False) -> dict[str, RiskScore]:
+        """Every scored GPU's score as of the last `update` of this kind, by UUID."""
+        return self._scores.get(since_resume, {})
+
+    def ordered(self, *, since_resume: bool = False) -> list[RiskScore]:
+        """The scores of the last `update`, by node, GPU index and UUID: a listing's order,
+        sorted again only after a pass that changed something."""
+        kind = since_resume
+        version = self._version.get(kind, 0)
+        cached = self._ordered.get(kind)
+        if cached is None or cached[0] != version:
+            cached = self._ordered[kind] = (version, sorted(
+                self.current(since_resume=kind).values(),
+                key=lambda s: (s.node, s.index or 0, s.gpu_uuid)))
+        return list(cached[1])
+
+    def scores(self, now: float, *, since_resume: bool = False) -> list[RiskScore]:
+        """Every GPU's score from its evidence in the window, in listing order."""
+        self.update(now, since_resume=since_resume)
+        return self.ordered(since_resume=since_resume)
 
     def mark_resumed(self, node: str, ts: float) -> None:
         """`node` was resumed at `ts`: its history stays, the evidence to drain it anew starts

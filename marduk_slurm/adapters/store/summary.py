@@ -3,7 +3,9 @@ behind `/metrics`. Both run on the read lane, never on the writer."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Iterable
 from typing import Any
 
 DASHBOARD_ROWS = (
@@ -51,10 +53,15 @@ class SummaryMixin:
         return {(str(job), state): n for job, state, n in self.conn.execute(
             "SELECT job_id, state, COUNT(*) FROM replicas WHERE state != 'left' GROUP BY 1, 2")}
 
-    def live_replica_ids(self) -> set[str]:
-        """Every replica and standby still in the mapping (not left)."""
+    def live_replica_ids(self, among: Iterable[str]) -> set[str]:
+        """Those of these replicas and standbys still in the mapping (not left): the cost is
+        the size of `among`, not of the mapping."""
+        ids = list(among)
+        if not ids:
+            return set()
         return {r[0] for r in self.conn.execute(
-            "SELECT replica_id FROM replicas WHERE state != 'left'")}
+            "SELECT replica_id FROM replicas WHERE state != 'left' AND replica_id IN "
+            "(SELECT value FROM json_each(?))", (json.dumps(ids),))}
 
     def pending_action_counts(self) -> dict[str, int]:
         return dict(self.conn.execute(
