@@ -72,6 +72,12 @@ class DrillResult:
     final_step: int = 0
     max_steps: int = 0  # where the job was to end (moved by `finish_after`)
     steps_lost: int = 0
+    # The surviving groups during the fault (verdict -> full strength): their longest step
+    # (None: none over train_tiny's SLOW_STEP_S), their median step over the whole run, and
+    # the steps they trained in a quorum without the replaced group.
+    survivors_longest_step_ms: float | None = None
+    survivors_median_step_ms: float = 0.0
+    steps_at_reduced_strength: int = 0
     job_state: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     replicas: list[dict[str, Any]] = field(default_factory=list)
@@ -321,6 +327,34 @@ def step_losses(output: str, group: int, old_node: str, after: float
     return discarded, left_at, healed_to, max(0, left_at - healed_to)
 
 
+_SLOW_STEP = re.compile(r"^group (\d+): slow step (\d+) took (\d+) ms on (\S+) t=([\d.]+)$")
+_MEDIAN_STEP = re.compile(r"^group (\d+): median step (\d+) ms over (\d+) steps on (\S+)$")
+
+
+def survivors_during(output: str, group: int, groups: int, after: float, until: float
+                     ) -> tuple[float | None, float, int]:
+    """(longest step, median step, steps at reduced strength) of the groups other than
+    `group` between `after` and `until`, from the training log (scripts/train_tiny.py).
+    The longest is None when no survivor step was slow enough to be printed."""
+    longest: float | None = None
+    medians: list[float] = []
+    reduced, since = 0, {}  # survivor group -> the step it went below `groups` participants
+    for line in output.splitlines():
+        if (m := _SLOW_STEP.match(line)) and int(m.group(1)) != group and (
+                after <= float(m.group(5)) <= until):
+            longest = max(longest or 0.0, float(m.group(3)))
+        elif (m := _MEDIAN_STEP.match(line)) and int(m.group(1)) != group:
+            medians.append(float(m.group(2)))
+        elif (m := _PARTICIPANTS.match(line)) and int(m.group(1)) != group and (
+                after <= float(m.group(4)) <= until + 1.0):
+            survivor, count, step = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            if count < groups:
+                since.setdefault(survivor, step)
+            elif survivor in since:
+                reduced += step - since.pop(survivor)
+    return longest, max(medians, default=0.0), reduced
+
+
 def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
               hot_spares: int = 0, finish_after: int | None = None,
               lighthouse_proxy: bool = True) -> DrillResult:
@@ -356,6 +390,10 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
         full = full_strength_at(output, victim["replica_group"], result.node, 2, verdict_ts)
         if full is not None:
             result.fault_to_full_strength_s = full - verdict_ts
+        until = full if full is not None else verdict_ts + 60.0
+        (result.survivors_longest_step_ms, result.survivors_median_step_ms,
+         result.steps_at_reduced_strength) = survivors_during(
+            output, victim["replica_group"], 2, verdict_ts, until)
         result.final_step = final_step(output)
         losses = step_losses(output, victim["replica_group"], result.node, t0)
         (result.steps_discarded, result.left_at_step, result.healed_to_step,
@@ -389,6 +427,12 @@ def summary(r: DrillResult) -> str:
              f"full strength  : {r.fault_to_full_strength_s:.2f} s after the fault; the "
              f"surviving group was at step {r.step_at_fault} just after the injection, "
              f"{r.step_rejoined} when the replaced group was seen healed",
+             "survivors      : longest step "
+             + (f"{r.survivors_longest_step_ms:.0f} ms" if r.survivors_longest_step_ms
+                else "under 100 ms")
+             + f" between the fault and full strength (median step "
+             f"{r.survivors_median_step_ms:.0f} ms); {r.steps_at_reduced_strength} step(s) "
+             "trained without the replaced group",
              f"steps lost     : {r.steps_lost} = {r.steps_discarded} step attempts thrown away "
              f"after the fault (not committed, any group) + {r.steps_redone} redone (the "
              f"group left at step {r.left_at_step}, came back healed to step "

@@ -15,6 +15,7 @@ the controller told it which group to assume; the group is then `manager.replica
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from datetime import timedelta
@@ -26,6 +27,14 @@ from torch.distributed import TCPStore
 from torchft import Optimizer, ProcessGroupGloo
 
 from marduk_slurm.runtime import LeaveRequested, ManagerMarduk, SafeDDP
+
+SLOW_STEP_S = 0.1  # a step slower than this is printed with its time
+
+
+def print_median(group: int, node: str, took: list[float]) -> None:
+    if took:
+        print(f"group {group}: median step {statistics.median(took) * 1000:.0f} ms over "
+              f"{len(took)} steps on {node}", flush=True)
 
 
 def main() -> int:
@@ -68,10 +77,12 @@ def main() -> int:
           flush=True)
     # The drill reads these lines: the participant count (recovery times), every step whose
     # work was thrown away, this incarnation's first committed step and its last one (steps
-    # lost or redone around a fault).
-    participants, committed_once = 0, False
+    # lost or redone around a fault), each step slower than SLOW_STEP_S and the median step
+    # (what a fault costs the survivors).
+    participants, committed_once, took = 0, False, []
     try:
         while not manager.should_stop():
+            began = time.monotonic()
             x = torch.randn(8, 16, generator=data)
             opt.zero_grad()
             loss = nn.functional.mse_loss(ddp(x), x.sum(dim=1, keepdim=True))
@@ -80,6 +91,10 @@ def main() -> int:
             opt.step()
             manager.report_loss(float(loss))
             step = manager.current_step()
+            took.append(time.monotonic() - began)
+            if took[-1] > SLOW_STEP_S:
+                print(f"group {group}: slow step {step} took {took[-1] * 1000:.0f} ms on "
+                      f"{node} t={time.time():.3f}", flush=True)
             if manager.uncommitted_steps != failed:
                 print(f"group {group}: step {step} not committed on {node} "
                       f"t={time.time():.3f}", flush=True)
@@ -96,10 +111,12 @@ def main() -> int:
                       f"participants {manager.num_participants()}", flush=True)
             time.sleep(step_sleep_s)
     except LeaveRequested as leave:  # told to leave between should_stop and the next quorum
+        print_median(group, node, took)
         print(f"group {group}: exit {leave.code} at step {manager.current_step()} on {node}",
               flush=True)
         raise
     code = manager.finish()
+    print_median(group, node, took)
     print(f"group {group}: exit {code} at step {manager.current_step()} on {node}", flush=True)
     del store
     return code

@@ -65,6 +65,7 @@ def test_fault_drill_with_a_hot_spare(tmp_path: Path, slurm_cluster: SlurmCluste
     assert result.assumed_by_standby
     assert result.steps_redone == 0 and result.healed_to_step >= result.left_at_step
     assert result.fault_to_full_strength_s > 0  # how fast: benchmarks/recovery.py
+    assert result.survivors_median_step_ms > 0  # read from the training log, not a default
     kinds = [(e["kind"], e["node"]) for e in result.history]
     chain = [("gpu_verdict", result.node), ("standby_assigned", result.spare),
              ("standby_assumed", None), ("replica_register", result.spare)]

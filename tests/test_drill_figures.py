@@ -65,6 +65,23 @@ def test_a_log_without_the_exit_or_the_return_gives_no_figure(drill: ModuleType,
         drill.step_losses(log(*lines), 1, "n2", after=20.0)
 
 
+def test_the_survivors_longest_step_and_reduced_strength_come_from_their_own_lines(
+        drill: ModuleType) -> None:
+    output = log(*BEFORE_FAULT,
+                 "group 0: slow step 30 took 900 ms on n1 t=15.000",  # before the fault
+                 "group 1: slow step 58 took 5000 ms on n2 t=20.300",  # the group that left
+                 "group 0: participants 1 at step 58 t=20.350",
+                 "group 0: slow step 58 took 390 ms on n1 t=20.350",
+                 "group 0: slow step 60 took 180 ms on n1 t=20.600",
+                 "group 0: participants 2 at step 63 t=20.900",
+                 "group 0: slow step 90 took 700 ms on n1 t=30.000",  # after full strength
+                 "group 1: median step 55 ms over 57 steps on n2",
+                 "group 0: median step 52 ms over 140 steps on n1")
+    assert drill.survivors_during(output, 1, 2, after=20.0, until=20.9) == (390.0, 52.0, 5)
+    quiet = log(*BEFORE_FAULT, "group 0: median step 52 ms over 140 steps on n1")
+    assert drill.survivors_during(quiet, 1, 2, after=20.0, until=20.9) == (None, 52.0, 0)
+
+
 def test_the_final_step_is_the_highest_exit_in_the_log(drill: ModuleType) -> None:
     output = log(*BEFORE_FAULT, "group 1: exit 75 at step 57 on n2",
                  "group 0: exit 0 at step 140 on n1", "group 1: exit 0 at step 140 on n3")
