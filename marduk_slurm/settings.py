@@ -108,6 +108,11 @@ class AgentSettings:
     allow_inject: bool = False  # let `marduk inject` feed synthetic XIDs on real NVML GPUs
     buffer_max: BufferSize = 10000  # reports kept in memory while NATS is away (oldest dropped)
     job_credentials_dir: str = ""  # write each job's NATS credential here; "" = off
+    # `marduk resume NODES --check`: the agent reads every GPU now and, when this is set, runs
+    # this program on its node too ({node} = the node's name), like Slurm's
+    # HealthCheckProgram; exit 0 = healthy. Set here, never sent over the network.
+    health_check: str = ""
+    health_check_timeout_s: Timeout = 300.0  # the longest a check may run on the node
 
 
 @dataclasses.dataclass(frozen=True)

@@ -208,7 +208,9 @@ class Agent:
         while True:
             await self._connect_once()
             if self.watcher is not None:
-                rpc = AgentRpc(self.node, self.watcher)
+                a = self.settings.agent
+                rpc = AgentRpc(self.node, self.watcher, health_check=a.health_check,
+                               health_check_timeout_s=a.health_check_timeout_s)
                 await self.bus.subscribe(rpc.subject, rpc.on_message)
             log.info("connected to NATS at %s", self.bus.url)
             if self.url_file is None:

@@ -1,8 +1,14 @@
 """The agent's request/reply verbs on NATS: ``marduk.v1.agent.<node>.<verb>``.
 
-Today one verb, `inject` (fault drills): the controller asks the agent first, so an injected
-XID is judged by the same agent code as a real one. With `reset: true` instead of an XID it
-resets a simulated GPU (brings one lost after XID 79 back). Each request is answered in its own
+- `inject` (fault drills): the controller asks the agent first, so an injected XID is judged
+  by the same agent code as a real one. With `reset: true` instead of an XID it resets a
+  simulated GPU (brings one lost after XID 79 back).
+- `check` (`marduk resume NODES --check`, relayed by the controller): read every GPU now and
+  judge it, then run the node's configured health check (`agent.health_check`), on the node
+  itself, as Slurm's HealthCheckProgram would; `check_cancel` stops one (the operator's
+  Ctrl-C), its whole process group with it.
+
+Only the controller may send these (NATS permissions). Each request is answered in its own
 task, because nats-py runs the callbacks of one subscription one after another.
 """
 
@@ -10,13 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from marduk_slurm.adapters.bus import Incoming
+from marduk_slurm.adapters.health_check import run_check
 from marduk_slurm.agent.health import GpuWatcher, InjectRefused
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.domain.gpu_health import GpuAction
 from marduk_slurm.domain.inject import valid_request_id
+from marduk_slurm.domain.node_check import check_args
 from marduk_slurm.errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -49,15 +59,24 @@ def inject_args(args: dict[str, Any]) -> tuple[str, int | None]:
     return str(gpu).strip(), xid
 
 
+# A GPU whose verdict is one of these fails the check: the node is not fit to run jobs.
+FAILS_CHECK = (GpuAction.RESET_GPU, GpuAction.DRAIN_NODE)
+MAX_RUNNING_CHECKS = 4  # one node is checked by one operator at a time; a few is plenty
+
+
 class AgentRpc:
-    def __init__(self, node: str, watcher: GpuWatcher) -> None:
+    def __init__(self, node: str, watcher: GpuWatcher, *, health_check: str = "",
+                 health_check_timeout_s: float = 300.0) -> None:
         self.node = node
         self.watcher = watcher
+        self.health_check = health_check
+        self.health_check_timeout_s = health_check_timeout_s
+        self.checks: dict[str, asyncio.Task[m.Reply]] = {}  # running, by check id
         self._inflight: set[asyncio.Task[None]] = set()
 
     @property
     def subject(self) -> str:
-        return subjects.agent_rpc(self.node, "inject")
+        return subjects.agent_rpc(self.node, "*")
 
     async def on_message(self, msg: Incoming) -> None:
         task = asyncio.create_task(self._answer(msg))
@@ -65,12 +84,84 @@ class AgentRpc:
         task.add_done_callback(self._inflight.discard)
 
     async def _answer(self, msg: Incoming) -> None:
-        reply = await self.inject(msg.data)
+        verb = msg.subject.rsplit(".", 1)[-1]
+        if verb == "inject":
+            reply = await self.inject(msg.data)
+        elif verb == "check":
+            reply = await self.check(msg.data)
+        elif verb == "check_cancel":
+            reply = self.cancel(msg.data)
+        else:
+            reply = m.Reply(ok=False, error=f"unknown agent verb {verb[:40]!r}",
+                            error_kind="invalid")
         if msg.reply:
             try:
                 await msg.respond(m.encode(reply))
             except Exception as exc:  # nats-py raises several types; the caller just times out
-                log.warning("cannot answer inject request: %s", exc)
+                log.warning("cannot answer %s request: %s", verb[:40], exc)
+
+    async def check(self, data: bytes) -> m.Reply:
+        """Judge this node now: every GPU read and judged by the agent's policy, then the
+        configured health check program, if any."""
+        try:
+            check_id, timeout_s = check_args(m.decode_request(data).args,
+                                             self.health_check_timeout_s)
+        except (ProtocolError, ValueError) as exc:
+            return m.Reply(ok=False, error=str(exc), error_kind="invalid")
+        if check_id in self.checks or len(self.checks) >= MAX_RUNNING_CHECKS:
+            return m.Reply(ok=False, error=f"a check is running on {self.node} already"
+                           if check_id not in self.checks else "this check is running already",
+                           error_kind="busy")
+        task = asyncio.ensure_future(self._check(timeout_s))
+        self.checks[check_id] = task
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return m.Reply(ok=False, error=f"check {check_id} cancelled on {self.node}; its "
+                           "processes were stopped", error_kind="cancelled")
+        finally:
+            self.checks.pop(check_id, None)
+
+    async def _check(self, timeout_s: float) -> m.Reply:
+        started = time.monotonic()
+        gpus, failed = [], []
+        for gpu in self.watcher.gpus:
+            verdict = await self.watcher.check(gpu)
+            gpus.append({"uuid": gpu.uuid, "index": gpu.index, "action": verdict.action.value,
+                         "reason": verdict.reason})
+            if verdict.action in FAILS_CHECK:
+                failed.append(f"GPU {gpu.index} ({gpu.uuid}): {verdict.reason}")
+        if not self.watcher.gpus:
+            failed.append("no GPU found")
+        data: dict[str, Any] = {"node": self.node, "gpus": gpus}
+        program = None
+        if self.health_check:
+            left = max(1.0, timeout_s - (time.monotonic() - started))
+            program = await run_check(self.health_check, self.node, timeout_s=left)
+            data["program"] = program.evidence()
+            if not program.passed:
+                failed.append(f"health check '{program.command}' "
+                              + (f"exit {program.returncode}" if program.returncode is not None
+                                 else program.output))
+        passed = not failed
+        output = "; ".join(failed) if failed else (
+            f"{len(gpus)} GPU(s) healthy" + (f"; '{program.command}' exit 0" if program else ""))
+        data.update(command=f"agent check on {self.node}"
+                    + (f" + {self.health_check}" if self.health_check else ""),
+                    returncode=0 if passed else 1, output=output[:2000],
+                    duration_s=round(time.monotonic() - started, 3))
+        return m.Reply(ok=True, data=data)
+
+    def cancel(self, data: bytes) -> m.Reply:
+        try:
+            check_id, _ = check_args(m.decode_request(data).args, self.health_check_timeout_s)
+        except (ProtocolError, ValueError) as exc:
+            return m.Reply(ok=False, error=str(exc), error_kind="invalid")
+        task = self.checks.get(check_id)
+        if task is None:
+            return m.Reply(ok=True, data={"cancelled": False})
+        task.cancel()
+        return m.Reply(ok=True, data={"cancelled": True})
 
     async def inject(self, data: bytes) -> m.Reply:
         try:

@@ -369,7 +369,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not nodes:
         raise ValueError("usage: marduk resume NODES [--force] [--check CMD]")
     check = None
-    if args.check:
+    if args.check == ON_NODE:
+        passed = run_node_check(args, nodes)
+        if passed is None:
+            render.error("interrupted: the check was cancelled on the nodes and its processes "
+                         "stopped; nothing was resumed")
+            return EXIT_INTERRUPTED
+        if not passed:
+            render.error("the check failed; not resumed (see marduk history)")
+            return 1
+    elif args.check:
         result = run_local_check(args.check, nodes, args.check_timeout)
         if result is None:
             render.error("interrupted: the check and everything it started were stopped; "
@@ -383,6 +392,53 @@ def cmd_resume(args: argparse.Namespace) -> int:
     for node, outcome in data["slurm"].items():
         render.say(f"{node}: resume {outcome}")
     return 0 if all(v == "done" or v.startswith("queued") for v in data["slurm"].values()) else 1
+
+
+ON_NODE = "\0on-node"  # `--check` without a command: each node's agent checks its node
+
+
+def run_node_check(args: argparse.Namespace, nodes: str) -> bool | None:
+    """Ask each node's agent (through the controller) to check its node; print each outcome.
+    True when every node passed, None when Ctrl-C (or SIGTERM) cancelled it, on the nodes
+    too."""
+    from marduk_slurm.domain.node_check import new_check_id
+
+    check_id = new_check_id()
+    timeout = args.check_timeout_on_node
+
+    async def check(connection: Session) -> Any:
+        return await connection.ask("node_check", {"nodes": nodes, "check_id": check_id,
+                                                   "timeout_s": timeout})
+
+    async def run() -> Any:
+        import signal
+
+        s = cli_settings(args)
+        async with Session(resolve_nats_url(s, args.nats_url), creds=resolve_creds(s),
+                           timeout_s=timeout + 15.0,
+                           actor=os.environ.get("MARDUK_ACTOR", _actor())) as connection:
+            loop = asyncio.get_running_loop()
+            task = asyncio.ensure_future(check(connection))
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, task.cancel)
+            try:
+                return await task
+            except asyncio.CancelledError:
+                await connection.ask("node_check_cancel", {"check_id": check_id})
+                return None
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
+
+    render.say(f"checking {nodes} on the nodes (at most {timeout:g} s; Ctrl-C cancels)")
+    data = asyncio.run(run())
+    if data is None:
+        return None
+    for node, ev in data["checks"].items():
+        verdict = "passed" if ev.get("returncode") == 0 else "FAILED"
+        render.say(f"{node}: check {verdict} in {ev.get('duration_s', 0):.1f} s: "
+                   f"{ev.get('output', '')}")
+    return bool(data["passed"])
 
 
 def run_local_check(template: str, nodes: str, timeout_s: float) -> CheckResult | None:
@@ -472,15 +528,23 @@ def add_parsers(sub: Any, add: Any) -> None:
     p.add_argument("words", nargs="+", metavar="NODES",
                    help="a hostlist (n[3-4]) or several node names (n3 n4)")
     p.add_argument("--force", action="store_true", help="also resume drains set by others")
-    p.add_argument("--check", metavar="CMD",
-                   help="run CMD here first ({node} is replaced by NODES: n3, or n3,n4 for "
-                        "several; pdsh -w {node} takes such a list); resume only if it exits 0. "
-                        "It must reach the nodes outside Slurm (ssh {node} ...): Slurm starts "
-                        "no job on a drained node, so `srun -w {node}` waits forever")
+    p.add_argument("--check", metavar="CMD", nargs="?", const=ON_NODE,
+                   help="check first, resume only if the check passes. Alone: each node's "
+                        "agent checks its node (reads every GPU now, then runs the site's "
+                        "agent.health_check program), as Slurm's HealthCheckProgram would. "
+                        "With CMD: run CMD here ({node} is replaced by NODES: n3, or n3,n4 for "
+                        "several; pdsh -w {node} takes such a list); it must reach the nodes "
+                        "outside Slurm (ssh {node} ...): Slurm starts no job on a drained node, "
+                        "so `srun -w {node}` waits forever")
     p.add_argument("--check-timeout", type=arguments.seconds_in("--check-timeout", 1, 86400),
                    default=60.0, metavar="S",
-                   help="stop the check (its whole process group) after S seconds and refuse "
+                   help="stop CMD (its whole process group) after S seconds and refuse "
                         "the resume (default 60)")
+    p.add_argument("--check-timeout-on-node",
+                   type=arguments.seconds_in("--check-timeout-on-node", 1, 3600),
+                   default=300.0, metavar="S",
+                   help="the longest the agents' check may take (default 300; the agent's own "
+                        "agent.health_check_timeout_s caps it)")
     p = add(sub, "inject", "inject a GPU fault (an XID) for drills, or reset a simulated GPU",
             "marduk inject --node n2 --gpu 1 --xid 79; marduk inject --node n2 --gpu 1 --reset",
             cmd_inject)

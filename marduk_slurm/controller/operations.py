@@ -21,8 +21,9 @@ from marduk_slurm.domain import messages as m
 from marduk_slurm.domain.decisions import OperatorDrain, may_resume
 from marduk_slurm.domain.gpu_health import FaultPolicy, GpuReading
 from marduk_slurm.domain.inject import AGENT_ANSWER_WAIT_S, REQUEST_ID_KEY, new_request_id
-from marduk_slurm.errors import BusError, BusTimeout, NotFound
+from marduk_slurm.errors import BusError, BusTimeout, NotFound, ProtocolError
 
+AGENT_CHECK_MARGIN_S = 5.0  # how much longer than a node check the controller waits for it
 
 class Operations:
     def __init__(self, ctx: Context, slurm: SlurmBackend, fault_policy: FaultPolicy,
@@ -33,6 +34,8 @@ class Operations:
         self.slurm_health = slurm_health
         self.resume_check = resume_check
         self.resume_check_timeout_s = resume_check_timeout_s
+        self._checks: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}  # node checks by id
+        self._cancelled: set[str] = set()  # the ids of checks the operator cancelled
         self.slurm = slurm
         self.fault_policy = fault_policy
         self.refresh_nodes = refresh_nodes  # async () -> None: read nodes back from Slurm
@@ -122,19 +125,87 @@ class Operations:
                         for n, r in zip(names, checks, strict=True)]
         if not results:
             return
+        await self._record_checks(results, actor)
+        failed = sorted({n for n, _, ok, _ in results if not ok})
+        if failed:
+            raise ValueError(f"health check failed on {hostlist.compress(failed)}; not resumed "
+                             "(see marduk history)")
+
+    async def node_check(self, expr: str, check_id: str, timeout_s: float, *, actor: str
+                         ) -> dict[str, Any]:
+        """`marduk resume NODES --check`: each node's agent checks its node (every GPU read
+        and judged now, then the site's `agent.health_check` program), at most `timeout_s`.
+        Each outcome is a `resume_check_passed` / `_failed` event; a node whose agent does
+        not answer in time fails. `cancel_check(check_id)` stops it on every node."""
+        names = await self._known_nodes(expr)
+        if check_id in self._checks:
+            raise ValueError(f"check {check_id} is running already")
+        task = asyncio.ensure_future(asyncio.gather(
+            *(self._agent_check(n, check_id, timeout_s) for n in names)))
+        self._checks[check_id] = task
+        try:
+            evidence = await task
+        except asyncio.CancelledError:
+            if check_id not in self._cancelled:  # not the operator: a shutdown; stop it too
+                task.cancel()
+                raise
+            for node in names:  # the agents stop their checks' processes
+                await self.ctx.publish(subjects.agent_rpc(node, "check_cancel"), m.encode(
+                    m.Request(args={"check_id": check_id}, actor=actor)))
+            await self._record_checks([(n, "node", False, {
+                "command": "agent check", "returncode": None,
+                "output": "cancelled by the operator; its processes were stopped"})
+                for n in names], actor)
+            raise ValueError("check cancelled; its processes on the nodes were stopped, "
+                             "nothing was resumed") from None
+        finally:
+            self._checks.pop(check_id, None)
+            self._cancelled.discard(check_id)
+        results = [(n, "node", ev.get("returncode") == 0, ev)
+                   for n, ev in zip(names, evidence, strict=True)]
+        await self._record_checks(results, actor)
+        return {"nodes": names, "passed": all(ok for *_, ok, _ in results),
+                "checks": {n: ev for n, _, _, ev in results}}
+
+    def cancel_check(self, check_id: str) -> bool:
+        task = self._checks.get(check_id)
+        if task is None or task.done():
+            return False
+        self._cancelled.add(check_id)
+        task.cancel()
+        return True
+
+    async def _agent_check(self, node: str, check_id: str, timeout_s: float
+                           ) -> dict[str, Any]:
+        """One node's agent check, as evidence (`returncode` 0 = passed)."""
+        request = m.Request(args={"check_id": check_id, "timeout_s": timeout_s})
+        started = time.monotonic()
+        try:
+            raw = await self.ctx.bus.request(subjects.agent_rpc(node, "check"),
+                                             m.encode(request),
+                                             timeout_s=timeout_s + AGENT_CHECK_MARGIN_S)
+            reply = m.decode_reply(raw)
+        except (BusError, BusTimeout, ProtocolError) as exc:
+            return {"command": "agent check", "returncode": None,
+                    "output": f"the agent on {node} did not answer: {exc}"[:2000],
+                    "duration_s": round(time.monotonic() - started, 3)}
+        if not reply.ok:
+            return {"command": "agent check", "returncode": None,
+                    "output": f"the agent on {node} refused: {reply.error}"[:2000],
+                    "duration_s": round(time.monotonic() - started, 3)}
+        return dict(reply.data or {})
+
+    async def _record_checks(self, results: list[tuple[str, str, bool, dict[str, Any]]],
+                             actor: str) -> None:
         now = time.time()
 
         def record(store: StoreApi) -> list[int]:
             return [store.add_event(
                 "resume_check_passed" if ok else "resume_check_failed", now=now,
-                source=actor, node=node, reason=f"{kind} check: {ev.get('command', '')}",
+                source=actor, node=node, reason=f"{kind} check: {ev.get('command', '')}"[:500],
                 evidence=ev) for node, kind, ok, ev in results]
 
         await self.ctx.publish_feed(await self.ctx.db.tx(record))
-        failed = sorted({n for n, _, ok, _ in results if not ok})
-        if failed:
-            raise ValueError(f"health check failed on {hostlist.compress(failed)}; not resumed "
-                             "(see marduk history)")
 
     async def _await_outbox(self, kind: str, names: list[str], wait_s: float) -> dict[str, str]:
         """Wait up to `wait_s` for Slurm to confirm; report per node."""

@@ -26,6 +26,7 @@ from marduk_slurm.controller.request_queue import (
 from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.domain.node_check import CHECK_ID, DEFAULT_CHECK_S, MAX_CHECK_S
 from marduk_slurm.errors import MardukError, NotFound, ProtocolError
 from marduk_slurm.supervisor import unsubscribe_all
 
@@ -49,6 +50,8 @@ def _wait_s(args: dict[str, Any]) -> float:
     return 5.0 if wait_s is None else wait_s
 
 
+CHECK_WORKERS = 8  # node checks at once (`resume --check`), each waiting on agents
+
 # Verbs that may read and send thousands of rows: they have their own lane (see RpcServer).
 HEAVY_VERBS = frozenset({"replicas", "nodes", "history", "top", "straggler_show", "risk",
                          "config_show", "deadletters"})
@@ -63,6 +66,8 @@ class RpcServer:
             **{verb: self._query_handler(verb) for verb in queries.QUERIES},
             "drain": self.drain,
             "resume": self.resume,
+            "node_check": self.node_check,
+            "node_check_cancel": self.node_check_cancel,
             "inject": self.inject,
             "gpu_release": self.gpu_release,
         }
@@ -74,7 +79,10 @@ class RpcServer:
         # Two lanes: list queries that may read thousands of rows, and everything else
         # (status, drains, resumes, config): an operator's drain never waits behind a
         # dashboard's or a script's heavy reads.
-        self.queues = {"heavy": FairRequestQueue(workers=4), "light": FairRequestQueue(workers=4)}
+        self.queues = {"heavy": FairRequestQueue(workers=4), "light": FairRequestQueue(workers=4),
+                       # Health checks run on the nodes for minutes: a lane of their own, so
+                       # they never hold a worker that a drain or a status needs.
+                       "checks": FairRequestQueue(workers=CHECK_WORKERS)}
 
     def register(self, verb: str, handler: Handler, *, job: bool = False) -> None:
         """Add a verb (used by services beyond the core, e.g. live configuration)."""
@@ -98,8 +106,9 @@ class RpcServer:
         timeout_ms = request.timeout_ms if isinstance(request, m.Request) else None
         item = Pending(requester_of(msg.reply or msg.subject),
                        deadline_for(timeout_ms, time.monotonic()), (msg, request))
-        queue = self.queues["heavy" if msg.subject.rsplit(".", 1)[-1] in HEAVY_VERBS
-                            else "light"]
+        verb = msg.subject.rsplit(".", 1)[-1]
+        queue = self.queues["checks" if verb == "node_check"
+                            else "heavy" if verb in HEAVY_VERBS else "light"]
         if not queue.offer(item):
             self.ctx.stats["rpc_refused_busy"] += 1
             await self._respond(msg, m.Reply(
@@ -214,6 +223,22 @@ class RpcServer:
         return await self.ops.resume(nodes, actor=actor, force=bool(args.get("force", False)),
                                      wait_s=_wait_s(args),
                                      operator_check=check)
+
+    async def node_check(self, args: dict[str, Any], actor: str) -> Any:
+        nodes = _opt_str(args, "nodes", bounds.TEXT_MAX)
+        if not nodes:
+            raise ValueError("name the nodes to check, e.g. n3 or n[1-4]")
+        check_id = args.get("check_id")
+        if not isinstance(check_id, str) or not CHECK_ID.fullmatch(check_id):
+            raise ValueError("check_id is malformed")
+        timeout = _opt_float(args, "timeout_s", 1.0, MAX_CHECK_S) or DEFAULT_CHECK_S
+        return await self.ops.node_check(nodes, check_id, timeout, actor=actor)
+
+    async def node_check_cancel(self, args: dict[str, Any], actor: str) -> Any:
+        check_id = args.get("check_id")
+        if not isinstance(check_id, str) or not CHECK_ID.fullmatch(check_id):
+            raise ValueError("check_id is malformed")
+        return {"cancelled": self.ops.cancel_check(check_id)}
 
     async def inject(self, args: dict[str, Any], actor: str) -> Any:
         node = _opt_str(args, "node", pattern=bounds.NODE_NAME)
