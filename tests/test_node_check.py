@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.cli.client import RequestFailed
 from marduk_slurm.domain.node_check import new_check_id
 from marduk_slurm.errors import NotFound
 
@@ -102,3 +105,30 @@ def test_ctrl_c_cancels_the_check_and_its_processes_on_the_node(
         assert node.running, node.log()
     finally:
         node.stop()
+
+
+def test_check_requests_are_bounded() -> None:
+    from marduk_slurm.domain.node_check import check_args
+
+    good = new_check_id()
+    assert check_args({"check_id": good, "timeout_s": 30}, 300.0) == (good, 30.0)
+    assert check_args({"check_id": good, "timeout_s": 10**9}, 300.0) == (good, 300.0)
+    assert check_args({"check_id": good}, 300.0) == (good, 300.0)
+    for timeout in (0, -1, float("nan"), float("inf"), True, "30", None, [30]):
+        with pytest.raises(ValueError, match="timeout_s must be a positive number"):
+            check_args({"check_id": good, "timeout_s": timeout}, 300.0)
+    for check_id in ("", "chk-" + "0" * 31, "chk-" + "g" * 32, good + "\n", "-" + good,
+                     "x" * 10_000_000, 7, None):
+        with pytest.raises(ValueError, match="check_id is malformed"):
+            check_args({"check_id": check_id, "timeout_s": 1}, 300.0)
+
+
+def test_the_controller_refuses_bad_check_requests(controller: ControllerProcess) -> None:
+    for args in ({"nodes": "n2", "check_id": "nope"},
+                 {"nodes": "n2", "check_id": new_check_id(), "timeout_s": 10**6},
+                 {"nodes": "n2", "check_id": new_check_id(), "timeout_s": "NaN"},
+                 {"nodes": "", "check_id": new_check_id()}):
+        with pytest.raises(RequestFailed):
+            controller.request("node_check", args)
+    assert controller.request("node_check_cancel", {"check_id": new_check_id()}) == {
+        "cancelled": False}
