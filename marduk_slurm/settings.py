@@ -14,6 +14,7 @@ they are read, with the source and key in the message.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -51,6 +52,8 @@ RiskScore = Annotated[int, Meta(ge=0, le=100)]  # domain/risk.py scores 0..100
 StreamReplicas = Annotated[int, Meta(ge=1, le=5)]  # JetStream allows at most 5
 Retention = Annotated[float, Meta(gt=0.0, le=10 * YEAR_S)]
 GpuCount = Annotated[int, Meta(ge=0, le=1024)]
+# A Slurm partition's name, as a key of a table (resume_check_by_partition).
+PartitionName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 BufferSize = Annotated[int, Meta(ge=1, le=10_000_000)]
 
 
@@ -93,6 +96,10 @@ class SlurmSettings:
     command_timeout_s: Timeout = 10.0  # time limit of one Slurm command or API call
     reason_prefix: str = "marduk"  # drain reasons start with it; it marks drains Marduk set
     resume_check: str = ""  # command that must pass before a resume; {node} is replaced
+    # The same per partition, {"gpu": "...", ...}: a node takes the command of its first
+    # partition (in Slurm's order) named here, else resume_check. From the environment, JSON.
+    resume_check_by_partition: dict[PartitionName, str] = dataclasses.field(
+        default_factory=dict)
     resume_check_timeout_s: Period = 900.0  # time limit of resume_check
 
 
@@ -183,6 +190,11 @@ def _from_text(value: str, kind: Any) -> Any:
         return _BOOL_WORDS.get(value.strip().lower(), value)
     if base is list:
         return [item.strip() for item in value.split(",") if item.strip()]
+    if base is dict:  # a JSON object; anything else is left for msgspec to refuse
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
     if base in (int, float):
         return value.strip()
     return value
@@ -200,6 +212,8 @@ def describe(kind: Any) -> str:
     "list of int >= 0 and <= 65535" (msgspec names only the bound that failed)."""
     if getattr(kind, "__origin__", None) is list:
         return f"list of {describe(kind.__args__[0])}"
+    if getattr(kind, "__origin__", None) is dict:
+        return f"table of {describe(kind.__args__[0])} -> {describe(kind.__args__[1])}"
     base = getattr(kind, "__origin__", kind)
     bounds = [f"{op} {_number(getattr(meta, name))}"
               for meta in getattr(kind, "__metadata__", ()) if isinstance(meta, Meta)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -184,6 +185,35 @@ def test_resume_is_gated_by_health_checks(tmp_path: Path, nats_server: NatsServe
         kinds = [e["kind"] for e in cli_json("history", "--node", "n4", "--nats-url", url)]
         assert kinds.count("resume_check_failed") == 3  # configured twice, operator once
         assert kinds.count("resume_check_passed") == 2 and "resumed" in kinds
+    finally:
+        assert ctl.stop() == 0
+
+
+def test_a_partition_names_its_own_resume_check(tmp_path: Path, nats_server: NatsServerProcess,
+                                               cluster: SlurmCluster) -> None:
+    conf = cluster.slurm_conf
+    marker = tmp_path / "burnt-in"
+    # The site-wide check passes; the "debug" partition's own check (every node here is in
+    # it) wants the marker.
+    env = {"MARDUK_SLURM_CONF": conf, "MARDUK_SLURM_RESUME_CHECK": "true",
+           "MARDUK_SLURM_RESUME_CHECK_BY_PARTITION": json.dumps(
+               {"gpu": "true", "debug": f"test -e {marker}.{{node}}"})}
+    ctl = ControllerProcess(tmp_path / "state", nats_server.url, slurm_backend="commands",
+                            extra_env=env).start()
+    try:
+        url = ctl.url
+        assert run_cli("drain", "n3", "reason=burn-in", "--nats-url", url).returncode == 0
+        proc = run_cli("resume", "n3", "--nats-url", url)
+        assert proc.returncode == 1 and "health check failed on n3" in proc.stderr
+        marker.with_name("burnt-in.n3").touch()
+        proc = run_cli("resume", "n3", "--nats-url", url)
+        assert proc.returncode == 0, proc.stderr
+        checks = [(e["kind"], e["evidence"]["partition"], e["evidence"]["command"])
+                  for e in cli_json("history", "--node", "n3", "--nats-url", url)
+                  if e["kind"].startswith("resume_check")]
+        command = f"test -e {marker}.n3"
+        assert checks == [("resume_check_failed", "debug", command),
+                          ("resume_check_passed", "debug", command)]
     finally:
         assert ctl.stop() == 0
 

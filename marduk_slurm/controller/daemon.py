@@ -145,6 +145,7 @@ class Controller:
         ops = Operations(ctx, self.slurm, self.settings.fault_policy(), reconciler.refresh_nodes,
                          resume_check=self.settings.slurm.resume_check,
                          resume_check_timeout_s=self.settings.slurm.resume_check_timeout_s,
+                         resume_check_by_partition=self.settings.slurm.resume_check_by_partition,
                          slurm_health=reconciler.health)
         self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
         self.ctx, self.ops = ctx, ops

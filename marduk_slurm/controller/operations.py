@@ -21,7 +21,7 @@ from marduk_slurm.domain import messages as m
 from marduk_slurm.domain.decisions import OperatorDrain, may_resume
 from marduk_slurm.domain.gpu_health import FaultPolicy, GpuReading
 from marduk_slurm.domain.inject import AGENT_ANSWER_WAIT_S, REQUEST_ID_KEY, new_request_id
-from marduk_slurm.errors import BusError, BusTimeout, NotFound, ProtocolError
+from marduk_slurm.errors import BusError, BusTimeout, NotFound, ProtocolError, SlurmError
 
 AGENT_CHECK_MARGIN_S = 5.0  # how much longer than a node check the controller waits for it
 
@@ -29,11 +29,13 @@ class Operations:
     def __init__(self, ctx: Context, slurm: SlurmBackend, fault_policy: FaultPolicy,
                  refresh_nodes: Any, *, resume_check: str = "",
                  resume_check_timeout_s: float = 900.0,
+                 resume_check_by_partition: dict[str, str] | None = None,
                  slurm_health: Callable[[], dict[str, Any]] | None = None) -> None:
         self.ctx = ctx
         self.slurm_health = slurm_health
         self.resume_check = resume_check
         self.resume_check_timeout_s = resume_check_timeout_s
+        self.resume_check_by_partition = dict(resume_check_by_partition or {})
         self._checks: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}  # node checks by id
         self._cancelled: set[str] = set()  # the ids of checks the operator cancelled
         self.slurm = slurm
@@ -117,12 +119,13 @@ class Operations:
         if operator_check is not None:
             ok = operator_check.get("returncode") == 0
             results += [(n, "operator", ok, operator_check) for n in names]
-        if self.resume_check:
+        commands = await self._configured_checks(names)
+        if commands:
             checks = await asyncio.gather(*(
-                run_check(self.resume_check, n, timeout_s=self.resume_check_timeout_s)
-                for n in names))
-            results += [(n, "configured", r.passed, r.evidence())
-                        for n, r in zip(names, checks, strict=True)]
+                run_check(command, n, timeout_s=self.resume_check_timeout_s)
+                for n, (command, _) in commands.items()))
+            results += [(n, "configured", r.passed, {**r.evidence(), "partition": part})
+                        for (n, (_, part)), r in zip(commands.items(), checks, strict=True)]
         if not results:
             return
         await self._record_checks(results, actor)
@@ -130,6 +133,29 @@ class Operations:
         if failed:
             raise ValueError(f"health check failed on {hostlist.compress(failed)}; not resumed "
                              "(see marduk history)")
+
+    async def _configured_checks(self, names: list[str]) -> dict[str, tuple[str, str | None]]:
+        """The configured check of each node: {node: (command, the partition that chose it,
+        None for slurm.resume_check)}; nodes without one are left out. The partitions are
+        Slurm's, read now; when Slurm cannot say, the resume is refused rather than checked
+        with the wrong command."""
+        by_partition = self.resume_check_by_partition
+        partitions: dict[str, tuple[str, ...]] = {}
+        if by_partition:
+            try:
+                partitions = {n.name: n.partitions for n in await self.slurm.get_nodes(names)}
+            except SlurmError as exc:
+                raise ValueError(f"cannot read the partitions of {hostlist.compress(names)} "
+                                 f"from Slurm to choose their health check: {exc}; not "
+                                 "resumed") from None
+        out: dict[str, tuple[str, str | None]] = {}
+        for node in names:
+            part = next((p for p in partitions.get(node, ()) if p in by_partition), None)
+            if part is not None:
+                out[node] = (by_partition[part], part)
+            elif self.resume_check:
+                out[node] = (self.resume_check, None)
+        return out
 
     async def node_check(self, expr: str, check_id: str, timeout_s: float, *, actor: str
                          ) -> dict[str, Any]:
