@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
-import json
 import subprocess
 import time
 from collections.abc import Iterator
