@@ -111,6 +111,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
         job_id=7, replica_id="job7_rg0:fuzz", evidence={})),
 ]}
 
+CHECK_ID = "chk-" + "0" * 32
 # Valid arguments of the request/reply verbs (docs/protocol.md, "Request/reply"), for the
 # node n1 and job 7 of the fuzz. wait_s stays short: a drain waits for Slurm that long.
 OPERATOR_ARGS: dict[str, dict[str, Any]] = {
@@ -118,7 +119,10 @@ OPERATOR_ARGS: dict[str, dict[str, Any]] = {
     "history": {"node": "n1", "job": 7, "since": 0, "after_id": 0, "kinds": ["step_start"],
                 "limit": 10},
     "drain": {"nodes": "n1", "reason": "fuzz", "gpu": "GPU-n1-0", "wait_s": 0.1},
-    "resume": {"nodes": "n1", "force": True, "wait_s": 0.1},
+    "resume": {"nodes": "n1", "force": True, "wait_s": 0.1,
+               "check": {"command": "true", "returncode": 0, "output": "", "duration_s": 0.1}},
+    "node_check": {"nodes": "n1", "check_id": CHECK_ID, "timeout_s": 1},
+    "node_check_cancel": {"check_id": CHECK_ID},
     "inject": {"node": "n1", "gpu": "GPU-n1-0", "xid": 79, "force": False, "reset": False},
     "deadletters": {"limit": 10}, "gpu_release": {"uuid": "GPU-spare-0"},
     "config_set": {"job": 7, "changes": {"lr": 0.002}}, "config_show": {"job": 7},
@@ -127,8 +131,9 @@ OPERATOR_ARGS: dict[str, dict[str, Any]] = {
     "straggler_show": {"job": 7}, "risk": {"node": "n1"}, "top": {},
 }
 JOB_ARGS: dict[str, dict[str, Any]] = {"config_latest": {}}
-AGENT_ARGS: dict[str, dict[str, Any]] = {"inject": {"gpu": "GPU-n1-0", "xid": 79,
-                                                    "reset": False}}
+AGENT_ARGS: dict[str, dict[str, Any]] = {
+    "inject": {"gpu": "GPU-n1-0", "xid": 79, "reset": False},
+    "check": {"check_id": CHECK_ID, "timeout_s": 1}, "check_cancel": {"check_id": CHECK_ID}}
 CRED_ARGS: dict[str, Any] = {"job": 7, "uid": 1000}
 
 

@@ -20,6 +20,7 @@ from marduk_slurm.errors import NotFound
 
 from agent_fixtures import AgentProcess, agent  # noqa: F401
 from harness import REPO, ControllerProcess, marduk_argv, run_cli, wait_for
+from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
 
 
 def node_check(ctl: ControllerProcess, node: str, **args: Any) -> dict[str, Any]:
@@ -132,3 +133,22 @@ def test_the_controller_refuses_bad_check_requests(controller: ControllerProcess
             controller.request("node_check", args)
     assert controller.request("node_check_cancel", {"check_id": new_check_id()}) == {
         "cancelled": False}
+
+
+def test_an_agent_that_watches_no_gpu_fails_the_check_at_once(
+        tmp_path: Path, nats_server: NatsServerProcess,
+        slurm_cluster: SlurmCluster) -> None:  # noqa: F811
+    # The node is known from Slurm (an agent without GPUs sends no inventory).
+    ctl = ControllerProcess(tmp_path / "state", nats_server.url, slurm_backend="commands",
+                            extra_env={"MARDUK_SLURM_CONF": slurm_cluster.slurm_conf}).start()
+    (tmp_path / "a").mkdir()
+    node = AgentProcess(tmp_path / "a", nats_server.url, gpus=0)  # no NVML on this host
+    node.start()
+    try:
+        failed = node_check(ctl, "n2", timeout_s=60)
+        out = failed["checks"]["n2"]["output"]
+        # Its own answer (not "did not answer" after the timeout).
+        assert not failed["passed"] and out.startswith("the agent watches no GPU: "), out
+    finally:
+        node.stop()
+        assert ctl.stop() == 0

@@ -207,11 +207,14 @@ class Agent:
             await self.bus.close()
         while True:
             await self._connect_once()
-            if self.watcher is not None:
-                a = self.settings.agent
-                rpc = AgentRpc(self.node, self.watcher, health_check=a.health_check,
-                               health_check_timeout_s=a.health_check_timeout_s)
-                await self.bus.subscribe(rpc.subject, rpc.on_message)
+            # Answered without a GPU watcher too: a check then fails at once, saying why,
+            # rather than leaving the operator to wait out its timeout.
+            a = self.settings.agent
+            rpc = AgentRpc(self.node, self.watcher, health_check=a.health_check,
+                           health_check_timeout_s=a.health_check_timeout_s,
+                           gpu_error=self.gpu_error)
+            for subject in rpc.subscriptions:
+                await self.bus.subscribe(subject, rpc.on_message)
             log.info("connected to NATS at %s", self.bus.url)
             if self.url_file is None:
                 return

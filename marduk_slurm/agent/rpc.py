@@ -65,18 +65,22 @@ MAX_RUNNING_CHECKS = 4  # one node is checked by one operator at a time; a few i
 
 
 class AgentRpc:
-    def __init__(self, node: str, watcher: GpuWatcher, *, health_check: str = "",
-                 health_check_timeout_s: float = 300.0) -> None:
+    def __init__(self, node: str, watcher: GpuWatcher | None, *, health_check: str = "",
+                 health_check_timeout_s: float = 300.0, gpu_error: str = "") -> None:
         self.node = node
-        self.watcher = watcher
+        self.watcher = watcher  # None: this agent watches no GPU (gpu_error says why)
+        self.gpu_error = gpu_error
         self.health_check = health_check
         self.health_check_timeout_s = health_check_timeout_s
         self.checks: dict[str, asyncio.Task[m.Reply]] = {}  # running, by check id
         self._inflight: set[asyncio.Task[None]] = set()
 
     @property
-    def subject(self) -> str:
-        return subjects.agent_rpc(self.node, "*")
+    def subscriptions(self) -> list[str]:
+        """Checks are answered always; drills only by an agent that watches GPUs (without
+        one, the controller hears no responder and handles an inject as for no agent)."""
+        verbs = ["check", "check_cancel"] + (["inject"] if self.watcher is not None else [])
+        return [subjects.agent_rpc(self.node, verb) for verb in verbs]
 
     async def on_message(self, msg: Incoming) -> None:
         task = asyncio.create_task(self._answer(msg))
@@ -108,10 +112,12 @@ class AgentRpc:
                                              self.health_check_timeout_s)
         except (ProtocolError, ValueError) as exc:
             return m.Reply(ok=False, error=str(exc), error_kind="invalid")
-        if check_id in self.checks or len(self.checks) >= MAX_RUNNING_CHECKS:
-            return m.Reply(ok=False, error=f"a check is running on {self.node} already"
-                           if check_id not in self.checks else "this check is running already",
+        if check_id in self.checks:
+            return m.Reply(ok=False, error=f"check {check_id} is running already",
                            error_kind="busy")
+        if len(self.checks) >= MAX_RUNNING_CHECKS:
+            return m.Reply(ok=False, error=f"{len(self.checks)} checks are running on "
+                           f"{self.node} already", error_kind="busy")
         task = asyncio.ensure_future(self._check(timeout_s))
         self.checks[check_id] = task
         try:
@@ -125,6 +131,11 @@ class AgentRpc:
     async def _check(self, timeout_s: float) -> m.Reply:
         started = time.monotonic()
         gpus, failed = [], []
+        if self.watcher is None:
+            return m.Reply(ok=True, data={
+                "node": self.node, "gpus": [], "command": f"agent check on {self.node}",
+                "returncode": 1, "duration_s": 0.0,
+                "output": f"the agent watches no GPU: {self.gpu_error or 'unknown'}"[:2000]})
         for gpu in self.watcher.gpus:
             verdict = await self.watcher.check(gpu)
             gpus.append({"uuid": gpu.uuid, "index": gpu.index, "action": verdict.action.value,
@@ -164,6 +175,9 @@ class AgentRpc:
         return m.Reply(ok=True, data={"cancelled": True})
 
     async def inject(self, data: bytes) -> m.Reply:
+        if self.watcher is None:  # not subscribed then; kept for a direct call
+            return m.Reply(ok=False, error=f"the agent on {self.node} watches no GPU: "
+                           f"{self.gpu_error or 'unknown'}", error_kind="refused")
         try:
             request = m.decode_request(data)
             gpu, xid = inject_args(request.args)

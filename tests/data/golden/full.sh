@@ -220,10 +220,14 @@ start_standby() {
 
 # refill_standbys: start standbys on free healthy nodes until NUM_STANDBYS stand by again.
 # Groups come first: no new standby while a group waits for nodes or for its standby.
+# None once a group has finished or was told to stop: the job is ending, and a standby
+# started now would only hold a node until the end.
 refill_standbys() {
   local s g ready=0 chosen=()
   for ((g = 0; g < NUM_GROUPS; g++)); do
-    [[ ${GROUP_STATE[$g]} == waiting || ${GROUP_STATE[$g]} == pending* ]] && return 0
+    case ${GROUP_STATE[$g]} in
+    waiting | pending* | "done" | stopped) return 0 ;;
+    esac
   done
   for s in "${!STANDBY_STATE[@]}"; do
     [ "${STANDBY_STATE[$s]}" = standby ] && ready=$((ready + 1))
