@@ -136,6 +136,8 @@ def main() -> int:
              np=manager.num_participants(), lr=inner.param_groups[0]["lr"],
              rev=marduk.config.revision if marduk else 0, digest=digest(model),
              dt=time.perf_counter() - t0,
+             **({"timeout": marduk.timeouts["timeout"],
+                 "quorum_timeout": marduk.timeouts["quorum_timeout"]} if marduk else {}),
              **({"hook_us": clock.step_us()} if clock is not None else {}))
         if step_sleep:
             time.sleep(step_sleep)

@@ -140,3 +140,30 @@ def test_exit_codes_tell_the_supervisor_what_to_do() -> None:
     assert not exit_codes.should_respawn(exit_codes.EXIT_STOP)
     assert exit_codes.should_respawn(exit_codes.EXIT_LEAVE) and exit_codes.should_respawn(1)
     assert exit_codes.describe(75) == "leave" and exit_codes.describe(-9) == "crash"
+
+
+def test_torchft_timeouts_are_seconds_within_a_day() -> None:
+    assert cr.validate_changes({"timeout": 30, "quorum_timeout": 0.5}) == {
+        "timeout": 30.0, "quorum_timeout": 0.5}
+    for bad in (0, -1, float("nan"), float("inf"), 86401, True, "30", None, [30]):
+        with pytest.raises(ValueError, match="timeout"):
+            cr.validate_changes({"timeout": bad})
+
+
+def test_timeouts_go_to_the_manager_and_travel_with_healing() -> None:
+    seen: dict[str, float] = {}
+    applier = ConfigApplier()
+    cmd = m.JobCommand(job_id=7, revision=1, apply_at_step=5,
+                       changes={"timeout": 12.5, "quorum_timeout": 45})
+    with pytest.raises(ValueError, match="no torchft Manager attached"):
+        applier.apply(cmd, participants=2)
+    applier = ConfigApplier()
+    applier.timeout_setter = seen.__setitem__
+    applier.apply(cmd, participants=2)
+    assert seen == {"timeout": 12.5, "quorum_timeout": 45.0}
+    assert applier.hyperparams()["timeout"] == 12.5
+    healed: dict[str, float] = {}  # a replica that heals from this one takes them over
+    peer = ConfigApplier()
+    peer.timeout_setter = healed.__setitem__
+    peer.load_state_dict(applier.state_dict())
+    assert healed == seen

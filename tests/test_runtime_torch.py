@@ -110,7 +110,8 @@ def test_config_revisions_apply_at_the_same_step_on_every_group(cluster: Cluster
                        "a quorum of both groups")
 
     before = max(a.last_step(), b.last_step())
-    proc = run_cli(*cluster.cli("config", "set", str(JOB), "lr=0.05", "user.input_scale=0.5"))
+    proc = run_cli(*cluster.cli("config", "set", str(JOB), "lr=0.05", "user.input_scale=0.5",
+                                "timeout=12.5", "quorum_timeout=45"))
     assert proc.returncode == 0, proc.stderr
     shown = cli_json(*cluster.cli("config", "show", str(JOB)))
     at = shown["revisions"][0]["apply_at_step"]
@@ -119,6 +120,9 @@ def test_config_revisions_apply_at_the_same_step_on_every_group(cluster: Cluster
     sa, sb = by_step(a.steps()), by_step(b.steps())
     for steps in (sa, sb):  # step N's record is written after step N-1 -> N ran with that lr
         assert steps[at]["lr"] == 0.01 and steps[at + 1]["lr"] == 0.05
+        # torchft's own timeouts, read back from the Manager, change at the same step.
+        assert (steps[at]["timeout"], steps[at]["quorum_timeout"]) == (10.0, 60.0)
+        assert (steps[at + 1]["timeout"], steps[at + 1]["quorum_timeout"]) == (12.5, 45.0)
     common = sorted(set(sa) & set(sb))
     assert [s for s in common if s > at and sa[s]["digest"] != sb[s]["digest"]] == []
 

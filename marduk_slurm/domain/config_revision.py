@@ -13,6 +13,10 @@ Keys a revision may change:
   ``true`` holds batch_size x participants as of the step it is applied, an integer holds that
   global batch, ``false`` stops holding it.
 * ``max_steps``: training ends (exit 0) once this many steps are committed.
+* ``timeout``, ``quorum_timeout``: torchft's Manager timeouts, in seconds (up to a day):
+  ``timeout`` bounds each collective and ``should_commit`` (and the process group's
+  reconfiguration), ``quorum_timeout`` each quorum. torchft reads both on every call, so a
+  revision changes them for the next step on every group at once.
 * ``checkpoint``: a path handed to the training script's registered checkpoint loader.
 * ``user.<name>``: handed to the training script's handler registered under ``<name>``.
 
@@ -32,7 +36,9 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 SCALAR_KEYS: Final = ("lr", "weight_decay", "batch_size", "keep_global_batch", "max_steps",
-                      "checkpoint")
+                      "checkpoint", "timeout", "quorum_timeout")
+TIMEOUT_KEYS: Final = frozenset({"timeout", "quorum_timeout"})
+MAX_TIMEOUT_S: Final = 86400.0
 # Keys that act once (load a file) rather than describe the job's state: a late joiner gets
 # them only while they are still ahead of the job.
 ONE_SHOT_KEYS: Final = frozenset({"checkpoint"})
@@ -67,6 +73,11 @@ def _validate_one(key: str, value: Any) -> Any:
         return _integer(key, value, minimum=1)
     if key == "max_steps":
         return _integer(key, value, minimum=0)
+    if key in TIMEOUT_KEYS:
+        seconds = _number(key, value, minimum=0.0, strict=True)
+        if seconds > MAX_TIMEOUT_S:
+            raise ValueError(f"{key} is in seconds, at most {MAX_TIMEOUT_S:g}, got {value!r}")
+        return seconds
     if key == "keep_global_batch":
         if isinstance(value, bool):
             return value

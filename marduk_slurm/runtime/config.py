@@ -33,6 +33,8 @@ class ConfigApplier:
         self.optimizers: list[HasParamGroups] = []
         self.handlers: dict[str, Callable[[Any], None]] = {}
         self.checkpoint_loader: Callable[[str], None] | None = None
+        # Sets torchft's timeouts ("timeout" or "quorum_timeout", seconds): ManagerMarduk's.
+        self.timeout_setter: Callable[[str, float], None] | None = None
         self.batch_size = batch_size
         self.global_batch: int | None = None  # held constant while set (keep_global_batch)
         self.max_steps = max_steps
@@ -96,6 +98,10 @@ class ConfigApplier:
             self.batch_size = int(value)
         elif key == "max_steps":
             self.max_steps = int(value)
+        elif key in cr.TIMEOUT_KEYS:
+            if self.timeout_setter is None:
+                raise ValueError(f"{key}: no torchft Manager attached (ManagerMarduk sets it)")
+            self.timeout_setter(key, float(value))
         elif key == "keep_global_batch":
             self._keep_global_batch(value, participants)
         elif key == "checkpoint":
@@ -153,7 +159,8 @@ class ConfigApplier:
                            ("global_batch", self.global_batch)):
             if value is not None:
                 out[key] = value
-        out.update({k: v for k, v in self.values.items() if k.startswith("user.")})
+        out.update({k: v for k, v in self.values.items()
+                    if k.startswith("user.") or k in cr.TIMEOUT_KEYS})
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -155,6 +155,7 @@ class ManagerMarduk(Manager):
                                                                      self._group_rank)
         self.register_state_dict_fn("marduk", self.config.load_state_dict,
                                     self.config.state_dict)
+        self.config.timeout_setter = self._set_timeout
         self._leave: tuple[str, int] | None = None  # (reason, exit code)
         self._leave_at: int | None = None
         self._exit_code: int | None = None
@@ -250,6 +251,22 @@ class ManagerMarduk(Manager):
         if self._allreduce_s > 0 or not self._issued_last:
             return self._allreduce_s
         return max(0.0, self._done_last - self._issued_last)
+
+    @property
+    def timeouts(self) -> dict[str, float]:
+        """torchft's timeouts in force now, in seconds (a revision may change them)."""
+        return {"timeout": self._timeout.total_seconds(),
+                "quorum_timeout": self._quorum_timeout.total_seconds()}
+
+    def _set_timeout(self, key: str, seconds: float) -> None:
+        """Applied at the revision's step: torchft reads `_timeout` on every collective and
+        should_commit, `_quorum_timeout` on every quorum."""
+        value = timedelta(seconds=seconds)
+        if key == "timeout":
+            self._timeout = value
+        else:
+            self._quorum_timeout = value
+        log.info("torchft %s is now %g s", key, seconds)
 
     @property
     def max_steps(self) -> int | None:
