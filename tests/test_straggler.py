@@ -138,3 +138,21 @@ def test_timeout_suggestions_scale_with_p99_and_have_floors() -> None:
     assert small == {"Manager(timeout=)": 10.0, "Manager(quorum_timeout=)": 30.0,
                      "torchft_lighthouse heartbeat timeout": 1.0}
     assert big["Manager(timeout=)"] == 200.0 and big["Manager(quorum_timeout=)"] == 400.0
+
+
+def test_timeout_policy_targets_follow_p99_within_bounds_and_ignore_noise() -> None:
+    from marduk_slurm.domain.straggler import TimeoutPolicy
+
+    policy = TimeoutPolicy(k=10, floor_s=1, ceiling_s=100)
+    assert policy.target(300) == {"timeout": 3.0, "quorum_timeout": 6.0}
+    assert policy.target(1) == {"timeout": 1.0, "quorum_timeout": 3.0}  # the floors
+    assert policy.target(60_000) == {"timeout": 100.0, "quorum_timeout": 100.0}  # ceiling
+    assert policy.changes({}, 300) == {"timeout": 3.0, "quorum_timeout": 6.0}
+    assert policy.changes({"timeout": 3.0, "quorum_timeout": 6.0}, 330) == {}  # +10%: noise
+    assert policy.changes({"timeout": 3.0, "quorum_timeout": 6.0}, 600) == {
+        "timeout": 6.0, "quorum_timeout": 12.0}
+    for bad in ({"k": 0}, {"k": -1}, {"k": float("nan")}, {"floor_s": float("inf")},
+                {"k": True}, {"k": "10"}, {"ceiling_s": 10**6}, {"floor_s": 10, "ceiling_s": 20},
+                {"k": 10**4}):
+        with pytest.raises(ValueError):
+            TimeoutPolicy(**bad)  # type: ignore[arg-type]

@@ -29,6 +29,25 @@ def cmd_straggler_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_straggler_timeouts(args: argparse.Namespace) -> int:
+    data = ask(args, "timeout_policy", {"job": args.job, "off": args.off, "k": args.k,
+                                        "floor_s": args.floor, "ceiling_s": args.ceiling})
+    if args.json:
+        render.as_json(data)
+        return 0
+    policy = data["policy"]
+    if policy is None:
+        render.say(f"job {data['job']}: torchft timeouts no longer follow its step times "
+                   "(the values in force stay)")
+    else:
+        render.say(f"job {data['job']}: torchft timeouts follow its step times: timeout "
+                   f"{policy['k']:g} x p99 step, quorum_timeout {2 * policy['k']:g} x p99, "
+                   f"at least {policy['floor_s']:g} s ({3 * policy['floor_s']:g} s for the "
+                   f"quorum), at most {policy['ceiling_s']:g} s; each change is a config "
+                   "revision and a timeouts_adjusted event")
+    return 0
+
+
 def cmd_straggler_show(args: argparse.Namespace) -> int:
     data = ask(args, "straggler_show", {"job": args.job})
     if args.json:
@@ -49,6 +68,11 @@ def cmd_straggler_show(args: argparse.Namespace) -> int:
                   "STRAGGLER"],
                  [[r["replica_id"], r["step"], r["step_rate"], r["step_ms"], r["allreduce_ms"],
                    r["work_ms"], "yes" if r["straggler"] else "-"] for r in data["replicas"]])
+    auto = data.get("timeout_policy")
+    if auto:
+        render.say(f"\ntorchft timeouts follow the step times: {auto['k']:g} x p99, "
+                   f"{auto['floor_s']:g}-{auto['ceiling_s']:g} s (marduk history --job "
+                   f"{data['job']} shows each change)")
     if data["timeouts"]:
         print("\ntorchft timeouts that fit the observed step times:")
         render.table(["SETTING", "SECONDS", "WHY"],
@@ -137,6 +161,20 @@ def add_parsers(sub: Any, add: Any) -> None:
             "marduk straggler policy 1234 evict", cmd_straggler_policy)
     q.add_argument("job", type=arguments.job_id, help="Slurm job id")
     q.add_argument("policy", choices=POLICIES)
+    q = add(ssub, "timeouts", "let a job's torchft timeouts follow its step times (timeout "
+            "k x p99 step, quorum_timeout 2k x p99, within bounds), or stop (--off)",
+            "marduk straggler timeouts 1234 --k 10 --floor 10 --ceiling 600",
+            cmd_straggler_timeouts)
+    q.add_argument("job", type=arguments.job_id, help="Slurm job id")
+    q.add_argument("--k", type=arguments.seconds_in("--k", 0.001, 1000), default=None,
+                   help="timeout = k x p99 step time (default 10)")
+    q.add_argument("--floor", type=arguments.seconds_in("--floor", 0.001, 86400),
+                   default=None, metavar="S",
+                   help="the least timeout, seconds (default 10; 3x for quorum_timeout)")
+    q.add_argument("--ceiling", type=arguments.seconds_in("--ceiling", 0.001, 86400),
+                   default=None, metavar="S", help="the most for either, seconds (default 600)")
+    q.add_argument("--off", action="store_true",
+                   help="stop adjusting (the values in force stay)")
     q = add(ssub, "show", "a job's step statistics, flagged replicas and the torchft "
             "timeouts that fit its step times", "marduk straggler show 1234", cmd_straggler_show)
     q.add_argument("job", type=arguments.job_id, help="Slurm job id")

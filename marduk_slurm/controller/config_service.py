@@ -63,6 +63,10 @@ class ConfigService:
         changes = cr.validate_changes({"checkpoint": args.get("path")})
         return await self._new_revision(job, changes, actor, force=args.get("force") is True)
 
+    async def revise(self, job: int, changes: dict[str, Any], actor: str) -> dict[str, Any]:
+        """A revision made by the controller itself (the straggler task's timeouts)."""
+        return await self._new_revision(job, cr.validate_changes(changes), actor, force=False)
+
     async def _new_revision(self, job: int, changes: dict[str, Any], actor: str, *,
                             force: bool) -> dict[str, Any]:
         now = time.time()
@@ -158,10 +162,11 @@ def _replica_config(row: dict[str, Any], ack: dict[str, Any] | None, latest: int
             "failed_revision": int(ack["revision"]) if failed and ack is not None else None}
 
 
-def install(ctx: Context, rpc: RpcServer) -> None:
+def install(ctx: Context, rpc: RpcServer) -> ConfigService:
     """Register the config verbs on `rpc`."""
     service = ConfigService(ctx)
     rpc.register("config_set", service.config_set)
     rpc.register("config_show", service.config_show)
     rpc.register("checkpoint_load", service.checkpoint_load)
     rpc.register("config_latest", service.config_latest, job=True)
+    return service

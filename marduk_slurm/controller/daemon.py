@@ -156,8 +156,10 @@ class Controller:
         sup.start("reconcile", reconciler.run)
         sup.start("leaves", LeaveSender(ctx).run)
         rpc = RpcServer(ctx, ops)
-        config_service.install(ctx, rpc)
-        observe.install(ctx, rpc, ops, sup, self.heartbeats, lambda: self.settings.controller)
+        config = config_service.install(ctx, rpc)
+        obs = observe.install(ctx, rpc, ops, sup, self.heartbeats,
+                              lambda: self.settings.controller)
+        obs.stragglers.revise = config.revise
         sup.start("rpc", rpc.run)
         sup.start("job_credentials", self._job_credentials(ctx).run)
         sup.start("housekeeping", lambda: self._housekeeping(ctx))

@@ -155,6 +155,7 @@ def install(ctx: Context, rpc: RpcServer, ops: Operations, supervisor: Superviso
     heartbeats.on_flush += [obs.stragglers.on_flush, obs.metrics.on_flush]
     rpc.register("straggler_policy", obs.stragglers.rpc_policy)
     rpc.register("straggler_show", obs.stragglers.rpc_show)
+    rpc.register("timeout_policy", obs.stragglers.rpc_timeouts)
     rpc.register("risk", obs.risk.rpc_risk)
     rpc.register("top", obs.top)
     rpc.risk_view = obs.risk_for

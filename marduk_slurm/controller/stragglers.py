@@ -7,6 +7,12 @@ job's policy: report (record only), evict (the replica leaves at its next step b
 torchft carries on without it and the supervisor respawns it), or evict_and_drain (its node
 is drained too). Per-job policies are events as well (``straggler_policy``), so they survive
 a restart.
+
+A job may also have its torchft timeouts follow its step times (``timeout_policy``, set by
+`marduk straggler timeouts`): every ADJUST_EVERY_S the task compares the targets of the job's
+`TimeoutPolicy` with the values in force and, when they moved enough, makes a config revision
+(the same path as `marduk config set`, so every group applies it at one step) and records a
+``timeouts_adjusted`` event with the step times behind it.
 """
 
 from __future__ import annotations
@@ -15,19 +21,22 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.controller.context import Context
 from marduk_slurm.controller.decisions import Effects, replica_refs, take_decision
 from marduk_slurm.controller.startup import apply_rows
+from marduk_slurm.domain import config_revision as cr
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain.decisions import StragglerEviction
 from marduk_slurm.domain.straggler import (
     StragglerChange,
     StragglerConfig,
     StragglerDetector,
+    TimeoutPolicy,
+    step_times_p99,
     suggest_torchft_timeouts,
 )
 from marduk_slurm.errors import NotFound
@@ -36,6 +45,9 @@ from marduk_slurm.settings import STRAGGLER_POLICIES, ControllerSettings
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 5.0
+ADJUST_EVERY_S = 10.0  # how often jobs with a timeout policy are looked at
+# Makes a config revision: (job, changes, actor) -> the reply of `config set`.
+Revise = Callable[[int, dict[str, Any], str], Awaitable[dict[str, Any]]]
 # A job's statistics are recomputed at most this often: flags need seconds of evidence
 # (straggler_sustain_s) anyway, and a large job must not cost a median every 50 ms flush.
 EVALUATE_EVERY_S = 0.5
@@ -55,6 +67,9 @@ class StragglerWatch:
         self.settings = settings  # read at use: a SIGHUP reload takes effect at once
         self.detector = StragglerDetector(config_from(settings()))
         self.policies: dict[int, str] = {}
+        self.timeout_policies: dict[int, TimeoutPolicy] = {}
+        self.revise: Revise | None = None  # set by the daemon (the config service's)
+        self._next_adjust = 0.0
         self.changes: asyncio.Queue[StragglerChange] = asyncio.Queue(maxsize=10000)
         self.counts: Counter[tuple[str, str]] = Counter()  # (kind, policy) -> events
         self._last_prune = 0.0
@@ -107,6 +122,9 @@ class StragglerWatch:
                 next_sync = time.monotonic() + PRUNE_EVERY_S
                 for change in await self.sync():
                     await self.record(change)
+                if time.monotonic() >= self._next_adjust:
+                    self._next_adjust = time.monotonic() + ADJUST_EVERY_S
+                    await self.adjust_timeouts()
                 continue
             await self.record(change)
 
@@ -129,6 +147,85 @@ class StragglerWatch:
             kinds=["straggler_policy"], limit=100000))
         # Oldest first: the newest per job wins. A row that cannot be read is skipped.
         apply_rows(self.ctx.stats, "straggler policies", rows, self._apply_policy)
+        rows = await self.ctx.db(lambda: self.ctx.db.store.events(
+            kinds=["timeout_policy"], limit=100000))
+        apply_rows(self.ctx.stats, "timeout policies", rows, self._apply_timeout_policy)
+
+    def _apply_timeout_policy(self, row: dict[str, Any]) -> None:
+        job_id, evidence = row["job_id"], row["evidence"]
+        if isinstance(job_id, bool) or not isinstance(job_id, int):
+            raise ValueError(f"job_id {job_id!r} is not a job")
+        if row["reason"] == "off":
+            self.timeout_policies.pop(job_id, None)
+        else:
+            self.timeout_policies[job_id] = TimeoutPolicy(**evidence["policy"])
+
+    async def adjust_timeouts(self) -> None:
+        """For each job with a timeout policy and enough step times: a revision when the
+        targets moved away from the values in force (a failure is logged and counted; the
+        next pass tries again)."""
+        for job, policy in list(self.timeout_policies.items()):
+            tracks = self.detector.job_tracks(job)
+            p99, samples = step_times_p99(tracks)
+            if samples < TimeoutPolicy.MIN_SAMPLES or self.revise is None:
+                continue
+            revisions = await self.ctx.db.read(lambda store, j=job: store.config_revisions(j))
+            latest = cr.latest_config(revisions, 0)
+            current = {k: v for k, v in ((latest or {}).get("changes") or {}).items()
+                       if k in cr.TIMEOUT_KEYS}
+            changes = policy.changes(current, p99)
+            if not changes:
+                continue
+            try:
+                await self._adjust(job, policy, changes, current, p99, samples, len(tracks))
+            except Exception as exc:  # the job ended meanwhile, NATS is away: next pass
+                self.ctx.stats["timeout_adjust_failed"] += 1
+                log.warning("job %d: timeouts not adjusted: %s", job, exc)
+
+    async def _adjust(self, job: int, policy: TimeoutPolicy, changes: dict[str, float],
+                      current: dict[str, float], p99: float, samples: int, replicas: int
+                      ) -> None:
+        assert self.revise is not None
+        reply = await self.revise(job, changes, "stragglers")
+        now = time.time()
+        evidence = {"p99_step_ms": round(p99, 3), "samples": samples, "replicas": replicas,
+                    "policy": policy.as_dict(), "previous": current, "changes": changes,
+                    "revision": reply["revision"], "apply_at_step": reply["apply_at_step"]}
+        eid = await self.ctx.db.tx(lambda store: store.add_event(
+            "timeouts_adjusted", now=now, source="stragglers", job_id=job,
+            reason=f"p99 step {p99:.0f} ms over {samples} steps: "
+                   + ", ".join(f"{k}={v:g} s" for k, v in changes.items())
+                   + f" (revision {reply['revision']})", evidence=evidence))
+        self.ctx.stats["timeouts_adjusted"] += 1
+        await self.ctx.publish_feed([eid])
+        log.info("job %d: torchft timeouts adjusted to %s (p99 step %.0f ms)", job, changes, p99)
+
+    async def rpc_timeouts(self, args: dict[str, Any], actor: str) -> Any:
+        """Set (or turn off, `off: true`) a job's timeout policy."""
+        job = args.get("job")
+        if isinstance(job, bool) or not isinstance(job, int) or job < 0:
+            raise ValueError("job must be a Slurm job id")
+        off = args.get("off", False)
+        if not isinstance(off, bool):
+            raise ValueError("off must be true or false")
+        policy = None
+        if not off:
+            given = {k: args[k] for k in ("k", "floor_s", "ceiling_s") if args.get(k) is not None}
+            policy = TimeoutPolicy(**given)
+        previous = self.timeout_policies.get(job)
+        now = time.time()
+        evidence = {"policy": policy.as_dict() if policy else None,
+                    "previous": previous.as_dict() if previous else None}
+        eid = await self.ctx.db.tx(lambda store: store.add_event(
+            "timeout_policy", now=now, source=actor, job_id=job,
+            reason="off" if policy is None else "auto", evidence=evidence))
+        if policy is None:
+            self.timeout_policies.pop(job, None)
+        else:
+            self.timeout_policies[job] = policy
+            self._next_adjust = 0.0  # look at it at the next pass
+        await self.ctx.publish_feed([eid])
+        return {"job": job, "event": eid, **evidence}
 
     def _apply_policy(self, row: dict[str, Any]) -> None:
         job_id, policy = row["job_id"], row["reason"]
@@ -219,6 +316,8 @@ class StragglerWatch:
                     for t in self.detector.job_tracks(job)]
         suggestions = [s.__dict__ for s in suggest_torchft_timeouts(stats.p99_step_ms)] \
             if stats else []
+        auto = self.timeout_policies.get(job)
         return {"job": job, "policy": self.policy(job),
                 "stats": stats.as_dict() if stats else None, "replicas": replicas,
-                "timeouts": suggestions}
+                "timeouts": suggestions,
+                "timeout_policy": auto.as_dict() if auto else None}

@@ -294,3 +294,59 @@ def suggest_torchft_timeouts(p99_step_ms: float) -> list[TimeoutSuggestion]:
                           "--heartbeat_timeout_ms: drop a dead replica within about two "
                           "steps, at least 1 s of jitter allowance"),
     ]
+
+
+@dataclass(frozen=True)
+class TimeoutPolicy:
+    """torchft's timeouts moved with a job's step times (`marduk straggler timeouts`), within
+    the operator's bounds: `timeout` = k x p99 step time, `quorum_timeout` = 2k x p99 (a
+    quorum may include healing), each at least `floor_s` (3 x `floor_s` for the quorum) and
+    at most `ceiling_s`. A change smaller than `MIN_CHANGE` of the current value is not
+    made, so that noise in the p99 does not send a revision every few seconds."""
+
+    k: float = 10.0
+    floor_s: float = 10.0
+    ceiling_s: float = 600.0
+
+    MIN_CHANGE = 0.2  # relative
+    MIN_SAMPLES = 20  # step times over the job's replicas before any change
+
+    def __post_init__(self) -> None:
+        for name in ("k", "floor_s", "ceiling_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.k > 1000 or self.ceiling_s > 86400:
+            raise ValueError("k is at most 1000 and ceiling_s at most 86400 (a day)")
+        if self.ceiling_s < 3 * self.floor_s:
+            raise ValueError(f"ceiling_s ({self.ceiling_s:g}) must be at least 3 x floor_s "
+                             f"({3 * self.floor_s:g}), the quorum timeout's floor")
+
+    def target(self, p99_step_ms: float) -> dict[str, float]:
+        p99_s = max(p99_step_ms, 0.0) / 1000.0
+
+        def clamp(value: float, floor: float) -> float:
+            return round(min(self.ceiling_s, max(floor, value)), 1)
+        return {"timeout": clamp(self.k * p99_s, self.floor_s),
+                "quorum_timeout": clamp(2 * self.k * p99_s, 3 * self.floor_s)}
+
+    def changes(self, current: dict[str, float], p99_step_ms: float) -> dict[str, float]:
+        """The keys to change: those whose target differs from the value in force (None:
+        never set, torchft's own default) by more than MIN_CHANGE."""
+        out = {}
+        for key, value in self.target(p99_step_ms).items():
+            now = current.get(key)
+            if now is None or abs(value - now) > self.MIN_CHANGE * now:
+                out[key] = value
+        return out
+
+    def as_dict(self) -> dict[str, float]:
+        return {"k": self.k, "floor_s": self.floor_s, "ceiling_s": self.ceiling_s}
+
+
+def step_times_p99(tracks: Iterable[ReplicaTrack]) -> tuple[float, int]:
+    """(p99 of every kept step time of these replicas, how many there were)."""
+    times = [s.step_time_ms for t in tracks for s in t.samples]
+    return (percentile(times, 99) if times else 0.0), len(times)
+
