@@ -128,6 +128,12 @@ def main() -> int:
             break
         x = torch.randn(8, 16, generator=gen) * scale["x"]
         opt.zero_grad()
+        stall = os.environ.get("STALL_FILE")
+        if stall and os.path.exists(stall):  # the test asks this group to stall one step
+            seconds = float(Path(stall).read_text() or "3")
+            os.unlink(stall)
+            emit(ev="stall", rg=group, step=manager.current_step(), s=seconds)
+            time.sleep(seconds)
         loss = loss_fn(ddp(x), x.sum(dim=1, keepdim=True))
         loss.backward()
         before = manager.current_step()

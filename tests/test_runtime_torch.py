@@ -153,6 +153,47 @@ def test_config_revisions_apply_at_the_same_step_on_every_group(cluster: Cluster
              "both groups left the mapping")
 
 
+def test_a_group_stalled_past_a_live_timeout_is_given_up_on(cluster: Cluster,
+                                                            tmp_path: Path) -> None:
+    """Under the process group's timeout of 5 s, a 3 s stall of one group is waited out: the
+    other group's step commits. `marduk config set JOB timeout=1.5` lowers torchft's timeout
+    and the process group's; Gloo takes its new timeout when it is next configured, which a
+    third group joining does (the joiner gets 1.5 s from config_latest). Then the same stall
+    is given up on: the other groups' steps are not committed, and all three go on
+    committing together afterwards."""
+    stall = tmp_path / "stall-group-1"
+    a, b = cluster.start(0), cluster.start(1, STALL_FILE=str(stall))
+    cluster.wait_until(lambda: all(w.steps() and w.steps()[-1]["np"] == 2 for w in (a, b)),
+                       60, "a quorum of both groups")
+
+    def stall_group_1(n: int, groups: tuple[WorkerProcess, ...]) -> list[dict[str, Any]]:
+        """Group 1 sleeps 3 s in one step; group 0's records from that step until every
+        group committed 5 more steps together."""
+        stall.write_text("3")
+        cluster.wait_until(lambda: len(b.events("stall")) == n, 30, f"stall {n} begun")
+        at = b.events("stall")[-1]["step"]
+
+        def together_again() -> bool:
+            return all(len([r for r in w.steps() if r["step"] > at + 1 and r["committed"]
+                            and r["np"] == len(groups)]) >= 5 for w in groups)
+        cluster.wait_until(together_again, 90, f"every group committing after stall {n}")
+        return [r for r in a.steps() if r["step"] >= at]
+
+    waited = stall_group_1(1, (a, b))
+    assert all(r["committed"] for r in waited), waited[:6]
+    assert max(r["dt"] for r in waited) > 2.0  # it did wait for the stalled group
+
+    proc = run_cli(*cluster.cli("config", "set", str(JOB), "timeout=1.5"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    c = cluster.start(2)
+    cluster.wait_until(lambda: all(w.steps() and w.steps()[-1]["np"] == 3
+                                   and w.steps()[-1].get("timeout") == 1.5
+                                   for w in (a, b, c)),
+                       60, "three groups in one quorum, all at the new timeout")
+    given_up = stall_group_1(2, (a, b, c))
+    assert [r for r in given_up if not r["committed"]], given_up[:6]
+
+
 def test_survivors_keep_committing_through_kills_and_a_leave(cluster: Cluster) -> None:
     workers = cluster.workers
     for g in range(3):

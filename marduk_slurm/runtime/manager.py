@@ -259,11 +259,16 @@ class ManagerMarduk(Manager):
                 "quorum_timeout": self._quorum_timeout.total_seconds()}
 
     def _set_timeout(self, key: str, seconds: float) -> None:
-        """Applied at the revision's step: torchft reads `_timeout` on every collective and
-        should_commit, `_quorum_timeout` on every quorum."""
+        """Applied at the revision's step. torchft reads `_quorum_timeout` on every quorum,
+        and `_timeout` on every should_commit, checkpoint transfer and managed future. The
+        collectives themselves are bounded by the process group's own timeout, which is set
+        too: NCCL and the other accelerator groups take it from their next operation, Gloo
+        when it is next configured (the next quorum change)."""
         value = timedelta(seconds=seconds)
         if key == "timeout":
             self._timeout = value
+            with contextlib.suppress(NotImplementedError, AttributeError):
+                self._pg.set_timeout(value)
         else:
             self._quorum_timeout = value
         log.info("torchft %s is now %g s", key, seconds)
