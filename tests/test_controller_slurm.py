@@ -161,20 +161,29 @@ def test_a_fault_on_a_node_someone_else_drained_keeps_their_reason(
     assert node_info(conf, "n2")["reason"] == "memory test"
 
 
+def checking_controller(tmp_path: Path, nats_server: NatsServerProcess, conf: str,
+                        **env: str) -> ControllerProcess:
+    """A controller on the real cluster with resume checks in its environment."""
+    return ControllerProcess(tmp_path / "state", nats_server.url, slurm_backend="commands",
+                             extra_env={"MARDUK_SLURM_CONF": conf, **env}).start()
+
+
+def drain_and_fail_the_check(url: str, node: str) -> None:
+    assert run_cli("drain", node, "reason=burn-in", "--nats-url", url).returncode == 0
+    proc = run_cli("resume", node, "--nats-url", url)
+    assert proc.returncode == 1 and f"health check failed on {node}" in proc.stderr
+
+
 def test_resume_is_gated_by_health_checks(tmp_path: Path, nats_server: NatsServerProcess,
                                           cluster: SlurmCluster) -> None:
     conf = cluster.slurm_conf
     marker = tmp_path / "healthy"
     # The configured check: passes only once the marker exists (a repaired GPU, say).
-    env = {"MARDUK_SLURM_CONF": conf,
-           "MARDUK_SLURM_RESUME_CHECK": f"test -e {marker}.{{node}}"}
-    ctl = ControllerProcess(tmp_path / "state", nats_server.url, slurm_backend="commands",
-                            extra_env=env).start()
+    ctl = checking_controller(tmp_path, nats_server, conf,
+                              MARDUK_SLURM_RESUME_CHECK=f"test -e {marker}.{{node}}")
     try:
         url = ctl.url
-        assert run_cli("drain", "n4", "reason=burn-in", "--nats-url", url).returncode == 0
-        proc = run_cli("resume", "n4", "--nats-url", url)
-        assert proc.returncode == 1 and "health check failed on n4" in proc.stderr
+        drain_and_fail_the_check(url, "n4")
         assert "DRAIN" in node_info(conf, "n4")["state"]
         # The operator's own check fails too: refused, and recorded.
         proc = run_cli("resume", "n4", "--check", "false", "--nats-url", url)
@@ -195,16 +204,12 @@ def test_a_partition_names_its_own_resume_check(tmp_path: Path, nats_server: Nat
     marker = tmp_path / "burnt-in"
     # The site-wide check passes; the "debug" partition's own check (every node here is in
     # it) wants the marker.
-    env = {"MARDUK_SLURM_CONF": conf, "MARDUK_SLURM_RESUME_CHECK": "true",
-           "MARDUK_SLURM_RESUME_CHECK_BY_PARTITION": json.dumps(
-               {"gpu": "true", "debug": f"test -e {marker}.{{node}}"})}
-    ctl = ControllerProcess(tmp_path / "state", nats_server.url, slurm_backend="commands",
-                            extra_env=env).start()
+    ctl = checking_controller(tmp_path, nats_server, conf, MARDUK_SLURM_RESUME_CHECK="true",
+                              MARDUK_SLURM_RESUME_CHECK_BY_PARTITION=json.dumps(
+                                  {"gpu": "true", "debug": f"test -e {marker}.{{node}}"}))
     try:
         url = ctl.url
-        assert run_cli("drain", "n3", "reason=burn-in", "--nats-url", url).returncode == 0
-        proc = run_cli("resume", "n3", "--nats-url", url)
-        assert proc.returncode == 1 and "health check failed on n3" in proc.stderr
+        drain_and_fail_the_check(url, "n3")
         marker.with_name("burnt-in.n3").touch()
         proc = run_cli("resume", "n3", "--nats-url", url)
         assert proc.returncode == 0, proc.stderr
