@@ -4,14 +4,17 @@ and carrying out effects after a commit."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import multiprocessing
 import os
+import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -31,14 +34,55 @@ QUERY_PROCESSES = 2
 QUERY_NICE = 10
 
 
+URGENT, BACKGROUND = 0, 1  # write-lane priorities: see PriorityWriter
+
+
+class PriorityWriter:
+    """The write lane's one thread: store calls run one at a time, urgent ones (a fault's
+    decision, the outbox, leave commands, an operator's drain) before background ones (the
+    heartbeat write-behind), first come first served within a priority. A background call
+    that is running is not interrupted: the heartbeat writer keeps its calls short."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.PriorityQueue[tuple[float, int, Any]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: int, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((priority, next(self._seq), (future, fn, args)))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            _, _, item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up before it started
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Run what is queued, then stop."""
+        self._queue.put((math.inf, next(self._seq), None))
+        self._thread.join()
+
+
 class StoreRunner:
     """Runs store calls off the event loop, in two lanes.
 
     The write lane is one dedicated thread with the one writing connection: ingest, the
     outbox, leave commands and heartbeats, so a fault's decision never queues behind anything
-    but other writes. The read lane is a small pool of read-only connections (WAL lets them
-    read while the writer writes): operator queries, the dashboard and metrics go there, so a
-    burst of heavy queries cannot delay a fault.
+    but other writes, and among writes it goes first: the heartbeat write-behind is
+    background work (`background=True`), written in short transactions. The read lane is a
+    small pool of read-only connections (WAL lets them read while the writer writes):
+    operator queries, the dashboard and metrics go there, so a burst of heavy queries cannot
+    delay a fault.
     """
 
     def __init__(self, store: Store, *, readers: int = 2,
@@ -48,7 +92,7 @@ class StoreRunner:
         self._store = store
         self.query_processes = query_processes
         self._query_pool: ProcessPoolExecutor | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self.executor = PriorityWriter("sqlite")
         self._local = threading.local()
         self._readers: list[Store] = []
         self._readers_lock = threading.Lock()
@@ -61,15 +105,15 @@ class StoreRunner:
         return self._store
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, fn, *args)
+        return await asyncio.wrap_future(self.executor.submit(URGENT, fn, *args))
 
-    async def tx(self, fn: Callable[[StoreApi], T]) -> T:
-        """Run `fn(store)` inside one transaction."""
+    async def tx(self, fn: Callable[[StoreApi], T], *, background: bool = False) -> T:
+        """Run `fn(store)` inside one transaction; `background` work waits for the urgent."""
         def run() -> T:
             with self.store.transaction():
                 return fn(self.store)
-        return await self(run)
+        return await asyncio.wrap_future(
+            self.executor.submit(BACKGROUND if background else URGENT, run))
 
     async def read(self, fn: Callable[[StoreApi], T]) -> T:
         """Run `fn(store)` on a read-only connection of the read lane."""
@@ -125,7 +169,7 @@ class StoreRunner:
         self.read_executor.shutdown(wait=True)
         for reader in self._readers:
             reader.close()
-        self.executor.shutdown(wait=True)
+        self.executor.shutdown()
         self._store.close()
 
 

@@ -215,6 +215,11 @@ def check_subject(subject: str, msg: Any) -> None:
     raise ProtocolError("subject_mismatch", f"{subject} does not match the message's {scope}")
 
 
+# Beats per write-behind transaction: a fault's decision on the write lane waits for one such
+# transaction at most (HeartbeatWriter.flush).
+HEARTBEAT_CHUNK = 500
+
+
 class HeartbeatWriter:
     """Decode heartbeats as they arrive; write them behind, in one transaction per period."""
 
@@ -256,18 +261,21 @@ class HeartbeatWriter:
         self.ctx.stats["heartbeat_flush_failures"] += 1
         log.warning("heartbeat write-behind failed, retrying next period: %s", exc)
 
-    async def _write_one_by_one(self, batch: list[m.Heartbeat], now: float) -> None:
+    async def _write_one_by_one(self, batch: list[m.Heartbeat], now: float
+                                ) -> list[m.Heartbeat]:
         """A batch failed because of its content: write beats singly and drop the bad ones
-        (counted), so one beat can never stop the write-behind."""
+        (counted), so one beat can never stop the write-behind. Returns the beats written."""
         try:
             _written, bad = await self.ctx.db.tx(
-                lambda store: store.write_heartbeats_one_by_one(batch, now))
+                lambda store: store.write_heartbeats_one_by_one(batch, now), background=True)
         except (sqlite3.Error, StoreError) as exc:
             self._keep_for_next_period(batch, exc)
-            return
+            return []
         for hb, error in bad:
             self.ctx.reject("unstorable", subjects.heartbeat(hb.job_id), error, "heartbeat")
         self.ctx.stats["heartbeats_written"] += len(batch) - len(bad)
+        refused = {id(hb) for hb, _ in bad}
+        return [hb for hb in batch if id(hb) not in refused]
 
     async def run(self) -> None:
         subscription = await self.ctx.bus.subscribe(subjects.HEARTBEATS_ALL, self.on_message)
@@ -285,28 +293,38 @@ class HeartbeatWriter:
             return
         batch, self.pending = list(self.pending.values()), {}
         now = time.time()
-
-        try:
-            await self.ctx.db.tx(lambda store: store.write_heartbeats(batch, now))
-        except sqlite3.OperationalError as exc:
-            if not transient_store_error(exc):
-                await self._write_one_by_one(batch, now)
-                return
-            self._keep_for_next_period(batch, exc)
+        # Background work in short transactions: a fault's decision waits for one chunk at
+        # most, never for a whole period's beats of a large cluster.
+        written: list[m.Heartbeat] = []
+        for first in range(0, len(batch), HEARTBEAT_CHUNK):
+            written += await self._write(batch[first:first + HEARTBEAT_CHUNK], now)
+        if not written:
             return
-        except (sqlite3.Error, StoreError) as exc:
-            self._keep_for_next_period(batch, exc)
-            return
-        except Exception:
-            await self._write_one_by_one(batch, now)
-            return
-        self.written += len(batch)
-        self.ctx.stats["heartbeats_written"] += len(batch)
-        oldest = min(b.ts for b in batch) if batch else now
+        oldest = min(b.ts for b in written) if written else now
         self.last_lag_ms = max(0.0, (time.time() - oldest) * 1000) if oldest else 0.0
         for callback in self.on_flush:
             try:
-                callback(batch, now)
+                callback(written, now)
             except Exception:  # analysis must never stop the write-behind
                 self.ctx.stats["heartbeat_flush_callback_errors"] += 1
                 log.exception("heartbeat flush callback failed")
+
+    async def _write(self, chunk: list[m.Heartbeat], now: float) -> list[m.Heartbeat]:
+        """Write one chunk; returns the beats written (none when it is kept for the next
+        period)."""
+        try:
+            await self.ctx.db.tx(lambda store: store.write_heartbeats(chunk, now),
+                                 background=True)
+        except sqlite3.OperationalError as exc:
+            if not transient_store_error(exc):
+                return await self._write_one_by_one(chunk, now)
+            self._keep_for_next_period(chunk, exc)
+            return []
+        except (sqlite3.Error, StoreError) as exc:
+            self._keep_for_next_period(chunk, exc)
+            return []
+        except Exception:
+            return await self._write_one_by_one(chunk, now)
+        self.written += len(chunk)
+        self.ctx.stats["heartbeats_written"] += len(chunk)
+        return chunk
