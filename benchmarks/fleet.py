@@ -48,16 +48,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from query_load import cpu_s, pct, rss_mib, settle
+from query_load import cpu_s, pct, rss_mib, settle, site_controller
 from site_database import REPLICAS_PER_NODE, fill, gpu_uuid, node_name
 
 from marduk_slurm.adapters.bus import Bus
-from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.gpu_health import GpuAction
-
-from harness import ControllerProcess
 
 REPLICAS_PER_JOB = 80  # 80,000 replicas in 1,000 jobs at the target shape
 HEALTH_EVERY_S = 5.0
@@ -204,11 +201,7 @@ def run_size(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         state.mkdir()
         fill_s = fill(state / "marduk.db", replicas=replicas,
                       jobs=max(1, replicas // REPLICAS_PER_JOB), events=0)
-        server = NatsServerProcess(Path(tmp) / "nats")
-        url = server.start()
-        ctl = ControllerProcess(state, url, reconcile_s=3600)
-        try:
-            ctl.start(timeout_s=120)
+        with site_controller(tmp, state) as (ctl, url):
             assert ctl.proc is not None
             settle(ctl.proc.pid)
             warmup = 5.0
@@ -236,10 +229,6 @@ def run_size(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             ctl.start(timeout_s=120)
             restart_s = time.perf_counter() - t_restart
             ctl.stop()
-        finally:
-            if ctl.proc is not None and ctl.proc.poll() is None:
-                ctl.stop()
-            server.stop()
     return {"nodes": nodes, "gpus": replicas, "replicas": replicas,
             "jobs": max(1, replicas // REPLICAS_PER_JOB), "fill_s": round(fill_s, 1),
             "offered_hb_per_s": replicas, "offered_health_per_s": nodes / HEALTH_EVERY_S,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +233,23 @@ def finish_load(procs: list[subprocess.Popen[str]]) -> tuple[Counter[str], dict[
     return tally, times
 
 
+@contextlib.contextmanager
+def site_controller(tmp: str, state: Path) -> Iterator[tuple[ControllerProcess, str]]:
+    """A real nats-server and controller (`--slurm-backend none`, no reconcile to speak of)
+    over the database in `state`, started; (controller, NATS URL). Both stop at the end."""
+    server = NatsServerProcess(Path(tmp) / "nats")
+    url = server.start()
+    ctl = ControllerProcess(state, url, reconcile_s=3600)
+    try:
+        ctl.start(timeout_s=120)
+        assert ctl.proc is not None
+        yield ctl, url
+    finally:
+        if ctl.proc is not None and ctl.proc.poll() is None:
+            ctl.stop()
+        server.stop()
+
+
 def arm(ctl: ControllerProcess, pid: int, first_node: int, count: int, rate: float
         ) -> tuple[list[float], float]:
     cpu0, t0 = cpu_s(pid), time.perf_counter()
@@ -266,11 +285,7 @@ def main() -> int:
         print(f"requesters ask: {args.verbs}")
         print(f"database: {args.replicas:,} replicas in {args.jobs:,} jobs on {nodes:,} nodes, "
               f"{args.events:,} events (written in {fill_s:.1f} s)", flush=True)
-        server = NatsServerProcess(Path(tmp) / "nats")
-        url = server.start()
-        ctl = ControllerProcess(state, url, reconcile_s=3600)
-        try:
-            ctl.start(timeout_s=120)
+        with site_controller(tmp, state) as (ctl, url):
             assert ctl.proc is not None
             pid = ctl.proc.pid
             settle_s = settle(pid)
@@ -291,11 +306,6 @@ def main() -> int:
             tally, times = finish_load(procs)
             rss_load = rss_mib(pid)
             after = ctl.request("status", timeout_s=60)
-            ctl.stop()
-        finally:
-            if ctl.proc is not None and ctl.proc.poll() is None:
-                ctl.stop()
-            server.stop()
     report(args, base, loaded, base_cpu, load_cpu, (rss_start, rss_base, rss_load),
            before, after, tally, times)
     return 0
