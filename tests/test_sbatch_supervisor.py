@@ -53,7 +53,8 @@ exit "$rc"
 
 # Rank 0 takes the next action of its group's plan: an exit code, "drain CODE" (mark its
 # node drained first), or "handover CODE" (tell standby 0 to assume the group, as the
-# controller would, wait for its marker, then exit CODE). An empty plan means finish (0).
+# controller would, wait for its marker, then exit CODE; "slow handover CODE" exits 1.5 s
+# later). An empty plan means finish (0).
 # A standby (MARDUK_STANDBY=1) waits for its assume, writes the marker the runtime writes,
 # and goes on with the plan of the group it assumed.
 FAKE_TRAIN = r"""#!/bin/bash
@@ -79,13 +80,15 @@ action=$(head -n 1 "$plan" 2>/dev/null)
 [ -e "$plan" ] && sed -i 1d "$plan"
 case $action in
 drain\ *) touch "$FAKE_SLURM/drained.$SLURMD_NODENAME"; exit "${action#drain }" ;;
-handover\ *)
+handover\ * | "slow handover "*)
   echo "$REPLICA_GROUP_ID" > "$FAKE_SLURM/assume.0"
   for _ in $(seq 100); do
     [ -e "$FAKE_SLURM/assume/group-$REPLICA_GROUP_ID.assumed" ] && break
     sleep 0.05
   done
-  exit "${action#handover }" ;;
+  # slow: the leaver hangs on well after the standby that assumed its group has finished
+  [[ $action == slow* ]] && sleep 1.5
+  exit "${action##* }" ;;
 "") exit 0 ;;
 sleep) sleep 1; exit 0 ;;
 sleep\ *) sleep "${action#sleep }"; exit 0 ;;
@@ -309,3 +312,17 @@ def test_no_new_standby_once_a_group_has_finished(tmp_path: Path) -> None:
     assert "group 1: finished (exit 0)" in out.log
     assert "standby 1" not in out.log
     assert sorted(out.sruns) == ["n1", "n2", "n3"]
+
+
+def test_a_standby_that_finishes_before_the_group_it_assumed_has_exited_is_adopted(
+        tmp_path: Path) -> None:
+    # The leaver hangs on; the standby assumes its group, trains and finishes first. Its exit
+    # is the group's: no cold respawn, and its node is not taken for "never assumed".
+    out = supervise(tmp_path, {0: ["sleep 3"], 1: ["slow handover 75"]}, spares=1,
+                    hot_spares=1)
+    assert out.rc == 0, out.log
+    assert "exited (0) before assuming" not in out.log
+    assert "group 1: told to leave (exit 75); assumed by standby 0 on n3" in out.log
+    assert "group 1: finished (exit 0)" in out.log
+    assert sorted(out.sruns) == ["n1", "n2", "n3"]
+    assert "all groups done after 0 restart(s)" in out.log

@@ -240,11 +240,25 @@ refill_standbys() {
   done
 }
 
-# check_standbys: a standby that ended before assuming a group gives its nodes back.
+# marked SLOT: a group's marker names standby SLOT (it assumed that group).
+marked() {
+  local f slot _
+  for f in "$ASSUME_DIR"/group-*.assumed; do
+    [ -f "$f" ] || continue
+    read -r slot _ <"$f"
+    [ "$slot" = "$1" ] && return 0
+  done
+  return 1
+}
+
+# check_standbys: a standby that ended before assuming a group gives its nodes back. One
+# that ended after it assumed (it may finish training before the group it replaced has even
+# exited) is left for adopt, which reads its exit status as the group's.
 check_standbys() {
   local s rc nodes
   for s in "${!STANDBY_PID[@]}"; do
     if [ "${STANDBY_STATE[$s]}" = standby ] && ! kill -0 "${STANDBY_PID[$s]}" 2>/dev/null; then
+      marked "$s" && continue
       wait "${STANDBY_PID[$s]}"
       rc=$?
       log "standby $s: exited ($rc) before assuming a group"
