@@ -123,3 +123,54 @@ def _controller_connected(controller: ControllerProcess) -> bool:
         return controller.request("status")["nats"] == "connected"
     except BusError:
         return False
+
+
+def test_a_replica_stuck_in_a_step_when_told_to_leave_leaves_after_its_grace(
+        controller: ControllerProcess) -> None:
+    # The training thread never reaches a boundary (it never polls); the leave command from a
+    # drain must still end the process, with the leave reported.
+    exits: list[int] = []
+    client = MardukClient(controller.url, JOB, 0, leave_grace=timedelta(seconds=0.5),
+                          exit_process=exits.append)
+    replica_id = f"job{JOB}_rg0:uuid-0"
+    client.start(replica_id, lambda: m.ReplicaRegister(
+        replica_id=replica_id, job_id=JOB, replica_group=0, node="n0",
+        gpu_uuids=["cpu:n0:0"], step=7, ts=time.time()))
+    try:
+        wait_for(lambda: controller.request("replicas", {"job": JOB}), 10,
+                 what="the replica registered")
+        client.send_heartbeat(heartbeat(0, 7))
+        # a GPU the controller has no inventory of (its agent never spoke): forced, as drills do
+        controller.request("inject", {"node": "n0", "gpu": "cpu:n0:0", "xid": 79,
+                                      "force": True})
+        wait_for(lambda: exits, 15, what="the overdue leave's exit")
+        assert exits == [75] and client.stats["leave_overdue"] == 1
+        left = wait_for(lambda: [e for e in controller.request("history", {"job": JOB})
+                                 if e["kind"] == "replica_leave"], 10, what="the leave reported")
+        assert "stuck in a step" in left[0]["reason"], left
+        assert left[0]["evidence"]["exit_code"] == 75 and left[0]["evidence"]["step"] == 7
+    finally:
+        client.close()
+
+
+def test_a_replica_that_leaves_at_its_boundary_is_not_cut_short(
+        controller: ControllerProcess) -> None:
+    exits: list[int] = []
+    client = MardukClient(controller.url, JOB, 0, leave_grace=timedelta(seconds=0.5),
+                          exit_process=exits.append)
+    replica_id = f"job{JOB}_rg0:uuid-0"
+    client.start(replica_id, lambda: m.ReplicaRegister(
+        replica_id=replica_id, job_id=JOB, replica_group=0, node="n0",
+        gpu_uuids=["cpu:n0:0"], step=7, ts=time.time()))
+    try:
+        wait_for(lambda: controller.request("replicas", {"job": JOB}), 10,
+                 what="the replica registered")
+        controller.request("inject", {"node": "n0", "gpu": "cpu:n0:0", "xid": 79,
+                                      "force": True})
+        cmds = wait_for(client.poll_commands, 10, what="the leave command")
+        assert cmds[0].action == "leave"  # type: ignore[union-attr]
+        client.send_leave("told to leave", 75, 7)  # at its boundary, as ManagerMarduk does
+        time.sleep(1.5)  # three graces: the exit would have come by now
+        assert exits == [] and client.stats["leave_overdue"] == 0
+    finally:
+        client.close()

@@ -294,6 +294,8 @@ class Operations:
             GpuReading(uuid=uuid, index=-1 if index is None else index, node=node, xids=(xid,)))
         evidence = {**verdict.evidence, "injected": True, "injected_by": actor,
                     REQUEST_ID_KEY: request_id}
+        if index is None:  # a GPU not in the inventory yet: no index to report (-1 is refused)
+            evidence.pop("index", None)
         msg = m.Verdict(node=node, gpu_uuid=uuid, gpu_index=index, action=verdict.action,
                         reason=verdict.reason, xid=xid, ts=at, source="inject",
                         evidence=evidence)

@@ -12,6 +12,9 @@ waits for NATS:
   step boundary (`poll_commands`);
 * a standby (hot spare) listens only for its `assume` command (`start(..., standby=True)`,
   `wait_assignment`), then becomes the group's replica (`assume`);
+* a replica told to leave that reaches no step boundary within its grace (stuck in a
+  collective or a quorum call, docs/runtime.md) has its stacks written to stderr, reports the
+  leave itself and exits with EXIT_LEAVE, so that its slot is never held past the grace;
 * a credential file that is not there yet (the node agent writes it when it relays the step's
   start, docs/security.md) is waited for on the loop thread, up to `creds_wait`.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import faulthandler
 import logging
 import os
 import threading
@@ -37,6 +41,7 @@ from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.backoff import Backoff
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.domain.exit_codes import EXIT_LEAVE
 from marduk_slurm.errors import BusError, BusTimeout, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -153,7 +158,9 @@ class MardukClient:
                  creds: str = "", heartbeat_buffer: int = 1024, durable_buffer: int = 4096,
                  send_interval: timedelta = timedelta(milliseconds=25),
                  connect_timeout: timedelta = timedelta(seconds=2),
-                 creds_wait: timedelta = timedelta(seconds=60)) -> None:
+                 creds_wait: timedelta = timedelta(seconds=60),
+                 leave_grace: timedelta | None = timedelta(seconds=30),
+                 exit_process: Callable[[int], None] = os._exit) -> None:
         self.nats_url = nats_url
         self.job_id = job_id
         self.replica_group = replica_group
@@ -182,6 +189,14 @@ class MardukClient:
         # Jittered, so that the replicas of a large job that lost NATS together do not all
         # come back in the same instant; each is reset after a success.
         self._connect_backoff = Backoff(base_s=0.5, max_s=10.0)
+        # A leave is carried out at a step boundary; past this grace (plus 3 of the slowest
+        # steps seen) the process is stuck and leaves from here. None: wait forever.
+        self.leave_grace_s = None if leave_grace is None else leave_grace.total_seconds()
+        self._exit_process = exit_process
+        self._slowest_step_s = 0.0
+        self._last_step = 0
+        self._leaving = False
+        self._overdue: asyncio.TimerHandle | None = None
         self._resend_backoff = Backoff(base_s=0.2, max_s=5.0)
 
     # -- training-thread API (never waits on NATS) ------------------------------------------
@@ -224,6 +239,8 @@ class MardukClient:
         self._call(become)
 
     def send_heartbeat(self, hb: m.Heartbeat) -> None:
+        self._last_step = hb.step
+        self._slowest_step_s = max(self._slowest_step_s, hb.step_time_ms / 1000.0)
         if len(self._heartbeats) == self._heartbeats.maxlen:
             self.stats["heartbeats_dropped"] += 1
         self._heartbeats.append(hb)
@@ -234,6 +251,7 @@ class MardukClient:
 
     def send_leave(self, reason: str, exit_code: int, step: int) -> None:
         assert self.link is not None, "start() first"
+        self._leaving = True  # the training thread leaves by itself: no overdue exit
         self._queue_durable(self.link.leave_message(reason, exit_code, step))
 
     def poll_commands(self) -> list[Command]:
@@ -286,6 +304,26 @@ class MardukClient:
                 self._assigned.set()
             return
         self._commands.append(cmd)
+        if (isinstance(cmd, m.ReplicaCommand) and cmd.action == "leave"
+                and self.leave_grace_s is not None and self._overdue is None):
+            grace_s = self.leave_grace_s + 3 * self._slowest_step_s
+            self._overdue = self._loop.call_later(grace_s, self._call, self._leave_overdue)
+
+    async def _leave_overdue(self) -> None:
+        """Told to leave, and the training thread has reached no step boundary since."""
+        if self._leaving or self._closed or self.link is None:
+            return
+        self.stats["leave_overdue"] += 1
+        log.error("told to leave, and no step boundary reached within the grace: the training "
+                  "thread is stuck; its stack follows, then the process exits %d", EXIT_LEAVE)
+        with contextlib.suppress(Exception):  # stderr may be closed; the exit still happens
+            faulthandler.dump_traceback(all_threads=True)
+        self._queue_durable(self.link.leave_message(
+            "told to leave; stuck in a step, left without reaching its boundary", EXIT_LEAVE,
+            self._last_step))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._drained(), 2.0)
+        self._exit_process(EXIT_LEAVE)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)

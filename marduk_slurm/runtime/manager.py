@@ -115,6 +115,17 @@ class ReplicaIdentity:
                    group_world_size=int(pick("WORLD_SIZE") or 1))
 
 
+def leave_grace(text: str) -> timedelta | None:
+    """MARDUK_LEAVE_GRACE_S: seconds a replica told to leave may take to reach its step
+    boundary (30 when unset; 0 waits forever)."""
+    if not text.strip():
+        return timedelta(seconds=30)
+    value = float(text)
+    if not 0 <= value <= 86400:  # NaN fails both comparisons
+        raise ValueError(f"MARDUK_LEAVE_GRACE_S must be 0..86400 seconds, not {text!r}")
+    return None if value == 0 else timedelta(seconds=value)
+
+
 class ManagerMarduk(Manager):
     """torchft's Manager plus registration, per-step telemetry and live commands.
 
@@ -188,7 +199,8 @@ class ManagerMarduk(Manager):
         client = None
         if env.get("MARDUK_NATS_URL"):
             client = MardukClient(env["MARDUK_NATS_URL"], identity.job_id,
-                                  identity.replica_group, creds=env.get("MARDUK_NATS_CREDS", ""))
+                                  identity.replica_group, creds=env.get("MARDUK_NATS_CREDS", ""),
+                                  leave_grace=leave_grace(env.get("MARDUK_LEAVE_GRACE_S", "")))
         if env.get("MARDUK_ASSUME_DIR"):
             kwargs.setdefault("assume_dir", Path(env["MARDUK_ASSUME_DIR"]))
         return cls(identity=identity, client=client, **kwargs)
