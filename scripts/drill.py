@@ -86,9 +86,11 @@ class DrillResult:
 
 class Drill:
     def __init__(self, work: Path, *, max_steps: int, step_sleep_s: float,
-                 hot_spares: int = 0, lighthouse_proxy: bool = True) -> None:
+                 hot_spares: int = 0, lighthouse_proxy: bool = True, spares: int = 1,
+                 job_env: dict[str, str] | None = None) -> None:
         self.work = work
         self.hot_spares = hot_spares
+        self.spares = spares
         self.lighthouse_proxy = lighthouse_proxy
         self.conf, self.run_dir = cluster_paths()
         self.state = work / "controller"
@@ -96,7 +98,7 @@ class Drill:
         self.env = {**os.environ, "SLURM_CONF": self.conf, "MARDUK_SLURM_CONF": self.conf,
                     "MARDUK_CONTROLLER_RECONCILE_INTERVAL_S": "5",
                     "MAX_STEPS": str(max_steps), "STEP_SLEEP_S": str(step_sleep_s),
-                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(job_env or {})}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.job_id = 0
 
@@ -152,7 +154,7 @@ class Drill:
 
     def submit_job(self) -> None:
         args = ["sbatch", "--replica-groups", "2", "--nodes-per-group", "1",
-                "--gpus-per-node", "1", "--spares", "1", "--max-restarts", "2",
+                "--gpus-per-node", "1", "--spares", str(self.spares), "--max-restarts", "2",
                 "--hot-spares", str(self.hot_spares),
                 "--param", f"assume_dir={self.work / 'assume'}",
                 "--job-name", "marduk-drill", "--launcher", str(BIN / "python"),
@@ -162,7 +164,8 @@ class Drill:
                 "--sbatch-arg", f"output={self.work}/job-%j.out", "--submit",
                 str(REPO / "scripts" / "train_tiny.py")]
         self.job_id = int(self.marduk(*args)["job_id"])
-        spare = "a standby on the spare node" if self.hot_spares else "1 spare node"
+        spare = (f"{self.spares} spare node(s), {self.hot_spares} running a standby"
+                 if self.hot_spares else f"{self.spares} spare node(s)")
         proxy = " behind marduk's liveness proxy" if self.lighthouse_proxy else ""
         say(f"submitted job {self.job_id} from the rendered template: lighthouse{proxy} + "
             f"2 replica groups + {spare}, {self.max_steps} steps")

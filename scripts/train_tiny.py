@@ -6,6 +6,8 @@ group world size 1), so it hosts its group's TCPStore itself; under torchrun, to
 It trains a small MLP on CPU with ProcessGroupGloo and prints one line per step.
 
     MAX_STEPS (default 300)   STEP_SLEEP_S (default 0.05, to make the run last a while)
+    TINY_STANDBY_HANG_S (drills only: a standby hangs this long before ManagerMarduk, as one
+    whose model build or data loader never finishes would; it never becomes ready)
 
 Started as a standby (MARDUK_STANDBY=1, `marduk sbatch --hot-spares`), everything before
 ManagerMarduk (imports, model, optimizer) is done at job start, and ManagerMarduk returns once
@@ -60,6 +62,8 @@ def main() -> int:
     def save_state() -> dict[str, Any]:
         return {"model": model.state_dict(), "optim": inner.state_dict()}
 
+    if os.environ.get("MARDUK_STANDBY") and os.environ.get("TINY_STANDBY_HANG_S"):
+        time.sleep(float(os.environ["TINY_STANDBY_HANG_S"]))
     manager = ManagerMarduk.from_env(
         optimizer=inner, max_steps=max_steps, batch_size=8,
         pg=ProcessGroupGloo(timeout=timedelta(seconds=5)), min_replica_size=1,

@@ -153,10 +153,12 @@ def test_a_replica_stuck_in_a_step_when_told_to_leave_leaves_after_its_grace(
         client.close()
 
 
-def test_a_replica_that_leaves_at_its_boundary_is_not_cut_short(
+def test_a_replica_that_reported_its_leave_but_hangs_on_its_way_out_is_ended(
         controller: ControllerProcess) -> None:
+    # It reached its boundary and reported the leave (as ManagerMarduk does, then closes the
+    # client), but the process does not end: at exit it waits for a thread stuck in a call.
     exits: list[int] = []
-    client = MardukClient(controller.url, JOB, 0, leave_grace=timedelta(seconds=0.5),
+    client = MardukClient(controller.url, JOB, 0, leave_grace=timedelta(seconds=1),
                           exit_process=exits.append)
     replica_id = f"job{JOB}_rg0:uuid-0"
     client.start(replica_id, lambda: m.ReplicaRegister(
@@ -169,8 +171,14 @@ def test_a_replica_that_leaves_at_its_boundary_is_not_cut_short(
                                       "force": True})
         cmds = wait_for(client.poll_commands, 10, what="the leave command")
         assert cmds[0].action == "leave"  # type: ignore[union-attr]
-        client.send_leave("told to leave", 75, 7)  # at its boundary, as ManagerMarduk does
-        time.sleep(1.5)  # three graces: the exit would have come by now
-        assert exits == [] and client.stats["leave_overdue"] == 0
+        client.send_leave("told to leave", 75, 7)
+        assert client.flush(timedelta(seconds=5))
+        client.close()
+        assert exits == []  # within the grace: nothing yet
+        wait_for(lambda: exits, 10, what="the exit of a process stuck on its way out")
+        assert exits == [75] and client.stats["leave_overdue"] == 1
+        left = [e for e in controller.request("history", {"job": JOB})
+                if e["kind"] == "replica_leave"]
+        assert [e["reason"] for e in left] == ["told to leave"]  # reported once, as it was
     finally:
         client.close()

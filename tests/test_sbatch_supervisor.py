@@ -90,6 +90,9 @@ handover\ * | "slow handover "*)
   [[ $action == slow* ]] && sleep 1.5
   exit "${action##* }" ;;
 "") exit 0 ;;
+undrain\ *)  # undrain NODE SECS: an operator resumes NODE in SECS; this group trains on
+  read -r _ node secs <<<"$action"
+  sleep "$secs"; rm -f "$FAKE_SLURM/drained.$node"; sleep 8; exit 0 ;;
 sleep) sleep 1; exit 0 ;;
 sleep\ *) sleep "${action#sleep }"; exit 0 ;;
 *) exit "$action" ;;
@@ -326,3 +329,24 @@ def test_a_standby_that_finishes_before_the_group_it_assumed_has_exited_is_adopt
     assert "group 1: finished (exit 0)" in out.log
     assert sorted(out.sruns) == ["n1", "n2", "n3"]
     assert "all groups done after 0 restart(s)" in out.log
+
+
+def test_a_waiting_group_starts_on_a_node_once_it_is_resumed(tmp_path: Path) -> None:
+    # Group 0 drains its own node and leaves; no spare: it waits. Its node is resumed while
+    # group 1 still trains, and group 0 starts there again.
+    out = supervise(tmp_path, {0: ["drain 75"], 1: ["undrain n1 2"]})
+    assert out.rc == 0, out.log
+    assert "group 0: no healthy spare node free; waiting" in out.log
+    assert "n1: usable again (resumed); back in the spare pool" in out.log
+    assert sorted(out.sruns[:2]) == ["n1", "n2"] and out.sruns[2:] == ["n1"]
+    assert "all groups done after 1 restart(s)" in out.log
+
+
+def test_a_node_that_never_showed_drained_is_not_taken_back(tmp_path: Path) -> None:
+    # Group 0 is told to leave (exit 75) but its node never shows drained: the job does not
+    # put a group back on a node it was sent away from, whatever Slurm says: it waits for
+    # the node group 1 frees when it finishes.
+    out = supervise(tmp_path, {0: ["75"], 1: ["sleep 7"]})
+    assert out.rc == 0, out.log
+    assert "back in the spare pool" not in out.log
+    assert sorted(out.sruns[:2]) == ["n1", "n2"] and out.sruns[2:] == ["n2"]

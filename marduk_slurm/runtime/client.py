@@ -12,9 +12,9 @@ waits for NATS:
   step boundary (`poll_commands`);
 * a standby (hot spare) listens only for its `assume` command (`start(..., standby=True)`,
   `wait_assignment`), then becomes the group's replica (`assume`);
-* a replica told to leave that reaches no step boundary within its grace (stuck in a
-  collective or a quorum call, docs/runtime.md) has its stacks written to stderr, reports the
-  leave itself and exits with EXIT_LEAVE, so that its slot is never held past the grace;
+* a replica told to leave that is still running after its grace (stuck in a collective or
+  a quorum call, or at exit behind one, docs/runtime.md) has its stacks written to stderr,
+  reports the leave if it had not, and exits, so that its slot is never held past the grace;
 * a credential file that is not there yet (the node agent writes it when it relays the step's
   start, docs/security.md) is waited for on the loop thread, up to `creds_wait`.
 """
@@ -189,14 +189,16 @@ class MardukClient:
         # Jittered, so that the replicas of a large job that lost NATS together do not all
         # come back in the same instant; each is reset after a success.
         self._connect_backoff = Backoff(base_s=0.5, max_s=10.0)
-        # A leave is carried out at a step boundary; past this grace (plus 3 of the slowest
-        # steps seen) the process is stuck and leaves from here. None: wait forever.
+        # A leave is carried out at a step boundary and the process exits; still running
+        # this long (plus 3 of the slowest steps seen) after the command, it is stuck and
+        # exits from here. None: wait forever.
         self.leave_grace_s = None if leave_grace is None else leave_grace.total_seconds()
         self._exit_process = exit_process
         self._slowest_step_s = 0.0
         self._last_step = 0
-        self._leaving = False
-        self._overdue: asyncio.TimerHandle | None = None
+        self._leaving = False  # the training thread reported its leave itself
+        self._exit_code = EXIT_LEAVE
+        self._overdue: threading.Timer | None = None
         self._resend_backoff = Backoff(base_s=0.2, max_s=5.0)
 
     # -- training-thread API (never waits on NATS) ------------------------------------------
@@ -251,7 +253,7 @@ class MardukClient:
 
     def send_leave(self, reason: str, exit_code: int, step: int) -> None:
         assert self.link is not None, "start() first"
-        self._leaving = True  # the training thread leaves by itself: no overdue exit
+        self._leaving, self._exit_code = True, exit_code
         self._queue_durable(self.link.leave_message(reason, exit_code, step))
 
     def poll_commands(self) -> list[Command]:
@@ -306,24 +308,27 @@ class MardukClient:
         self._commands.append(cmd)
         if (isinstance(cmd, m.ReplicaCommand) and cmd.action == "leave"
                 and self.leave_grace_s is not None and self._overdue is None):
+            # A thread, not the loop: the loop ends with close(), and a process can hang
+            # after that too (at exit, joining torchft's executor thread in a quorum call).
             grace_s = self.leave_grace_s + 3 * self._slowest_step_s
-            self._overdue = self._loop.call_later(grace_s, self._call, self._leave_overdue)
+            self._overdue = threading.Timer(grace_s, self._leave_overdue)
+            self._overdue.daemon = True
+            self._overdue.start()
 
-    async def _leave_overdue(self) -> None:
-        """Told to leave, and the training thread has reached no step boundary since."""
-        if self._leaving or self._closed or self.link is None:
-            return
+    def _leave_overdue(self) -> None:
+        """Told to leave `grace` ago and still alive: stuck in a step or on the way out."""
         self.stats["leave_overdue"] += 1
-        log.error("told to leave, and no step boundary reached within the grace: the training "
-                  "thread is stuck; its stack follows, then the process exits %d", EXIT_LEAVE)
+        where = "on its way out" if self._leaving else "in a step"
+        log.error("told to leave, and still running after the grace: stuck %s. Every "
+                  "thread's stack follows, then the process exits %d", where, self._exit_code)
         with contextlib.suppress(Exception):  # stderr may be closed; the exit still happens
             faulthandler.dump_traceback(all_threads=True)
-        self._queue_durable(self.link.leave_message(
-            "told to leave; stuck in a step, left without reaching its boundary", EXIT_LEAVE,
-            self._last_step))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._drained(), 2.0)
-        self._exit_process(EXIT_LEAVE)
+        if not self._leaving and not self._closed and self.link is not None:
+            self._queue_durable(self.link.leave_message(
+                "told to leave; stuck in a step, left without reaching its boundary",
+                EXIT_LEAVE, self._last_step))
+            self.flush(timedelta(seconds=2))
+        self._exit_process(self._exit_code)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)

@@ -170,11 +170,37 @@ take_spare() {
   return 1
 }
 
-# release NODE...: usable nodes go back to the spare pool.
+# release NODE...: usable nodes go back to the spare pool; the others are set aside.
 release() {
   local n
-  for n in "$@"; do node_usable "$n" && FREE_NODES+=("$n"); done
+  for n in "$@"; do
+    if node_usable "$n"; then FREE_NODES+=("$n"); else set_aside "$n"; fi
+  done
   return 0
+}
+
+# Nodes the job stopped using because they were drained (or were about to be: a group told
+# to leave). One comes back to the spare pool once Slurm has shown it unusable and then
+# usable again, that is, once an operator resumed it; a waiting group can then start there.
+# Slurm is asked about them every SET_ASIDE_CHECK_S, not at every poll.
+declare -A SET_ASIDE=()
+SET_ASIDE_CHECK_S=5
+NEXT_SET_ASIDE_CHECK=0
+set_aside() { [ -n "$1" ] && SET_ASIDE[$1]=left; }
+
+check_set_aside() {
+  local n
+  [ "${#SET_ASIDE[@]}" -gt 0 ] && [ "$(now_s)" -ge "$NEXT_SET_ASIDE_CHECK" ] || return 0
+  NEXT_SET_ASIDE_CHECK=$(($(now_s) + SET_ASIDE_CHECK_S))
+  for n in "${!SET_ASIDE[@]}"; do
+    if ! node_usable "$n"; then
+      SET_ASIDE[$n]=unusable
+    elif [ "${SET_ASIDE[$n]}" = unusable ]; then
+      unset 'SET_ASIDE[$n]'
+      FREE_NODES+=("$n")
+      log "$n: usable again (resumed); back in the spare pool"
+    fi
+  done
 }
 
 # place_group G KEEP: choose nodes for group G. With KEEP=1 (a crash) its usable nodes stay;
@@ -183,7 +209,7 @@ release() {
 place_group() {
   local g=$1 keep=$2 n chosen=()
   for n in ${GROUP_NODES[$g]}; do
-    [ "$keep" = 1 ] && node_usable "$n" && chosen+=("$n")
+    if [ "$keep" = 1 ] && node_usable "$n"; then chosen+=("$n"); else set_aside "$n"; fi
   done
   GROUP_NODES[g]=""
   while [ "${#chosen[@]}" -lt "$NODES_PER_GROUP" ]; do
@@ -414,6 +440,7 @@ while :; do
     fi
   done
   check_pending
+  check_set_aside
   # After all exits: a group that finished just now may have freed a node for a waiting one.
   running=0
   for ((g = 0; g < NUM_GROUPS; g++)); do
