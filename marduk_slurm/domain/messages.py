@@ -23,14 +23,14 @@ PROTOCOL_VERSION: Final = 1
 # its field; every float is finite and bounded; every string is bounded and printable. What
 # does not fit is rejected here, at the edge, and never reaches the store.
 INT64_MAX: Final = 2**63 - 1
-_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*$"
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*\Z"
 
 # Slurm node names: what a NATS subject token can hold, never starting like an option.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
-                                   pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")]
+                                   pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*\Z")]
 # torchft replica ids are "<prefix>:<uuid>"; keep them printable and bounded.
-ReplicaId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[!-~]+$")]
-GpuUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=96, pattern=r"^[A-Za-z0-9_:\-]+$")]
+ReplicaId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[!-~]+\Z")]
+GpuUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=96, pattern=r"^[A-Za-z0-9_:\-]+\Z")]
 JobId = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
 StepId = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
