@@ -104,6 +104,23 @@ class Verdict(Message, tag="verdict", kw_only=True):
     source: Name = "agent"
 
 
+# A port (mlx5_0/1, eth0) or a mount point (/lustre) of a node: printable, bounded.
+NodeTarget = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=_PRINTABLE)]
+
+
+class NodeVerdict(Message, tag="node_verdict", kw_only=True):
+    """A verdict on a network port or a mount point of the node (domain.node_health),
+    published when it changes (or injected by `marduk inject --port/--mount`)."""
+
+    node: Name
+    component: Literal["port", "mount"]
+    target: NodeTarget
+    action: Literal["none", "watch", "drain_node"]
+    reason: Reason
+    evidence: dict[str, Any] = {}
+    source: Name = "agent"
+
+
 class GpuDescriptor(msgspec.Struct, forbid_unknown_fields=True):
     uuid: GpuUuid
     index: GpuIndex
@@ -411,6 +428,8 @@ def _check_free_json(msg: Any) -> None:
     """The open dicts of a decoded message (the typed fields are checked by msgspec)."""
     if isinstance(msg, Verdict):
         _check_evidence(msg.evidence)
+    elif isinstance(msg, NodeVerdict):
+        check_json(msg.evidence, "evidence")
     elif isinstance(msg, ReplicaRegister):
         check_json(msg.hyperparams, "hyperparams", max_items=1024)
     elif isinstance(msg, JobCommand):
@@ -425,7 +444,7 @@ def _check_free_json(msg: Any) -> None:
 
 DurableMessage = (
     StepStart | StepEnd | Verdict | GpuInventory | ReplicaRegister | ReplicaLeave | ConfigAck
-    | AssumeAck
+    | AssumeAck | NodeVerdict
 )
 
 class _Unsent(Message, tag="unsent"):
