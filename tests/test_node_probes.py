@@ -12,7 +12,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from node_health_fixtures import FakeSysfs
 
 from marduk_slurm.adapters.node_probes import (
     COUNTER_MAX,
@@ -26,6 +25,8 @@ from marduk_slurm.agent.node_watch import NodeWatchConfig, NodeWatcher
 from marduk_slurm.agent.outbox import Outbox
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain.node_health import NodeHealthPolicy, ProbeOutcome
+
+from node_health_fixtures import FakeSysfs
 
 IB = "mlx5_0/1"
 
