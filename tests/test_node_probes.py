@@ -333,3 +333,30 @@ def test_drills_on_the_watcher(tmp_path: Path) -> None:
         sender.cancel()
 
     asyncio.run(scenario())
+
+
+def test_two_rounds_at_once_wait_for_each_other_instead_of_seeing_a_hang() -> None:
+    """A node check's round during the periodic one: a probe that is merely running must not
+    be reported as hung (and drain the node)."""
+    gate = threading.Event()
+
+    def slow_but_fine() -> None:
+        gate.wait(5)
+
+    async def scenario() -> None:
+        bus = RecordingBus()
+        outbox = Outbox(bus)
+        sender = asyncio.create_task(outbox.run())
+        probes = {"/lustre": MountProber("/lustre", write=True, node="n2", probe=slow_but_fine)}
+        watcher = NodeWatcher(NodeWatchConfig(mounts=["/lustre"], probe_timeout_s=10.0),
+                              NodeHealthPolicy(mount_slow_s=9.0), node="n2", outbox=outbox,
+                              mount_probes=probes)
+        rounds = asyncio.gather(watcher.check_all(), watcher.check_all())
+        await asyncio.sleep(0.2)
+        gate.set()
+        await rounds
+        assert (probes["/lustre"].runner.runs, probes["/lustre"].runner.hung) == (2, 0)
+        assert [a for _, a, _ in await _published(bus, outbox)] == ["none"]
+        sender.cancel()
+
+    asyncio.run(scenario())

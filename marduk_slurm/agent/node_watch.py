@@ -71,6 +71,9 @@ class NodeWatcher:
         self.seen: set[tuple[str, str]] = set()  # (component, target) found healthy once
         self.verdicts: dict[tuple[str, str], GpuVerdict] = {}
         self.stats: Counter[str] = Counter()
+        # One round at a time: a node check's round waits for the periodic one, or the probe
+        # still running in it would look hung to the other.
+        self._round = asyncio.Lock()
         self.mounts = mount_probes if mount_probes is not None else {
             path: MountProber(path, write=path in config.mounts, node=node)
             for path in dict.fromkeys(config.mounts + config.mounts_read_only)}
@@ -84,7 +87,9 @@ class NodeWatcher:
 
     async def check_all(self) -> None:
         """One round: ports and every mount at once, each within its time limit."""
-        await asyncio.gather(self.check_ports(), *(self.check_mount(p) for p in self.mounts))
+        async with self._round:
+            await asyncio.gather(self.check_ports(),
+                                 *(self.check_mount(p) for p in self.mounts))
 
     async def check_ports(self) -> None:
         c = self.config
