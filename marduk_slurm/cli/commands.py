@@ -315,12 +315,22 @@ def cmd_history(args: argparse.Namespace) -> int:
         render.as_json(rows)
         return 0
     render.table(
-        ["ID", "TIME", "KIND", "SOURCE", "NODE", "JOB", "GPU", "REASON"],
+        ["ID", "TIME", "KIND", "SOURCE", "NODE", "JOB", "GPU/TARGET", "REASON"],
         [[e["id"], render.fmt_time(e["ts"]), e["kind"], e["source"], e["node"], e["job_id"],
-          render.short_uuid(e["gpu_uuid"]) if e["gpu_uuid"] else None, e["reason"]]
-         for e in rows],
+          _event_target(e), e["reason"]] for e in rows],
     )
     return 0
+
+
+def _event_target(event: dict[str, Any]) -> str | None:
+    """The GPU an event is about, or the port or mount point of a port or mount verdict."""
+    if event.get("gpu_uuid"):
+        return render.short_uuid(event["gpu_uuid"])
+    evidence = event.get("evidence")
+    if event["kind"] in ("port_verdict", "mount_verdict") and isinstance(evidence, dict):
+        target = evidence.get("target")
+        return str(target) if target is not None else None
+    return None
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
