@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+from marduk_slurm.adapters.store import Store
+from marduk_slurm.controller import inbound
+from marduk_slurm.domain import messages as m
 from marduk_slurm.domain.decisions import (
     DecisionPolicy,
     Facts,
@@ -27,6 +31,7 @@ from marduk_slurm.domain.node_health import (
     node_inject_target,
     prune,
 )
+from marduk_slurm.errors import ProtocolError
 
 POLICY = NodeHealthPolicy(window_s=300.0, flap_changes=3, error_watch=10, error_drain=1000,
                           mount_slow_s=2.0)
@@ -210,3 +215,36 @@ def test_a_mount_path_is_one_token_of_the_drain_reason() -> None:
     d = decide(NodeFault("n2", "mount", "/scratch dir", GpuAction.DRAIN_NODE, "hung"),
                event_id=3, facts=N2, policy=DecisionPolicy())
     assert d.drains[0].reason == "marduk: mount=/scratch_dir hung event=3"
+
+
+# -- the controller's side, on a real database ---------------------------------------------
+
+
+def test_a_node_reports_a_bounded_number_of_ports_and_mounts(tmp_path: Path) -> None:
+    """An agent naming a new target in every verdict cannot grow the table without bound;
+    targets it reported before are still taken."""
+    store = Store(tmp_path / "marduk.db")
+    store.migrate()
+
+    def verdict(target: str, action: str = "watch") -> m.NodeVerdict:
+        return m.NodeVerdict(node="n2", component="port", target=target, action=action,
+                             reason=f"port {target}")
+
+    with store.transaction():
+        for i in range(inbound.MAX_COMPONENTS_PER_NODE):
+            inbound.apply_message(store, verdict(f"eth{i}"), 1.0, DecisionPolicy())
+        with pytest.raises(ProtocolError) as err:
+            inbound.apply_message(store, verdict("one-too-many"), 2.0, DecisionPolicy())
+        assert err.value.reason == "too_large"
+        effects = inbound.apply_message(store, verdict("eth7", "drain_node"), 3.0,
+                                        DecisionPolicy())
+        assert effects.outbox  # a drain was queued for the known port
+        other = m.NodeVerdict(node="n3", component="mount", target="/lustre",
+                              action="none", reason="mount /lustre healthy")
+        inbound.apply_message(store, other, 4.0, DecisionPolicy())
+    assert store.component_count("n2") == inbound.MAX_COMPONENTS_PER_NODE
+    node = store.with_details([store.node("n2")])[0]
+    assert {c["target"]: c["health"] for c in node["components"]}["eth7"] == "drain_node"
+    kinds = [e["kind"] for e in store.events(kinds=["port_verdict", "mount_verdict",
+                                                    "drain_requested"], limit=10)]
+    assert kinds[-3:] == ["port_verdict", "drain_requested", "mount_verdict"]
