@@ -19,6 +19,7 @@ from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
+from marduk_slurm.domain.node_check import new_check_id
 
 from agent_fixtures import AgentProcess
 from harness import ControllerProcess, publish_durable, run_cli, wait_for
@@ -143,6 +144,14 @@ def test_a_flapping_port_drains_its_node_and_its_replica_leaves(
     assert by_port[IB] == ["none", "drain_node"]
     assert by_port["eth9"] in (["none", "watch", "drain_node"], ["none", "drain_node"])
     assert "port eth9: drain_node" in watching_agent.log()
+
+    # The node check before a resume reads the ports again on the node: still failing.
+    check = controller.request("node_check", {"nodes": "n2", "check_id": new_check_id(),
+                                              "timeout_s": 30}, timeout_s=60)
+    ev = check["checks"]["n2"]
+    assert not check["passed"] and ev["returncode"] == 1, ev
+    assert "port eth9 flapping" in ev["output"] and f"port {IB} state DOWN" in ev["output"]
+    assert {c["target"]: c["action"] for c in ev["components"]}["/"] == "none"
 
 
 def test_drills_on_ports_and_mounts_go_through_the_agent(
