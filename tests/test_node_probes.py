@@ -360,3 +360,40 @@ def test_two_rounds_at_once_wait_for_each_other_instead_of_seeing_a_hang() -> No
         sender.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_hung_sysfs_read_is_watched_and_not_read_again_until_it_returns(
+        tmp_path: Path) -> None:
+    """A driver that does not answer a sysfs read (here: a FIFO where operstate should be,
+    which blocks open() until a writer comes)."""
+    fake = FakeSysfs(tmp_path)
+    fake.net_port("eth0")
+    operstate = tmp_path / "class" / "net" / "eth0" / "operstate"
+    operstate.unlink()
+    os.mkfifo(operstate)
+
+    async def scenario() -> list[tuple[str, str, str]]:
+        bus = RecordingBus()
+        outbox = Outbox(bus)
+        sender = asyncio.create_task(outbox.run())
+        config = NodeWatchConfig(sysfs_root=tmp_path, net_ports=["eth0"], probe_timeout_s=0.3)
+        watcher = NodeWatcher(config, NodeHealthPolicy(), node="n2", outbox=outbox)
+        await watcher.check_ports()
+        await watcher.check_ports()
+        assert (watcher.port_reader.runs, watcher.port_reader.hung) == (1, 1)
+        fd = os.open(operstate, os.O_WRONLY | os.O_NONBLOCK)  # the reader is waiting
+        os.write(fd, b"up\n")
+        os.close(fd)
+        while watcher.port_reader.busy:
+            await asyncio.sleep(0.01)
+        operstate.unlink()
+        operstate.write_text("up\n")
+        await watcher.check_ports()
+        sent = await _published(bus, outbox)
+        sender.cancel()
+        return sent
+
+    sent = asyncio.run(scenario())
+    assert [(t, a) for t, a, _ in sent] == [("sysfs", "watch"), ("sysfs", "none"),
+                                            ("eth0", "none")]
+    assert "timed_out" in sent[0][2]

@@ -165,7 +165,7 @@ def read_state(path: Path, errors: dict[str, str]) -> str | None:
 def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         return errno.errorcode.get(exc.errno, str(exc.errno))
-    return str(exc)[:100]
+    return printable_text(str(exc)[:100])
 
 
 def read_port(root: Path, target: str, ts: float) -> PortReading:

@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from marduk_slurm.adapters.node_probes import MountProber, ThreadProbe, read_ports
+from marduk_slurm.adapters.node_probes import (
+    MountProber,
+    ThreadProbe,
+    printable_text,
+    read_ports,
+)
 from marduk_slurm.agent.outbox import Outbox
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
@@ -101,8 +106,8 @@ class NodeWatcher:
         if result.outcome is not ProbeOutcome.OK or result.value is None:
             # The driver behind sysfs is stuck: no port can be judged, which is news itself.
             self.stats[f"port_reads_{result.outcome.value}"] += 1
-            what = (f"{result.outcome.value}: {result.error}" if result.error is not None
-                    else result.outcome.value)
+            what = printable_text(f"{result.outcome.value}: {result.error}"[:300]
+                                  if result.error is not None else result.outcome.value)
             self._publish(Component.PORT, SYSFS_TARGET, GpuVerdict(
                 GpuAction.WATCH, f"reading the ports' sysfs files {what}"[:500],
                 {"component": "port", "target": SYSFS_TARGET, "outcome": result.outcome.value,
@@ -156,7 +161,7 @@ class NodeWatcher:
         self.verdicts[key] = verdict
         msg = m.NodeVerdict(node=self.node, component=component.value, target=target,
                             action=verdict.action.value,  # type: ignore[arg-type]
-                            reason=verdict.reason[:512] or "unknown",
+                            reason=printable_text(verdict.reason)[:512] or "unknown",
                             evidence=verdict.evidence, source="agent", ts=time.time())
         self.outbox.put(subjects.node_event(self.node, "node_verdict"), m.encode(msg),
                         f"{self.node}.node_verdict.{time.time_ns()}.{self.stats['verdicts']}")
