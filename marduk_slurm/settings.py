@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ import msgspec
 from msgspec import Meta
 
 from marduk_slurm.domain.gpu_health import FaultPolicy
+from marduk_slurm.domain.node_health import NodeHealthPolicy
 from marduk_slurm.errors import SettingsError
 
 DEFAULT_PATH = Path("/etc/marduk/marduk.toml")
@@ -55,6 +57,20 @@ GpuCount = Annotated[int, Meta(ge=0, le=1024)]
 # A Slurm partition's name, as a key of a table (resume_check_by_partition).
 PartitionName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 BufferSize = Annotated[int, Meta(ge=1, le=10_000_000)]
+# Ports and mount points the agent watches (docs/node-health.md): an InfiniBand port as
+# DEVICE/PORT, an Ethernet interface by name, "all" for every one found; absolute paths
+# without "." or ".." parts. Checked in `validate`, which can say what a good one looks like.
+WATCHED_NAMES = {
+    "ib_ports": (re.compile(r"all|[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}/[0-9]{1,3}"),
+                 "DEVICE/PORT (mlx5_0/1) or all"),
+    "net_ports": (re.compile(r"all|[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,14}"),
+                  "an interface name (eth0) or all"),
+    "mounts": (re.compile(r"/(?!.*(^|/)\.{1,2}(/|$))(?!.*//)[!-~]{0,255}"),
+               "an absolute path without spaces, . or .. parts"),
+}
+WATCHED_NAMES["mounts_read_only"] = WATCHED_NAMES["mounts"]
+MAX_WATCHED = 256  # entries of each of those lists
+Threshold = Annotated[int, Meta(ge=1, le=1_000_000_000)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +136,19 @@ class AgentSettings:
     # HealthCheckProgram; exit 0 = healthy. Set here, never sent over the network.
     health_check: str = ""
     health_check_timeout_s: Timeout = 300.0  # the longest a check may run on the node
+    # Node health beyond the GPU (docs/node-health.md): ports and mounts, judged like GPUs.
+    node_health_interval_s: Period = 10.0  # how often ports are read and mounts probed
+    sysfs_root: str = "/sys"  # where the port files are read
+    ib_ports: list[str] = dataclasses.field(default_factory=list)  # mlx5_0/1 or "all"
+    net_ports: list[str] = dataclasses.field(default_factory=list)  # eth0 or "all"
+    mounts: list[str] = dataclasses.field(default_factory=list)  # stat+write+fsync probe
+    mounts_read_only: list[str] = dataclasses.field(default_factory=list)  # stat probe
+    mount_probe_timeout_s: Timeout = 10.0  # a probe (or a port read) longer than this: hung
+    mount_probe_slow_s: Timeout = 2.0  # a probe longer than this is watched
+    port_window_s: Period = 300.0  # port counters are judged by their growth in this window
+    port_flap_changes: Threshold = 3  # link losses in the window that drain the node
+    port_error_watch: Threshold = 10  # error counter increments in the window: watch
+    port_error_drain: Annotated[int, Meta(ge=0, le=1_000_000_000)] = 1000  # drain; 0: never
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +181,13 @@ class Settings:
     agent: AgentSettings
     policy: PolicySettings
     sources: Mapping[str, str]  # "section.key" -> "default" | file path | env var | "flag"
+
+    def node_health_policy(self) -> NodeHealthPolicy:
+        """The agent's port and mount thresholds as the domain's policy."""
+        a = self.agent
+        return NodeHealthPolicy(window_s=a.port_window_s, flap_changes=a.port_flap_changes,
+                                error_watch=a.port_error_watch, error_drain=a.port_error_drain,
+                                mount_slow_s=a.mount_probe_slow_s)
 
     def fault_policy(self) -> FaultPolicy:
         """The [policy] section as the domain's XID table (validated there)."""
@@ -350,6 +386,25 @@ def validate(s: Settings) -> None:
                             "comma-separated, each starting with nats:// or tls://")
     if not s.slurm.reason_prefix.strip():
         raise SettingsError(f"{where('slurm.reason_prefix')}: must not be empty")
+    a = s.agent
+    if a.mount_probe_slow_s >= a.mount_probe_timeout_s:
+        raise SettingsError(f"{where('agent.mount_probe_slow_s')}: agent.mount_probe_slow_s "
+                            "must be below agent.mount_probe_timeout_s")
+    if a.port_error_drain and a.port_error_drain < a.port_error_watch:
+        raise SettingsError(f"{where('agent.port_error_drain')}: agent.port_error_drain must "
+                            "be 0 (never) or at least agent.port_error_watch")
+    both = set(a.mounts) & set(a.mounts_read_only)
+    if both:
+        raise SettingsError(f"{where('agent.mounts_read_only')}: {', '.join(sorted(both))} "
+                            "in both agent.mounts and agent.mounts_read_only")
+    for key, (pattern, what) in WATCHED_NAMES.items():
+        if len(getattr(a, key)) > MAX_WATCHED:
+            raise SettingsError(f"{where('agent.' + key)}: agent.{key}: more than "
+                                f"{MAX_WATCHED} entries")
+        for name in getattr(a, key):
+            if not pattern.fullmatch(name):
+                raise SettingsError(f"{where('agent.' + key)}: agent.{key}: {name[:80]!r} "
+                                    f"is not {what}")
 
 
 def from_environment(path: str | None, flags: Mapping[str, Any] | None = None) -> Settings:

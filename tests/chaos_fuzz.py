@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 
-NODE_KINDS = ["step_start", "step_end", "verdict", "gpu_inventory"]
+NODE_KINDS = ["step_start", "step_end", "verdict", "gpu_inventory", "node_verdict"]
 JOB_KINDS = ["replica_register", "replica_leave", "config_ack"]
 RPC_VERBS = ["status", "replicas", "nodes", "history", "drain", "resume", "inject", "config_set",
              "nosuch", "x" * 64]
@@ -31,6 +31,8 @@ TEMPLATES: dict[str, dict[str, Any]] = {
                 "action": "drain_node", "reason": "xid 79", "xid": 79},
     "gpu_inventory": {"type": "gpu_inventory", "v": 1, "node": "n1",
                       "gpus": [{"uuid": "GPU-1", "index": 0}]},
+    "node_verdict": {"type": "node_verdict", "v": 1, "node": "n1", "component": "port",
+                     "target": "mlx5_0/1", "action": "drain_node", "reason": "flapping"},
     "replica_register": {"type": "replica_register", "v": 1, "replica_id": "job7_rg0:u",
                          "job_id": 7, "replica_group": 0, "node": "n1"},
     "replica_leave": {"type": "replica_leave", "v": 1, "replica_id": "job7_rg0:u",

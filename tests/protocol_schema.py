@@ -64,6 +64,15 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("verdict", "durable", "node", _msg(
         "verdict", node="n1", gpu_uuid="GPU-n1-0", gpu_index=0, action="restart_app",
         reason="xid 79 seen", xid=79, evidence=EVIDENCE, source="agent")),
+    Kind("node_verdict", "durable", "node", _msg(
+        "node_verdict", node="n1", component="port", target="mlx5_0/1", action="drain_node",
+        reason="port mlx5_0/1 flapping: link lost 3 times in 300 s", source="agent",
+        evidence={"component": "port", "target": "mlx5_0/1", "present": True,
+                  "state": "ACTIVE", "phys_state": "LinkUp", "flaps": 5, "flaps_in_window": 3,
+                  "counters": {"symbol_error": 0}, "growth_in_window": {"symbol_error": 0},
+                  "window_s": 300.0, "readings_in_window": 4, "errors": {},
+                  "findings": [{"action": "drain_node", "code": "flapping",
+                                "reason": "flapping"}]})),
     Kind("gpu_inventory", "durable", "node", _msg(
         "gpu_inventory", node="n1", simulated=True, gpus=[
             {"uuid": "GPU-n1-0", "index": 0, "name": "NVIDIA H100", "pci_bus_id": "0000:1b:00.0"},
@@ -123,7 +132,8 @@ OPERATOR_ARGS: dict[str, dict[str, Any]] = {
                "check": {"command": "true", "returncode": 0, "output": "", "duration_s": 0.1}},
     "node_check": {"nodes": "n1", "check_id": CHECK_ID, "timeout_s": 1},
     "node_check_cancel": {"check_id": CHECK_ID},
-    "inject": {"node": "n1", "gpu": "GPU-n1-0", "xid": 79, "force": False, "reset": False},
+    "inject": {"node": "n1", "gpu": "GPU-n1-0", "xid": 79, "force": False, "reset": False,
+               "port": None, "mount": None, "fault": None},
     "deadletters": {"limit": 10}, "gpu_release": {"uuid": "GPU-spare-0"},
     "config_set": {"job": 7, "changes": {"lr": 0.002}}, "config_show": {"job": 7},
     "checkpoint_load": {"job": 7, "path": "/ckpt/step-10"},
@@ -133,7 +143,8 @@ OPERATOR_ARGS: dict[str, dict[str, Any]] = {
 }
 JOB_ARGS: dict[str, dict[str, Any]] = {"config_latest": {}}
 AGENT_ARGS: dict[str, dict[str, Any]] = {
-    "inject": {"gpu": "GPU-n1-0", "xid": 79, "reset": False},
+    "inject": {"gpu": "GPU-n1-0", "xid": 79, "reset": False, "port": None, "mount": None,
+               "fault": None},
     "check": {"check_id": CHECK_ID, "timeout_s": 1}, "check_cancel": {"check_id": CHECK_ID}}
 CRED_ARGS: dict[str, Any] = {"job": 7, "uid": 1000}
 

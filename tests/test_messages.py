@@ -126,3 +126,14 @@ def test_health_counters_round_trip() -> None:
                              xids=[m.XidCount(xid=48, count=3)])
     summary = m.HealthSummary(node="n1", gpus=[m.HealthGpu(uuid="GPU-a", counters=counters)])
     assert m.decode_health(msgspec.json.encode(summary)) == summary
+
+
+def test_a_trailing_newline_is_no_printable_text_nor_part_of_a_name() -> None:
+    """`$` also matches before a final newline: the patterns end at `\\Z` instead."""
+    assert not m.printable("reason\n") and m.printable("reason")
+    for field, value in (("reason", "drained\n"), ("node", "n1\n"), ("gpu_uuid", "GPU-1\n")):
+        raw = {"type": "verdict", "node": "n1", "gpu_uuid": "GPU-1", "action": "none",
+               "reason": "x", field: value}
+        with pytest.raises(ProtocolError) as err:
+            m.decode_durable(json.dumps(raw).encode())
+        assert err.value.reason == "bad_format", field

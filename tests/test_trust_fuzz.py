@@ -78,6 +78,7 @@ ROUTES = {
     f"{P}.evt.node.<node>.step_end": "jetstream, agent",
     f"{P}.evt.node.<node>.verdict": "jetstream, agent",
     f"{P}.evt.node.<node>.gpu_inventory": "jetstream, agent",
+    f"{P}.evt.node.<node>.node_verdict": "jetstream, agent",
     f"{P}.evt.job.<job>.replica_register": "jetstream, job",
     f"{P}.evt.job.<job>.replica_leave": "jetstream, job",
     f"{P}.evt.job.<job>.config_ack": "jetstream, job",

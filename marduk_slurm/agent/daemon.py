@@ -32,6 +32,7 @@ from marduk_slurm.adapters.systemd import Notifier, install_signal_handlers
 from marduk_slurm.agent.health import GpuWatcher
 from marduk_slurm.agent.job_creds import JobCredentials
 from marduk_slurm.agent.journal import StepJournal
+from marduk_slurm.agent.node_watch import NodeWatchConfig, NodeWatcher
 from marduk_slurm.agent.outbox import Outbox
 from marduk_slurm.agent.rpc import AgentRpc
 from marduk_slurm.agent.step_relay import StepRelay
@@ -65,6 +66,14 @@ def check_settings(s: Settings) -> None:
         raise SettingsError("agent.poll_interval_s and agent.nvml_timeout_s must be > 0")
     if s.agent.buffer_max < 1:
         raise SettingsError(f"{where('agent.buffer_max', 'default')}: must be >= 1")
+
+
+def node_watch_config(s: Settings) -> NodeWatchConfig:
+    a = s.agent
+    return NodeWatchConfig(
+        sysfs_root=Path(a.sysfs_root), ib_ports=list(a.ib_ports), net_ports=list(a.net_ports),
+        mounts=list(a.mounts), mounts_read_only=list(a.mounts_read_only),
+        interval_s=a.node_health_interval_s, probe_timeout_s=a.mount_probe_timeout_s)
 
 
 class Agent:
@@ -102,6 +111,9 @@ class Agent:
         creds_dir = settings.agent.job_credentials_dir
         self.job_creds = (JobCredentials(self.bus, self.node, Path(creds_dir))
                           if creds_dir else None)
+        watch = node_watch_config(settings)
+        self.node_watcher = (NodeWatcher(watch, settings.node_health_policy(), node=self.node,
+                                         outbox=self.outbox) if watch.enabled else None)
 
     def _source_factory(self) -> Callable[[], GpuSource]:
         count = self.settings.agent.simulate_gpus
@@ -150,6 +162,7 @@ class Agent:
                 "running_steps": len(relay.journal.steps) if relay else 0,
             },
             "job_credentials": dict(self.job_creds.stats) if self.job_creds else None,
+            "node_health": self.node_watcher.summary() if self.node_watcher else None,
         }
 
     def _inventory(self) -> dict[int, str]:
@@ -182,6 +195,8 @@ class Agent:
         if self.watcher is not None:
             sup.start("xid_events", self.watcher.watch_xids)
             sup.start("health_poll", self.watcher.poll)
+        if self.node_watcher is not None:
+            sup.start("node_health", self.node_watcher.run)
         sup.start("housekeeping", self._housekeeping)
         install_signal_handlers(self.stop_event.set, self._reload)
         self.notifier.ready(f"ready: node {self.node}, socket {self.settings.agent.socket}")
@@ -212,7 +227,7 @@ class Agent:
             a = self.settings.agent
             rpc = AgentRpc(self.node, self.watcher, health_check=a.health_check,
                            health_check_timeout_s=a.health_check_timeout_s,
-                           gpu_error=self.gpu_error)
+                           gpu_error=self.gpu_error, node_watcher=self.node_watcher)
             for subject in rpc.subscriptions:
                 await self.bus.subscribe(subject, rpc.on_message)
             log.info("connected to NATS at %s", self.bus.url)
@@ -272,6 +287,7 @@ class Agent:
             new = self.reload_settings()
             check_settings(new)
             policy = new.fault_policy()
+            node_policy = new.node_health_policy()
         except SettingsError as exc:
             log.error("reload refused, keeping current settings: %s", exc)
             self.notifier.ready("reload refused")
@@ -280,10 +296,14 @@ class Agent:
         if self.watcher is not None:
             self.watcher.policy = policy
             self.watcher.poll_interval_s = new.agent.poll_interval_s
+        if self.node_watcher is not None:
+            self.node_watcher.policy = node_policy
+            self.node_watcher.config.interval_s = new.agent.node_health_interval_s
+            self.node_watcher.config.probe_timeout_s = new.agent.mount_probe_timeout_s
         self.settings = new
         log.info(
-            "settings reloaded: fault policy, poll interval and log level (the rest "
-            "takes effect at the next restart)"
+            "settings reloaded: fault policy, port and mount thresholds, poll intervals and "
+            "log level (the rest, what is watched among it, takes effect at the next restart)"
         )
         self.notifier.ready("settings reloaded")
 

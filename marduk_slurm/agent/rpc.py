@@ -22,11 +22,13 @@ from typing import Any
 from marduk_slurm.adapters.bus import Incoming
 from marduk_slurm.adapters.health_check import run_check
 from marduk_slurm.agent.health import GpuWatcher, InjectRefused
+from marduk_slurm.agent.node_watch import NodeWatcher
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.gpu_health import GpuAction
 from marduk_slurm.domain.inject import valid_request_id
 from marduk_slurm.domain.node_check import check_args
+from marduk_slurm.domain.node_health import node_inject_target
 from marduk_slurm.errors import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -66,9 +68,11 @@ MAX_RUNNING_CHECKS = 4  # one node is checked by one operator at a time; a few i
 
 class AgentRpc:
     def __init__(self, node: str, watcher: GpuWatcher | None, *, health_check: str = "",
-                 health_check_timeout_s: float = 300.0, gpu_error: str = "") -> None:
+                 health_check_timeout_s: float = 300.0, gpu_error: str = "",
+                 node_watcher: NodeWatcher | None = None) -> None:
         self.node = node
         self.watcher = watcher  # None: this agent watches no GPU (gpu_error says why)
+        self.node_watcher = node_watcher  # None: no port or mount is watched
         self.gpu_error = gpu_error
         self.health_check = health_check
         self.health_check_timeout_s = health_check_timeout_s
@@ -77,9 +81,11 @@ class AgentRpc:
 
     @property
     def subscriptions(self) -> list[str]:
-        """Checks are answered always; drills only by an agent that watches GPUs (without
-        one, the controller hears no responder and handles an inject as for no agent)."""
-        verbs = ["check", "check_cancel"] + (["inject"] if self.watcher is not None else [])
+        """Checks are answered always; drills only by an agent that watches GPUs, ports or
+        mounts (without one, the controller hears no responder and handles an inject as for
+        no agent)."""
+        drills = self.watcher is not None or self.node_watcher is not None
+        verbs = ["check", "check_cancel"] + (["inject"] if drills else [])
         return [subjects.agent_rpc(self.node, verb) for verb in verbs]
 
     async def on_message(self, msg: Incoming) -> None:
@@ -145,6 +151,12 @@ class AgentRpc:
         if not self.watcher.gpus:
             failed.append("no GPU found")
         data: dict[str, Any] = {"node": self.node, "gpus": gpus}
+        if self.node_watcher is not None:
+            # Ports read and mounts probed now, each within its own time limit.
+            await self.node_watcher.check_all()
+            data["components"] = self.node_watcher.summary()["components"]
+            failed += [f"{c['component']} {c['target']}: {c['reason']}"
+                       for c in data["components"] if c["action"] == "drain_node"]
         program = None
         if self.health_check:
             left = max(1.0, timeout_s - (time.monotonic() - started))
@@ -175,6 +187,33 @@ class AgentRpc:
         return m.Reply(ok=True, data={"cancelled": True})
 
     async def inject(self, data: bytes) -> m.Reply:
+        try:
+            request = m.decode_request(data)
+            component = node_inject_target(request.args)
+        except (ProtocolError, ValueError) as exc:
+            return m.Reply(ok=False, error=str(exc), error_kind="invalid")
+        if component is not None:
+            return self.inject_node(request, *component)
+        return await self.inject_gpu(data)
+
+    def inject_node(self, request: m.Request, component: str, target: str,
+                    fault: str) -> m.Reply:
+        """A drill on a port or a mount point, judged by the node watcher's own policy."""
+        if self.node_watcher is None:
+            return m.Reply(ok=False, error=f"the agent on {self.node} watches no port or "
+                           "mount (agent.ib_ports, net_ports, mounts)", error_kind="refused")
+        try:
+            request_id = inject_request(request.args)
+            verdict = self.node_watcher.inject(component, target, fault,
+                                               request.actor or "operator", request_id)
+        except ValueError as exc:
+            return m.Reply(ok=False, error=str(exc), error_kind="invalid")
+        return m.Reply(ok=True, data={
+            "node": self.node, "component": component, "target": target, "fault": fault,
+            "action": verdict.action.value, "reason": verdict.reason,
+            "request_id": request_id})
+
+    async def inject_gpu(self, data: bytes) -> m.Reply:
         if self.watcher is None:  # not subscribed then; kept for a direct call
             return m.Reply(ok=False, error=f"the agent on {self.node} watches no GPU: "
                            f"{self.gpu_error or 'unknown'}", error_kind="refused")

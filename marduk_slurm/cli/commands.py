@@ -18,6 +18,7 @@ from marduk_slurm.cli import arguments, render
 from marduk_slurm.cli.client import Session, call_pages, resolve_creds, resolve_nats_url
 from marduk_slurm.domain import hostlist
 from marduk_slurm.domain import input_bounds as bounds
+from marduk_slurm.domain.node_health import MOUNT_FAULTS, PORT_FAULTS
 from marduk_slurm.domain.slurm_state import step_name
 
 if TYPE_CHECKING:
@@ -291,8 +292,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         [[n["name"], n["state"], ",".join(n["flags"]) or "-",
           "yes" if n["drained_by_marduk"] else "no",
           f"{len(n['gpus'])}{' (simulated)' if n['simulated_gpus'] else ''}",
-          ",".join(f"{g['idx']}:{g['health']}" for g in n["gpus"] if g["health"] != "none")
-          or "-", n.get("risk", "-"), len(n["replicas"]),
+          ",".join([f"{g['idx']}:{g['health']}" for g in n["gpus"] if g["health"] != "none"]
+                   + [f"{c['target']}:{c['health']}" for c in n.get("components", [])
+                      if c["health"] != "none"]) or "-", n.get("risk", "-"), len(n["replicas"]),
           (n["reason"] + (f" [{n['reason_user']}]" if n["reason_user"] else "")) or "-"]
          for n in rows],
     )
@@ -313,12 +315,22 @@ def cmd_history(args: argparse.Namespace) -> int:
         render.as_json(rows)
         return 0
     render.table(
-        ["ID", "TIME", "KIND", "SOURCE", "NODE", "JOB", "GPU", "REASON"],
+        ["ID", "TIME", "KIND", "SOURCE", "NODE", "JOB", "GPU/TARGET", "REASON"],
         [[e["id"], render.fmt_time(e["ts"]), e["kind"], e["source"], e["node"], e["job_id"],
-          render.short_uuid(e["gpu_uuid"]) if e["gpu_uuid"] else None, e["reason"]]
-         for e in rows],
+          _event_target(e), e["reason"]] for e in rows],
     )
     return 0
+
+
+def _event_target(event: dict[str, Any]) -> str | None:
+    """The GPU an event is about, or the port or mount point of a port or mount verdict."""
+    if event.get("gpu_uuid"):
+        return render.short_uuid(event["gpu_uuid"])
+    evidence = event.get("evidence")
+    if event["kind"] in ("port_verdict", "mount_verdict") and isinstance(evidence, dict):
+        target = evidence.get("target")
+        return str(target) if target is not None else None
+    return None
 
 
 def cmd_deadletters(args: argparse.Namespace) -> int:
@@ -476,13 +488,25 @@ async def _check_or_interrupt(template: str, nodes: str, timeout_s: float
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    data = ask(args, "inject", {"node": args.node, "gpu": args.gpu, "xid": args.xid,
-                                "force": args.force or None, "reset": args.reset or None})
+    if args.gpu is not None:
+        if (args.xid is None and not args.reset) or args.fault is not None:
+            raise ValueError("--gpu takes --xid or --reset (not --fault)")
+        req = {"node": args.node, "gpu": args.gpu, "xid": args.xid,
+               "force": args.force or None, "reset": args.reset or None}
+        what = f"gpu {args.gpu}"
+    else:
+        if args.fault is None or args.xid is not None or args.reset or args.force:
+            raise ValueError("--port and --mount take --fault (not --xid, --reset, --force)")
+        component = "port" if args.port is not None else "mount"
+        req = {"node": args.node, component: args.port or args.mount, "fault": args.fault}
+        what = f"{component} {args.port or args.mount}"
+    data = ask(args, "inject", req)
     if args.json:
         render.as_json(data)
         return 0
-    done = "reset" if args.reset else f"injected xid {args.xid} on"
-    render.say(f"{done} {args.node} gpu {args.gpu} via {data['via']}: "
+    done = ("reset" if args.reset else f"injected xid {args.xid} on" if args.gpu is not None
+            else f"injected {args.fault} on")
+    render.say(f"{done} {args.node} {what} via {data['via']}: "
                f"{data.get('action', '?')} ({data.get('reason', '')})")
     return 0
 
@@ -545,12 +569,21 @@ def add_parsers(sub: Any, add: Any) -> None:
                    default=300.0, metavar="S",
                    help="the longest the agents' check may take (default 300; the agent's own "
                         "agent.health_check_timeout_s caps it)")
-    p = add(sub, "inject", "inject a GPU fault (an XID) for drills, or reset a simulated GPU",
-            "marduk inject --node n2 --gpu 1 --xid 79; marduk inject --node n2 --gpu 1 --reset",
-            cmd_inject)
+    p = add(sub, "inject", "inject a GPU, port or mount fault for drills, or reset a "
+            "simulated GPU",
+            "marduk inject --node n2 --gpu 1 --xid 79; marduk inject --node n2 --gpu 1 --reset; "
+            "marduk inject --node n2 --port mlx5_0/1 --fault flap; "
+            "marduk inject --node n2 --mount /lustre --fault hang", cmd_inject)
     p.add_argument("--node", required=True)
-    p.add_argument("--gpu", required=True, help="GPU UUID or index on the node")
-    what = p.add_mutually_exclusive_group(required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gpu", help="GPU UUID or index on the node")
+    where.add_argument("--port", help="a port the agent watches: mlx5_0/1 or eth0")
+    where.add_argument("--mount", help="a mount point the agent probes: /lustre")
+    p.add_argument("--fault", choices=sorted({*PORT_FAULTS, *MOUNT_FAULTS}),
+                   help="with --port: down, flap (link lost agent.port_flap_changes times), "
+                        "errors (error counters up by agent.port_error_drain); with --mount: "
+                        "hang (the probe timed out), fail (EIO)")
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--xid", type=int)
     what.add_argument("--reset", action="store_true",
                       help="reset a simulated GPU, as nvidia-smi -r would a real one: one "

@@ -19,11 +19,12 @@ from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.controller.decisions import Effects, Policy, replica_refs, take_decision
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.domain.decisions import GpuFault, Leave, StepCrash
+from marduk_slurm.domain.decisions import GpuFault, Leave, NodeFault, StepCrash
 from marduk_slurm.domain.exit_codes import describe
+from marduk_slurm.domain.gpu_health import GpuAction
 from marduk_slurm.domain.inject import inject_request_id, mark_repeat
 from marduk_slurm.domain.slurm_state import step_label
-from marduk_slurm.errors import IdentityError
+from marduk_slurm.errors import IdentityError, ProtocolError
 
 
 def on_step_start(store: StoreApi, msg: m.StepStart, now: float, policy: Policy) -> Effects:
@@ -140,6 +141,47 @@ def on_verdict(store: StoreApi, msg: m.Verdict, now: float, policy: Policy) -> E
     return effects
 
 
+# Ports and mount points one node may report: far more than any node has, few enough that an
+# agent naming a new target in every verdict cannot grow the table without bound.
+MAX_COMPONENTS_PER_NODE = 512
+
+
+def on_node_verdict(store: StoreApi, msg: m.NodeVerdict, now: float, policy: Policy
+                    ) -> Effects:
+    """A verdict on a port or mount point of the node (domain.node_health): persisted as a
+    `port_verdict` or `mount_verdict` event, then the same decision path as a GPU verdict.
+    It only ever concerns its own node (the subject says which, ingest checks it)."""
+    if (store.component_count(msg.node) >= MAX_COMPONENTS_PER_NODE
+            and not store.has_component(msg.node, msg.component, msg.target)):
+        raise ProtocolError("too_large", f"{msg.node} reports more than "
+                            f"{MAX_COMPONENTS_PER_NODE} ports and mounts")
+    # Drills of ports and mounts go through the agent only, so, unlike a GPU drill, one
+    # never comes twice (once from the agent, once from the controller).
+    eid = store.add_event(
+        f"{msg.component}_verdict", now=now, source=msg.source, node=msg.node,
+        action=msg.action, reason=msg.reason, evidence=msg.evidence)
+    store.set_component_health(msg.node, msg.component, msg.target, msg.action, msg.reason,
+                               eid, now)
+    effects = Effects(feed=[eid])
+    take_decision(store, NodeFault(msg.node, msg.component, msg.target,
+                                   GpuAction(msg.action), _finding_code(msg.evidence)),
+                  cause_event=eid, source="policy", now=now, policy=policy, effects=effects)
+    return effects
+
+
+def _finding_code(evidence: dict[str, Any]) -> str:
+    """What the verdict's worst finding found (the first drain, else the first), as a short
+    word for the drain reason; "" when the evidence does not say."""
+    findings = evidence.get("findings")
+    if not isinstance(findings, list):
+        return ""
+    codes = [(f.get("action"), f.get("code")) for f in findings if isinstance(f, dict)]
+    ranked = sorted((a != "drain_node", i, c) for i, (a, c) in enumerate(codes)
+                    if isinstance(c, str))
+    code = ranked[0][2] if ranked else ""
+    return "".join(ch for ch in code if ch.isalnum() or ch in "_:-")[:40]
+
+
 def _check_replica_owner(store: StoreApi, replica_id: str, job_id: int) -> None:
     """A replica id belongs to the job that first registered it."""
     owner = store.replica_job(replica_id)
@@ -236,6 +278,7 @@ HANDLERS: dict[type, Callable[[StoreApi, Any, float, Policy], Effects]] = {
     m.ReplicaLeave: on_leave,
     m.ConfigAck: on_config_ack,
     m.AssumeAck: on_assume_ack,
+    m.NodeVerdict: on_node_verdict,
 }
 
 

@@ -194,7 +194,7 @@ async def _settle(msg: StreamMessage, outcome: str) -> None:
 _SCOPE: dict[type, str] = {
     m.StepStart: "node", m.StepEnd: "node", m.Verdict: "node", m.GpuInventory: "node",
     m.ReplicaRegister: "job", m.ReplicaLeave: "job", m.ConfigAck: "job",
-    m.AssumeAck: "job",
+    m.AssumeAck: "job", m.NodeVerdict: "node",
 }
 
 

@@ -36,6 +36,8 @@ class DbSnapshot:
     last_event_id: int = 0
     events: Counter[str] = field(default_factory=Counter)
     faults: Counter[tuple[str, str]] = field(default_factory=Counter)  # (xid, action)
+    # Port and mount verdicts (node health beyond the GPU): (component, action).
+    component_faults: Counter[tuple[str, str]] = field(default_factory=Counter)
     replicas: dict[tuple[str, str], int] = field(default_factory=dict)  # (job, state)
     outbox: dict[str, int] = field(default_factory=dict)  # kind -> pending
     nodes_drained: int = 0
@@ -45,6 +47,8 @@ class DbSnapshot:
             self.events[kind] += count
             if kind == "gpu_verdict":
                 self.faults[(str(xid), action)] += count
+            elif kind in ("port_verdict", "mount_verdict"):
+                self.component_faults[(kind.removesuffix("_verdict"), action)] += count
             self.last_event_id = max(self.last_event_id, max_id)
         self.replicas = store.replica_counts()
         self.outbox = store.pending_action_counts()
@@ -119,6 +123,8 @@ class MetricsCollector(Collector):
                        [((k,), v) for k, v in d.events.items()])
         yield _counter("marduk_gpu_faults", "GPU verdicts by XID ('' when none) and action",
                        ["xid", "action"], d.faults.items())
+        yield _counter("marduk_component_faults", "Port and mount verdicts by component and "
+                       "action", ["component", "action"], d.component_faults.items())
         yield _counter("marduk_node_drains", "Drains Slurm confirmed", [],
                        [((), d.events["drained"])])
         yield _counter("marduk_node_resumes", "Resumes Slurm confirmed", [],

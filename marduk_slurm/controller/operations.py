@@ -271,6 +271,24 @@ class Operations:
                              "to inject on real GPUs anyway)")
         return await self._publish_injected_verdict(node, gpu, xid, actor, at, request_id)
 
+    async def inject_node(self, node: str, component: str, target: str, fault: str, *,
+                          actor: str) -> dict[str, Any]:
+        """A drill on a port or mount point, by the node's agent only: the agent judges the
+        reading the fault would make with its own policy and publishes the verdict, as for
+        a real fault. There is no simulated port to fall back on."""
+        request = m.Request(args={component: target, "fault": fault,
+                                  "request_id": new_request_id()}, actor=actor)
+        try:
+            raw = await self.ctx.bus.request(subjects.agent_rpc(node, "inject"),
+                                             m.encode(request), timeout_s=AGENT_ANSWER_WAIT_S)
+        except (BusError, BusTimeout) as exc:
+            raise ValueError(f"the agent on {node} did not answer ({exc}); only an agent "
+                             f"injects {component} faults") from None
+        reply = m.decode_reply(raw)
+        if not reply.ok:
+            raise ValueError(f"agent on {node}: {reply.error}")
+        return {"via": "agent", **(reply.data or {})}
+
     async def reset_gpu(self, node: str, gpu: str, *, actor: str) -> dict[str, Any]:
         """A drill's GPU reset, by the node's agent only (simulated GPUs): the GPU's next
         verdict is published by the agent, as after any change."""

@@ -27,6 +27,7 @@ from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.node_check import CHECK_ID, DEFAULT_CHECK_S, MAX_CHECK_S
+from marduk_slurm.domain.node_health import node_inject_target
 from marduk_slurm.errors import MardukError, NotFound, ProtocolError
 from marduk_slurm.supervisor import unsubscribe_all
 
@@ -242,6 +243,12 @@ class RpcServer:
 
     async def inject(self, args: dict[str, Any], actor: str) -> Any:
         node = _opt_str(args, "node", pattern=bounds.NODE_NAME)
+        if args.get("port") is not None or args.get("mount") is not None:
+            if not node or args.get("gpu") not in (None, "") or args.get("xid") is not None:
+                raise ValueError("inject of a port or mount needs node, port or mount, and "
+                                 "fault (no gpu, xid)")
+            component, target, fault = node_inject_target(args) or ("", "", "")
+            return await self.ops.inject_node(node, component, target, fault, actor=actor)
         gpu = args.get("gpu")
         if isinstance(gpu, int) and not isinstance(gpu, bool):
             gpu = str(_opt_int(args, "gpu", *bounds.int_range("gpu_index")))

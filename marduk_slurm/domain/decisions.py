@@ -122,6 +122,18 @@ class GpuFault:
 
 
 @dataclass(frozen=True)
+class NodeFault:
+    """The agent's (or a drill's) verdict on a network port or a mount point of a node
+    (domain.node_health): `code` says what was found (flapping, state, hung, ...)."""
+
+    node: str
+    component: str  # port, mount
+    target: str  # mlx5_0/1, eth0, /lustre
+    action: GpuAction
+    code: str = ""
+
+
+@dataclass(frozen=True)
 class OperatorDrain:
     nodes: tuple[str, ...]
     reason: str  # as the operator wrote it
@@ -152,7 +164,7 @@ class StepCrash:
     exit_status: int
 
 
-Cause = GpuFault | OperatorDrain | RiskThreshold | StragglerEviction | StepCrash
+Cause = GpuFault | OperatorDrain | RiskThreshold | StragglerEviction | StepCrash | NodeFault
 
 
 def needs(cause: Cause) -> tuple[tuple[str, ...], int | None]:
@@ -173,6 +185,8 @@ def decide(cause: Cause, *, event_id: int, facts: Facts, policy: DecisionPolicy)
     nodes = facts.nodes
     if isinstance(cause, GpuFault):
         decision = _gpu_fault(cause, event_id, nodes[cause.node], policy)
+    elif isinstance(cause, NodeFault):
+        decision = _node_fault(cause, event_id, nodes[cause.node], policy)
     elif isinstance(cause, OperatorDrain):
         decision = _operator_drain(cause, event_id, nodes, policy)
     elif isinstance(cause, RiskThreshold):
@@ -261,6 +275,25 @@ def _gpu_fault(cause: GpuFault, event_id: int, node: NodeFacts,
     what = f"xid={xid}" if xid is not None else f"action={action.value}"
     return Decision(leaves=leaves, drains=[Drain(cause.node, reason,
                                                  f"{policy.reason_prefix}: {what}")])
+
+
+def _node_fault(cause: NodeFault, event_id: int, node: NodeFacts,
+                policy: DecisionPolicy) -> Decision:
+    """- drain_node: the node is drained, and every replica on it leaves now: a port or a
+      shared filesystem serves the whole node, so each of its replicas is as stuck as one
+      on a failed GPU (leave_on_drain does not keep them).
+    - watch, none: recorded only."""
+    if cause.action is not GpuAction.DRAIN_NODE:
+        return Decision()
+    what = cause.code or cause.action.value
+    why = f"{cause.component} {cause.target}: {what}"
+    # A Slurm reason is one line of words: the target (a path may hold anything printable)
+    # becomes one token.
+    target = "".join(c if c.isprintable() and not c.isspace() else "_" for c in cause.target)
+    reason = f"{policy.reason_prefix}: {cause.component}={target} {what} event={event_id}"
+    return Decision(leaves=[Leave(r, immediate=True, reason=why) for r in node.replicas],
+                    drains=[Drain(cause.node, reason,
+                                  f"{policy.reason_prefix}: {cause.component} {what}")])
 
 
 def _operator_drain(cause: OperatorDrain, event_id: int, facts: Mapping[str, NodeFacts],

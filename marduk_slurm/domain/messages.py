@@ -23,14 +23,14 @@ PROTOCOL_VERSION: Final = 1
 # its field; every float is finite and bounded; every string is bounded and printable. What
 # does not fit is rejected here, at the edge, and never reaches the store.
 INT64_MAX: Final = 2**63 - 1
-_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*$"
+_PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]*\Z"
 
 # Slurm node names: what a NATS subject token can hold, never starting like an option.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128,
-                                   pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")]
+                                   pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*\Z")]
 # torchft replica ids are "<prefix>:<uuid>"; keep them printable and bounded.
-ReplicaId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[!-~]+$")]
-GpuUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=96, pattern=r"^[A-Za-z0-9_:\-]+$")]
+ReplicaId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[!-~]+\Z")]
+GpuUuid = Annotated[str, msgspec.Meta(min_length=1, max_length=96, pattern=r"^[A-Za-z0-9_:\-]+\Z")]
 JobId = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
 StepId = Annotated[int, msgspec.Meta(ge=0, le=2**32)]
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
@@ -100,6 +100,23 @@ class Verdict(Message, tag="verdict", kw_only=True):
     action: GpuAction
     reason: Reason
     xid: Xid | None = None
+    evidence: dict[str, Any] = {}
+    source: Name = "agent"
+
+
+# A port (mlx5_0/1, eth0) or a mount point (/lustre) of a node: printable, bounded.
+NodeTarget = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=_PRINTABLE)]
+
+
+class NodeVerdict(Message, tag="node_verdict", kw_only=True):
+    """A verdict on a network port or a mount point of the node (domain.node_health),
+    published when it changes (or injected by `marduk inject --port/--mount`)."""
+
+    node: Name
+    component: Literal["port", "mount"]
+    target: NodeTarget
+    action: Literal["none", "watch", "drain_node"]
+    reason: Reason
     evidence: dict[str, Any] = {}
     source: Name = "agent"
 
@@ -411,6 +428,8 @@ def _check_free_json(msg: Any) -> None:
     """The open dicts of a decoded message (the typed fields are checked by msgspec)."""
     if isinstance(msg, Verdict):
         _check_evidence(msg.evidence)
+    elif isinstance(msg, NodeVerdict):
+        check_json(msg.evidence, "evidence")
     elif isinstance(msg, ReplicaRegister):
         check_json(msg.hyperparams, "hyperparams", max_items=1024)
     elif isinstance(msg, JobCommand):
@@ -425,7 +444,7 @@ def _check_free_json(msg: Any) -> None:
 
 DurableMessage = (
     StepStart | StepEnd | Verdict | GpuInventory | ReplicaRegister | ReplicaLeave | ConfigAck
-    | AssumeAck
+    | AssumeAck | NodeVerdict
 )
 
 class _Unsent(Message, tag="unsent"):

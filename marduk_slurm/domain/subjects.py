@@ -20,7 +20,7 @@ FEED: Final = f"{PREFIX}.feed.event"
 
 
 def node_event(node: str, kind: str) -> str:
-    """step_start, step_end, verdict, gpu_inventory from the agent of `node`."""
+    """step_start, step_end, verdict, gpu_inventory, node_verdict from the agent of `node`."""
     return f"{PREFIX}.evt.node.{node}.{kind}"
 
 

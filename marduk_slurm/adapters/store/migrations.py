@@ -230,4 +230,17 @@ MIGRATIONS: Final[list[str]] = [
     """
     ALTER TABLE assume_commands ADD COLUMN action TEXT NOT NULL DEFAULT 'assume';
     """,
+    # 6: health beyond the GPU: the latest verdict on each port and mount point of a node.
+    """
+    CREATE TABLE node_components (
+        node TEXT NOT NULL,
+        component TEXT NOT NULL,                    -- port, mount
+        target TEXT NOT NULL,                       -- mlx5_0/1, eth0, /lustre
+        health TEXT NOT NULL DEFAULT 'none',        -- last action: none, watch, drain_node
+        health_reason TEXT NOT NULL DEFAULT '',
+        event_id INTEGER,                           -- the verdict's event
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (node, component, target)
+    );
+    """,
 ]

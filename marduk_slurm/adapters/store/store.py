@@ -267,6 +267,27 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin, StandbysMixin):
             (uuid, node, -1 if index is None else index, action, reason, now),
         )
 
+    def set_component_health(self, node: str, component: str, target: str, action: str,
+                              reason: str, event_id: int, now: float) -> None:
+        """The latest verdict on a port or mount point of `node`."""
+        self.ensure_node(node, now)
+        self.conn.execute(
+            "INSERT INTO node_components (node, component, target, health, health_reason, "
+            "event_id, updated_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT(node, component, target) "
+            "DO UPDATE SET health=excluded.health, health_reason=excluded.health_reason, "
+            "event_id=excluded.event_id, updated_at=excluded.updated_at",
+            (node, component, target, action, reason, event_id, now))
+
+    def component_count(self, node: str) -> int:
+        row = self.conn.execute("SELECT count(*) FROM node_components WHERE node=?",
+                                (node,)).fetchone()
+        return int(row[0])
+
+    def has_component(self, node: str, component: str, target: str) -> bool:
+        return self.conn.execute(
+            "SELECT 1 FROM node_components WHERE node=? AND component=? AND target=?",
+            (node, component, target)).fetchone() is not None
+
     def gpus(self, node: str | None = None) -> list[dict[str, Any]]:
         if node:
             return list(self.db["gpus"].rows_where("node = ?", [node], order_by="idx"))
@@ -284,6 +305,12 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin, StandbysMixin):
             for gpu in self.db.query(f"SELECT * FROM gpus WHERE node IN ({marks}) "
                                      "ORDER BY node, idx", names):
                 gpus[gpu["node"]].append(gpu)
+            components: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for row in self.db.query(
+                    "SELECT node, component, target, health, health_reason, event_id, "
+                    f"updated_at FROM node_components WHERE node IN ({marks}) "
+                    "ORDER BY node, component, target", names):
+                components[row.pop("node")].append(row)
             replicas: dict[str, list[Any]] = {name: [] for name in names}
             if full_replicas:
                 for row in self.replicas(nodes=names):
@@ -296,6 +323,7 @@ class Store(MappingMixin, OutboxMixin, TrustMixin, SummaryMixin, StandbysMixin):
                     replicas[node].append(rid)
             for node in chunk:
                 node["gpus"] = gpus[node["name"]]
+                node["components"] = components[node["name"]]
                 node["replicas"] = replicas[node["name"]]
         return nodes
 

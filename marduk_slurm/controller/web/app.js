@@ -3,7 +3,7 @@
 // Every value from the server is inserted as text (never as HTML).
 "use strict";
 
-const FAULT_KINDS = new Set(["gpu_verdict", "drain_requested", "drained", "drain_skipped",
+const FAULT_KINDS = new Set(["gpu_verdict", "port_verdict", "mount_verdict", "drain_requested", "drained", "drain_skipped",
   "drain_failed", "operator_drain", "operator_resume", "resumed", "leave_requested",
   "replica_leave", "straggler", "straggler_cleared", "risk_drain", "step_gone",
   "resume_check_failed", "job_credential_refused"]);
@@ -250,6 +250,14 @@ function renderNodes(nodes) {
       gl.append(reps);
       gpus.append(gl);
     }
+    // Ports and mount points (node health beyond the GPU): those with a verdict to show.
+    for (const c of (n.components || []).filter((c) => c.health !== "none")) {
+      const cl = el("li", null, "component");
+      cl.append(`${c.component} `, el("span", c.target, "mono"), " ",
+        badge(c.health, c.health === "watch" ? "warn" : "bad"), " ",
+        el("span", c.health_reason, "reason"));
+      gpus.append(cl);
+    }
     const loose = n.replicas.filter((r) => !(r.gpu_uuids || []).some((u) => n.gpus.some((g) => g.uuid === u)));
     for (const r of loose) {
       const rl = el("li");
@@ -282,7 +290,8 @@ function matches(ev, f) {
 function historyRow(ev, fresh) {
   const cls = [FAULT_KINDS.has(ev.kind) && ev.kind !== "resumed" ? "fault" : "", fresh ? "fresh" : ""];
   const tr = row([ev.id, time(ev.ts), el("strong", ev.kind), ev.node, ev.job_id,
-    el("span", shortUuid(ev.gpu_uuid), "mono"), el("td", ev.reason, "reason")], cls.join(" "));
+    el("span", ev.gpu_uuid ? shortUuid(ev.gpu_uuid) : (ev.evidence || {}).target || "-", "mono"),
+    el("td", ev.reason, "reason")], cls.join(" "));
   tr.dataset.kind = ev.kind;
   tr.dataset.id = ev.id;
   return tr;
