@@ -64,7 +64,7 @@ class RiskWatch:
         self._arrived: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
         self._scored_at = -float("inf")  # time.monotonic() of the last scoring's start
-        self._scoring: asyncio.Future[list[RiskScore]] | None = None
+        self._scoring: asyncio.Future[None] | None = None
 
     async def load(self) -> None:
         """Rebuild the scores from the history; a row that cannot be read is skipped."""

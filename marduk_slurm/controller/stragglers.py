@@ -22,6 +22,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from marduk_slurm.adapters.store import StoreApi
@@ -54,6 +55,10 @@ EVALUATE_EVERY_S = 0.5
 # ...and all of the analysis may take at most this share of the event loop: after an
 # evaluation that took t seconds, the next one (of any job) waits t / EVALUATE_BUDGET.
 EVALUATE_BUDGET = 0.05
+
+
+def _revisions_of(store: StoreApi, job: int) -> list[dict[str, Any]]:
+    return store.config_revisions(job)
 
 
 def config_from(s: ControllerSettings) -> StragglerConfig:
@@ -169,7 +174,7 @@ class StragglerWatch:
             p99, samples = step_times_p99(tracks)
             if samples < TimeoutPolicy.MIN_SAMPLES or self.revise is None:
                 continue
-            revisions = await self.ctx.db.read(lambda store, j=job: store.config_revisions(j))
+            revisions = await self.ctx.db.read(partial(_revisions_of, job=job))
             latest = cr.latest_config(revisions, 0)
             current = {k: v for k, v in ((latest or {}).get("changes") or {}).items()
                        if k in cr.TIMEOUT_KEYS}

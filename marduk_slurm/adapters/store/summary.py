@@ -44,7 +44,7 @@ class SummaryMixin:
 
     def event_counts_since(self, after_id: int) -> list[tuple[str, str, str, int, int]]:
         """(kind, xid, action, count, max id) of the events after `after_id`."""
-        return [tuple(r) for r in self.conn.execute(  # type: ignore[misc]
+        return [tuple(r) for r in self.conn.execute(
             "SELECT kind, COALESCE(xid, ''), COALESCE(action, ''), COUNT(*), MAX(id) "
             "FROM events WHERE id > ? GROUP BY 1, 2, 3", (after_id,))]
 
