@@ -13,14 +13,16 @@
 3. Survivors' stall: three groups train; one is SIGKILLed, later one is told to leave. The
    stall is the longest gap between two commits of a survivor around each event, for each
    lighthouse --heartbeat_timeout_ms given (none: skipped).
-3. The same commanded leave with the Managers behind `marduk lighthouse-proxy` (the real
-   lighthouse at --short-ms, the proxy holding the 1000 ms timeout) and without it (the
-   lighthouse at 1000 ms), alternating, --proxy-runs runs each: the survivors' stall and their
-   longest step around the leave, p50/p90; then, in the same runs, a SIGKILL of a second group
-   (what an unannounced death costs with the proxy).
+4. The same commanded leave with the Managers behind `marduk lighthouse-proxy` (the real
+   lighthouse at a short timeout and quorum tick, the proxy holding the 1000 ms timeout) and
+   without it (the lighthouse at 1000 ms, tick 100 ms), alternating, --proxy-runs runs of
+   each arm; --proxy-settings lists the proxied arms as SHORT_MS/TICK_MS. For each arm: the
+   survivors' stall and their longest step around the leave (p50/p90/max), how far the
+   longest step is above the survivors' median step (the target: at most 250 ms); then, in
+   the same runs, a SIGKILL of a second group (what an unannounced death costs).
 
     .venv/bin/python benchmarks/runtime_overhead.py [--steps 300] [--pairs 6]
-        [--timeouts 5000,1000,500] [--proxy-runs 5] [--short-ms 250]
+        [--timeouts 5000,1000,500] [--proxy-runs 5] [--proxy-settings 250/100,150/25]
         [--sections overhead,stall,proxy]
 """
 
@@ -168,12 +170,16 @@ def longest_step(ws: list[WorkerProcess], after: float, before: float) -> float:
                default=0.0)
 
 
-def proxied_leave(tmp: Path, url: str, proxy: bool, short_ms: int, run: int
+def proxied_leave(tmp: Path, url: str, setting: tuple[int, int] | None, run: int
                   ) -> dict[str, float]:
     """Three groups; group 1 told to leave, then group 2 SIGKILLed. Survivor group 0's stall
-    and the survivors' longest step after each, with or without the liveness proxy."""
-    tag = f"{'proxy' if proxy else 'plain'}-{run}"
-    lh = Lighthouse(tmp / f"lh-{tag}.log", heartbeat_timeout_ms=short_ms if proxy else 1000)
+    and the survivors' longest step after each, without the liveness proxy (`setting`
+    None) or with it, the lighthouse at (short timeout, quorum tick) in ms."""
+    proxy = setting is not None
+    short_ms, tick_ms = setting or (1000, 100)
+    tag = f"{short_ms}-{tick_ms}-{'proxy' if proxy else 'plain'}-{run}"
+    lh = Lighthouse(tmp / f"lh-{tag}.log", heartbeat_timeout_ms=short_ms,
+                    quorum_tick_ms=tick_ms)
     front: Lighthouse | LighthouseProxyProcess = lh
     if proxy:
         front = LighthouseProxyProcess(lh, tmp / f"proxy-{tag}.log", long_timeout_ms=1000,
@@ -202,7 +208,10 @@ def proxied_leave(tmp: Path, url: str, proxy: bool, short_ms: int, run: int
             print(f"  run {run}: the leaver did not exit within 30 s after its leave:\n"
                   f"{ws[1].tail()[-1500:]}", flush=True)
         out = {"leave_stall": commit_gap(ws[0].steps(), left),
-               "leave_step": longest_step([ws[0], ws[2]], left, time.time())}
+               "leave_step": longest_step([ws[0], ws[2]], left, time.time()),
+               "median_step": statistics.median(
+                   r["dt"] for w in (ws[0], ws[2]) for r in w.steps() if r["t"] < left)}
+        out["above_median"] = out["leave_step"] - out["median_step"]
         ws[2].kill()
         killed = time.time()
         mark = ws[0].last_step()
@@ -222,23 +231,35 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def proxy_section(tmp: Path, url: str, runs: int, short_ms: int) -> None:
-    results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+def proxy_section(tmp: Path, url: str, runs: int, settings: list[tuple[int, int]]) -> None:
+    arms: list[tuple[int, int] | None] = [None, *settings]
+    results: dict[tuple[int, int] | None, list[dict[str, float]]] = {a: [] for a in arms}
     for run in range(runs):
-        for proxy in (False, True):
-            r = proxied_leave(tmp, url, proxy, short_ms, run)
-            results[proxy].append(r)
-            print(f"  run {run} {'proxy' if proxy else 'plain'}: " + ", ".join(
+        for arm in arms:
+            r = proxied_leave(tmp, url, arm, run)
+            results[arm].append(r)
+            print(f"  run {run} {label(arm)}: " + ", ".join(
                 f"{k} {v:.3f} s" for k, v in r.items()), flush=True)
     for key, what in (("leave_stall", "survivor stall after a commanded leave"),
                       ("leave_step", "survivors' longest step around the leave"),
+                      ("above_median", "longest step above the median step"),
                       ("kill_stall", "survivor stall after a SIGKILL")):
-        plain = [r[key] for r in results[False]]
-        prox = [r[key] for r in results[True]]
-        print(f"{what}, {runs} runs: without proxy p50 {pct(plain, .5):.3f} s p90 "
-              f"{pct(plain, .9):.3f} s; with proxy (lighthouse {short_ms} ms) p50 "
-              f"{pct(prox, .5):.3f} s p90 {pct(prox, .9):.3f} s; ratio of p50 "
-              f"{statistics.median(prox) / statistics.median(plain):.2f}")
+        plain = statistics.median(r[key] for r in results[None])
+        print(f"{what}, {runs} runs each:")
+        for arm in arms:
+            values = [r[key] for r in results[arm]]
+            print(f"  {label(arm):34s} p50 {pct(values, .5):.3f} s  p90 {pct(values, .9):.3f} s"
+                  f"  max {max(values):.3f} s  p50 ratio to no proxy "
+                  f"{statistics.median(values) / plain:.2f}")
+    for arm in settings:
+        worst = max(r["above_median"] for r in results[arm])
+        print(f"target: survivors' longest step <= median + 0.250 s, {label(arm)}: worst "
+              f"+{worst:.3f} s: {'met' if worst <= 0.250 else 'NOT MET'}")
+
+
+def label(arm: tuple[int, int] | None) -> str:
+    return ("no proxy (lighthouse 1000 ms)" if arm is None
+            else f"proxy, lighthouse {arm[0]} ms tick {arm[1]} ms")
 
 
 def main() -> int:
@@ -250,7 +271,8 @@ def main() -> int:
     parser.add_argument("--timeouts", default="5000,1000,500",
                         help="lighthouse heartbeat timeouts for the stall runs ('' skips)")
     parser.add_argument("--proxy-runs", type=int, default=5)
-    parser.add_argument("--short-ms", type=int, default=250)
+    parser.add_argument("--proxy-settings", default="250/100",
+                        help="proxied arms as SHORT_MS/TICK_MS, comma-separated")
     parser.add_argument("--sections", default="overhead,stall,proxy")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -271,7 +293,9 @@ def main() -> int:
                       f"{kill_s:.2f} s, after a commanded leave {leave_s:.2f} s, ratio "
                       f"{leave_s / kill_s:.2f}")
             if "proxy" in sections:
-                proxy_section(tmp, url, args.proxy_runs, args.short_ms)
+                settings = [(int(a), int(b)) for a, b in (
+                    item.split("/") for item in args.proxy_settings.split(","))]
+                proxy_section(tmp, url, args.proxy_runs, settings)
         finally:
             ctl.stop()
             nats.stop()

@@ -228,14 +228,15 @@ class Lighthouse:
     """A real `torchft_lighthouse` on a free loopback port."""
 
     def __init__(self, log_path: Path, *, heartbeat_timeout_ms: int = 5000,
-                 join_timeout_ms: int = 10000, min_replicas: int = 1) -> None:
+                 join_timeout_ms: int = 10000, min_replicas: int = 1,
+                 quorum_tick_ms: int = 100) -> None:
         self.port = free_port()
         self.heartbeat_timeout_ms = heartbeat_timeout_ms
         binary = Path(sys.executable).parent / "torchft_lighthouse"
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [str(binary), "--bind", f"127.0.0.1:{self.port}", "--min_replicas",
-             str(min_replicas), "--quorum_tick_ms", "100", "--join_timeout_ms",
+             str(min_replicas), "--quorum_tick_ms", str(quorum_tick_ms), "--join_timeout_ms",
              str(join_timeout_ms), "--heartbeat_timeout_ms", str(heartbeat_timeout_ms)],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
