@@ -1,0 +1,99 @@
+"""A fault timeline (`marduk_slurm.domain.timeline.Timeline`) as a picture file, through
+matplotlib (the `plots` extra: ``pip install 'marduk-slurm[plots]'``) on its Agg backend, so
+it draws without a display. The file's format follows its suffix: ``.svg`` or ``.png``.
+
+Two stacked axes share the time axis (seconds from the timeline's start): each group's step
+rate above, the quorum size each group reports below. Every mark is a vertical line across
+both with its label; a kind that did not happen has no line, and the title says which. In an
+SVG the artists carry ids (``series-group-<g>``, ``quorum-group-<g>``, ``mark-<kind>-<i>``)
+so that a test, or a reader, can find them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from marduk_slurm.domain.timeline import Timeline
+
+SUFFIXES = (".svg", ".png")
+MARK_COLORS = {"fault": "#b42318", "drain": "#b54708", "leave": "#6b7280",
+               "replace": "#2e5aac", "heal": "#067647"}
+MARK_NAMES = {"fault": "fault", "drain": "drain", "leave": "leave",
+              "replace": "standby assumed / respawn", "heal": "full strength"}
+
+
+class PlotsUnavailable(ImportError):
+    """matplotlib is not installed (the `plots` extra)."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise PlotsUnavailable("plots need matplotlib: pip install 'marduk-slurm[plots]'"
+                               ) from exc
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def title_of(timeline: Timeline, title: str) -> str:
+    missing = [MARK_NAMES[k] for k in timeline.missing]
+    if not timeline.marks_of("fault"):
+        return f"{title}\nno fault in this window"
+    return f"{title}\nnot seen: {', '.join(missing)}" if missing else title
+
+
+def write_plot(timeline: Timeline, path: Path, title: str = "fault timeline") -> Path:
+    """Draw `timeline` into `path` (.svg or .png); returns the path."""
+    if path.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"{path}: a timeline plot is written as {' or '.join(SUFFIXES)}")
+    plt = _pyplot()
+    fig, (rate_ax, quorum_ax) = plt.subplots(
+        2, 1, sharex=True, figsize=(11, 6), height_ratios=(3, 1), constrained_layout=True)
+    try:
+        _draw(timeline, rate_ax, quorum_ax)
+        fig.suptitle(title_of(timeline, title), fontsize=11)
+        fig.savefig(path, format=path.suffix.lower().lstrip("."), dpi=110,
+                    metadata={"Date": None} if path.suffix.lower() == ".svg" else None)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _draw(timeline: Timeline, rate_ax: Any, quorum_ax: Any) -> None:
+    t0 = timeline.start
+    for g in timeline.groups:
+        color = f"C{g.group % 10}"
+        for i, seg in enumerate(g.segments):
+            xs = [p.t - t0 for p in seg]
+            label = f"group {g.group}" if i == 0 else None
+            (line,) = rate_ax.plot(xs, [p.rate for p in seg], color=color, lw=1.4,
+                                   label=label)
+            line.set_gid(f"series-group-{g.group}-{i}")
+            (q,) = quorum_ax.step(xs, [p.quorum for p in seg], where="post", color=color,
+                                  lw=1.4)
+            q.set_gid(f"quorum-group-{g.group}-{i}")
+    if not timeline.groups:
+        rate_ax.text(0.5, 0.5, "no step samples in this window", transform=rate_ax.transAxes,
+                     ha="center", va="center", color="#6b7280")
+    for i, mark in enumerate(timeline.marks):
+        color = MARK_COLORS.get(mark.kind, "#1d2430")
+        x = mark.t - t0
+        rate_ax.axvline(x, color=color, lw=1.0, ls="--").set_gid(f"mark-{mark.kind}-{i}")
+        quorum_ax.axvline(x, color=color, lw=1.0, ls="--").set_gid(f"mark-{mark.kind}-{i}-q")
+        rate_ax.annotate(mark.label, xy=(x, 1.0), xycoords=("data", "axes fraction"),
+                         xytext=(2, -4 - 11 * (i % 4)), textcoords="offset points",
+                         fontsize=7.5, color=color, va="top",
+                         bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.5}
+                         ).set_gid(f"label-{mark.kind}-{i}")
+    rate_ax.set_ylabel(f"steps/s ({timeline.rate_window_s:g} s window)")
+    rate_ax.set_ylim(bottom=0)
+    quorum_ax.set_ylabel("quorum size")
+    quorum_ax.set_xlabel("seconds")
+    quorum_ax.set_ylim(-0.2, max(timeline.full_quorum, 1) + 0.5)
+    quorum_ax.yaxis.get_major_locator().set_params(integer=True)
+    quorum_ax.set_xlim(0, max(timeline.end - t0, 1.0))
+    if timeline.groups:
+        rate_ax.legend(loc="lower left", fontsize=8)
