@@ -50,6 +50,12 @@ def write_plot(timeline: Timeline, path: Path, title: str = "fault timeline") ->
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"{path}: a timeline plot is written as {' or '.join(SUFFIXES)}")
     plt = _pyplot()
+    # Text as <text>, not glyph paths: an SVG whose labels a reader can search and select.
+    with plt.rc_context({"svg.fonttype": "none"}):
+        return _write(plt, timeline, path, title)
+
+
+def _write(plt: Any, timeline: Timeline, path: Path, title: str) -> Path:
     fig, (rate_ax, quorum_ax) = plt.subplots(
         2, 1, sharex=True, figsize=(11, 6), height_ratios=(3, 1), constrained_layout=True)
     try:

@@ -138,16 +138,19 @@ def group_series(samples: Iterable[StepSample], *, window_s: float = DEFAULT_RAT
 def full_strength_after(samples: Sequence[StepSample], fault_t: float, full: int,
                         until: float = math.inf) -> float | None:
     """The first sample time after `fault_t` (and before `until`) when the quorum had been
-    seen below `full` and every group seen since the fault reports `full` again. None: not
-    seen (the quorum never dropped in the samples, or never came back)."""
+    seen below `full` and every group that reported before the fault reports `full` again.
+    None: not seen (the quorum never dropped in the samples, or a group never came back)."""
+    ordered = sorted(samples, key=lambda s: s.t)
+    expected = {s.group for s in ordered if s.t <= fault_t}
     dipped = False
     latest: dict[int, int] = {}
-    for s in sorted(samples, key=lambda s: s.t):
+    for s in ordered:
         if s.t <= fault_t or s.t >= until:
             continue
         latest[s.group] = s.quorum
         dipped = dipped or s.quorum < full
-        if dipped and all(q >= full for q in latest.values()):
+        if (dipped and expected <= latest.keys()
+                and all(q >= full for q in latest.values())):
             return s.t
     return None
 
