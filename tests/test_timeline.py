@@ -17,7 +17,7 @@ from marduk_slurm.domain import timeline as tl
 
 def steady(group: int, t0: float, t1: float, *, rate: float = 20.0, quorum: int = 2,
            source: str = "", every: float = 0.25, step0: int = 0) -> list[tl.StepSample]:
-    n = int(round((t1 - t0) / every))
+    n = round((t1 - t0) / every)
     return [tl.StepSample(t0 + i * every, group, step0 + int(rate * i * every), quorum,
                           source or f"g{group}") for i in range(n + 1)]
 
