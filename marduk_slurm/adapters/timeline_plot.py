@@ -2,7 +2,7 @@
 matplotlib (the `plots` extra: ``pip install 'marduk-slurm[plots]'``) on its Agg backend, so
 it draws without a display. The file's format follows its suffix: ``.svg`` or ``.png``.
 
-Two stacked axes share the time axis (seconds from the timeline's start): each group's step
+Two stacked axes share the time axis (seconds from the first fault, or from the start): each group's step
 rate above, the quorum size each group reports below. Every mark is a vertical line across
 both with its label; a kind that did not happen has no line, and the title says which. In an
 SVG the artists carry ids (``series-group-<g>``, ``quorum-group-<g>``, ``mark-<kind>-<i>``)
@@ -69,17 +69,21 @@ def _write(plt: Any, timeline: Timeline, path: Path, title: str) -> Path:
 
 
 def _draw(timeline: Timeline, rate_ax: Any, quorum_ax: Any) -> None:
-    t0 = timeline.start
-    for g in timeline.groups:
+    faults = timeline.marks_of("fault")
+    t0 = faults[0].t if faults else timeline.start  # seconds from the (first) fault
+    for index, g in enumerate(timeline.groups):
         color = f"C{g.group % 10}"
+        # Groups at the same rate draw on top of each other: each one thinner than the one
+        # before, so that those underneath still show.
+        width = max(1.0, 3.0 - 0.8 * index)
         for i, seg in enumerate(g.segments):
             xs = [p.t - t0 for p in seg]
             label = f"group {g.group}" if i == 0 else None
-            (line,) = rate_ax.plot(xs, [p.rate for p in seg], color=color, lw=1.4,
+            (line,) = rate_ax.plot(xs, [p.rate for p in seg], color=color, lw=width,
                                    label=label)
             line.set_gid(f"series-group-{g.group}-{i}")
             (q,) = quorum_ax.step(xs, [p.quorum for p in seg], where="post", color=color,
-                                  lw=1.4)
+                                  lw=width)
             q.set_gid(f"quorum-group-{g.group}-{i}")
     if not timeline.groups:
         rate_ax.text(0.5, 0.5, "no step samples in this window", transform=rate_ax.transAxes,
@@ -97,9 +101,9 @@ def _draw(timeline: Timeline, rate_ax: Any, quorum_ax: Any) -> None:
     rate_ax.set_ylabel(f"steps/s ({timeline.rate_window_s:g} s window)")
     rate_ax.set_ylim(bottom=0)
     quorum_ax.set_ylabel("quorum size")
-    quorum_ax.set_xlabel("seconds")
+    quorum_ax.set_xlabel("seconds from the fault" if faults else "seconds")
     quorum_ax.set_ylim(-0.2, max(timeline.full_quorum, 1) + 0.5)
     quorum_ax.yaxis.get_major_locator().set_params(integer=True)
-    quorum_ax.set_xlim(0, max(timeline.end - t0, 1.0))
+    quorum_ax.set_xlim(timeline.start - t0, max(timeline.end - t0, timeline.start - t0 + 1.0))
     if timeline.groups:
         rate_ax.legend(loc="lower left", fontsize=8)

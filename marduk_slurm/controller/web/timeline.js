@@ -23,6 +23,16 @@ function svg(tag, attrs, text) {
   return node;
 }
 
+// The time axis runs from a little before the first sample or mark to now: a window of
+// 15 minutes with a minute of data would squeeze it against the right edge.
+function viewOf(d) {
+  const times = [...d.groups.flatMap((g) => g.segments.flat().map((p) => p[0])),
+    ...d.marks.map((m) => m.t)];
+  const first = times.length ? Math.min(...times) : d.start;
+  const span = d.end - first;
+  return { ...d, start: Math.max(d.start, first - Math.max(2, span * 0.05)) };
+}
+
 function scaleX(d) {
   const span = Math.max(1, d.end - d.start);
   return (t) => TL.left + (t - d.start) / span * (TL.W - TL.left - TL.right);
@@ -66,19 +76,22 @@ function seriesPath(points, x, y, stepped) {
 function drawSeries(root, d, x, rateMax, qMax) {
   const yRate = (v) => TL.rateTop + TL.rateH * (1 - Math.min(v, rateMax) / rateMax);
   const yQ = (v) => TL.qTop + TL.qH * (1 - v / qMax);
-  for (const g of d.groups) {
+  d.groups.forEach((g, index) => {
     const color = GROUP_COLORS[g.group % GROUP_COLORS.length];
+    // Groups at the same rate draw on top of each other: each one thinner than the one
+    // before, so that those underneath still show.
+    const width = Math.max(1.2, 3.2 - 0.8 * index);
     g.segments.forEach((seg, i) => {
       const rate = svg("path", { d: seriesPath(seg.map((p) => [p[0], p[1]]), x, yRate, false),
-        fill: "none", stroke: color, "stroke-width": 1.6, class: "tl-series" });
+        fill: "none", stroke: color, "stroke-width": width, class: "tl-series" });
       rate.dataset.group = g.group;
       rate.dataset.segment = i;
       const quorum = svg("path", { d: seriesPath(seg.map((p) => [p[0], p[2]]), x, yQ, true),
-        fill: "none", stroke: color, "stroke-width": 1.6, class: "tl-quorum" });
+        fill: "none", stroke: color, "stroke-width": width, class: "tl-quorum" });
       quorum.dataset.group = g.group;
       root.append(rate, quorum);
     });
-  }
+  });
 }
 
 function drawMarks(root, d, x) {
@@ -89,8 +102,9 @@ function drawMarks(root, d, x) {
     const px = x(m.t);
     g.append(svg("line", { x1: px, x2: px, y1: TL.rateTop, y2: TL.qTop + TL.qH, stroke: color,
       "stroke-dasharray": "4 3", "stroke-width": 1.2 }));
-    const label = svg("text", { x: px + 3, y: TL.rateTop + 11 + 12 * (i % 5), fill: color,
-      class: "tl-label" }, m.label);
+    const leftward = px > TL.W * 0.7;  // near the right edge: the label reads to the left
+    const label = svg("text", { x: leftward ? px - 3 : px + 3, y: TL.rateTop + 11 + 12 * (i % 5),
+      fill: color, class: "tl-label", "text-anchor": leftward ? "end" : "start" }, m.label);
     label.append(svg("title", {}, `${time(m.t)} ${m.label}`));
     g.append(label);
     root.append(g);
@@ -109,7 +123,8 @@ function drawLegend(root, d) {
   }
 }
 
-function renderTimeline(d) {
+function renderTimeline(data) {
+  const d = viewOf(data);
   const box = $("#timeline");
   const root = svg("svg", { viewBox: `0 0 ${TL.W} ${TL.H}`, role: "img",
     "aria-label": `fault timeline of job ${d.job}` });
