@@ -101,8 +101,8 @@ def test_marks_from_history() -> None:
     ]
     marks = tl.marks_from_history(events, groups)
     assert [(mk.kind, mk.label) for mk in marks] == [
-        ("fault", "fault: XID 79 on n2"), ("drain", "n2 drained"), ("leave", "group 1 left"),
-        ("replace", "group 1 respawned on n3")]
+        ("fault", "fault: XID 79 on n2"), ("drain", "n2 drained"),
+        ("leave", "group 1 left (told to)"), ("replace", "group 1 respawned on n3")]
     assumed = tl.marks_from_history([{"ts": 1.0, "kind": "standby_assumed",
                                       "replica_id": "job5_standby0:x",
                                       "evidence": {"replica_group": 1}}], {})
@@ -215,3 +215,42 @@ def test_the_png_is_a_png(tmp_path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     with pytest.raises(ValueError, match=r"\.svg or \.png"):
         write_plot(full_story(), tmp_path / "t.pdf")
+
+
+def test_follow_up_verdicts_and_finished_replicas_are_not_faults() -> None:
+    """What the drill's controller recorded: XID 79, the same GPU lost 3 s later (a second
+    verdict and a drain request of an already drained node), the group back, both groups
+    ending at max_steps; then the GPU reads healthy again and faults anew."""
+    gpu = "GPU-SIM-4658"
+    groups = {"job1_rg1:a": 1, "job1_rg1:b": 1, "job1_rg0:c": 0}
+    ev = [
+        {"id": 18, "ts": 76.0, "kind": "gpu_verdict", "node": "n2", "gpu_uuid": gpu,
+         "xid": 79, "action": "drain_node"},
+        {"id": 20, "ts": 76.0, "kind": "drain_requested", "node": "n2"},
+        {"id": 21, "ts": 76.1, "kind": "drained", "node": "n2"},
+        {"id": 22, "ts": 76.1, "kind": "replica_leave", "node": "n2", "replica_id": "job1_rg1:a",
+         "evidence": {"exit_code": 75}},
+        {"id": 25, "ts": 78.9, "kind": "gpu_verdict", "node": "n2", "gpu_uuid": gpu,
+         "xid": None, "action": "drain_node"},  # GPU is lost
+        {"id": 26, "ts": 78.9, "kind": "drain_requested", "node": "n2"},
+        {"id": 28, "ts": 81.3, "kind": "replica_register", "node": "n3",
+         "replica_id": "job1_rg1:b"},
+        {"id": 30, "ts": 84.9, "kind": "replica_leave", "node": "n3", "replica_id": "job1_rg1:b",
+         "evidence": {"exit_code": 0}},
+        {"id": 31, "ts": 84.9, "kind": "replica_leave", "node": "n1", "replica_id": "job1_rg0:c",
+         "evidence": {"exit_code": 0}},
+    ]
+    marks = tl.marks_from_history(ev, groups)
+    assert [(mk.kind, mk.label) for mk in marks] == [
+        ("fault", "fault: XID 79 on n2"), ("drain", "n2 drained"),
+        ("leave", "group 1 left (told to)"), ("replace", "group 1 respawned on n3")]
+    again = [{"id": 35, "ts": 89.8, "kind": "gpu_verdict", "node": "n2", "gpu_uuid": gpu,
+              "action": "none"},
+             {"id": 40, "ts": 95.0, "kind": "gpu_verdict", "node": "n2", "gpu_uuid": gpu,
+              "xid": 48, "action": "drain_node"}]
+    faults = tl.marks_from_history(ev + again, groups)
+    assert [mk.label for mk in faults if mk.kind == "fault"] == [
+        "fault: XID 79 on n2", "fault: XID 48 on n2"]
+    resumed = [{"id": 37, "ts": 90.0, "kind": "resumed", "node": "n2"}, again[1]]
+    assert len([mk for mk in tl.marks_from_history(
+        ev + resumed, groups) if mk.kind == "fault"]) == 2

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,6 @@ from marduk_slurm.domain.gpu_health import GpuAction
 
 from browser import Browser, find_chromium
 from harness import ControllerProcess, publish_core, publish_durable, run_cli, wait_for
-from test_dashboard import api, get
 
 JOB = 778
 OLD, SURVIVOR, NEW = f"job{JOB}_rg0:old", f"job{JOB}_rg1:b", f"job{JOB}_rg0:new"
@@ -36,6 +37,20 @@ def web_controller(tmp_path: Path, nats_server: NatsServerProcess
     wait_for(url_file.exists, 10, what="http.url")
     yield ctl, url_file.read_text().strip()
     assert ctl.stop() == 0, ctl.log()
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def api(base: str, path: str) -> Any:
+    status, body = get(base + path)
+    assert status == 200, body
+    return json.loads(body)
 
 
 def durable(url: str, *items: tuple[str, m.Message]) -> None:
@@ -93,7 +108,7 @@ def test_the_timeline_of_a_fault_from_heartbeats_and_history(
     assert kinds(data) == ["fault", "drain", "leave", "replace", "heal"], data["marks"]
     assert data["missing"] == [] and data["full_quorum"] == 2
     labels = [mk["label"] for mk in data["marks"]]
-    assert labels[:4] == ["fault: XID 79 on n1", "drain of n1 queued", "group 0 left",
+    assert labels[:4] == ["fault: XID 79 on n1", "drain of n1 queued", "group 0 left (told to)",
                           "group 0 respawned on n3"]  # queued: no Slurm here
     assert [g["group"] for g in data["groups"]] == [0, 1]
     group0 = data["groups"][0]["segments"]
@@ -102,7 +117,7 @@ def test_the_timeline_of_a_fault_from_heartbeats_and_history(
     assert {p[2] for p in survivor} == {1, 2}  # the quorum went down and came back
     # Each sample's rate is what the beats said: 5 steps every 0.3 s or so.
     rates = [p[1] for p in survivor[3:]]
-    assert 5 < min(rates) and max(rates) < 40, rates
+    assert min(rates) > 5 and max(rates) < 40, rates
     heal = data["marks"][-1]["t"]
     assert heal > data["marks"][3]["t"]  # after the respawn registered
 

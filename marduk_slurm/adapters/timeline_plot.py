@@ -2,10 +2,11 @@
 matplotlib (the `plots` extra: ``pip install 'marduk-slurm[plots]'``) on its Agg backend, so
 it draws without a display. The file's format follows its suffix: ``.svg`` or ``.png``.
 
-Two stacked axes share the time axis (seconds from the first fault, or from the start): each group's step
-rate above, the quorum size each group reports below. Every mark is a vertical line across
-both with its label; a kind that did not happen has no line, and the title says which. In an
-SVG the artists carry ids (``series-group-<g>``, ``quorum-group-<g>``, ``mark-<kind>-<i>``)
+Two stacked axes share the time axis (seconds from the first fault, or from the start):
+each group's step rate above, the quorum size each group reports below. Every mark is a
+vertical line across both with its label; a kind that did not happen has no line, and the
+title says which. In an SVG the artists carry ids (``series-group-<g>-<segment>``,
+``quorum-group-<g>-<segment>``, ``mark-<kind>-<i>``) and the text stays text,
 so that a test, or a reader, can find them.
 """
 

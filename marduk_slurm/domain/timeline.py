@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from marduk_slurm.domain.exit_codes import EXIT_DONE, EXIT_LEAVE, EXIT_STOP
+
 # The marks a fault is expected to be followed by; "replace" is a standby that assumed the
 # group or a cold respawn, "heal" is back to full strength.
 FAULT, DRAIN, LEAVE, REPLACE, HEAL = "fault", "drain", "leave", "replace", "heal"
@@ -28,10 +30,10 @@ FAULT_EVENTS = frozenset({"gpu_verdict", "straggler", "step_gone", "risk_drain",
                           "operator_drain"})
 # Those about a node rather than a job (a job's timeline takes them for its nodes).
 NODE_EVENT_KINDS = ("drain_requested", "drained", "gpu_verdict", "operator_drain",
-                    "risk_drain")
+                    "resumed", "risk_drain")
 # Every history kind the timeline reads.
 EVENT_KINDS = (*sorted(FAULT_EVENTS), "drain_requested", "drained", "replica_leave",
-               "standby_assumed", "replica_register")
+               "resumed", "standby_assumed", "replica_register")
 DEFAULT_RATE_WINDOW_S = 2.0
 DEFAULT_GAP_S = 3.0
 
@@ -171,41 +173,77 @@ def _group_of(event: Mapping[str, Any], groups: Mapping[str, int]) -> int | None
     return groups.get(str(event.get("replica_id") or ""))
 
 
-def _mark_of(event: Mapping[str, Any], groups: Mapping[str, int], left: set[int],
-             drained: set[str]) -> Mark | None:
-    kind, t, node = event.get("kind"), float(event.get("ts") or 0.0), event.get("node") or "-"
-    group = _group_of(event, groups)
-    if kind in FAULT_EVENTS:
+def _how_it_left(code: Any) -> str:
+    if not isinstance(code, int) or isinstance(code, bool):
+        return "left"
+    return {EXIT_LEAVE: "left (told to)", EXIT_STOP: "stopped"}.get(
+        code, f"crashed (exit {code})")
+
+
+class _HistoryReader:
+    """Reads a job's history in time order into marks, keeping what a mark depends on:
+    which GPUs have a fault open (a later verdict on one is a follow-up, not a new fault,
+    until it reads healthy or its node is resumed), which groups left (a registration is a
+    respawn only after its group left), which nodes Slurm drained (their queued drain is
+    not marked twice)."""
+
+    def __init__(self, groups: Mapping[str, int], drained: set[str]) -> None:
+        self.groups = groups
+        self.drained = drained
+        self.left: set[int] = set()
+        self.open_faults: set[tuple[str, str]] = set()
+
+    def mark(self, event: Mapping[str, Any]) -> Mark | None:
+        kind, t = event.get("kind"), float(event.get("ts") or 0.0)
+        node = str(event.get("node") or "-")
+        group = _group_of(event, self.groups)
+        if kind in FAULT_EVENTS or kind == "resumed":
+            return self._fault(event, t, node, group)
+        if kind == "drained":
+            return Mark(t, DRAIN, f"{node} drained", None)
+        if kind == "drain_requested" and node not in self.drained:
+            return Mark(t, DRAIN, f"drain of {node} queued", None)
+        if kind == "replica_leave" and group is not None:
+            evidence = event.get("evidence") or {}
+            code = evidence.get("exit_code") if isinstance(evidence, Mapping) else None
+            if code == EXIT_DONE:
+                return None  # a replica that finished: not part of a fault's story
+            self.left.add(group)
+            return Mark(t, LEAVE, f"group {group} {_how_it_left(code)}", group)
+        if kind == "standby_assumed":
+            return Mark(t, REPLACE, f"standby assumed group {group}", group)
+        if kind == "replica_register" and group is not None and group in self.left:
+            self.left.discard(group)
+            return Mark(t, REPLACE, f"group {group} respawned on {node}", group)
+        return None
+
+    def _fault(self, event: Mapping[str, Any], t: float, node: str, group: int | None
+               ) -> Mark | None:
+        kind = event.get("kind")
+        gpu = (node, str(event.get("gpu_uuid") or ""))
+        if kind == "resumed":
+            self.open_faults = {f for f in self.open_faults if f[0] != node}
+            return None
         if kind == "gpu_verdict" and event.get("action") in (None, "", "none"):
-            return None  # a healthy reading, not a fault
+            self.open_faults.discard(gpu)  # a healthy reading, not a fault
+            return None
+        if kind == "gpu_verdict":
+            if gpu in self.open_faults:
+                return None  # the same GPU again (lost after its XID): a follow-up
+            self.open_faults.add(gpu)
         xid = event.get("xid")
-        what = f"XID {xid}" if xid is not None else kind.replace("_", " ")
+        what = f"XID {xid}" if xid is not None else str(kind).replace("_", " ")
         return Mark(t, FAULT, f"fault: {what} on {node}", group)
-    if kind == "drained":
-        return Mark(t, DRAIN, f"{node} drained", None)
-    if kind == "drain_requested" and node not in drained:
-        return Mark(t, DRAIN, f"drain of {node} queued", None)
-    if kind == "replica_leave" and group is not None:
-        left.add(group)
-        return Mark(t, LEAVE, f"group {group} left", group)
-    if kind == "standby_assumed":
-        return Mark(t, REPLACE, f"standby assumed group {group}", group)
-    if kind == "replica_register" and group is not None and group in left:
-        left.discard(group)
-        return Mark(t, REPLACE, f"group {group} respawned on {node}", group)
-    return None
 
 
 def marks_from_history(events: Iterable[Mapping[str, Any]], groups: Mapping[str, int]
                        ) -> list[Mark]:
     """The marks of a job's history events (`marduk history --json` rows), in time order.
-    `groups` maps replica ids to their group. A drain confirmed by Slurm replaces the same
-    node's queued drain; a registration is a respawn only after that group left."""
+    `groups` maps replica ids to their group (see `_HistoryReader` for what is left out)."""
     ordered = sorted(events, key=lambda e: (float(e.get("ts") or 0.0), e.get("id") or 0))
-    drained = {str(e.get("node")) for e in ordered if e.get("kind") == "drained"}
-    left: set[int] = set()
-    return [mark for event in ordered
-            if (mark := _mark_of(event, groups, left, drained)) is not None]
+    reader = _HistoryReader(groups, {str(e.get("node")) for e in ordered
+                                     if e.get("kind") == "drained"})
+    return [mark for event in ordered if (mark := reader.mark(event)) is not None]
 
 
 # -- the timeline -------------------------------------------------------------------------------
