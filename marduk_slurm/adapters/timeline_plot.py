@@ -69,6 +69,17 @@ def _write(plt: Any, timeline: Timeline, path: Path, title: str) -> Path:
     return path
 
 
+def _view(timeline: Timeline) -> tuple[float, float]:
+    """The time span drawn: from a little before the first sample or mark to the end. A
+    window of 15 minutes around a minute of data would squeeze it against one edge."""
+    times = [p.t for g in timeline.groups for seg in g.segments for p in seg]
+    times += [mk.t for mk in timeline.marks]
+    if not times:
+        return timeline.start, timeline.end
+    first, last = min(times), max(timeline.end, max(times))
+    return max(timeline.start, first - max(2.0, 0.05 * (last - first))), last
+
+
 def _draw(timeline: Timeline, rate_ax: Any, quorum_ax: Any) -> None:
     faults = timeline.marks_of("fault")
     t0 = faults[0].t if faults else timeline.start  # seconds from the (first) fault
@@ -105,6 +116,7 @@ def _draw(timeline: Timeline, rate_ax: Any, quorum_ax: Any) -> None:
     quorum_ax.set_xlabel("seconds from the fault" if faults else "seconds")
     quorum_ax.set_ylim(-0.2, max(timeline.full_quorum, 1) + 0.5)
     quorum_ax.yaxis.get_major_locator().set_params(integer=True)
-    quorum_ax.set_xlim(timeline.start - t0, max(timeline.end - t0, timeline.start - t0 + 1.0))
+    start, end = _view(timeline)
+    quorum_ax.set_xlim(start - t0, max(end - t0, start - t0 + 1.0))
     if timeline.groups:
         rate_ax.legend(loc="lower left", fontsize=8)
