@@ -254,3 +254,13 @@ def test_follow_up_verdicts_and_finished_replicas_are_not_faults() -> None:
     resumed = [{"id": 37, "ts": 90.0, "kind": "resumed", "node": "n2"}, again[1]]
     assert len([mk for mk in tl.marks_from_history(
         ev + resumed, groups) if mk.kind == "fault"]) == 2
+
+
+def test_labels_of_marks_close_in_time_take_separate_rows() -> None:
+    pytest.importorskip("matplotlib", reason="pip install 'marduk-slurm[plots]'")
+    from marduk_slurm.adapters.timeline_plot import label_rows
+
+    # 20 characters at 1% each: a label covers a fifth of the span.
+    places = label_rows([(10.0, 19), (12.0, 19), (40.0, 19), (95.0, 19), (97.0, 19)],
+                        0.0, 100.0, char_fraction=0.01)
+    assert places == [(0, False), (1, False), (0, False), (0, True), (1, True)]

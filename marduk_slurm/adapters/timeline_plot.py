@@ -80,9 +80,48 @@ def _view(timeline: Timeline) -> tuple[float, float]:
     return max(timeline.start, first - max(2.0, 0.05 * (last - first))), last
 
 
+def label_rows(marks: list[tuple[float, int]], start: float, end: float, *,
+               char_fraction: float, max_rows: int = 6) -> list[tuple[int, bool]]:
+    """Where each mark's label goes (time, length in characters), in order: (text row,
+    whether it reads leftward from its line, as one near the right edge must). A label takes
+    the first row where it starts after the previous one there ended, so that labels of
+    marks close in time do not overwrite each other. `char_fraction` is one character's
+    width as a share of the span drawn."""
+    span = max(end - start, 1e-9)
+    ends: list[float] = []  # per row, where its last label ends (share of the span)
+    out = []
+    for t, chars in marks:
+        x, width = (t - start) / span, (chars + 1) * char_fraction
+        leftward = x + width > 1.0
+        left = x - width if leftward else x
+        row = next((r for r, e in enumerate(ends) if e < left), len(ends))
+        if row >= max_rows:
+            row = min(range(max_rows), key=lambda r: ends[r])
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row] = x if leftward else x + width
+        out.append((row, leftward))
+    return out
+
+
 def _draw(timeline: Timeline, rate_ax: Any, quorum_ax: Any) -> None:
     faults = timeline.marks_of("fault")
     t0 = faults[0].t if faults else timeline.start  # seconds from the (first) fault
+    start, end = _view(timeline)
+    _draw_series(timeline, rate_ax, quorum_ax, t0)
+    _draw_marks(timeline, rate_ax, quorum_ax, t0, start, end)
+    rate_ax.set_ylabel(f"steps/s ({timeline.rate_window_s:g} s window)")
+    rate_ax.set_ylim(bottom=0)
+    quorum_ax.set_ylabel("quorum size")
+    quorum_ax.set_xlabel("seconds from the fault" if faults else "seconds")
+    quorum_ax.set_ylim(-0.2, max(timeline.full_quorum, 1) + 0.5)
+    quorum_ax.yaxis.get_major_locator().set_params(integer=True)
+    quorum_ax.set_xlim(start - t0, max(end - t0, start - t0 + 1.0))
+    if timeline.groups:
+        rate_ax.legend(loc="lower left", fontsize=8)
+
+
+def _draw_series(timeline: Timeline, rate_ax: Any, quorum_ax: Any, t0: float) -> None:
     for index, g in enumerate(timeline.groups):
         color = f"C{g.group % 10}"
         # Groups at the same rate draw on top of each other: each one thinner than the one
@@ -100,23 +139,20 @@ def _draw(timeline: Timeline, rate_ax: Any, quorum_ax: Any) -> None:
     if not timeline.groups:
         rate_ax.text(0.5, 0.5, "no step samples in this window", transform=rate_ax.transAxes,
                      ha="center", va="center", color="#6b7280")
-    for i, mark in enumerate(timeline.marks):
+
+
+def _draw_marks(timeline: Timeline, rate_ax: Any, quorum_ax: Any, t0: float, start: float,
+                end: float) -> None:
+    places = label_rows([(mk.t, len(mk.label)) for mk in timeline.marks], start, end,
+                        char_fraction=0.0058)
+    for i, (mark, (row, leftward)) in enumerate(zip(timeline.marks, places, strict=True)):
         color = MARK_COLORS.get(mark.kind, "#1d2430")
         x = mark.t - t0
         rate_ax.axvline(x, color=color, lw=1.0, ls="--").set_gid(f"mark-{mark.kind}-{i}")
         quorum_ax.axvline(x, color=color, lw=1.0, ls="--").set_gid(f"mark-{mark.kind}-{i}-q")
         rate_ax.annotate(mark.label, xy=(x, 1.0), xycoords=("data", "axes fraction"),
-                         xytext=(2, -4 - 11 * (i % 4)), textcoords="offset points",
+                         xytext=(-2 if leftward else 2, -4 - 11 * row),
+                         textcoords="offset points", ha="right" if leftward else "left",
                          fontsize=7.5, color=color, va="top",
                          bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 0.5}
                          ).set_gid(f"label-{mark.kind}-{i}")
-    rate_ax.set_ylabel(f"steps/s ({timeline.rate_window_s:g} s window)")
-    rate_ax.set_ylim(bottom=0)
-    quorum_ax.set_ylabel("quorum size")
-    quorum_ax.set_xlabel("seconds from the fault" if faults else "seconds")
-    quorum_ax.set_ylim(-0.2, max(timeline.full_quorum, 1) + 0.5)
-    quorum_ax.yaxis.get_major_locator().set_params(integer=True)
-    start, end = _view(timeline)
-    quorum_ax.set_xlim(start - t0, max(end - t0, start - t0 + 1.0))
-    if timeline.groups:
-        rate_ax.legend(loc="lower left", fontsize=8)

@@ -94,16 +94,33 @@ function drawSeries(root, d, x, rateMax, qMax) {
   });
 }
 
+// A row for each label: the first where it starts after the previous label there ended,
+// so that marks close in time do not write over each other (widths estimated from the
+// number of characters). A label near the right edge reads leftward from its line.
+function labelPlaces(marks, x) {
+  const ends = [];
+  return marks.map((m) => {
+    const px = x(m.t);
+    const width = (m.label.length + 1) * 5.6;
+    const leftward = px + width > TL.W - TL.right;
+    const start = leftward ? px - width : px;
+    let row = ends.findIndex((end) => end < start);
+    if (row < 0) row = ends.length < 6 ? ends.length : ends.indexOf(Math.min(...ends));
+    ends[row] = leftward ? px : px + width;
+    return { px, row, leftward };
+  });
+}
+
 function drawMarks(root, d, x) {
+  const places = labelPlaces(d.marks, x);
   d.marks.forEach((m, i) => {
     const color = MARK_COLORS[m.kind] || "#1d2430";
+    const { px, row, leftward } = places[i];
     const g = svg("g", { class: "tl-mark" });
     g.dataset.kind = m.kind;
-    const px = x(m.t);
     g.append(svg("line", { x1: px, x2: px, y1: TL.rateTop, y2: TL.qTop + TL.qH, stroke: color,
       "stroke-dasharray": "4 3", "stroke-width": 1.2 }));
-    const leftward = px > TL.W * 0.7;  // near the right edge: the label reads to the left
-    const label = svg("text", { x: leftward ? px - 3 : px + 3, y: TL.rateTop + 11 + 12 * (i % 5),
+    const label = svg("text", { x: leftward ? px - 3 : px + 3, y: TL.rateTop + 11 + 12 * row,
       fill: color, class: "tl-label", "text-anchor": leftward ? "end" : "start" }, m.label);
     label.append(svg("title", {}, `${time(m.t)} ${m.label}`));
     g.append(label);
