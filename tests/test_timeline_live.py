@@ -194,6 +194,10 @@ def test_the_dashboard_draws_the_timeline(web_controller: tuple[ControllerProces
         assert "fault: XID 79 on n1" in drawn["labels"]
         assert drawn["legend"] == ["group 0", "group 1"]
         assert "not seen" not in drawn["summary"] and "1 fault(s)" in drawn["summary"]
+        # Each label in its mark's colour (the page's CSS must not paint over it).
+        fill = browser.evaluate("getComputedStyle(document.querySelector("
+                                "'#timeline .tl-mark[data-kind=fault] text')).fill")
+        assert fill == "rgb(180, 35, 24)", fill
         paths = browser.evaluate("[...document.querySelectorAll('#timeline path.tl-series')]"
                                  ".map((p) => p.getAttribute('d'))")
         assert all(d.startswith("M") and "NaN" not in d for d in paths), paths
