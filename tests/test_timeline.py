@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -136,18 +138,48 @@ def beat(job: int, replica: str, step: int, participants: int = 2) -> m.Heartbea
     return m.Heartbeat(replica_id=replica, job_id=job, step=step, participants=participants)
 
 
-def test_step_samples_are_bounded_per_replica_job_and_time() -> None:
-    ring = StepSamples(keep_s=10.0, every_s=0.25, max_jobs=2)
-    for i in range(8):  # every 0.1 s: one in three kept (0, 0.3, 0.6)... per replica
-        ring.on_flush([beat(1, "a", i), beat(1, "b", i)], 100.0 + i * 0.1)
-    kept = ring.samples(1, 0)
-    assert [s[2] for s in kept if s[1] == "a"] == [0, 3, 6]
-    ring.on_flush([beat(2, "c", 1)], 101.0)
-    ring.on_flush([beat(3, "d", 1)], 101.0)  # a third job: the least recently heard goes
+def test_step_samples_keep_one_per_replica_per_period_in_a_fixed_ring() -> None:
+    ring = StepSamples(every_s=0.25, job_samples=1000)
+    for i in range(8):  # every 0.1 s: one in three kept per replica
+        ring.on_flush([beat(1, "a", i), beat(1, "b", i, participants=1)], 100.0 + i * 0.1)
+    assert [(s[1], s[2], s[3]) for s in ring.samples(1, 0)] == [
+        ("a", 0, 2), ("b", 0, 1), ("a", 3, 2), ("b", 3, 1), ("a", 6, 2), ("b", 6, 1)]
+    assert [s[2] for s in ring.samples(1, 100.55)] == [6, 6]
+    small = StepSamples(job_samples=4)  # 1 replica in 4 samples: one per 30 s (120 s)
+    for i in range(6):
+        small.on_flush([beat(1, "a", i)], 100.0 + 30 * i)
+    assert [s[2] for s in small.samples(1, 0)] == [2, 3, 4, 5]  # the newest 4, oldest first
+
+
+def test_a_large_job_is_sampled_less_often_to_span_its_history() -> None:
+    ring = StepSamples(every_s=0.25, job_samples=100)
+    replicas = [f"r{i}" for i in range(10)]
+    for i in range(30):  # 10 replicas in 100 samples: one each per 12 s (120 s in all)
+        ring.on_flush([beat(1, r, i) for r in replicas], 100.0 + i)
+    assert sorted({s[0] for s in ring.samples(1, 0)}) == [100.0, 112.0, 124.0]
+
+
+def test_jobs_beyond_the_rings_wait_for_a_silent_one() -> None:
+    ctx = SimpleNamespace(stats=Counter())
+    ring = StepSamples(ctx, max_jobs=2)  # type: ignore[arg-type]
+    ring.on_flush([beat(1, "a", 1), beat(2, "b", 1)], 100.0)
+    ring.on_flush([beat(3, "c", 1)], 101.0)  # both rings busy: not sampled, counted
+    assert set(ring.jobs) == {1, 2} and ctx.stats["timeline_jobs_refused"] == 1
+    ring.on_flush([beat(2, "b", 2)], 125.0)
+    ring.on_flush([beat(3, "c", 2)], 135.0)  # job 1 silent for 35 s: its ring goes to job 3
     assert set(ring.jobs) == {2, 3} and ring.samples(1, 0) == []
-    ring.on_flush([beat(3, "d", 2)], 112.0)  # job 2's samples are older than keep_s
-    assert set(ring.jobs) == {3}
-    assert [s[2] for s in ring.samples(3, 0)] == [2]  # its own old sample aged out too
+    assert [s[2] for s in ring.samples(3, 0)] == [2]
+
+
+def test_a_ring_knows_a_bounded_number_of_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    from marduk_slurm.controller import timeline as service
+
+    monkeypatch.setattr(service, "MAX_REPLICAS_PER_JOB", 2)
+    ctx = SimpleNamespace(stats=Counter())
+    ring = StepSamples(ctx)  # type: ignore[arg-type]
+    ring.on_flush([beat(1, f"r{i}", 5) for i in range(5)], 100.0)
+    assert {s[1] for s in ring.samples(1, 0)} == {"r0", "r1"}
+    assert ctx.stats["timeline_samples_dropped"] == 3
 
 
 def test_step_samples_of_unknown_replicas_are_counted_not_drawn() -> None:

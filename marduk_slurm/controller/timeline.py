@@ -2,11 +2,16 @@
 
 `StepSamples.on_flush` runs inside the heartbeat write-behind (one batch of newest beats per
 period, like the straggler detector): it keeps at most one sample per replica every
-`every_s`, as (flush time, replica id, step, participants), in a ring per job. Nothing is
-written to the database, so the history does not grow with it; the ring is bounded in time
-(`keep_s`), in samples per job and in jobs (the job heard from least recently goes first),
-so its memory has a ceiling whatever the heartbeats say. Samples carry the controller's own
-clock, the one its history events carry: a replica's clock could be off, or lie.
+`every_s`, as (flush time, replica, step, participants), in a ring per job. Nothing is
+written to the database, so the history does not grow with it. Each ring is three fixed
+arrays (24 bytes a sample, no object per sample), and there are at most `max_jobs` of them:
+the memory has a ceiling (about 30 MB) whatever the heartbeats say. A job larger than its
+ring can hold at 4 samples a second per replica is sampled less often, so that its ring
+still spans at least MIN_HISTORY_S. When every ring is taken, a new job gets one only from
+a job silent for SILENT_S (an ended job); otherwise its beats are not sampled (counted), so
+that many jobs cannot make the rings change hands on every flush. Samples carry the
+controller's own clock, the one its history events carry: a replica's clock could be off,
+or lie.
 
 `TimelineService.timeline` answers the `timeline` verb and ``GET /api/timeline``: the ring's
 samples of a job over a window, each replica mapped to its group by the replica table, and
@@ -16,7 +21,8 @@ the job's fault events of the same window from the history (`domain.timeline`).
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from array import array
+from collections.abc import Iterator
 from typing import Any
 
 from marduk_slurm.adapters.store import StoreApi
@@ -28,68 +34,99 @@ from marduk_slurm.domain import timeline as tl
 
 KEEP_S = 900.0  # how far back a timeline can look
 EVERY_S = 0.25  # at most one sample per replica this often
-JOB_SAMPLES = 20_000  # per job: 2 groups at 4 samples/s fill it in 40 min, 32 in 2.6 min
-MAX_JOBS = 16  # jobs with a ring; about 20 MB at most in all
-MAX_REPLICAS_PER_JOB = 4096  # replicas whose last sample time a job keeps
+JOB_SAMPLES = 20_000  # per job: 2 groups at 4 samples/s fill it in 40 min
+MIN_HISTORY_S = 120.0  # a large job's ring spans at least this (sampled less often)
+MAX_JOBS = 64  # rings: 64 x 20,000 x 24 bytes, about 30 MB at most
+SILENT_S = 30.0  # a ring whose job was not heard from for this long may be given away
+MAX_REPLICAS_PER_JOB = 4096  # replicas a ring knows (their ids and last sample time)
 DEFAULT_WINDOW_S = 300.0
 MAX_POINTS = 6000  # rate points in one answer (thinned beyond)
-MAX_EVENTS = 2000  # history events one answer reads
+MAX_EVENTS = 2000  # history events of each kind of query one answer reads
 
 Sample = tuple[float, str, int, int]  # flush time, replica id, step, participants
 
 
 class _JobRing:
-    def __init__(self) -> None:
-        self.samples: deque[Sample] = deque(maxlen=JOB_SAMPLES)
-        self.last: dict[str, float] = {}  # replica -> when it was last sampled
+    """One job's samples in fixed arrays, the oldest overwritten first."""
+
+    def __init__(self, size: int = JOB_SAMPLES) -> None:
+        self.t = array("d", bytes(8 * size))
+        self.step = array("q", bytes(8 * size))
+        self.who = array("l", bytes(array("l").itemsize * size))  # replica << 24 | quorum
+        self.size, self.next, self.count = size, 0, 0
+        self.replicas: list[str] = []
+        self.index: dict[str, int] = {}
+        self.last: dict[int, float] = {}  # replica index -> when it was last sampled
+        self.heard = 0.0
+
+    def every_s(self, every_s: float) -> float:
+        return max(every_s, len(self.index) * MIN_HISTORY_S / self.size)
+
+    def add(self, t: float, replica: int, step: int, quorum: int) -> None:
+        i = self.next
+        self.t[i], self.step[i] = t, min(step, 2**62)
+        self.who[i] = replica << 24 | min(quorum, 2**24 - 1)
+        self.next = (i + 1) % self.size
+        self.count = min(self.count + 1, self.size)
+
+    def since(self, t0: float) -> Iterator[Sample]:
+        first = (self.next - self.count) % self.size
+        for k in range(self.count):
+            i = (first + k) % self.size
+            if self.t[i] >= t0:
+                who = self.who[i]
+                yield self.t[i], self.replicas[who >> 24], self.step[i], who & (2**24 - 1)
 
 
 class StepSamples:
     """The rings of the jobs heard from lately."""
 
-    def __init__(self, ctx: Context | None = None, *, keep_s: float = KEEP_S,
-                 every_s: float = EVERY_S, max_jobs: int = MAX_JOBS) -> None:
+    def __init__(self, ctx: Context | None = None, *, every_s: float = EVERY_S,
+                 max_jobs: int = MAX_JOBS, job_samples: int = JOB_SAMPLES) -> None:
         self.ctx = ctx
-        self.keep_s = keep_s
         self.every_s = every_s
         self.max_jobs = max_jobs
-        self.jobs: OrderedDict[int, _JobRing] = OrderedDict()  # least recently heard first
+        self.job_samples = job_samples
+        self.jobs: dict[int, _JobRing] = {}
+        self._full_until = 0.0  # no ring is given away before this (all were busy)
 
     def on_flush(self, batch: list[m.Heartbeat], now: float) -> None:
         for hb in batch:
-            ring = self._ring(hb.job_id)
-            if now - ring.last.get(hb.replica_id, -1e18) < self.every_s:
+            ring = self.jobs.get(hb.job_id) or self._admit(hb.job_id, now)
+            if ring is None:
                 continue
-            if len(ring.last) >= MAX_REPLICAS_PER_JOB and hb.replica_id not in ring.last:
-                self._forget_quiet(ring, now)
-                if len(ring.last) >= MAX_REPLICAS_PER_JOB:
-                    self._count("timeline_samples_dropped")
+            ring.heard = now
+            replica = ring.index.get(hb.replica_id)
+            if replica is None:
+                replica = self._known(ring, hb.replica_id)
+                if replica is None:
                     continue
-            ring.last[hb.replica_id] = now
-            ring.samples.append((now, hb.replica_id, hb.step, hb.participants))
-        self._prune(now)
+            if now - ring.last.get(replica, -1e18) < ring.every_s(self.every_s):
+                continue
+            ring.last[replica] = now
+            ring.add(now, replica, hb.step, hb.participants)
 
-    def _ring(self, job: int) -> _JobRing:
-        ring = self.jobs.get(job)
-        if ring is None:
-            ring = self.jobs[job] = _JobRing()
-            while len(self.jobs) > self.max_jobs:
-                self.jobs.popitem(last=False)
-                self._count("timeline_jobs_evicted")
-        else:
-            self.jobs.move_to_end(job)
+    def _admit(self, job: int, now: float) -> _JobRing | None:
+        if len(self.jobs) >= self.max_jobs:
+            # Looked for once a second at most: a fleet of jobs beyond the rings must not
+            # cost a search per beat.
+            quiet = None if now < self._full_until else min(
+                self.jobs, key=lambda j: self.jobs[j].heard)
+            if quiet is None or now - self.jobs[quiet].heard < SILENT_S:
+                self._full_until = max(self._full_until, now + 1.0)
+                self._count("timeline_jobs_refused")
+                return None
+            del self.jobs[quiet]
+        ring = self.jobs[job] = _JobRing(self.job_samples)
         return ring
 
-    def _forget_quiet(self, ring: _JobRing, now: float) -> None:
-        ring.last = {r: t for r, t in ring.last.items() if now - t < self.keep_s}
-
-    def _prune(self, now: float) -> None:
-        for job in list(self.jobs):
-            samples = self.jobs[job].samples
-            while samples and now - samples[0][0] > self.keep_s:
-                samples.popleft()
-            if not samples:
-                del self.jobs[job]
+    def _known(self, ring: _JobRing, replica_id: str) -> int | None:
+        if len(ring.replicas) >= MAX_REPLICAS_PER_JOB:
+            self._count("timeline_samples_dropped")
+            return None
+        ring.index[replica_id] = len(ring.replicas)
+        ring.replicas.append(replica_id)
+        return ring.index[replica_id]
 
     def _count(self, what: str) -> None:
         if self.ctx is not None:
@@ -97,7 +134,9 @@ class StepSamples:
 
     def samples(self, job: int, since: float) -> list[Sample]:
         ring = self.jobs.get(job)
-        return [] if ring is None else [s for s in ring.samples if s[0] >= since]
+        if ring is None:
+            return []
+        return list(ring.since(since))
 
 
 def step_samples(raw: list[Sample], groups: dict[str, int]) -> tuple[list[tl.StepSample], int]:
