@@ -1,5 +1,6 @@
 """Adapters: one module (or package) per real system.
 
 Each hides its library behind a small interface: NATS (`bus`, `nats_server`), SQLite (`store`),
-Slurm (`slurm`), NVML (`nvml`), systemd (`systemd`). Only the adapter imports its library.
+Slurm (`slurm`), NVML (`nvml`), systemd (`systemd`), matplotlib (`timeline_plot`). Only the
+adapter imports its library.
 """
