@@ -296,3 +296,16 @@ def test_labels_of_marks_close_in_time_take_separate_rows() -> None:
     places = label_rows([(10.0, 19), (12.0, 19), (40.0, 19), (95.0, 19), (97.0, 19)],
                         0.0, 100.0, char_fraction=0.01)
     assert places == [(0, False), (1, False), (0, False), (0, True), (1, True)]
+
+
+@pytest.mark.parametrize("args", [
+    {}, {"job": None}, {"job": True}, {"job": -1}, {"job": 2**32 + 1}, {"job": "7; rm"},
+    {"job": 1.5}, {"job": [7]}, {"job": 7, "window_s": float("nan")},
+    {"job": 7, "window_s": float("inf")}, {"job": 7, "window_s": 0}, {"job": 7, "window_s": 901},
+    {"job": 7, "window_s": "-1"}, {"job": 7, "window_s": {"x": 1}}, {"job": "9" * 100_000}])
+async def test_the_timeline_verb_refuses_bad_arguments(args: dict[str, object]) -> None:
+    from marduk_slurm.controller.timeline import TimelineService
+
+    service = TimelineService(SimpleNamespace(stats=Counter()))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):  # the RPC server answers it as "invalid"
+        await service.rpc_timeline(args, "fuzz")
