@@ -7,9 +7,12 @@ controller's `gpu_verdict` to the replaced group's first committed step in a quo
 groups (the training log of scripts/train_tiny.py, one clock: every node is this host).
 
 Needs the local cluster (scripts/slurm-cluster.sh) and root, like the drill; takes the nodes
-of the cluster while it runs (about a minute per job).
+of the cluster while it runs (about a minute per job). Each run's fault timeline (step rate
+and quorum size per group, the fault and what followed it marked) is drawn into
+`--plots DIR` as run<N>-hot-spare.svg and run<N>-cold-respawn.svg (or .png with
+`--plot-format png`; needs matplotlib, the `plots` extra).
 
-    .venv/bin/python benchmarks/recovery.py [--runs 3]
+    .venv/bin/python benchmarks/recovery.py [--runs 3] [--plots DIR]
 """
 
 from __future__ import annotations
@@ -26,19 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from harness import load_drill
 
 
-def measure(runs: int, max_steps: int, step_sleep_s: float
+def measure(runs: int, max_steps: int, step_sleep_s: float, plots: Path, plot_format: str
             ) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
     """(fault -> full strength per mode, and per mode the runs' other figures: survivors'
     longest step and median step in ms, steps trained without the replaced group, steps
-    redone)."""
+    redone). Each run's timeline picture goes into `plots`."""
     drill = load_drill()
     times: dict[str, list[float]] = {"hot spare": [], "cold respawn": []}
     other: dict[str, list[Any]] = {"hot spare": [], "cold respawn": []}
     for i in range(runs):
         for label, hot in (("hot spare", 1), ("cold respawn", 0)):
             work = Path(tempfile.mkdtemp(prefix=f"marduk-recovery-{hot}-"))
+            plot = plots / f"run{i + 1}-{label.replace(' ', '-')}.{plot_format}"
             result = drill.run_drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s,
-                                     hot_spares=hot, finish_after=60)
+                                     hot_spares=hot, finish_after=60, plot=plot)
             if result.job_state != "COMPLETED" or result.fault_to_full_strength_s <= 0:
                 raise RuntimeError(f"run {i + 1} ({label}) did not complete: {result.job_state}"
                                    f"; logs in {work}")
@@ -55,7 +59,8 @@ def measure(runs: int, max_steps: int, step_sleep_s: float
                   + (f"{longest:.0f} ms" if longest else "< 100 ms")
                   + f", median {result.survivors_median_step_ms:.0f} ms; "
                   f"{result.steps_at_reduced_strength} step(s) without the group; "
-                  f"{result.steps_redone} redone", flush=True)
+                  f"{result.steps_redone} redone; timeline "
+                  f"{result.timeline_plot or 'not drawn'}", flush=True)
     return times, other
 
 
@@ -72,8 +77,16 @@ def main() -> int:
                     help="long enough for a cold respawn; the job is ended 60 steps after "
                          "the group is back")
     ap.add_argument("--step-sleep", type=float, default=0.05)
+    ap.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                    help="where each run's timeline picture goes (default: a new folder "
+                         "under /tmp, printed)")
+    ap.add_argument("--plot-format", choices=("svg", "png"), default="svg")
     args = ap.parse_args()
-    times, other = measure(args.runs, args.max_steps, args.step_sleep)
+    plots = args.plots or Path(tempfile.mkdtemp(prefix="marduk-recovery-plots-"))
+    plots.mkdir(parents=True, exist_ok=True)
+    print(f"timeline pictures in {plots}", flush=True)
+    times, other = measure(args.runs, args.max_steps, args.step_sleep, plots,
+                           args.plot_format)
     print("\n| recovery | runs (s) | p50 (s) | p90 (s) |\n|---|---|---|---|")
     for label, values in times.items():
         print(f"| {label} | {', '.join(f'{v:.2f}' for v in values)} | "

@@ -14,6 +14,11 @@ group, and no cold respawn happens. Either way the drill times the fault (the co
 `gpu_verdict`) to full strength (the replaced group's first step in a quorum of every group,
 from the training log); benchmarks/recovery.py compares the two.
 
+At the end it asks the controller for the job's fault timeline (`marduk timeline`: each
+group's step rate and quorum size from the heartbeats, with the fault, drain, leave, standby
+assumed or respawn and full strength marked) and draws it into a picture file next to its
+logs (timeline.svg; needs matplotlib, the `plots` extra), printing its path.
+
 Run by scripts/demo.sh (which prepares the environment and the cluster), and by
 tests/test_drill.py. Prints what it does at each stage and ends with a summary.
 """
@@ -79,6 +84,8 @@ class DrillResult:
     survivors_median_step_ms: float = 0.0
     steps_at_reduced_strength: int = 0
     job_state: str = ""
+    timeline_plot: str = ""  # the picture file, "" when it could not be drawn
+    timeline: dict[str, Any] = field(default_factory=dict)  # `marduk timeline --json`
     history: list[dict[str, Any]] = field(default_factory=list)
     replicas: list[dict[str, Any]] = field(default_factory=list)
     work: str = ""
@@ -239,6 +246,23 @@ class Drill:
             f"strength {result.fault_to_full_strength_s:.1f} s after the fault (polling; the "
             "summary reads the exact time from the training log)")
 
+    def plot_timeline(self, t0: float, path: Path) -> tuple[dict[str, Any], str]:
+        """The job's timeline from 30 s before the fault (the controller keeps 15 min), and
+        the picture of it in `path` ("" when matplotlib is missing: the drill goes on)."""
+        window = min(900.0, time.time() - t0 + 30.0)
+        data = self.marduk("timeline", str(self.job_id), "--window", f"{window:.0f}")
+        try:
+            from marduk_slurm.adapters.timeline_plot import PlotsUnavailable, write_plot
+            from marduk_slurm.domain.timeline import from_json
+
+            title = (f"job {self.job_id}: XID 79, "
+                     + ("hot spare" if self.hot_spares else "cold respawn"))
+            write_plot(from_json(data), path, title=title)
+        except PlotsUnavailable as exc:
+            say(f"timeline plot not drawn: {exc}")
+            return data, ""
+        return data, str(path)
+
     def wait_job(self) -> str:
         def finished() -> str | None:
             out = self.scontrol("show", "-o", "job", str(self.job_id))
@@ -360,10 +384,11 @@ def survivors_during(output: str, group: int, groups: int, after: float, until: 
 
 def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
               hot_spares: int = 0, finish_after: int | None = None,
-              lighthouse_proxy: bool = True) -> DrillResult:
+              lighthouse_proxy: bool = True, plot: Path | None = None) -> DrillResult:
     """One drill. With `finish_after`, once the group is back at full strength the job is
     told (`marduk config set JOB max_steps=...`) to end that many steps later: a long
-    `max_steps` then leaves room for a slow cold respawn without making every run long."""
+    `max_steps` then leaves room for a slow cold respawn without making every run long.
+    The timeline's picture goes to `plot` (.svg or .png; default timeline.svg in `work`)."""
     drill = Drill(work, max_steps=max_steps, step_sleep_s=step_sleep_s, hot_spares=hot_spares,
                   lighthouse_proxy=lighthouse_proxy)
     result = DrillResult(work=str(work), hot_spares=hot_spares, max_steps=max_steps)
@@ -386,6 +411,8 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
         say(f"job {drill.job_id} finished: {result.job_state}")
         result.history = drill.marduk("history", "--since", str(t0 - 1), "--limit", "1000")
         result.replicas = drill.marduk("replicas", "--job", str(drill.job_id), "--all")
+        result.timeline, result.timeline_plot = drill.plot_timeline(
+            t0, plot or work / "timeline.svg")
         verdict_ts, drained_ts = event_times(result.history, t0 - 1)
         result.fault_to_drain_s = drained_ts - verdict_ts
         result.assumed_by_standby = any(e["kind"] == "standby_assumed" for e in result.history)
@@ -418,6 +445,16 @@ def run_drill(work: Path, *, max_steps: int = 300, step_sleep_s: float = 0.05,
     return result
 
 
+def timeline_marks(timeline: dict[str, Any]) -> str:
+    """What the timeline marked, in order, and what it did not see after the fault."""
+    if not timeline:
+        return ""
+    kinds = " -> ".join(mk["kind"] for mk in timeline.get("marks", []))
+    missing = timeline.get("missing") or []
+    return f"\n                 marks: {kinds or 'none'}" + (
+        f"; not seen: {', '.join(missing)}" if missing else "")
+
+
 def summary(r: DrillResult) -> str:
     lines = ["", "=== drill summary ===",
              f"job            : {r.job_id}, {r.job_state}, reached step {r.final_step}",
@@ -440,6 +477,9 @@ def summary(r: DrillResult) -> str:
              f"after the fault (not committed, any group) + {r.steps_redone} redone (the "
              f"group left at step {r.left_at_step}, came back healed to step "
              f"{r.healed_to_step})",
+             "timeline plot  : " + (r.timeline_plot or "not drawn (pip install "
+                                    "'marduk-slurm[plots]')")
+             + timeline_marks(r.timeline),
              "timeline (marduk history):"]
     t0 = r.history[0]["ts"] if r.history else 0.0
     for ev in r.history:
@@ -467,15 +507,20 @@ def main() -> int:
     ap.add_argument("--step-sleep", type=float, default=0.05, help="seconds per step")
     ap.add_argument("--hot-spares", type=int, default=0, choices=(0, 1),
                     help="run the spare node as a standby (default 0: cold respawn)")
+    ap.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                    help="the fault timeline's picture (.svg or .png; default timeline.svg "
+                         "in the drill's work folder)")
     ap.add_argument("--no-lighthouse-proxy", action="store_true",
                     help="the Managers talk to the lighthouse directly (a commanded leave then "
                          "costs the survivors the whole heartbeat timeout)")
     args = ap.parse_args()
+    if args.plot is not None and args.plot.suffix.lower() not in (".svg", ".png"):
+        ap.error(f"--plot {args.plot}: the file must end in .svg or .png")
     work = Path(tempfile.mkdtemp(prefix="marduk-drill-"))
     try:
         result = run_drill(work, max_steps=args.max_steps, step_sleep_s=args.step_sleep,
                            hot_spares=args.hot_spares,
-                           lighthouse_proxy=not args.no_lighthouse_proxy)
+                           lighthouse_proxy=not args.no_lighthouse_proxy, plot=args.plot)
     except (RuntimeError, ValueError) as exc:  # ValueError: a figure the log cannot give
         say(f"drill failed: {exc}")
         return 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # setup.sh - make the project's virtual environment (.venv) on a fresh machine, idempotently.
 # Installs torch 2.13.0 (CPU) first, so that nothing else can pull a different torch build,
-# then the project with its runtime and dev extras. Prints what it does.
+# then the project with its runtime, plots and dev extras. Prints what it does.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 VENV=${MARDUK_VENV:-.venv}
@@ -26,9 +26,9 @@ if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split(
   say "installing torch 2.13.0 (CPU)"
   pip install "torch==2.13.0"
 fi
-say "installing marduk-slurm with runtime and dev extras"
-pip install -e ".[runtime,dev]" 2>&1 | grep -v -E '^(WARNING: Location|  )' >&2 || true
-"$VENV/bin/python" -c 'import torch, torchft, nats, marduk_slurm' \
+say "installing marduk-slurm with runtime, plots and dev extras"
+pip install -e ".[runtime,plots,dev]" 2>&1 | grep -v -E '^(WARNING: Location|  )' >&2 || true
+"$VENV/bin/python" -c 'import torch, torchft, nats, matplotlib, marduk_slurm' \
   || { say "installation incomplete"; exit 1; }
 "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' \
   || { say "a dependency replaced torch 2.13.0"; exit 1; }

@@ -139,6 +139,7 @@ OPERATOR_ARGS: dict[str, dict[str, Any]] = {
     "checkpoint_load": {"job": 7, "path": "/ckpt/step-10"},
     "straggler_policy": {"job": 7, "policy": {"action": "flag"}},
     "straggler_show": {"job": 7}, "risk": {"node": "n1"}, "top": {},
+    "timeline": {"job": 7, "window_s": 60},
     "timeout_policy": {"job": 7, "k": 10, "floor_s": 10, "ceiling_s": 600, "off": False},
 }
 JOB_ARGS: dict[str, dict[str, Any]] = {"config_latest": {}}

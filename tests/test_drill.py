@@ -5,7 +5,9 @@ node drained, the replica respawned on the spare and healed, and the job complet
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,30 @@ from harness import load_drill
 from slurm_fixtures import SlurmCluster, slurm_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.slurm, pytest.mark.torch, pytest.mark.slow]
+
+
+def check_timeline(result: Any, replaced_by: str, leave_first: bool) -> None:
+    """The fault timeline the drill drew: both groups' step rates from the heartbeats, the
+    marks from the controller's history in their order, and the same marks in the file."""
+    timeline = result.timeline
+    print(f"timeline plot {result.timeline_plot}: {timeline['marks']}; "
+          f"missing {timeline['missing']}")
+    assert [g["group"] for g in timeline["groups"]] == [0, 1]
+    marks = [(mk["kind"], mk["label"]) for mk in timeline["marks"]]
+    kinds = [k for k, _ in marks]
+    assert kinds[:1] == ["fault"] and kinds.count("fault") == 1, marks
+    assert ("drain", f"{result.node} drained") in marks
+    # A cold respawn follows the leave; a standby is told to assume with the leave, and may
+    # acknowledge before the old replica confirms it left.
+    assert kinds.index("replace") > 0 and "leave" in kinds, marks
+    if leave_first:
+        assert kinds.index("leave") < kinds.index("replace"), marks
+    assert next(label for k, label in marks if k == "replace").startswith(replaced_by)
+    if result.timeline_plot:  # matplotlib installed
+        ids = [e.get("id", "") for e in ET.parse(result.timeline_plot).getroot().iter()]
+        drawn = [i.split("-")[1] for i in ids if i.startswith("mark-") and not i.endswith("-q")]
+        assert drawn == kinds
+        assert {i.split("-")[2] for i in ids if i.startswith("series-group-")} == {"0", "1"}
 
 
 
@@ -49,6 +75,8 @@ def test_fault_drill(tmp_path: Path, slurm_cluster: SlurmCluster) -> None:  # no
     old = [r for r in result.replicas if r["node"] == result.node]
     assert moved and old and moved[0]["replica_group"] == old[0]["replica_group"]
     assert old[0]["state"] == "left" and old[0]["gpu_uuids"] == []
+    check_timeline(result, replaced_by=f"group {moved[0]['replica_group']} respawned on "
+                                       f"{result.spare}", leave_first=True)
 
 
 def test_fault_drill_with_a_hot_spare(tmp_path: Path, slurm_cluster: SlurmCluster  # noqa: F811
@@ -75,3 +103,4 @@ def test_fault_drill_with_a_hot_spare(tmp_path: Path, slurm_cluster: SlurmCluste
     assert ("step_start", result.spare) not in kinds
     log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert "assumed by standby 0 on" in log and "respawning" not in log
+    check_timeline(result, replaced_by="standby assumed group", leave_first=False)

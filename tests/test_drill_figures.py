@@ -106,3 +106,13 @@ def test_the_batch_step_is_named_batch_in_the_history(tmp_path: Path, drill: Mod
     result = drill.DrillResult(history=[{"ts": 100.0, "kind": "step_start", "node": "n1",
                                          "reason": reasons[0]}])
     assert "4294967291" not in drill.summary(result)
+
+
+def test_the_summary_names_the_timeline_plot_and_what_it_did_not_see(drill: ModuleType
+                                                                      ) -> None:
+    timeline = {"marks": [{"kind": "fault"}, {"kind": "drain"}, {"kind": "leave"}],
+                "missing": ["replace", "heal"]}
+    text = drill.summary(drill.DrillResult(timeline=timeline, timeline_plot="/w/t.svg"))
+    assert "timeline plot  : /w/t.svg" in text
+    assert "marks: fault -> drain -> leave; not seen: replace, heal" in text
+    assert "not drawn" in drill.summary(drill.DrillResult())

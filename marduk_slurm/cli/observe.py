@@ -1,4 +1,5 @@
-"""Observability commands: `straggler policy|show`, `risk`, and `top`, a live terminal view.
+"""Observability commands: `straggler policy|show`, `risk`, `timeline` (a job's recent faults,
+as text or a picture file), and `top`, a live terminal view.
 
 `top` redraws with plain ANSI escapes (home, clear to end), so it needs no curses; `--once`
 prints one frame without them, for scripts and tests.
@@ -92,6 +93,40 @@ def cmd_risk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from marduk_slurm.domain import timeline as tl
+
+    plot = Path(args.plot) if args.plot else None
+    if plot is not None and plot.suffix.lower() not in (".svg", ".png"):
+        raise ValueError(f"--plot {plot}: the file must end in .svg or .png")
+    data = ask(args, "timeline", {"job": args.job, "window_s": args.window})
+    if plot is not None:
+        from marduk_slurm.adapters.timeline_plot import PlotsUnavailable, write_plot
+
+        try:
+            write_plot(tl.from_json(data), plot, title=f"job {args.job}: fault timeline")
+        except PlotsUnavailable as exc:
+            render.error(exc)
+            return 1
+        data["plot"] = str(plot)
+    if args.json:
+        render.as_json(data)
+        return 0
+    render.say(f"job {data['job']}: {data['samples']} step samples over the last "
+               f"{data['window_s']:g} s, {len(data['groups'])} group(s), full quorum "
+               f"{data['full_quorum']}")
+    render.table(["TIME", "KIND", "GROUP", "WHAT"],
+                 [[render.fmt_time(mk["t"]), mk["kind"], mk["group"], mk["label"]]
+                  for mk in data["marks"]])
+    if data["missing"]:
+        render.say(f"not seen after a fault: {', '.join(data['missing'])}")
+    if plot is not None:
+        render.say(f"plot: {plot}")
+    return 0
+
+
 def frame(data: dict[str, Any], out: TextIO) -> None:
     """One screen of `marduk top`."""
     s = data["status"]
@@ -181,6 +216,15 @@ def add_parsers(sub: Any, add: Any) -> None:
     p = add(sub, "risk", "GPU failure risk scores and what they are made of",
             "marduk risk n3", cmd_risk)
     p.add_argument("node", nargs="?", type=arguments.node_name, help="only this node's GPUs")
+    p = add(sub, "timeline", "a job's recent faults: each group's step rate and quorum size, "
+            "with the fault, drain, leave, standby or respawn and full strength marked",
+            "marduk timeline 1234 --window 600 --plot job1234.svg", cmd_timeline)
+    p.add_argument("job", type=arguments.job_id, help="Slurm job id")
+    p.add_argument("--window", type=arguments.seconds_in("--window", 1, 900), default=None,
+                   metavar="S", help="the last S seconds (default 300, at most 900: what "
+                   "the controller keeps)")
+    p.add_argument("--plot", metavar="FILE", help="also draw it into FILE (.svg or .png; "
+                   "needs matplotlib: pip install 'marduk-slurm[plots]')")
     p = add(sub, "top", "live view of replicas, step rates, stragglers and drained nodes "
             "(Ctrl-C exits)", "marduk top --interval 2", cmd_top)
     p.add_argument("--once", action="store_true", help="print one frame and exit")

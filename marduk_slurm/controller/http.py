@@ -28,6 +28,7 @@ from multidict import MultiMapping
 
 from marduk_slurm.controller.event_stream import EventStream
 from marduk_slurm.controller.metrics import CONTENT_TYPE as METRICS_TYPE
+from marduk_slurm.controller.timeline import KEEP_S as TIMELINE_KEEP_S
 from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.domain import subjects
 from marduk_slurm.supervisor import unsubscribe_all
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-ASSETS = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {"index.html": "text/html", "app.js": "text/javascript",
+          "timeline.js": "text/javascript", "style.css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
                                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
@@ -131,6 +133,7 @@ QUERY_PARAMS: dict[str, dict[str, QueryParser]] = {
     "/api/history": {"node": _name_param, "job": JOB_PARAM,
                      "since": _float_param(0, 2**40), "kind": _kinds_param,
                      "limit": _int_param(1, HISTORY_LIMIT_MAX)},
+    "/api/timeline": {"job": JOB_PARAM, "window": _float_param(1.0, TIMELINE_KEEP_S)},
 }
 
 
@@ -183,6 +186,7 @@ class HttpServer:
         get = [("/", self.asset), ("/static/{name}", self.asset),
                ("/api/status", self.api_status), ("/api/replicas", self.api_replicas),
                ("/api/nodes", self.api_nodes), ("/api/history", self.api_history),
+               ("/api/timeline", self.api_timeline),
                ("/api/events", self.stream.handle), ("/metrics", self.metrics)]
         for path, handler in get:
             app.router.add_get(path, handler)
@@ -300,6 +304,13 @@ class HttpServer:
             node=q["node"], job_id=q["job"], since=q["since"], kinds=q["kind"] or [],
             limit=q["limit"] or 200))
         return _json(rows)
+
+    async def api_timeline(self, request: web.Request) -> web.Response:
+        """A job's fault timeline over the last `window` seconds (`job` is required)."""
+        q = request["query"]
+        if q["job"] is None:
+            raise BadQuery("job", "job: required (a job id)")
+        return _json(await self.obs.timeline.timeline(q["job"], q["window"]))
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await self.obs.metrics.render()

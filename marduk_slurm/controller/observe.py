@@ -1,8 +1,9 @@
 """Observability, wired into the controller: stragglers, GPU risk, metrics, the dashboard.
 
-`install` builds the parts, hooks the straggler detector and the ingest-lag histogram onto
-the heartbeat flush, registers the request verbs (``straggler_policy``, ``straggler_show``,
-``risk``, ``top``) and starts the supervised tasks. The views here (replicas with their live
+`install` builds the parts, hooks the straggler detector, the ingest-lag histogram and the
+fault timeline's step samples onto the heartbeat flush, registers the request verbs
+(``straggler_policy``, ``straggler_show``, ``risk``, ``top``, ``timeline``) and starts the
+supervised tasks. The views here (replicas with their live
 numbers, nodes with GPUs, risk and replicas) are shared by the HTTP API, the SSE stream and
 `marduk top`, so they all show the same thing.
 """
@@ -23,6 +24,7 @@ from marduk_slurm.controller.operations import Operations
 from marduk_slurm.controller.risk_watch import RiskWatch
 from marduk_slurm.controller.rpc import RpcServer
 from marduk_slurm.controller.stragglers import StragglerWatch
+from marduk_slurm.controller.timeline import TimelineService
 from marduk_slurm.domain import input_bounds as bounds
 from marduk_slurm.settings import ControllerSettings
 from marduk_slurm.supervisor import Supervisor
@@ -43,6 +45,7 @@ class Observability:
         self.stragglers = StragglerWatch(ctx, settings)
         self.risk = RiskWatch(ctx, settings)
         self.metrics = MetricsCollector(ctx, supervisor, self.stragglers, self.risk)
+        self.timeline = TimelineService(ctx)
 
     # -- shared views -----------------------------------------------------------------------
 
@@ -152,12 +155,14 @@ def install(ctx: Context, rpc: RpcServer, ops: Operations, supervisor: Superviso
     from marduk_slurm.controller.http import HttpServer  # aiohttp only where it is used
 
     obs = Observability(ctx, ops, supervisor, heartbeats, settings)
-    heartbeats.on_flush += [obs.stragglers.on_flush, obs.metrics.on_flush]
+    heartbeats.on_flush += [obs.stragglers.on_flush, obs.metrics.on_flush,
+                            obs.timeline.samples.on_flush]
     rpc.register("straggler_policy", obs.stragglers.rpc_policy)
     rpc.register("straggler_show", obs.stragglers.rpc_show)
     rpc.register("timeout_policy", obs.stragglers.rpc_timeouts)
     rpc.register("risk", obs.risk.rpc_risk)
     rpc.register("top", obs.top)
+    rpc.register("timeline", obs.timeline.rpc_timeline)
     rpc.risk_view = obs.risk_for
     supervisor.start("stragglers", obs.stragglers.run)
     supervisor.start("risk", obs.risk.run)

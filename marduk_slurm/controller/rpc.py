@@ -55,7 +55,7 @@ CHECK_WORKERS = 8  # node checks at once (`resume --check`), each waiting on age
 
 # Verbs that may read and send thousands of rows: they have their own lane (see RpcServer).
 HEAVY_VERBS = frozenset({"replicas", "nodes", "history", "top", "straggler_show", "risk",
-                         "config_show", "deadletters"})
+                         "config_show", "deadletters", "timeline"})
 
 
 class RpcServer:

@@ -337,6 +337,7 @@ function connect() {
     const ev = JSON.parse(msg.data);
     addEvent(ev);
     if (NODE_KINDS.has(ev.kind)) refreshSoon();
+    if (typeof onTimelineEvent === "function") onTimelineEvent(ev);  // timeline.js
   });
   source.addEventListener("snapshot", onSnapshot);
   source.addEventListener("delta", onDelta);
