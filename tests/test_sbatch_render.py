@@ -97,7 +97,7 @@ def test_training_command_survives_the_shell(tmp_path: Path) -> None:
 def test_lighthouse_command() -> None:
     text = sbatch.render({**CASES["full"], "lighthouse_proxy": False})
     assert ('torchft_lighthouse --bind "$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" --min_replicas 1 \\\n'
-            "  --quorum_tick_ms 100 --join_timeout_ms 10000 \\\n"
+            "  --quorum_tick_ms 25 --join_timeout_ms 10000 \\\n"
             "  --heartbeat_timeout_ms 2000 &") in text
     assert "lighthouse-proxy" not in text
     assert "LIGHTHOUSE_PORT=29500" in text
@@ -108,12 +108,12 @@ def test_lighthouse_behind_the_liveness_proxy() -> None:
     marduk = "'/opt/my env/bin/python' -m marduk_slurm.cli.main"
     text = sbatch.render({**CASES["full"], "marduk": marduk})
     assert ('torchft_lighthouse --bind "$REAL_LIGHTHOUSE" --min_replicas 1 \\\n'
-            "  --quorum_tick_ms 100 --join_timeout_ms 10000 \\\n"
-            "  --heartbeat_timeout_ms 250 &") in text
+            "  --quorum_tick_ms 25 --join_timeout_ms 10000 \\\n"
+            "  --heartbeat_timeout_ms 150 &") in text
     assert ("'/opt/my env/bin/python' -m marduk_slurm.cli.main lighthouse-proxy --listen "
             '"$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" \\\n'
             '  --lighthouse "$REAL_LIGHTHOUSE" --long-timeout-ms 2000 \\\n'
-            '  --lighthouse-timeout-ms 250 --job "$SLURM_JOB_ID" &') in text
+            '  --lighthouse-timeout-ms 150 --job "$SLURM_JOB_ID" &') in text
 
 
 def test_unknown_parameter_is_rejected_with_the_valid_ones() -> None:

@@ -75,12 +75,12 @@ export TORCHFT_LIGHTHOUSE="http://$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT"
 # marduk tells it to leave; the real lighthouse, on loopback, runs with a short timeout.
 REAL_LIGHTHOUSE="127.0.0.1:$((LIGHTHOUSE_PORT + 1))"
 torchft_lighthouse --bind "$REAL_LIGHTHOUSE" --min_replicas 1 \
-  --quorum_tick_ms 100 --join_timeout_ms 10000 \
-  --heartbeat_timeout_ms 250 &
+  --quorum_tick_ms 25 --join_timeout_ms 10000 \
+  --heartbeat_timeout_ms 150 &
 LIGHTHOUSE_PID=$!
 marduk lighthouse-proxy --listen "$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" \
   --lighthouse "$REAL_LIGHTHOUSE" --long-timeout-ms 1000 \
-  --lighthouse-timeout-ms 250 --job "$SLURM_JOB_ID" &
+  --lighthouse-timeout-ms 150 --job "$SLURM_JOB_ID" &
 PROXY_PID=$!
 log "lighthouse (pid $LIGHTHOUSE_PID) at $REAL_LIGHTHOUSE behind its proxy (pid $PROXY_PID) on $LIGHTHOUSE_NODE at $TORCHFT_LIGHTHOUSE"
 
