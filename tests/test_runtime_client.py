@@ -125,24 +125,31 @@ def _controller_connected(controller: ControllerProcess) -> bool:
         return False
 
 
+def told_to_leave(controller: ControllerProcess, grace: timedelta, exits: list[int],
+                  heartbeat_step: int | None = None) -> MardukClient:
+    """A registered replica on n0 with `grace` to leave (its exits recorded, not made), and
+    a GPU fault on n0 that sends it away. The GPU is one the controller has no inventory of
+    (no agent spoke): injected with force, as drills do."""
+    client = MardukClient(controller.url, JOB, 0, leave_grace=grace, exit_process=exits.append)
+    replica_id = f"job{JOB}_rg0:uuid-0"
+    client.start(replica_id, lambda: m.ReplicaRegister(
+        replica_id=replica_id, job_id=JOB, replica_group=0, node="n0",
+        gpu_uuids=["cpu:n0:0"], step=7, ts=time.time()))
+    wait_for(lambda: controller.request("replicas", {"job": JOB}), 10,
+             what="the replica registered")
+    if heartbeat_step is not None:
+        client.send_heartbeat(heartbeat(0, heartbeat_step))
+    controller.request("inject", {"node": "n0", "gpu": "cpu:n0:0", "xid": 79, "force": True})
+    return client
+
+
 def test_a_replica_stuck_in_a_step_when_told_to_leave_leaves_after_its_grace(
         controller: ControllerProcess) -> None:
     # The training thread never reaches a boundary (it never polls); the leave command from a
     # drain must still end the process, with the leave reported.
     exits: list[int] = []
-    client = MardukClient(controller.url, JOB, 0, leave_grace=timedelta(seconds=0.5),
-                          exit_process=exits.append)
-    replica_id = f"job{JOB}_rg0:uuid-0"
-    client.start(replica_id, lambda: m.ReplicaRegister(
-        replica_id=replica_id, job_id=JOB, replica_group=0, node="n0",
-        gpu_uuids=["cpu:n0:0"], step=7, ts=time.time()))
+    client = told_to_leave(controller, timedelta(seconds=0.5), exits, heartbeat_step=7)
     try:
-        wait_for(lambda: controller.request("replicas", {"job": JOB}), 10,
-                 what="the replica registered")
-        client.send_heartbeat(heartbeat(0, 7))
-        # a GPU the controller has no inventory of (its agent never spoke): forced, as drills do
-        controller.request("inject", {"node": "n0", "gpu": "cpu:n0:0", "xid": 79,
-                                      "force": True})
         wait_for(lambda: exits, 15, what="the overdue leave's exit")
         assert exits == [75] and client.stats["leave_overdue"] == 1
         left = wait_for(lambda: [e for e in controller.request("history", {"job": JOB})
@@ -158,17 +165,8 @@ def test_a_replica_that_reported_its_leave_but_hangs_on_its_way_out_is_ended(
     # It reached its boundary and reported the leave (as ManagerMarduk does, then closes the
     # client), but the process does not end: at exit it waits for a thread stuck in a call.
     exits: list[int] = []
-    client = MardukClient(controller.url, JOB, 0, leave_grace=timedelta(seconds=1),
-                          exit_process=exits.append)
-    replica_id = f"job{JOB}_rg0:uuid-0"
-    client.start(replica_id, lambda: m.ReplicaRegister(
-        replica_id=replica_id, job_id=JOB, replica_group=0, node="n0",
-        gpu_uuids=["cpu:n0:0"], step=7, ts=time.time()))
+    client = told_to_leave(controller, timedelta(seconds=1), exits)
     try:
-        wait_for(lambda: controller.request("replicas", {"job": JOB}), 10,
-                 what="the replica registered")
-        controller.request("inject", {"node": "n0", "gpu": "cpu:n0:0", "xid": 79,
-                                      "force": True})
         cmds = wait_for(client.poll_commands, 10, what="the leave command")
         assert cmds[0].action == "leave"  # type: ignore[union-attr]
         client.send_leave("told to leave", 75, 7)
