@@ -7,7 +7,12 @@ controller (`--slurm-backend none`) start, and simulator processes send what the
 
 - every replica's heartbeat once a second (`marduk.v1.hb.<job>`, spread over the second);
 - every node's health summary every 5 s, each GPU with its NVML counters
-  (`marduk.v1.health.<node>`, spread over the 5 s).
+  (`marduk.v1.health.<node>`, spread over the 5 s);
+- step churn: job steps starting and ending on the nodes, as agents relay them from the
+  SPANK plugin (durable `step_start` then, STEP_LIFE_S later, `step_end`), at --churn steps
+  per second over the fleet (default: one per 100 nodes per second). Each is a step of one
+  of the site's jobs with a step id of its own and no GPU, so it adds the durable writes
+  and history events of a busy site without remapping the replicas the faults hit.
 
 Under that load the main process publishes XID 79 verdicts at a steady rate (durable, as an
 agent does) on nodes with replicas and times each:
@@ -58,6 +63,8 @@ from marduk_slurm.domain.gpu_health import GpuAction
 
 REPLICAS_PER_JOB = 80  # 80,000 replicas in 1,000 jobs at the target shape
 HEALTH_EVERY_S = 5.0
+STEP_LIFE_S = 10.0  # a churned step ends this long after it started
+CHURN_STEP_BASE = 100_000  # churned steps' ids start here, clear of the site's own
 TARGETS = {"drain_p99_ms": 50.0, "leave_p99_ms": 25.0, "restart_s": 2.0, "cores": 1.0,
            "rss_mib": 1024.0}
 
@@ -83,12 +90,58 @@ def health(node_index: int, t: float) -> tuple[str, bytes]:
     return subjects.node_health(node), m.encode(m.HealthSummary(node=node, gpus=gpus))
 
 
-async def simulate(url: str, first_node: int, nodes: int, seconds: float) -> dict[str, int]:
+class StepChurn:
+    """Steps starting and ending on the simulator's nodes at `per_s`, each published
+    durably (as an agent's outbox does) on a task of its own, so that a slow JetStream
+    acknowledgement does not hold up the heartbeats."""
+
+    def __init__(self, bus: Bus, first_node: int, nodes: int, per_s: float,
+                 sent: Counter[str]) -> None:
+        self.bus, self.first_node, self.nodes, self.per_s = bus, first_node, nodes, per_s
+        self.sent = sent
+        self.started = 0
+        self.open: list[tuple[float, m.StepEnd]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def tick(self, elapsed_s: float, now: float) -> None:
+        while self.per_s > 0 and self.started < elapsed_s * self.per_s:
+            index = self.first_node + self.started % self.nodes
+            node = node_name(index)
+            _, job = replica(index * REPLICAS_PER_NODE)
+            step = CHURN_STEP_BASE + self.first_node * 1000 + self.started
+            self.started += 1
+            self._publish("step_start", m.StepStart(job_id=job, step_id=step, node=node))
+            self.open.append((now + STEP_LIFE_S,
+                              m.StepEnd(job_id=job, step_id=step, node=node, exit_status=0)))
+        while self.open and self.open[0][0] <= now:
+            self._publish("step_end", self.open.pop(0)[1])
+
+    def _publish(self, kind: str, msg: m.StepStart | m.StepEnd) -> None:
+        async def send() -> None:
+            try:
+                await self.bus.publish_durable(subjects.node_event(msg.node, kind),
+                                               m.encode(msg))
+                self.sent[kind] += 1
+            except Exception as exc:  # counted: the report shows what did not go out
+                self.sent[f"{kind}_failed:{type(exc).__name__}"] += 1
+        task = asyncio.get_running_loop().create_task(send())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=10)
+
+
+async def simulate(url: str, first_node: int, nodes: int, seconds: float, churn_per_s: float
+                   ) -> dict[str, int]:
     """Send the nodes' traffic for `seconds`: each replica's heartbeat every second and each
-    node's health every HEALTH_EVERY_S, both spread evenly; returns what was sent."""
+    node's health every HEALTH_EVERY_S, both spread evenly, and the step churn; returns what
+    was sent."""
     bus = Bus(url, name=f"fleet-sim-{first_node}")
     await bus.connect()
     sent: Counter[str] = Counter()
+    churn = StepChurn(bus, first_node, nodes, churn_per_s, sent)
     replicas = range(first_node * REPLICAS_PER_NODE, (first_node + nodes) * REPLICAS_PER_NODE)
     ids = [replica(i) for i in replicas]
     start = time.monotonic()
@@ -110,12 +163,14 @@ async def simulate(url: str, first_node: int, nodes: int, seconds: float) -> dic
             subject, data = health(first_node + k, now)
             await bus.publish(subject, data)
             sent["health"] += 1
+        churn.tick(time.monotonic() - start, time.monotonic())
         tick += 1
+    await churn.drain()
     await bus.close()
     return dict(sent)
 
 
-def start_simulators(url: str, nodes: int, processes: int, seconds: float
+def start_simulators(url: str, nodes: int, processes: int, seconds: float, churn_per_s: float
                      ) -> list[subprocess.Popen[str]]:
     per = -(-nodes // processes)
     procs = []
@@ -123,7 +178,8 @@ def start_simulators(url: str, nodes: int, processes: int, seconds: float
         count = min(per, nodes - p * per)
         if count > 0:
             procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--sim", url, str(p * per), str(count), str(seconds)],
+                [sys.executable, __file__, "--sim", url, str(p * per), str(count), str(seconds),
+                 str(churn_per_s * count / nodes)],
                 stdout=subprocess.PIPE, text=True))
     return procs
 
@@ -205,8 +261,9 @@ def run_size(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             assert ctl.proc is not None
             settle(ctl.proc.pid)
             warmup = 5.0
+            churn = args.churn if args.churn >= 0 else nodes / 100
             procs = start_simulators(url, nodes, args.processes,
-                                     warmup + args.seconds + 2.0)
+                                     warmup + args.seconds + 2.0, churn)
             time.sleep(warmup)
             pid = ctl.proc.pid
             cpu0, t0 = cpu_s(pid), time.perf_counter()
@@ -232,6 +289,7 @@ def run_size(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"nodes": nodes, "gpus": replicas, "replicas": replicas,
             "jobs": max(1, replicas // REPLICAS_PER_JOB), "fill_s": round(fill_s, 1),
             "offered_hb_per_s": replicas, "offered_health_per_s": nodes / HEALTH_EVERY_S,
+            "offered_steps_per_s": churn,
             "sent": dict(sim),
             "heartbeats_received": counters.get("heartbeats_received"),
             "heartbeats_written": counters.get("heartbeats_written"),
@@ -282,15 +340,18 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="loaded window per size")
     ap.add_argument("--fault-rate", type=float, default=2.0, help="verdicts per second")
     ap.add_argument("--processes", type=int, default=2, help="simulator processes")
+    ap.add_argument("--churn", type=float, default=-1.0,
+                    help="steps started per second over the fleet (default: nodes / 100)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if len(sizes) < 1 or any(s < 1 for s in sizes):
         raise SystemExit("--sizes: positive node counts, e.g. 250,500,1000,2000")
     rows = []
     for nodes in sizes:
+        churn = args.churn if args.churn >= 0 else nodes / 100
         print(f"{nodes:,} nodes: {nodes * REPLICAS_PER_NODE:,} replicas heartbeating at 1 Hz, "
-              f"health every {HEALTH_EVERY_S:g} s, faults at {args.fault_rate:g}/s for "
-              f"{args.seconds:g} s...", flush=True)
+              f"health every {HEALTH_EVERY_S:g} s, {churn:g} steps started/s, faults at "
+              f"{args.fault_rate:g}/s for {args.seconds:g} s...", flush=True)
         rows.append(run_size(nodes, args))
         print(f"  {rows[-1]}", flush=True)
     report(rows)
@@ -298,9 +359,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--sim":
+    if len(sys.argv) == 7 and sys.argv[1] == "--sim":
         out = asyncio.run(simulate(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
-                                   float(sys.argv[5])))
+                                   float(sys.argv[5]), float(sys.argv[6])))
         print(json.dumps(out), flush=True)
         sys.exit(0)
     sys.exit(main())
