@@ -227,3 +227,29 @@ def test_survivors_keep_committing_through_kills_and_a_leave(cluster: Cluster) -
     leave = [e for e in history if e["kind"] == "replica_leave"]
     assert leave and leave[-1]["evidence"]["exit_code"] == EXIT_LEAVE
     assert all(workers[g].proc.poll() is None for g in (0, 2))
+
+
+def test_a_replica_told_to_leave_while_its_quorum_hangs_leaves_at_once(
+        tmp_path: Path, controller: ControllerProcess) -> None:
+    # The lighthouse needs two replicas and gets one: the replica's quorum call hangs (as a
+    # replica's does once the lighthouse proxy refuses it), with the training thread blocked
+    # in its first allreduce, where no step boundary comes. Told to leave, it must go now,
+    # not when torchft gives up on the quorum (quorum_timeout: 60 s in the worker).
+    lh = Lighthouse(tmp_path / "lighthouse.log", heartbeat_timeout_ms=1000, min_replicas=2)
+    c = Cluster(tmp_path, lh, controller)
+    try:
+        w = c.start(0, MARDUK_LEAVE_GRACE_S="0")  # no overdue exit: only the quorum's wait
+        ready = c.wait_until(lambda: w.events("ready"), 60, "the replica ready")
+        wait_for(lambda: (tmp_path / "lighthouse.log").read_bytes().count(
+            b"Received quorum request") >= 1, 30, 0.1, "its quorum request at the lighthouse")
+        assert w.steps() == []  # no step has ended: it waits in the quorum
+        sent = time.monotonic()
+        send_leave(controller.url, JOB, ready[0]["replica_id"], 0, "drill")
+        assert w.wait(45) == EXIT_LEAVE, w.tail()  # < quorum_timeout: it did not wait it out
+        print(f"left {time.monotonic() - sent:.2f} s after the command")
+        left = wait_for(lambda: [e for e in cli_json("history", *c.cli())
+                                 if e["kind"] == "replica_leave"], 20, 0.2, "the leave")
+        assert left[0]["evidence"]["exit_code"] == EXIT_LEAVE
+    finally:
+        c.stop_all()
+        lh.stop()

@@ -256,6 +256,16 @@ class MardukClient:
         self._leaving, self._exit_code = True, exit_code
         self._queue_durable(self.link.leave_message(reason, exit_code, step))
 
+    def exit_within(self, deadline: timedelta, code: int) -> None:
+        """The process is leaving with `code` and should end within `deadline`; past it,
+        it is stuck on its way out and ends from here (as after the leave's grace)."""
+        self._leaving, self._exit_code = True, code
+        if self._overdue is not None:
+            self._overdue.cancel()
+        self._overdue = threading.Timer(deadline.total_seconds(), self._leave_overdue)
+        self._overdue.daemon = True
+        self._overdue.start()
+
     def poll_commands(self) -> list[Command]:
         """Commands received since the last call, oldest first."""
         out = []

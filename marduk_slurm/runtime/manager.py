@@ -17,6 +17,7 @@ never heartbeats to the lighthouse and never counts in its quorum arithmetic.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -42,6 +43,8 @@ from marduk_slurm.runtime.config import ConfigApplier, HasParamGroups
 log = logging.getLogger(__name__)
 
 LEAVE_KEY = "marduk/leave_at"  # in the replica group's TCPStore, so all its ranks leave at once
+QUORUM_POLL_S = 0.1  # how often a replica waiting for its quorum looks for a leave command
+EXIT_AFTER_STUCK_QUORUM_S = 2.0  # a process leaving with a quorum call in flight ends by then
 
 
 class LeaveRequested(SystemExit):
@@ -344,6 +347,28 @@ class ManagerMarduk(Manager):
                 loss=self._loss, config_revision=self.config.revision, ts=time.time()))
         return committed
 
+    def wait_quorum(self) -> None:
+        """torchft's wait for the quorum, in slices: a leave that arrives while the quorum
+        hangs is carried out at once. A replica told to leave is refused by the lighthouse
+        proxy, and torchft's quorum call then only ends at `quorum_timeout` (60 s by
+        default), with the training thread blocked here, inside its first allreduce, where
+        no step boundary comes."""
+        future = self._quorum_future
+        if future is None:
+            super().wait_quorum()  # torchft's own message for a wait without a quorum
+            return
+        while not concurrent.futures.wait([future], timeout=QUORUM_POLL_S).done:
+            self._take_commands()
+            if self._leave is not None and self.exit_on_leave:
+                code = self._leave_now(*self._leave)
+                if self.client is not None:
+                    # At exit the interpreter joins torchft's quorum thread, still in its
+                    # call: the process must not wait out quorum_timeout on its way out.
+                    self.client.exit_within(timedelta(seconds=EXIT_AFTER_STUCK_QUORUM_S),
+                                            code)
+                raise LeaveRequested(code)
+        future.result()
+
     def shutdown(self, wait: bool = True) -> None:
         if self._exit_code is None:  # _leave_now already shut torchft down
             super().shutdown(wait=wait)
@@ -357,17 +382,21 @@ class ManagerMarduk(Manager):
 
     def _boundary(self) -> None:
         """Between two steps: take in commands, apply what is due, settle a leave."""
+        self._take_commands()
+        step = self.current_step()
+        for cmd in self.config.due(step):
+            self._apply(cmd, step)
+        if self._group_world_size > 1:
+            self._agree_on_leave(step)
+
+    def _take_commands(self) -> None:
+        """Revisions wait for their step; the first leave is noted."""
         if self.client is not None:
             for cmd in self.client.poll_commands():
                 if isinstance(cmd, m.JobCommand):
                     self.config.offer(cmd)
                 elif self._leave is None:
                     self._leave = (cmd.reason or "told to leave", EXIT_LEAVE)
-        step = self.current_step()
-        for cmd in self.config.due(step):
-            self._apply(cmd, step)
-        if self._group_world_size > 1:
-            self._agree_on_leave(step)
 
     def _apply(self, cmd: m.JobCommand, step: int) -> None:
         try:
