@@ -315,6 +315,19 @@ class Bus:
             subjects.EVENTS_ALL, durable=durable, stream=subjects.EVENTS_STREAM, config=config
         ))
 
+    async def consumer_caught_up(self, durable: str, seq: int) -> bool:
+        """Whether the durable consumer has acknowledged every message of the events stream
+        up to sequence `seq` (or has nothing left at all)."""
+        try:
+            info = await self.js.consumer_info(subjects.EVENTS_STREAM, durable)
+        except JETSTREAM_UNAVAILABLE as exc:
+            raise BusTimeout(f"no answer about consumer {durable}: {_describe(exc)}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"no information about consumer {durable}: {_describe(exc)}"
+                           ) from exc
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        return (floor or 0) >= seq or (info.num_pending == 0 and info.num_ack_pending == 0)
+
     async def stream_info(self) -> dict[str, Any]:
         """The events stream's state and, on a NATS cluster, where its replicas are: the
         leader's server name and each other replica's (`current`: caught up with it)."""

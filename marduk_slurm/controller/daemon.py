@@ -8,14 +8,19 @@ the tasks, and only then tell systemd READY=1. SIGTERM stops cleanly; SIGHUP rel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
+import re
+import socket
 import time
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.lease import LeaseStore
 from marduk_slurm.adapters.nats_auth import CONTROLLER_CREDS, AuthDir
 from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.adapters.slurm.base import SlurmBackend
@@ -27,12 +32,14 @@ from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller import config_service, observe
 from marduk_slurm.controller.context import Context, StoreRunner
 from marduk_slurm.controller.decisions import Policy
-from marduk_slurm.controller.ingest import EventIngest, HeartbeatWriter
+from marduk_slurm.controller.ingest import DURABLE_NAME, EventIngest, HeartbeatWriter
 from marduk_slurm.controller.job_creds import JobCredentialService
+from marduk_slurm.controller.leadership import Leadership
 from marduk_slurm.controller.leaves import LeaveSender
 from marduk_slurm.controller.operations import Operations
 from marduk_slurm.controller.outbox import OutboxWorker
 from marduk_slurm.controller.reconcile import Reconciler
+from marduk_slurm.controller.replication import Replication
 from marduk_slurm.controller.rpc import RpcServer
 from marduk_slurm.errors import BusTimeout
 from marduk_slurm.settings import Settings
@@ -47,6 +54,11 @@ NATS_PORT_FILE = "nats.port"
 # under systemd's default TimeoutStopSec of 90 s): see Controller._shutdown.
 SHUTDOWN_STEP_S = 5.0
 SHUTDOWN_LIMIT_S = 15.0
+# The exit status of a leader that lost its lease: systemd starts it again, as a standby.
+EXIT_LEADERSHIP_LOST = 3
+# How long a new leader waits to ingest the stream's backlog before it acts regardless.
+CATCH_UP_LIMIT_S = 30.0
+T = TypeVar("T")
 
 
 def build_slurm(s: Settings) -> SlurmBackend:
@@ -136,6 +148,34 @@ class Controller:
                 await asyncio.sleep(backoff.next())
 
     async def _serve(self, ctx: Context) -> int:
+        """Ingest at once, as every controller does; act only once this one leads."""
+        c = self.settings.controller
+        self.ctx = ctx
+        leadership = await self._open_leadership(ctx)
+        sup = self.supervisor
+        ctx.acting = False
+        sup.start("ingest", EventIngest(ctx, durable=self.durable).run)
+        self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
+        sup.start("heartbeats", self.heartbeats.run)
+        sup.start("housekeeping", lambda: self._housekeeping(ctx))
+        install_signal_handlers(self.stop_event.set, self._reload)
+        self.notifier.ready(f"standby {self.controller_id}: waiting for the lease")
+        log.info("controller %s (%s) ingesting with consumer %s; waiting for the lease",
+                 self.controller_id, "standby" if c.standby else "primary", self.durable)
+        waited = await self._until_stopped(leadership.acquire())
+        if waited is None:
+            return 1 if sup.fatal.is_set() else 0
+        took = time.monotonic()
+        if await self._until_stopped(self._catch_up(ctx)) is None:
+            return 1 if sup.fatal.is_set() else 0
+        ctx.acting = True
+        sup.start("lease", leadership.hold)
+        log.info("controller %s leads (lease revision %d) after waiting %.3f s; caught up "
+                 "with the stream in %.3f s", self.controller_id, leadership.token, waited,
+                 time.monotonic() - took)
+        return await self._lead(ctx, leadership)
+
+    async def _lead(self, ctx: Context, leadership: Leadership) -> int:
         c = self.settings.controller
         reconciler = Reconciler(ctx, self.slurm, interval_s=c.reconcile_interval_s,
                                 step_grace_s=c.step_grace_s)
@@ -147,11 +187,8 @@ class Controller:
                          resume_check_timeout_s=self.settings.slurm.resume_check_timeout_s,
                          resume_check_by_partition=self.settings.slurm.resume_check_by_partition,
                          slurm_health=reconciler.health)
-        self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
-        self.ctx, self.ops = ctx, ops
+        self.ops = ops
         sup = self.supervisor
-        sup.start("ingest", EventIngest(ctx).run)
-        sup.start("heartbeats", self.heartbeats.run)
         sup.start("outbox", OutboxWorker(ctx, self.slurm, retry_max_s=c.outbox_retry_max_s).run)
         sup.start("reconcile", reconciler.run)
         sup.start("leaves", LeaveSender(ctx).run)
@@ -162,16 +199,64 @@ class Controller:
         obs.stragglers.revise = config.revise
         sup.start("rpc", rpc.run)
         sup.start("job_credentials", self._job_credentials(ctx).run)
-        sup.start("housekeeping", lambda: self._housekeeping(ctx))
-        install_signal_handlers(self.stop_event.set, self._reload)
-        self.notifier.ready(f"ready: NATS {ctx.bus.url}, Slurm backend {self.slurm.name}")
+        self.notifier.status(f"leader {self.controller_id}: NATS {ctx.bus.url}, Slurm backend "
+                             f"{self.slurm.name}")
         log.info("controller ready (NATS %s, Slurm backend %s)", ctx.bus.url, self.slurm.name)
+        if await self._until_stopped(leadership.lost.wait()) is None:
+            return 1 if sup.fatal.is_set() else 0
+        # Stop acting at once; systemd (Restart=on-failure) starts this controller again,
+        # and it comes back as a standby of the one that leads now.
+        ctx.acting = False
+        log.error("controller %s stops: leadership lost (%s); exit %d", self.controller_id,
+                  leadership.lost_reason, EXIT_LEADERSHIP_LOST)
+        return EXIT_LEADERSHIP_LOST
+
+    async def _until_stopped(self, work: Awaitable[T]) -> T | None:
+        """`work`'s result, or None when a stop (SIGTERM, a task that keeps crashing) came
+        first; `work` is then cancelled."""
+        task = asyncio.ensure_future(work)
         stop = asyncio.create_task(self.stop_event.wait())
-        fatal = asyncio.create_task(sup.fatal.wait())
-        await asyncio.wait([stop, fatal], return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        fatal.cancel()
-        return 1 if sup.fatal.is_set() else 0
+        fatal = asyncio.create_task(self.supervisor.fatal.wait())
+        await asyncio.wait([task, stop, fatal], return_when=asyncio.FIRST_COMPLETED)
+        for other in (stop, fatal):
+            other.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+
+    async def _open_leadership(self, ctx: Context) -> Leadership:
+        c, n = self.settings.controller, self.settings.nats
+        lease = LeaseStore(ctx.bus, ttl_s=c.lease_s, replicas=n.stream_replicas)
+        backoff = Backoff(base_s=0.5, max_s=5.0)
+        while True:
+            try:
+                lease_s = await lease.open()
+                break
+            except BusTimeout as exc:
+                self.notifier.status(f"waiting for JetStream: {exc}")
+                await asyncio.sleep(backoff.next())
+        leadership = Leadership(lease, self.controller_id, lease_s=lease_s)
+        ctx.leadership = self.leadership = leadership
+        ctx.replication = Replication(self.controller_id)
+        ctx.replication.current_fence = lambda: leadership.token
+        return leadership
+
+    async def _catch_up(self, ctx: Context) -> bool:
+        """Before acting: ingest what the stream held when we took the lease, so that every
+        action the old leader reported is settled here first (controller/replication.py)."""
+        target = (await ctx.bus.stream_info())["last_seq"]
+        deadline = time.monotonic() + CATCH_UP_LIMIT_S
+        while time.monotonic() < deadline:
+            if await ctx.bus.consumer_caught_up(self.durable, target):
+                return True
+            await asyncio.sleep(0.02)
+        log.warning("acting before the stream is ingested up to sequence %d (still behind "
+                    "after %.0f s): an action the old leader reported may be read from Slurm "
+                    "again before it is carried out", target, CATCH_UP_LIMIT_S)
+        return False
 
     def _job_credentials(self, ctx: Context) -> JobCredentialService:
         """Agents' requests for job credentials: answered with a credential only when the
@@ -180,6 +265,21 @@ class Controller:
             return JobCredentialService(ctx, AuthDir(self.state_dir / "auth"),
                                         self.nats_server)
         return JobCredentialService(ctx, None, None)
+
+    @property
+    def controller_id(self) -> str:
+        c = self.settings.controller
+        if c.id:
+            return c.id
+        host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname()).strip("-")[:56] or "host"
+        return f"{host}-standby" if c.standby else host
+
+    @property
+    def durable(self) -> str:
+        """The events consumer: the historical name for a primary without an id (an upgrade
+        keeps its consumer), one of its own for every other controller."""
+        c = self.settings.controller
+        return f"{DURABLE_NAME}-{self.controller_id}" if c.standby or c.id else DURABLE_NAME
 
     async def _housekeeping(self, ctx: Context) -> None:
         """Watchdog pings from the main loop (a stuck loop stops them) and pruning."""
@@ -208,7 +308,9 @@ class Controller:
                    if v["value"] != self.settings.effective()[k]["value"]]
         logging.getLogger().setLevel(new.controller.log_level.upper())
         self.ctx.policy = Policy(new.slurm.reason_prefix, new.controller.leave_on_drain)
-        self.ops.fault_policy = new.fault_policy()
+        ops = getattr(self, "ops", None)  # a standby has no operations yet
+        if ops is not None:
+            ops.fault_policy = new.fault_policy()
         self.settings = new
         log.info("settings reloaded; changed: %s (NATS, database and Slurm settings take "
                  "effect at the next restart)", ", ".join(changed) or "nothing")
@@ -223,6 +325,9 @@ class Controller:
         faulthandler.dump_traceback_later(SHUTDOWN_LIMIT_S, exit=True)
         try:
             await self.supervisor.stop(timeout_s=SHUTDOWN_STEP_S)
+            leadership = getattr(self, "leadership", None)
+            if leadership is not None:  # after the tasks: nothing acts once it is released
+                await bounded("releasing the lease", leadership.release())
             heartbeats = getattr(self, "heartbeats", None)
             if heartbeats is not None:
                 await bounded("writing the last heartbeats", heartbeats.flush())

@@ -58,13 +58,14 @@ class _BatchResult:
 
 
 class EventIngest:
-    def __init__(self, ctx: Context, *, batch: int = 256) -> None:
+    def __init__(self, ctx: Context, *, batch: int = 256, durable: str = DURABLE_NAME) -> None:
         self.ctx = ctx
+        self.durable = durable  # every controller has its own (leader and standbys)
         self.batch = batch
         self._store_failures = Backoff(base_s=0.5, max_s=10.0)
 
     async def run(self) -> None:
-        consumer = await self.ctx.bus.durable_consumer(DURABLE_NAME, ack_wait_s=ACK_WAIT_S)
+        consumer = await self.ctx.bus.durable_consumer(self.durable, ack_wait_s=ACK_WAIT_S)
         backoff = Backoff(base_s=0.2, max_s=5.0)
         while True:
             try:
@@ -130,7 +131,10 @@ class EventIngest:
             msg = m.decode_durable(item.data)
             check_subject(item.subject, msg)
             with store.savepoint():
-                result.effects.extend(apply_message(store, msg, now, self.ctx.policy))
+                if isinstance(msg, m.ActionApplied):  # the leader's report, for standbys
+                    self.ctx.replication.on_applied(store, msg, now)
+                else:
+                    result.effects.extend(apply_message(store, msg, now, self.ctx.policy))
         except IdentityError as exc:
             if exc.retry and item.deliveries < MAX_DELIVERIES:
                 item.outcome = "nak"
@@ -190,11 +194,12 @@ async def _settle(msg: StreamMessage, outcome: str) -> None:
         log.warning("%s failed (message will be redelivered and skipped): %s", outcome, exc)
 
 
-# Who may send each durable message: an agent (node subjects) or a replica (job subjects).
+# Who may send each durable message: an agent (node subjects), a replica (job subjects) or the
+# leading controller (ctl subjects; NATS permissions give those to the controller alone).
 _SCOPE: dict[type, str] = {
     m.StepStart: "node", m.StepEnd: "node", m.Verdict: "node", m.GpuInventory: "node",
     m.ReplicaRegister: "job", m.ReplicaLeave: "job", m.ConfigAck: "job",
-    m.AssumeAck: "job",
+    m.AssumeAck: "job", m.ActionApplied: "ctl",
 }
 
 
@@ -211,6 +216,8 @@ def check_subject(subject: str, msg: Any) -> None:
     if scope == "node" and msg.node == key:
         return
     if scope == "job" and str(msg.job_id) == key:
+        return
+    if scope == "ctl" and msg.controller == key:
         return
     raise ProtocolError("subject_mismatch", f"{subject} does not match the message's {scope}")
 

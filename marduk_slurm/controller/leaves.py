@@ -41,6 +41,8 @@ class LeaveSender:
 
     async def tick(self) -> int:
         """Re-send every leave that is due; returns how many went out."""
+        if not self.ctx.may_act():
+            return 0  # not the leader now: the commands wait, stored, for the one who is
         now = time.time()
         due = await self.ctx.db.tx(lambda store: self._take_due(store, now))
         for row in due:

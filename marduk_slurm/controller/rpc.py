@@ -187,6 +187,8 @@ class RpcServer:
             key: sum(q.stats[key] for q in self.queues.values())
             for key in ("admitted", "refused_busy", "expired", "served")}
         data["requests"]["waiting"] = sum(q.waiting() for q in self.queues.values())
+        if self.ctx.leadership is not None:
+            data["controller"] = self.ctx.leadership.view()
         return data
 
     def _query_handler(self, verb: str) -> Handler:

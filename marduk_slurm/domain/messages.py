@@ -174,6 +174,22 @@ class AssumeAck(Message, tag="assume_ack", kw_only=True):
     error: Text = ""
 
 
+# -- leading controller -> standby controllers (durable) -------------------------------------
+
+
+class ActionApplied(Message, tag="action_applied", kw_only=True):
+    """The leader carried out (or settled) a Slurm action: a standby marks its own copy of
+    the action done, so that after a takeover it does not do it again. `fence` is the lease
+    revision the leader held when it acted."""
+
+    controller: Name
+    fence: Count
+    kind: Literal["drain", "resume"]
+    node: Name
+    outcome: Literal["done", "skipped", "failed"]
+    reason: Text = ""
+
+
 # -- training replica -> controller (core NATS, written behind) ------------------------------
 
 
@@ -425,7 +441,7 @@ def _check_free_json(msg: Any) -> None:
 
 DurableMessage = (
     StepStart | StepEnd | Verdict | GpuInventory | ReplicaRegister | ReplicaLeave | ConfigAck
-    | AssumeAck
+    | AssumeAck | ActionApplied
 )
 
 class _Unsent(Message, tag="unsent"):

@@ -51,6 +51,13 @@ class OutboxMixin:
         return {str(r[0]) for r in self.conn.execute(
             "SELECT DISTINCT node FROM outbox WHERE kind=? AND state='pending'", (kind,))}
 
+    def pending_action(self, kind: str, node: str) -> dict[str, Any] | None:
+        """The one pending action of `kind` on `node` (enqueue_slurm_action keeps at most
+        one), or None."""
+        rows = list(self.db.query(
+            "SELECT * FROM outbox WHERE kind=? AND node=? AND state='pending'", [kind, node]))
+        return rows[0] if rows else None
+
     def next_action_due(self) -> float | None:
         row = self.conn.execute(
             "SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'"

@@ -1,0 +1,195 @@
+"""Which controller acts: the leader holds the lease (adapters/lease.py), the others wait.
+
+Every controller ingests the events stream into its own database; only the holder of the
+lease carries decisions out (Slurm calls, commands, operator writes). The lease's revision is
+the fencing token. The leader renews every `lease_s / RENEWALS_PER_LEASE`; it counts itself
+the leader only until `lease_s` after it *sent* its last successful renewal (the server
+expires the value `lease_s` after it *stored* it, which is later), so it stops acting before
+anyone else can take over. `check()` is asked before each action that must happen once: it
+refuses (and counts) when the lease may have lapsed (the process was stopped, NATS was away)
+or when the bucket names another revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from typing import Any
+
+from marduk_slurm import __version__
+from marduk_slurm.adapters.lease import LeaseLost, LeaseStore, LeaseTaken
+from marduk_slurm.errors import BusError, MardukError
+
+log = logging.getLogger(__name__)
+
+RENEWALS_PER_LEASE = 4
+# A standby asks whether the lease is free this many times per lease.
+POLLS_PER_LEASE = 8
+
+
+class NotLeader(MardukError):
+    """This controller does not hold the lease (any more): it must not act."""
+
+
+def holder_value(controller_id: str, started: float) -> bytes:
+    return json.dumps({"id": controller_id, "host": socket.gethostname(), "pid": os.getpid(),
+                       "version": __version__, "started": round(started, 3)}).encode()
+
+
+def read_holder(value: bytes) -> dict[str, Any]:
+    """The lease's value as shown to operators; never trusted for a decision."""
+    try:
+        data = json.loads(value[:4096])
+    except (ValueError, UnicodeDecodeError):
+        return {"id": "?"}
+    if not isinstance(data, dict):
+        return {"id": "?"}
+    return {k: data[k] for k in ("id", "host", "pid", "version", "started")
+            if isinstance(data.get(k), str | int | float)}
+
+
+class Leadership:
+    def __init__(self, lease: LeaseStore, controller_id: str, *, lease_s: float) -> None:
+        self.lease = lease
+        self.id = controller_id
+        self.lease_s = lease_s
+        self.role = "standby"
+        self.token = 0  # the lease revision we last wrote: the fencing token
+        self.holder: dict[str, Any] = {}  # who leads, as last read
+        self.holder_revision = 0
+        self.stats: Counter[str] = Counter()
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
+        self.started = time.time()
+        self.leader_since = 0.0
+        self._value = holder_value(controller_id, self.started)
+        self._renewed_at = 0.0  # monotonic time at which the last good renewal was sent
+
+    # -- taking the lease ------------------------------------------------------------------
+
+    async def acquire(self) -> float:
+        """Wait as a standby until the lease is ours; returns how long we waited."""
+        began = time.monotonic()
+        last_seen: tuple[Any, int] | None = None
+        while True:
+            sent = time.monotonic()
+            try:
+                self.token = await self.lease.create(self._value)
+            except LeaseTaken:
+                await self._note_holder(last_seen)
+                last_seen = (self.holder.get("id"), self.holder_revision)
+            except BusError as exc:
+                self.stats["lease_errors"] += 1
+                if self.stats["lease_errors"] % 20 == 1:
+                    log.warning("standby: cannot ask for the lease: %s", exc)
+            else:
+                self._renewed_at = sent
+                self.role, self.leader_since = "leader", time.time()
+                self.holder, self.holder_revision = read_holder(self._value), self.token
+                self.stats["lease_taken"] += 1
+                return time.monotonic() - began
+            await asyncio.sleep(self.lease_s / POLLS_PER_LEASE)
+
+    async def _note_holder(self, last_seen: tuple[Any, int] | None) -> None:
+        try:
+            entry = await self.lease.read()
+        except BusError:
+            return
+        if entry is None:
+            return  # lapsed between our create and this read: ask again
+        self.holder, self.holder_revision = read_holder(entry.value), entry.revision
+        if last_seen is None or last_seen[0] != self.holder.get("id"):
+            log.info("standby: controller %s on %s leads (lease revision %d); waiting for "
+                     "its lease to lapse", self.holder.get("id"), self.holder.get("host"),
+                     entry.revision)
+
+    # -- holding it ------------------------------------------------------------------------
+
+    def current(self) -> bool:
+        """Whether we may still count ourselves the leader, by our own clock alone."""
+        return (self.role == "leader" and not self.lost.is_set()
+                and time.monotonic() < self._renewed_at + self.lease_s)
+
+    async def hold(self) -> None:
+        """Renew until the lease is lost; then set `lost` and return."""
+        period = self.lease_s / RENEWALS_PER_LEASE
+        while not self.lost.is_set():
+            await asyncio.sleep(period)
+            sent = time.monotonic()
+            try:
+                self.token = await self.lease.renew(self._value, self.token)
+            except LeaseLost as exc:
+                self._lose(str(exc))
+                return
+            except BusError as exc:
+                self.stats["renew_failures"] += 1
+                if not self.current():
+                    self._lose(f"could not renew within the lease ({self.lease_s:g} s): {exc}")
+                    return
+                log.warning("lease renewal failed, retrying: %s", exc)
+                continue
+            if sent > self._renewed_at + self.lease_s:  # we slept past our own lease
+                self._lose("the renewal came after the lease had lapsed")
+                return
+            self._renewed_at = sent
+            self.holder_revision = self.token
+            self.stats["renewals"] += 1
+
+    def _lose(self, reason: str) -> None:
+        if self.lost.is_set():
+            return
+        self.role = "lost"
+        self.lost_reason = reason
+        self.stats["lease_lost"] += 1
+        log.error("leadership lost: %s", reason)
+        self.lost.set()
+
+    async def check(self, what: str) -> None:
+        """Before an action that must happen once: `NotLeader` (counted) unless the lease is
+        ours by our clock and the bucket still holds our revision."""
+        if self.current():
+            try:
+                entry = await self.lease.read()
+            except BusError as exc:
+                entry, why = None, f"cannot read the lease: {exc}"
+            else:
+                why = "the lease is gone" if entry is None else (
+                    f"the lease is at revision {entry.revision}, ours is {self.token}")
+            if entry is not None and entry.revision == self.token:
+                return
+        else:
+            why = self.lost_reason or "the lease may have lapsed"
+        self.stats["stale_leader_refusals"] += 1
+        log.error("refused to %s: not the leader (%s)", what, why)
+        self._lose(why)
+        raise NotLeader(f"not the leader: {why}")
+
+    async def release(self) -> None:
+        """A clean stop: give the lease up so that a standby takes over at once."""
+        if self.role != "leader" or self.lost.is_set():
+            return
+        self.role = "stopped"
+        try:
+            if await self.lease.release(self.token):
+                log.info("lease released (revision %d)", self.token)
+        except BusError as exc:
+            log.warning("could not release the lease (it lapses in %.3g s): %s",
+                        self.lease_s, exc)
+
+    def view(self) -> dict[str, Any]:
+        """For `marduk status` and the metrics."""
+        leading = self.role == "leader"
+        return {
+            "id": self.id, "role": self.role, "lease_s": self.lease_s,
+            "lease_revision": self.token if leading else self.holder_revision,
+            "renewed_ago_s": round(time.monotonic() - self._renewed_at, 3) if leading else None,
+            "leader_since": self.leader_since or None,
+            "leader": dict(self.holder),
+            "stale_leader_refusals": self.stats["stale_leader_refusals"],
+            "lease_renewals": self.stats["renewals"],
+        }
