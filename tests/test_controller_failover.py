@@ -1,0 +1,313 @@
+"""A standby controller without shared storage: the lease, the takeover, the fencing.
+
+Every controller ingests the events stream into its own database; the one that holds the
+lease (a key of a JetStream key-value bucket, its revision the fencing token) acts. These
+tests use a real nats-server, real controller processes with their own state directories,
+and a stand-in for Slurm's commands (tests/fake_slurm.py) that logs every `scontrol update`
+with the calling controller's pid, so that drains are counted across both controllers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from marduk_slurm.adapters.bus import Bus
+from marduk_slurm.adapters.lease import LeaseLost, LeaseStore
+from marduk_slurm.adapters.nats_server import NatsServerProcess
+from marduk_slurm.controller.leadership import Leadership, NotLeader
+from marduk_slurm.domain import messages as m
+from marduk_slurm.domain import subjects
+from marduk_slurm.domain.gpu_health import GpuAction
+from marduk_slurm.errors import BusError, BusTimeout
+
+from fakes import fake_slurm
+from harness import ControllerProcess, cli_json, publish_durable, wait_for
+
+LEASE_S = 2.0
+
+
+# -- the lease itself, in one process -------------------------------------------------------
+
+
+def test_the_lease_is_held_by_one_and_a_lapsed_leader_is_refused(
+        nats_server: NatsServerProcess) -> None:
+    async def scenario() -> dict[str, Any]:
+        buses = [Bus(nats_server.url, name=f"ctl-{k}") for k in range(2)]
+        for bus in buses:
+            await bus.connect()
+        try:
+            a, b = (Leadership(LeaseStore(bus, ttl_s=LEASE_S), f"ctl-{k}", lease_s=LEASE_S)
+                    for k, bus in enumerate(buses))
+            for one in (a, b):
+                assert await one.lease.open() == LEASE_S
+            await a.acquire()
+            first = a.token
+            holding = asyncio.create_task(a.hold())
+            # While a renews, b waits: longer than the lease, so renewals are what keep it.
+            waiting = asyncio.create_task(b.acquire())
+            await asyncio.sleep(LEASE_S * 2)
+            assert not waiting.done() and b.role == "standby"
+            assert b.holder["id"] == "ctl-0" and a.token > first
+            await a.check("drain n1")  # a current leader passes
+            # a stops renewing (a process stopped, a network cut): the server lets it lapse.
+            holding.cancel()
+            stopped = time.monotonic()
+            await waiting
+            lapse_s = time.monotonic() - stopped
+            assert b.role == "leader" and b.token > a.token
+            refused = []
+            try:
+                await a.check("drain n1")
+            except NotLeader as exc:
+                refused.append(str(exc))
+            with pytest.raises(LeaseLost):
+                await a.lease.renew(b"late", a.token)
+            # A clean stop releases the lease at once, for the next one.
+            c = Leadership(LeaseStore(buses[0], ttl_s=LEASE_S), "ctl-c", lease_s=LEASE_S)
+            await c.lease.open()
+            taking = asyncio.create_task(c.acquire())
+            await asyncio.sleep(0.3)
+            assert not taking.done()
+            released = time.monotonic()
+            await b.release()
+            await taking
+            return {"lapse_s": lapse_s, "refused": refused, "a": a.view(),
+                    "handover_s": time.monotonic() - released, "c": c.view()}
+        finally:
+            for bus in buses:
+                await bus.close()
+
+    result = asyncio.run(scenario())
+    print(f"lease lapse seen by the standby after {result['lapse_s']:.2f} s "
+          f"(lease {LEASE_S} s); released lease taken in {result['handover_s']:.2f} s")
+    assert len(result["refused"]) == 1 and "not the leader" in result["refused"][0]
+    assert result["a"]["stale_leader_refusals"] == 1 and result["a"]["role"] == "lost"
+    assert result["c"]["role"] == "leader" and result["c"]["leader"]["id"] == "ctl-c"
+
+
+# -- two controller processes ---------------------------------------------------------------
+
+PUBLISHERS = 4
+NODES_PER_PUBLISHER = 10
+GPUS_PER_NODE = 4
+DRAIN_GPU = 2  # this GPU's verdict drains its node; the others' are "none"
+TOTAL = PUBLISHERS * NODES_PER_PUBLISHER * GPUS_PER_NODE
+STORM_NODES = [f"c{p}n{k:02d}" for p in range(PUBLISHERS) for k in range(NODES_PER_PUBLISHER)]
+# Long enough that the leader dies in its middle: one round of verdicts per period.
+ROUND_S = 0.06
+
+
+def verdict(node: str, index: int, drain: bool) -> tuple[str, bytes, str]:
+    uuid = f"GPU-{node}-{index}"
+    msg = m.Verdict(node=node, gpu_uuid=uuid, gpu_index=index,
+                    action=GpuAction.DRAIN_NODE if drain else GpuAction.NONE,
+                    reason=f"storm {node}/{index}: " + ("xid 79" if drain else "healthy"),
+                    xid=79 if drain else None, source="agent", ts=time.time())
+    return subjects.node_event(node, "verdict"), m.encode(msg), f"{node}.verdict.{uuid}"
+
+
+def storm_rounds() -> list[list[tuple[str, bytes, str]]]:
+    """Round k holds the k-th verdict of every publisher (one node's GPUs after another)."""
+    per_publisher = [[verdict(f"c{p}n{k:02d}", i, i == DRAIN_GPU)
+                      for k in range(NODES_PER_PUBLISHER) for i in range(GPUS_PER_NODE)]
+                     for p in range(PUBLISHERS)]
+    return [list(items) for items in zip(*per_publisher, strict=True)]
+
+
+class Site:
+    """A nats-server, the fake Slurm, and controllers started on them."""
+
+    def __init__(self, tmp_path: Path, url: str, nodes: list[str]) -> None:
+        self.tmp_path = tmp_path
+        self.url = url
+        self.slurm_dir = tmp_path / "slurm"
+        self.env = fake_slurm.install(tmp_path / "bin", self.slurm_dir, nodes)
+        self.env |= {"MARDUK_CONTROLLER_LEASE_S": str(LEASE_S),
+                     "MARDUK_CONTROLLER_OUTBOX_RETRY_MAX_S": "1"}
+
+    def controller(self, name: str, *, standby: bool) -> ControllerProcess:
+        args = ("--standby", "--id", name) if standby else ("--id", name)
+        return ControllerProcess(self.tmp_path / name, self.url, slurm_backend="commands",
+                                 extra_env={**self.env, "MARDUK_FAKE_SLURM_CALLER": name},
+                                 extra_args=args)
+
+    def drain_calls(self) -> list[dict[str, Any]]:
+        return [c for c in fake_slurm.calls(self.slurm_dir) if c["state"] == "DRAIN"]
+
+    def leader(self) -> str:
+        """The id of the controller that answers requests now ("" when none does)."""
+        try:
+            status = asyncio.run(_status(self.url))
+        except (BusError, BusTimeout):
+            return ""
+        return str(status.get("controller", {}).get("id", ""))
+
+
+async def _status(url: str) -> dict[str, Any]:
+    from marduk_slurm.cli.client import call
+    result: dict[str, Any] = await call(url, "status", {}, timeout_s=1.0)
+    return result
+
+
+def _exists(db: Path) -> bool:
+    return db.exists()
+
+
+def rows(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [tuple(row) for row in conn.execute(sql, args)]
+    finally:
+        conn.close()
+
+
+async def consumer_idle(url: str, durable: str, timeout_s: float = 60.0) -> None:
+    """Until the consumer has nothing left to deliver and nothing unacknowledged."""
+    bus = Bus(url, name="probe")
+    await bus.connect()
+    try:
+        deadline = time.monotonic() + timeout_s
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            info = json.loads(await bus.request(
+                f"$JS.API.CONSUMER.INFO.{subjects.EVENTS_STREAM}.{durable}", b"", 2.0))
+            if info.get("num_pending") == 0 and info.get("num_ack_pending") == 0:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"consumer {durable} still has a backlog: {info}")
+    finally:
+        await bus.close()
+
+
+async def storm_with_kill(url: str, site: Site, leader: ControllerProcess, standby_db: Path
+                          ) -> dict[str, Any]:
+    """Publish the storm; SIGKILL the leader once it has drained a few nodes in Slurm and
+    the standby has settled at least one from the leader's report."""
+    bus = Bus(url, name="agents")
+    await bus.connect()
+    confirmed: list[str] = []
+    at_kill: dict[str, Any] = {}
+    assert leader.proc is not None
+    pid = leader.proc.pid
+
+    async def killer() -> None:
+        while (sum(c["caller"] == "ctl-a" for c in site.drain_calls()) < 2
+               or not _exists(standby_db) or not rows(
+                   standby_db, "SELECT 1 FROM events WHERE kind='leader_applied'")):
+            await asyncio.sleep(0.02)
+        at_kill["confirmed"] = len(confirmed)
+        os.kill(pid, signal.SIGKILL)
+        at_kill["t"] = time.monotonic()
+
+    killing = asyncio.create_task(killer())
+    try:
+        for batch in storm_rounds():
+            for subject, data, msg_id in batch:
+                await bus.publish_durable(subject, data, msg_id=msg_id)
+                confirmed.append(msg_id)
+            await asyncio.sleep(ROUND_S)
+        await asyncio.wait_for(killing, 30)
+    finally:
+        killing.cancel()
+        await bus.close()
+    return {**at_kill, "confirmed_total": len(confirmed)}
+
+
+def test_standby_takes_over_when_the_leader_is_killed_in_a_fault_storm(
+        tmp_path: Path, nats_server: NatsServerProcess) -> None:
+    site = Site(tmp_path, nats_server.url, STORM_NODES)
+    a = site.controller("ctl-a", standby=False).start()
+    b = site.controller("ctl-b", standby=True).start(standby=True)
+    try:
+        b.wait_log("controller ctl-a on", 10)  # the standby names who leads
+        assert site.leader() == "ctl-a"
+        assert a.proc is not None
+        result = asyncio.run(storm_with_kill(nats_server.url, site, a,
+                                             tmp_path / "ctl-b" / "marduk.db"))
+        # Until the standby answers as the leader (it answers only once it acts).
+        wait_for(lambda: site.leader() == "ctl-b", 30, interval_s=0.02,
+                 what="the standby taking over")
+        takeover_s = time.monotonic() - result["t"]
+        print(f"takeover (SIGKILL to the standby answering as leader): {takeover_s:.2f} s, "
+              f"lease {LEASE_S} s; leader killed after {result['confirmed']} of {TOTAL} "
+              f"verdicts")
+        asyncio.run(consumer_idle(nats_server.url, "marduk-controller-ctl-b"))
+        wait_for(lambda: b.request("status")["outbox_pending"] == 0, 30,
+                 what="the new leader's outbox empty")
+        status = cli_json("status", "--nats-url", nats_server.url)
+        assert status["controller"]["role"] == "leader"
+        assert status["controller"]["leader"]["id"] == "ctl-b"
+        assert status["controller"]["lease_revision"] > 0
+    finally:
+        assert b.stop() == 0, b.log()
+    assert 0 < result["confirmed"] < TOTAL == result["confirmed_total"]
+
+    # 0 events lost, 0 duplicates: every verdict once in the new leader's history.
+    db_b = tmp_path / "ctl-b" / "marduk.db"
+    seen = Counter(r[0] for r in rows(db_b, "SELECT reason FROM events WHERE kind='gpu_verdict'"))
+    sent = Counter(m.decode_durable(data).reason
+                   for batch in storm_rounds() for _, data, _ in batch)
+    assert seen == sent
+    # Every drain verdict's node drained in Slurm exactly once, by one controller or the other.
+    calls = site.drain_calls()
+    per_node = Counter(node for c in calls for node in c["nodes"])
+    assert per_node == {node: 1 for node in STORM_NODES}
+    by = Counter(c["caller"] for c in calls for _ in c["nodes"])
+    assert by["ctl-a"] > 0 and by["ctl-b"] > 0 and sum(by.values()) == len(STORM_NODES), by
+    # The new leader settled each node's drain once: carried it out, or learned from the old
+    # leader's report that it was done, or found it done in Slurm (a report lost in the kill).
+    settled = Counter(node for (node,) in rows(
+        db_b, "SELECT node FROM events WHERE kind IN ('drained', 'leader_applied', "
+        "'drain_skipped')"))
+    assert settled == {node: 1 for node in STORM_NODES}
+    reported = rows(db_b, "SELECT count(*) FROM events WHERE kind='leader_applied'")[0][0]
+    skipped = rows(db_b, "SELECT count(*) FROM events WHERE kind='drain_skipped'")[0][0]
+    print(f"drains: {by['ctl-a']} by the old leader ({reported} settled on the standby by "
+          f"its reports, {skipped} found drained in Slurm), {by['ctl-b']} by the new leader")
+    assert reported > 0
+    assert rows(db_b, "SELECT count(*) FROM outbox WHERE state='pending'") == [(0,)]
+
+
+def test_a_stopped_leader_does_not_act_when_it_resumes_and_comes_back_as_standby(
+        tmp_path: Path, nats_server: NatsServerProcess) -> None:
+    site = Site(tmp_path, nats_server.url, ["x1", "x2"])
+    a = site.controller("ctl-a", standby=False).start()
+    b = site.controller("ctl-b", standby=True).start(standby=True)
+    assert a.proc is not None and b.proc is not None
+    try:
+        os.kill(a.proc.pid, signal.SIGSTOP)  # a leader that hangs (or a network cut)
+        wait_for(lambda: site.leader() == "ctl-b", 30, what="the standby taking over")
+        subject, data, _ = verdict("x1", 0, True)
+        asyncio.run(publish_durable(nats_server.url, [(subject, data)]))
+        wait_for(lambda: site.drain_calls(), 30, what="the new leader draining x1")
+        os.kill(a.proc.pid, signal.SIGCONT)
+        # It finds its lease gone and stops at once, without acting on what it ingests now.
+        assert a.proc.wait(30) == 3, a.log()
+        assert "leadership lost" in a.log()
+        assert [(c["caller"], c["nodes"]) for c in site.drain_calls()] == [("ctl-b", ["x1"])]
+        # Started again (systemd would), it is a standby of the new leader, and settles its
+        # own copy of the x1 drain from the leader's report instead of draining again.
+        a = site.controller("ctl-a", standby=False).start(standby=True)
+        a.wait_log("controller ctl-b on", 10)
+        db_a = tmp_path / "ctl-a" / "marduk.db"
+        wait_for(lambda: rows(db_a, "SELECT state FROM outbox WHERE node='x1'") == [("done",)],
+                 30, what="the old leader's copy of the drain settled")
+        assert rows(db_a, "SELECT source FROM events WHERE kind='leader_applied'") == [
+            ("controller:ctl-b",)]
+        assert site.leader() == "ctl-b"
+    finally:
+        if a.proc is not None and a.proc.poll() is None:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        assert a.stop() == 0, a.log()
+        assert b.stop() == 0, b.log()
+    assert len(site.drain_calls()) == 1
