@@ -320,6 +320,8 @@ class Bus:
         up to sequence `seq` (or has nothing left at all)."""
         try:
             info = await self.js.consumer_info(subjects.EVENTS_STREAM, durable)
+        except nats.js.errors.NotFoundError:
+            return False  # not created yet: its first fetch creates it
         except JETSTREAM_UNAVAILABLE as exc:
             raise BusTimeout(f"no answer about consumer {durable}: {_describe(exc)}") from exc
         except (nats.errors.Error, OSError) as exc:

@@ -41,7 +41,7 @@ from marduk_slurm.controller.outbox import OutboxWorker
 from marduk_slurm.controller.reconcile import Reconciler
 from marduk_slurm.controller.replication import Replication
 from marduk_slurm.controller.rpc import RpcServer
-from marduk_slurm.errors import BusTimeout
+from marduk_slurm.errors import BusError, BusTimeout
 from marduk_slurm.settings import Settings
 from marduk_slurm.supervisor import Supervisor
 
@@ -55,7 +55,8 @@ NATS_PORT_FILE = "nats.port"
 SHUTDOWN_STEP_S = 5.0
 SHUTDOWN_LIMIT_S = 15.0
 # The exit status of a leader that lost its lease: systemd starts it again, as a standby.
-EXIT_LEADERSHIP_LOST = 3
+# (1 is a task that keeps crashing; 2 and 3 are the CLI's usage and unreachable errors.)
+EXIT_LEADERSHIP_LOST = 4
 # How long a new leader waits to ingest the stream's backlog before it acts regardless.
 CATCH_UP_LIMIT_S = 30.0
 T = TypeVar("T")
@@ -247,11 +248,17 @@ class Controller:
     async def _catch_up(self, ctx: Context) -> bool:
         """Before acting: ingest what the stream held when we took the lease, so that every
         action the old leader reported is settled here first (controller/replication.py)."""
-        target = (await ctx.bus.stream_info())["last_seq"]
         deadline = time.monotonic() + CATCH_UP_LIMIT_S
+        target = None
         while time.monotonic() < deadline:
-            if await ctx.bus.consumer_caught_up(self.durable, target):
-                return True
+            try:
+                if target is None:
+                    target = (await ctx.bus.stream_info())["last_seq"]
+                if await ctx.bus.consumer_caught_up(self.durable, target):
+                    return True
+            except BusError as exc:  # BusTimeout included: JetStream busy or electing
+                log.warning("catching up: %s", exc)
+                await asyncio.sleep(0.2)
             await asyncio.sleep(0.02)
         log.warning("acting before the stream is ingested up to sequence %d (still behind "
                     "after %.0f s): an action the old leader reported may be read from Slurm "
