@@ -315,3 +315,22 @@ def test_a_stopped_leader_does_not_act_when_it_resumes_and_comes_back_as_standby
         assert a.stop() == 0, a.log()
         assert b.stop() == 0, b.log()
     assert len(site.drain_calls()) == 1
+
+
+def test_a_replica_refuses_commands_of_an_older_controller_term() -> None:
+    from types import SimpleNamespace
+
+    from marduk_slurm.runtime.client import ReplicaLink
+
+    got: list[Any] = []
+    link = ReplicaLink(Bus("nats://127.0.0.1:1", name="t"), 7, 0, "job7_rg0:u1", got.append)
+
+    def leave(fence: int | None) -> Any:
+        cmd = m.ReplicaCommand(replica_id="job7_rg0:u1", job_id=7, action="leave",
+                               reason="drain", fence=fence, ts=time.time())
+        return SimpleNamespace(subject=subjects.replica_commands(7, 0), data=m.encode(cmd))
+
+    for fence in (5, 9, 5, None, 9, 8, 12):
+        asyncio.run(link._on_message(leave(fence)))
+    assert [c.fence for c in got] == [5, 9, None, 9, 12]
+    assert link.stale_commands == 2 and link.fence == 12

@@ -196,6 +196,10 @@ class Context:
         """Whether to carry decisions out now, by this controller's own clock."""
         return self.acting and (self.leadership is None or self.leadership.current())
 
+    def fence_token(self) -> int | None:
+        """The term commands carry (controller/leadership.py); None without a lease."""
+        return self.leadership.term if self.leadership is not None else None
+
     async def fence(self, what: str) -> bool:
         """Before an action that must happen once (a Slurm call): whether the lease is still
         ours, asked of NATS. A refusal is counted and logged by the leadership."""
@@ -240,7 +244,7 @@ class Context:
             cmd = m.ReplicaCommand(
                 replica_id=leave.replica.replica_id, job_id=leave.replica.job_id,
                 action="leave", reason=leave.reason, immediate=leave.immediate,
-                event_id=event_id, ts=time.time(),
+                event_id=event_id, ts=time.time(), fence=self.fence_token(),
             )
             subject = subjects.replica_commands(leave.replica.job_id, leave.replica.replica_group)
             await self.publish(subject, m.encode(cmd))
@@ -250,7 +254,7 @@ class Context:
             cmd = m.ReplicaCommand(
                 replica_id=sb.standby_id, job_id=sb.job_id, action="assume",
                 reason=assignment.reason[:1000], replica_group=assignment.replica_group,
-                event_id=event_id, ts=time.time())
+                event_id=event_id, ts=time.time(), fence=self.fence_token())
             await self.publish(subjects.standby_commands(sb.job_id), m.encode(cmd))
             self.stats["assume_commands"] += 1
         for dismissal, event_id in effects.dismissals:
@@ -258,7 +262,7 @@ class Context:
             cmd = m.ReplicaCommand(
                 replica_id=sb.standby_id, job_id=sb.job_id, action="leave",
                 reason=dismissal.reason[:1000], immediate=True, event_id=event_id,
-                ts=time.time())
+                ts=time.time(), fence=self.fence_token())
             await self.publish(subjects.standby_commands(sb.job_id), m.encode(cmd))
             self.stats["standby_dismissals"] += 1
         if effects.feed:

@@ -242,7 +242,7 @@ class Controller:
         leadership = Leadership(lease, self.controller_id, lease_s=lease_s)
         ctx.leadership = self.leadership = leadership
         ctx.replication = Replication(self.controller_id)
-        ctx.replication.current_fence = lambda: leadership.token
+        ctx.replication.current_fence = lambda: leadership.term
         return leadership
 
     async def _catch_up(self, ctx: Context) -> bool:

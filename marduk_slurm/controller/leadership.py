@@ -59,7 +59,12 @@ class Leadership:
         self.id = controller_id
         self.lease_s = lease_s
         self.role = "standby"
-        self.token = 0  # the lease revision we last wrote: the fencing token
+        self.token = 0  # the lease revision we last wrote: checked against the bucket
+        # The revision at which we took the lease: the fencing token that commands and
+        # reports carry. It is the same for everything one leader sends (renewals do not move
+        # it, so two of its commands can never look stale to each other), and a later
+        # leader's is always larger.
+        self.term = 0
         self.holder: dict[str, Any] = {}  # who leads, as last read
         self.holder_revision = 0
         self.stats: Counter[str] = Counter()
@@ -90,6 +95,7 @@ class Leadership:
             else:
                 self._renewed_at = sent
                 self.role, self.leader_since = "leader", time.time()
+                self.term = self.token
                 self.holder, self.holder_revision = read_holder(self._value), self.token
                 self.stats["lease_taken"] += 1
                 return time.monotonic() - began
@@ -185,7 +191,7 @@ class Leadership:
         """For `marduk status` and the metrics."""
         leading = self.role == "leader"
         return {
-            "id": self.id, "role": self.role, "lease_s": self.lease_s,
+            "id": self.id, "role": self.role, "lease_s": self.lease_s, "term": self.term,
             "lease_revision": self.token if leading else self.holder_revision,
             "renewed_ago_s": round(time.monotonic() - self._renewed_at, 3) if leading else None,
             "leader_since": self.leader_since or None,

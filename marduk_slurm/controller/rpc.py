@@ -117,6 +117,11 @@ class RpcServer:
 
     async def answer(self, item: Pending) -> None:
         msg, request = item.payload
+        if not self.ctx.may_act():
+            # A leader whose lease may have lapsed (it was stopped, NATS was away) stays
+            # silent: the controller that leads now answers, and this one stops shortly.
+            self.ctx.stats["rpc_not_leader"] += 1
+            return
         parts = msg.subject.split(".")
         reply: m.Reply | Encoded
         try:

@@ -179,8 +179,8 @@ class AssumeAck(Message, tag="assume_ack", kw_only=True):
 
 class ActionApplied(Message, tag="action_applied", kw_only=True):
     """The leader carried out (or settled) a Slurm action: a standby marks its own copy of
-    the action done, so that after a takeover it does not do it again. `fence` is the lease
-    revision the leader held when it acted."""
+    the action done, so that after a takeover it does not do it again. `fence` is the
+    leader's term (the lease revision at which it took the lease)."""
 
     controller: Name
     fence: Count
@@ -234,6 +234,9 @@ class ReplicaCommand(Message, tag="replica_command", kw_only=True):
     immediate: bool = False
     event_id: NonNeg | None = None
     replica_group: GroupSize | None = None  # assume: the group the standby becomes
+    # The sending leader's term (lease revision when it took the lease): a replica refuses a
+    # command from an older term than one it has seen (a leader that lost its lease).
+    fence: Count | None = None
 
 
 # -- controller's event feed (core NATS) -----------------------------------------------------
