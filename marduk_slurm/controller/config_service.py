@@ -90,6 +90,8 @@ class ConfigService:
             return revision, at, eid, [r["replica_id"] for r in rows if r["state"] == "active"]
 
         revision, at, eid, active = await self.ctx.db.tx(commit)
+        await self.ctx.replication.report_config(self.ctx.bus, job, revision, at, changes,
+                                                 actor)
         cmd = m.JobCommand(job_id=job, revision=revision, apply_at_step=at, changes=changes,
                            ts=time.time())
         # After the commit: a replica that misses this publish gets it from config_latest.

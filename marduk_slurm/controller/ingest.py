@@ -131,8 +131,10 @@ class EventIngest:
             msg = m.decode_durable(item.data)
             check_subject(item.subject, msg)
             with store.savepoint():
-                if isinstance(msg, m.ActionApplied):  # the leader's report, for standbys
+                if isinstance(msg, m.ActionApplied):  # the leader's reports, for standbys
                     self.ctx.replication.on_applied(store, msg, now)
+                elif isinstance(msg, m.ConfigRevised):
+                    self.ctx.replication.on_config(store, msg, now)
                 else:
                     result.effects.extend(apply_message(store, msg, now, self.ctx.policy))
         except IdentityError as exc:
@@ -199,7 +201,7 @@ async def _settle(msg: StreamMessage, outcome: str) -> None:
 _SCOPE: dict[type, str] = {
     m.StepStart: "node", m.StepEnd: "node", m.Verdict: "node", m.GpuInventory: "node",
     m.ReplicaRegister: "job", m.ReplicaLeave: "job", m.ConfigAck: "job",
-    m.AssumeAck: "job", m.ActionApplied: "ctl",
+    m.AssumeAck: "job", m.ActionApplied: "ctl", m.ConfigRevised: "ctl",
 }
 
 

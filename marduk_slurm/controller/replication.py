@@ -11,6 +11,10 @@ the events that caused the actions: a standby settles the copy that the same cau
 What the record cannot cover (the old leader died between its Slurm call and its record) is
 covered by the outbox reading the nodes from Slurm before draining them: a node the old
 leader drained is found drained and not drained again (`drain_skipped`).
+
+Config revisions are operator writes the events stream does not carry: the leader publishes
+each committed revision (`ConfigRevised`) before any replica hears of it, and a standby keeps
+it under the same number, so a new leader numbers the next revision after it.
 """
 
 from __future__ import annotations
@@ -66,6 +70,45 @@ class Replication:
             evidence={"controller": msg.controller, "fence": msg.fence, "kind": msg.kind,
                       "outcome": msg.outcome, "outbox_id": row["id"] if row else None,
                       "stale": stale})
+
+    def on_config(self, store: StoreApi, msg: m.ConfigRevised, now: float) -> int | None:
+        """Record a config revision the leader made, under its number; the event id."""
+        if msg.controller == self.controller_id:
+            return None
+        self.highest_fence_seen = max(self.highest_fence_seen, msg.fence)
+        if not store.record_config_revision(msg.job_id, msg.revision, msg.changes,
+                                            msg.apply_at_step, msg.actor, now):
+            return None
+        self.stats["config_records"] += 1
+        return store.add_event(
+            "config_set", now=now, source=msg.actor or "operator", job_id=msg.job_id,
+            reason=f"revision {msg.revision} of job {msg.job_id} at step {msg.apply_at_step}: "
+                   + ", ".join(f"{k}={v}" for k, v in msg.changes.items()),
+            evidence={"revision": msg.revision, "apply_at_step": msg.apply_at_step,
+                      "changes": msg.changes, "controller": msg.controller,
+                      "fence": msg.fence})
+
+    async def report_config(self, bus: Bus, job_id: int, revision: int, apply_at_step: int,
+                            changes: dict[str, Any], actor: str) -> None:
+        """Publish a committed config revision for the standbys, before any replica hears
+        of it: a revision a replica may run is then one a new leader knows and never
+        numbers again."""
+        if not self.controller_id:
+            return
+        fence = self.current_fence()
+        record = m.ConfigRevised(controller=self.controller_id, fence=fence, job_id=job_id,
+                                 revision=revision, apply_at_step=apply_at_step,
+                                 changes=changes, actor=actor[:1000], ts=time.time())
+        try:
+            await bus.publish_durable(
+                subjects.controller_event(self.controller_id, "config_revised"),
+                m.encode(record), msg_id=f"{self.controller_id}.config.{job_id}.{revision}")
+        except BusError as exc:
+            self.stats["config_records_unsent"] += 1
+            log.warning("could not report revision %d of job %d to the standbys: %s",
+                        revision, job_id, exc)
+            return
+        self.stats["config_records_sent"] += 1
 
     async def report(self, bus: Bus, kind: str, actions: list[dict[str, Any]], outcome: str,
                      reason: str = "") -> None:

@@ -190,6 +190,19 @@ class ActionApplied(Message, tag="action_applied", kw_only=True):
     reason: Text = ""
 
 
+class ConfigRevised(Message, tag="config_revised", kw_only=True):
+    """The leader committed a config revision (an operator's `config set`, or its own):
+    a standby records the same revision under the same number."""
+
+    controller: Name
+    fence: Count
+    job_id: JobId
+    revision: Count
+    apply_at_step: Count
+    changes: dict[str, Any] = {}
+    actor: Text = ""
+
+
 # -- training replica -> controller (core NATS, written behind) ------------------------------
 
 
@@ -432,7 +445,7 @@ def _check_free_json(msg: Any) -> None:
         _check_evidence(msg.evidence)
     elif isinstance(msg, ReplicaRegister):
         check_json(msg.hyperparams, "hyperparams", max_items=1024)
-    elif isinstance(msg, JobCommand):
+    elif isinstance(msg, JobCommand | ConfigRevised):
         check_json(msg.changes, "changes", max_items=1024)
     elif isinstance(msg, Request):
         check_json(msg.args, "args", max_items=100_000)
@@ -444,7 +457,7 @@ def _check_free_json(msg: Any) -> None:
 
 DurableMessage = (
     StepStart | StepEnd | Verdict | GpuInventory | ReplicaRegister | ReplicaLeave | ConfigAck
-    | AssumeAck | ActionApplied
+    | AssumeAck | ActionApplied | ConfigRevised
 )
 
 class _Unsent(Message, tag="unsent"):

@@ -113,6 +113,23 @@ class OutboxMixin:
         )
         return revision
 
+    def record_config_revision(self, job_id: int, revision: int, changes: dict[str, Any],
+                               apply_at_step: int, actor: str, now: float) -> bool:
+        """Keep a revision another controller numbered; False when it is here already."""
+        self.conn.execute(
+            "INSERT INTO jobs (job_id, first_seen, last_seen) VALUES (?,?,?) "
+            "ON CONFLICT(job_id) DO NOTHING", (job_id, now, now),
+        )
+        cur = self.conn.execute(
+            "INSERT INTO config_revisions VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(job_id, revision) DO NOTHING",
+            (job_id, revision, now, actor, apply_at_step, json.dumps(changes, sort_keys=True)),
+        )
+        self.conn.execute(
+            "UPDATE jobs SET config_revision=MAX(COALESCE(config_revision, 0), ?) "
+            "WHERE job_id=?", (revision, job_id))
+        return cur.rowcount > 0
+
     def config_revisions(self, job_id: int) -> list[dict[str, Any]]:
         rows = list(self.db.query(
             "SELECT * FROM config_revisions WHERE job_id=? ORDER BY revision", [job_id]
