@@ -334,3 +334,151 @@ def test_a_replica_refuses_commands_of_an_older_controller_term() -> None:
         asyncio.run(link._on_message(leave(fence)))
     assert [c.fence for c in got] == [5, 9, None, 9, 12]
     assert link.stale_commands == 2 and link.fence == 12
+
+
+# -- a rolling upgrade: a job trains through a handover ---------------------------------------
+
+JOB = 77
+TRAINER_NODE = "n1"
+TRAINER_ID = f"job{JOB}_rg0:uuid-0"
+
+
+class Trainer:
+    """A training replica without torch: a step every STEP_S, a heartbeat per step, config
+    revisions applied at their step and acknowledged, a leave command obeyed."""
+
+    STEP_S = 0.05
+
+    def __init__(self, url: str) -> None:
+        from datetime import timedelta
+
+        from marduk_slurm.runtime.client import MardukClient
+
+        self.client = MardukClient(url, JOB, 0, connect_timeout=timedelta(seconds=2))
+        self.step = 0
+        self.revision = 0
+        self.applied: list[tuple[int, int]] = []  # (revision, step)
+        self.commands: list[Any] = []
+        self.pending: list[m.JobCommand] = []
+        self.left = False
+        self.stop = False
+        import threading
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Trainer:
+        self.client.start(TRAINER_ID, lambda: m.ReplicaRegister(
+            replica_id=TRAINER_ID, job_id=JOB, replica_group=0, node=TRAINER_NODE,
+            gpu_uuids=[f"GPU-{TRAINER_NODE}-0"], hyperparams={"lr": 0.1}, step=self.step,
+            config_revision=self.revision, ts=time.time()))
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop and not self.left:
+            time.sleep(self.STEP_S)
+            self.step += 1
+            for cmd in self.client.poll_commands():
+                self.commands.append(cmd)
+                if isinstance(cmd, m.JobCommand):
+                    self.pending.append(cmd)
+                elif cmd.action == "leave":
+                    self.client.send_leave(cmd.reason, 75, self.step)
+                    self.left = True
+            for cmd in [c for c in self.pending if c.apply_at_step <= self.step]:
+                self.pending.remove(cmd)
+                if cmd.revision > self.revision:
+                    self.revision = cmd.revision
+                    self.applied.append((cmd.revision, self.step))
+                    self.client.send_ack(cmd.revision, self.step)
+            self.client.send_heartbeat(m.Heartbeat(
+                replica_id=TRAINER_ID, job_id=JOB, step=self.step, step_time_ms=50.0,
+                config_revision=self.revision, ts=time.time()))
+
+    def close(self) -> None:
+        from datetime import timedelta
+
+        self.stop = True
+        self.thread.join(5)
+        self.client.flush(timedelta(seconds=5))
+        self.client.close()
+
+
+async def paced_verdicts(url: str, items: list[tuple[str, bytes, str]], period_s: float
+                         ) -> None:
+    bus = Bus(url, name="agents")
+    await bus.connect()
+    try:
+        for subject, data, msg_id in items:
+            await bus.publish_durable(subject, data, msg_id=msg_id)
+            await asyncio.sleep(period_s)
+    finally:
+        await bus.close()
+
+
+def test_rolling_upgrade_hands_over_while_a_job_trains(
+        tmp_path: Path, nats_server: NatsServerProcess) -> None:
+    """docs/operations.md, "Upgrading without downtime": start a standby (the new version),
+    let it catch up, stop the old leader (it releases its lease), the standby leads."""
+    import threading
+
+    nodes = [TRAINER_NODE] + [f"u{k}" for k in range(8)]
+    site = Site(tmp_path, nats_server.url, nodes)
+    url = nats_server.url
+    a = site.controller("ctl-a", standby=False).start()
+    trainer = Trainer(url).start()
+    try:
+        wait_for(lambda: a.request("replicas", {"job": JOB}), 30, what="the replica registered")
+        first = cli_json("config", "set", str(JOB), "lr=0.01", "--nats-url", url)
+        assert first["revision"] == 1
+        # The new version starts as a standby and catches up (here: the same version).
+        b = site.controller("ctl-b", standby=True).start(standby=True)
+        db_b = tmp_path / "ctl-b" / "marduk.db"
+        wait_for(lambda: rows(db_b, "SELECT revision FROM config_revisions") == [(1,)], 30,
+                 what="the standby knowing revision 1")
+        # Faults keep coming through the handover.
+        storm = [verdict(node, i, i == 0) for node in nodes[1:] for i in range(2)]
+        publishing = threading.Thread(target=lambda: asyncio.run(
+            paced_verdicts(url, storm, 0.05)))
+        publishing.start()
+        time.sleep(0.3)
+        step_at_stop = trainer.step
+        stopped = time.monotonic()
+        assert a.stop() == 0, a.log()  # systemctl stop marduk: releases the lease
+        wait_for(lambda: site.leader() == "ctl-b", 30, interval_s=0.02,
+                 what="the standby leading")
+        handover_s = time.monotonic() - stopped
+        assert "lease released" in a.log()
+        publishing.join(30)
+        # The new leader numbers the next revision after the old leader's.
+        second = cli_json("config", "set", str(JOB), "lr=0.02", "--nats-url", url)
+        assert second["revision"] == 2
+        wait_for(lambda: [r for r, _ in trainer.applied] == [1, 2], 30,
+                 what="the trainer applying revision 2")
+        # A fault under the trainer after the handover: the new leader drains its node and
+        # tells it to leave.
+        asyncio.run(publish_durable(url, [verdict(TRAINER_NODE, 0, True)[:2]]))
+        wait_for(lambda: trainer.left, 30, what="the trainer told to leave")
+        asyncio.run(consumer_idle(url, "marduk-controller-ctl-b"))
+        wait_for(lambda: b.request("status")["outbox_pending"] == 0, 30,
+                 what="the new leader's outbox empty")
+        term_b = b.request("status")["controller"]["term"]
+        print(f"handover (SIGTERM to the standby answering as leader): {handover_s:.2f} s "
+              f"(lease {LEASE_S} s); trainer at step {step_at_stop} then, {trainer.step} at "
+              f"the end")
+    finally:
+        trainer.close()
+        assert b.stop() == 0, b.log()
+    # Every verdict once in the new leader's history; every faulty node drained once.
+    sent = Counter(m.decode_durable(data).reason for _, data, _ in storm)
+    sent[m.decode_durable(verdict(TRAINER_NODE, 0, True)[1]).reason] += 1
+    seen = Counter(r[0] for r in rows(db_b, "SELECT reason FROM events "
+                                            "WHERE kind='gpu_verdict'"))
+    assert seen == sent
+    assert Counter(n for c in site.drain_calls() for n in c["nodes"]) == {n: 1 for n in nodes}
+    # One leave decision for the trainer, its commands all from the new leader's term.
+    assert rows(db_b, "SELECT count(*) FROM events WHERE kind='leave_requested' "
+                      "AND replica_id=?", TRAINER_ID) == [(1,)]
+    leaves = [c for c in trainer.commands if isinstance(c, m.ReplicaCommand)]
+    assert leaves and {c.fence for c in leaves} == {term_b}
+    assert trainer.client.link is not None and trainer.client.link.stale_commands == 0
+    assert [r for r, _ in trainer.applied] == [1, 2]
