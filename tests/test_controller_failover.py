@@ -482,3 +482,84 @@ def test_rolling_upgrade_hands_over_while_a_job_trains(
     assert leaves and {c.fence for c in leaves} == {term_b}
     assert trainer.client.link is not None and trainer.client.link.stale_commands == 0
     assert [r for r, _ in trainer.applied] == [1, 2]
+
+
+# -- the records a leader sends its standbys, at the edge and applied ------------------------
+
+
+def applied(**fields: Any) -> bytes:
+    record = {"type": "action_applied", "v": 1, "controller": "ctl-a", "fence": 3,
+              "kind": "drain", "node": "n1", "outcome": "done", "reason": "xid 79", **fields}
+    return json.dumps(record).encode()
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"fence": -1}, "out_of_range"),
+    ({"fence": 2**63}, "out_of_range"),
+    ({"node": "-n1"}, "bad_format"),
+    ({"controller": "a.b"}, "bad_format"),
+    ({"kind": "reboot"}, "invalid_field"),
+    ({"outcome": "maybe"}, "invalid_field"),
+    ({"reason": "x\nDrained by root"}, "bad_format"),
+    ({"reason": "x" * 10_000}, "too_large"),
+    ({"extra": 1}, "unknown_field"),
+])
+def test_action_records_out_of_bounds_are_refused(fields: dict[str, Any], reason: str) -> None:
+    from marduk_slurm.errors import ProtocolError
+
+    with pytest.raises(ProtocolError) as refused:
+        m.decode_durable(applied(**fields))
+    assert refused.value.reason == reason
+
+
+def test_a_record_must_come_from_the_controller_its_subject_names() -> None:
+    from marduk_slurm.controller.ingest import check_subject
+    from marduk_slurm.errors import ProtocolError
+
+    msg = m.decode_durable(applied())
+    check_subject(subjects.controller_event("ctl-a", "action_applied"), msg)
+    for subject in (subjects.controller_event("ctl-b", "action_applied"),
+                    subjects.node_event("n1", "action_applied"),
+                    subjects.controller_event("ctl-a", "config_revised")):
+        with pytest.raises(ProtocolError) as refused:
+            check_subject(subject, msg)
+        assert refused.value.reason == "subject_mismatch"
+    deep: dict[str, Any] = {}
+    inner = deep
+    for _ in range(20):
+        inner["k"] = {}
+        inner = inner["k"]
+    revised = {"type": "config_revised", "controller": "ctl-a", "fence": 1, "job_id": 7,
+               "revision": 1, "apply_at_step": 5, "changes": deep}
+    with pytest.raises(ProtocolError):
+        m.decode_durable(json.dumps(revised).encode())
+
+
+def test_a_standby_settles_its_copy_once_and_ignores_its_own_records() -> None:
+    from marduk_slurm.adapters.store import Store
+    from marduk_slurm.controller.replication import Replication
+
+    store = Store(":memory:")
+    store.migrate()
+    now = time.time()
+    with store.transaction():
+        drain = store.enqueue_slurm_action("drain", "n1", "xid 79", None, now)
+        resume = store.enqueue_slurm_action("resume", "n2", "", None, now)
+    standby = Replication("ctl-b")
+    done = m.decode_durable(applied())
+    assert isinstance(done, m.ActionApplied)
+    with store.transaction():
+        assert standby.on_applied(store, done, now) is not None
+        standby.on_applied(store, done, now)  # again (a replay): nothing pending is touched
+    assert [(a["id"], a["state"]) for a in store.latest_actions("drain")] == [(drain, "done")]
+    assert store.pending_action("resume", "n2") is not None  # another kind and node
+    own = m.decode_durable(applied(controller="ctl-b", node="n2", kind="resume"))
+    assert isinstance(own, m.ActionApplied)
+    with store.transaction():
+        assert standby.on_applied(store, own, now) is None
+    assert store.pending_action("resume", "n2")["id"] == resume  # type: ignore[index]
+    older = m.decode_durable(applied(fence=2, node="n3"))
+    assert isinstance(older, m.ActionApplied)
+    with store.transaction():
+        standby.on_applied(store, older, now)
+    assert standby.stats["applied_records_stale"] == 1
