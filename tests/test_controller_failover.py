@@ -557,7 +557,7 @@ def test_a_standby_settles_its_copy_once_and_ignores_its_own_records() -> None:
     assert isinstance(own, m.ActionApplied)
     with store.transaction():
         assert standby.on_applied(store, own, now) is None
-    assert store.pending_action("resume", "n2")["id"] == resume  # type: ignore[index]
+    assert store.pending_action("resume", "n2")["id"] == resume
     older = m.decode_durable(applied(fence=2, node="n3"))
     assert isinstance(older, m.ActionApplied)
     with store.transaction():
