@@ -95,6 +95,43 @@ def test_the_lease_is_held_by_one_and_a_lapsed_leader_is_refused(
     assert result["c"]["role"] == "leader" and result["c"]["leader"]["id"] == "ctl-c"
 
 
+def test_a_controller_restarted_in_place_takes_its_dead_runs_lease_at_once(
+        nats_server: NatsServerProcess) -> None:
+    import subprocess
+
+    from marduk_slurm.controller.leadership import holder_value
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs: the previous run of this controller
+
+    async def scenario() -> list[tuple[str, int, int]]:
+        bus = Bus(nats_server.url, name="ctl")
+        await bus.connect()
+        try:
+            outcomes = []
+            # The holder's process: gone (taken at once), alive (this test's parent: waited
+            # out), or another controller's id (waited out).
+            for holder_id, pid in (("ctl-a", gone.pid), ("ctl-a", os.getppid()),
+                                   ("ctl-z", gone.pid)):
+                lease = LeaseStore(bus, ttl_s=LEASE_S)
+                await lease.open()
+                value = json.loads(holder_value(holder_id, time.time()))
+                previous = await lease.create(json.dumps({**value, "pid": pid}).encode())
+                me = Leadership(lease, "ctl-a", lease_s=LEASE_S)
+                taking = asyncio.create_task(me.acquire())
+                await asyncio.sleep(LEASE_S / 2)
+                outcome = "taken" if taking.done() else "waiting"
+                await taking  # (the lease lapses meanwhile when it is waited out)
+                outcomes.append((outcome, me.stats["lease_taken_from_own_dead_run"],
+                                 int(me.token > previous)))
+                await me.release()
+            return outcomes
+        finally:
+            await bus.close()
+
+    assert asyncio.run(scenario()) == [("taken", 1, 1), ("waiting", 0, 1), ("waiting", 0, 1)]
+
+
 # -- two controller processes ---------------------------------------------------------------
 
 PUBLISHERS = 4

@@ -32,6 +32,16 @@ RENEWALS_PER_LEASE = 4
 POLLS_PER_LEASE = 8
 
 
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 class NotLeader(MardukError):
     """This controller does not hold the lease (any more): it must not act."""
 
@@ -88,18 +98,45 @@ class Leadership:
             except LeaseTaken:
                 await self._note_holder(last_seen)
                 last_seen = (self.holder.get("id"), self.holder_revision)
+                if await self._take_from_own_dead_run():
+                    self._renewed_at = sent
+                    return self._became_leader(began)
             except BusError as exc:
                 self.stats["lease_errors"] += 1
                 if self.stats["lease_errors"] % 20 == 1:
                     log.warning("standby: cannot ask for the lease: %s", exc)
             else:
                 self._renewed_at = sent
-                self.role, self.leader_since = "leader", time.time()
-                self.term = self.token
-                self.holder, self.holder_revision = read_holder(self._value), self.token
-                self.stats["lease_taken"] += 1
-                return time.monotonic() - began
+                return self._became_leader(began)
             await asyncio.sleep(self.lease_s / POLLS_PER_LEASE)
+
+    def _became_leader(self, began: float) -> float:
+        self.role, self.leader_since = "leader", time.time()
+        self.term = self.token
+        self.holder, self.holder_revision = read_holder(self._value), self.token
+        self.stats["lease_taken"] += 1
+        return time.monotonic() - began
+
+    async def _take_from_own_dead_run(self) -> bool:
+        """A controller restarted in place (systemd after a crash) finds the lease of its
+        previous run: same id, this host, a process that no longer exists. It takes that
+        lease over at once, by revision (a compare-and-set), rather than wait for it to
+        lapse. A holder on another host, or whose process still runs, is waited out. (Ids
+        must be unique: two controllers with one id on one host name, in separate process
+        namespaces, would take the lease from each other.)"""
+        holder = self.holder
+        pid = holder.get("pid")
+        if (holder.get("id") != self.id or holder.get("host") != socket.gethostname()
+                or not isinstance(pid, int) or pid == os.getpid() or pid <= 0
+                or process_exists(pid)):
+            return False
+        try:
+            self.token = await self.lease.renew(self._value, self.holder_revision)
+        except BusError:  # LeaseLost included: it lapsed or moved on meanwhile
+            return False
+        log.info("took over the lease of this controller's previous run (pid %d, gone)", pid)
+        self.stats["lease_taken_from_own_dead_run"] += 1
+        return True
 
     async def _note_holder(self, last_seen: tuple[Any, int] | None) -> None:
         try:
