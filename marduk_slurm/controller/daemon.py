@@ -167,10 +167,13 @@ class Controller:
         if waited is None:
             return 1 if sup.fatal.is_set() else 0
         took = time.monotonic()
+        # Renewed from now on: catching up may take longer than the lease.
+        sup.start("lease", leadership.hold)
         if await self._until_stopped(self._catch_up(ctx)) is None:
             return 1 if sup.fatal.is_set() else 0
+        if leadership.lost.is_set():
+            return self._lost(ctx, leadership)
         ctx.acting = True
-        sup.start("lease", leadership.hold)
         log.info("controller %s leads (lease revision %d) after waiting %.3f s; caught up "
                  "with the stream in %.3f s", self.controller_id, leadership.token, waited,
                  time.monotonic() - took)
@@ -205,6 +208,9 @@ class Controller:
         log.info("controller ready (NATS %s, Slurm backend %s)", ctx.bus.url, self.slurm.name)
         if await self._until_stopped(leadership.lost.wait()) is None:
             return 1 if sup.fatal.is_set() else 0
+        return self._lost(ctx, leadership)
+
+    def _lost(self, ctx: Context, leadership: Leadership) -> int:
         # Stop acting at once; systemd (Restart=on-failure) starts this controller again,
         # and it comes back as a standby of the one that leads now.
         ctx.acting = False
