@@ -86,7 +86,7 @@ class Publisher:
 
 def leader_of(url: str) -> str:
     try:
-        status: dict[str, Any] = asyncio.run(call(url, "status", {}, timeout_s=0.5))
+        status: dict[str, Any] = asyncio.run(call(url, "status", {}, timeout_s=0.25))
     except (BusError, BusTimeout):
         return ""
     return str(status.get("controller", {}).get("id", ""))

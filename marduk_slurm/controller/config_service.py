@@ -22,7 +22,7 @@ from marduk_slurm.controller.rpc import RpcServer
 from marduk_slurm.domain import config_revision as cr
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import NotFound
+from marduk_slurm.errors import MardukError, NotFound
 
 # How far ahead of the fastest replica a revision is applied (see choose_apply_at_step).
 LEAD_STEPS = 2
@@ -69,6 +69,8 @@ class ConfigService:
 
     async def _new_revision(self, job: int, changes: dict[str, Any], actor: str, *,
                             force: bool) -> dict[str, Any]:
+        if not self.ctx.may_act():
+            raise MardukError("this controller does not lead (any more): no revision made")
         now = time.time()
 
         def commit(store: StoreApi) -> tuple[int, int, int, list[str]]:

@@ -57,6 +57,9 @@ SHUTDOWN_LIMIT_S = 15.0
 # The exit status of a leader that lost its lease: systemd starts it again, as a standby.
 # (1 is a task that keeps crashing; 2 and 3 are the CLI's usage and unreachable errors.)
 EXIT_LEADERSHIP_LOST = 4
+# Tasks that carry nothing out, stopped after the lease is released (the lease task renews
+# it until then).
+LAST_TO_STOP = ("ingest", "heartbeats", "housekeeping", "lease")
 # How long a new leader waits to ingest the stream's backlog before it acts regardless.
 CATCH_UP_LIMIT_S = 30.0
 T = TypeVar("T")
@@ -337,10 +340,14 @@ class Controller:
         log.info("controller stopping")
         faulthandler.dump_traceback_later(SHUTDOWN_LIMIT_S, exit=True)
         try:
-            await self.supervisor.stop(timeout_s=SHUTDOWN_STEP_S)
+            # First everything that acts (the outbox, commands, requests, analysis), then
+            # the lease goes, at once, to a standby; ingest stops last.
+            ctx.acting = False
+            await self.supervisor.stop(timeout_s=SHUTDOWN_STEP_S, keep=LAST_TO_STOP)
             leadership = getattr(self, "leadership", None)
-            if leadership is not None:  # after the tasks: nothing acts once it is released
+            if leadership is not None:
                 await bounded("releasing the lease", leadership.release())
+            await self.supervisor.stop(timeout_s=SHUTDOWN_STEP_S)
             heartbeats = getattr(self, "heartbeats", None)
             if heartbeats is not None:
                 await bounded("writing the last heartbeats", heartbeats.flush())

@@ -80,6 +80,12 @@ class EventIngest:
             backoff.reset()
             if msgs:
                 await self.process(msgs)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled while nats-py's fetch was completing: its wait_for returned the
+                # messages and swallowed the cancellation. They are committed and acked now;
+                # stop here, or the shutdown waits on this loop for its whole time limit.
+                raise asyncio.CancelledError
 
     async def process(self, msgs: list[StreamMessage]) -> None:
         items = [_Item(msg.seq, msg.subject, msg.data, msg.deliveries) for msg in msgs]
