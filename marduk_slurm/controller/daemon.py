@@ -158,7 +158,8 @@ class Controller:
         leadership = await self._open_leadership(ctx)
         sup = self.supervisor
         ctx.acting = False
-        sup.start("ingest", EventIngest(ctx, durable=self.durable).run)
+        self.ingest = EventIngest(ctx, durable=self.durable)
+        sup.start("ingest", self.ingest.run)
         self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
         sup.start("heartbeats", self.heartbeats.run)
         sup.start("housekeeping", lambda: self._housekeeping(ctx))
@@ -263,7 +264,8 @@ class Controller:
             try:
                 if target is None:
                     target = (await ctx.bus.stream_info())["last_seq"]
-                if await ctx.bus.consumer_caught_up(self.durable, target):
+                state = await ctx.bus.consumer_state(self.durable)
+                if state is not None and self.ingest.caught_up(state, target):
                     return True
             except BusError as exc:  # BusTimeout included: JetStream busy or electing
                 log.warning("catching up: %s", exc)
@@ -271,7 +273,7 @@ class Controller:
             await asyncio.sleep(0.02)
         log.warning("acting before the stream is ingested up to sequence %d (still behind "
                     "after %.0f s): an action the old leader reported may be read from Slurm "
-                    "again before it is carried out", target, CATCH_UP_LIMIT_S)
+                    "again before it is carried out", target or 0, CATCH_UP_LIMIT_S)
         return False
 
     def _job_credentials(self, ctx: Context) -> JobCredentialService:

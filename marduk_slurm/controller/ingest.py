@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from marduk_slurm.adapters.bus import Incoming, StreamMessage
+from marduk_slurm.adapters.bus import ConsumerState, Incoming, StreamMessage
 from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
@@ -61,11 +61,19 @@ class EventIngest:
     def __init__(self, ctx: Context, *, batch: int = 256, durable: str = DURABLE_NAME) -> None:
         self.ctx = ctx
         self.durable = durable  # every controller has its own (leader and standbys)
+        # Messages an earlier run of this controller had fetched and not acknowledged when it
+        # stopped: JetStream delivers them again only after the ack wait. And whether a
+        # fetched batch is being applied now. Both tell a new leader when it has caught up.
+        self.stranded = 0
+        self.busy = False
         self.batch = batch
         self._store_failures = Backoff(base_s=0.5, max_s=10.0)
 
     async def run(self) -> None:
         consumer = await self.ctx.bus.durable_consumer(self.durable, ack_wait_s=ACK_WAIT_S)
+        with contextlib.suppress(BusError):
+            state = await self.ctx.bus.consumer_state(self.durable)
+            self.stranded = state.num_ack_pending if state is not None else 0
         backoff = Backoff(base_s=0.2, max_s=5.0)
         while True:
             try:
@@ -79,13 +87,26 @@ class EventIngest:
                 continue
             backoff.reset()
             if msgs:
-                await self.process(msgs)
+                self.busy = True
+                try:
+                    await self.process(msgs)
+                finally:
+                    self.busy = False
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # Cancelled while nats-py's fetch was completing: its wait_for returned the
                 # messages and swallowed the cancellation. They are committed and acked now;
                 # stop here, or the shutdown waits on this loop for its whole time limit.
                 raise asyncio.CancelledError
+
+    def caught_up(self, state: ConsumerState, target: int) -> bool:
+        """Whether every message up to stream sequence `target` is applied here, but for
+        those an earlier run had fetched (they come back after the ack wait; waiting for
+        them would add up to ACK_WAIT_S to every restart)."""
+        if state.ack_floor_seq >= target:
+            return True
+        return (state.delivered_seq >= target and not self.busy
+                and state.num_ack_pending <= self.stranded)
 
     async def process(self, msgs: list[StreamMessage]) -> None:
         items = [_Item(msg.seq, msg.subject, msg.data, msg.deliveries) for msg in msgs]
