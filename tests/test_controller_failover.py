@@ -613,3 +613,44 @@ def test_a_standby_settles_its_copy_once_and_ignores_its_own_records() -> None:
     with store.transaction():
         standby.on_applied(store, older, now)
     assert standby.stats["applied_records_stale"] == 1
+
+
+# -- a clumsy operator ----------------------------------------------------------------------
+
+
+def test_a_second_controller_on_the_same_consumer_refuses_to_start(
+        tmp_path: Path, nats_server: NatsServerProcess) -> None:
+    """Two primaries without an id share the consumer `marduk-controller`: each would get
+    part of the events. The second one says so and exits 2 (it does not lead either)."""
+    first = ControllerProcess(tmp_path / "a", nats_server.url).start()
+    try:
+        second = ControllerProcess(tmp_path / "b", nats_server.url)
+        with pytest.raises(RuntimeError, match="controller exited 2"):
+            second.start(standby=True)
+        assert "is in use by another running controller" in second.log()
+        assert first.request("status")["controller"]["role"] == "leader"
+        # With an id of its own it starts, as a standby of the first.
+        third = ControllerProcess(tmp_path / "c", nats_server.url,
+                                  extra_args=("--id", "other")).start(standby=True)
+        assert third.stop() == 0, third.log()
+    finally:
+        assert first.stop() == 0, first.log()
+
+
+@pytest.mark.parametrize(("env", "error"), [
+    ({"MARDUK_CONTROLLER_ID": "a.b"}, "controller.id"),
+    ({"MARDUK_CONTROLLER_ID": "-x"}, "controller.id"),
+    ({"MARDUK_CONTROLLER_ID": "x" * 65}, "controller.id"),
+    ({"MARDUK_CONTROLLER_ID": "a\nb"}, "controller.id"),
+    ({"MARDUK_CONTROLLER_LEASE_S": "0"}, "controller.lease_s"),
+    ({"MARDUK_CONTROLLER_LEASE_S": "nan"}, "controller.lease_s"),
+    ({"MARDUK_CONTROLLER_LEASE_S": "1e9"}, "controller.lease_s"),
+    ({"MARDUK_CONTROLLER_STANDBY": "true"}, "needs nats.url"),
+])
+def test_leadership_settings_out_of_bounds_are_refused(env: dict[str, str], error: str
+                                                       ) -> None:
+    from marduk_slurm import settings
+    from marduk_slurm.errors import SettingsError
+
+    with pytest.raises(SettingsError, match=error):
+        settings.load(None, env=env)

@@ -109,6 +109,7 @@ class ConsumerState:
     ack_floor_seq: int  # every message up to this one is acknowledged
     num_pending: int  # not delivered yet
     num_ack_pending: int  # delivered, not acknowledged yet
+    num_waiting: int = 0  # pull requests waiting: someone fetches from it now
 
 
 class DurableConsumer:
@@ -339,7 +340,8 @@ class Bus:
             delivered_seq=int((info.delivered.stream_seq if info.delivered else 0) or 0),
             ack_floor_seq=int((info.ack_floor.stream_seq if info.ack_floor else 0) or 0),
             num_pending=int(info.num_pending or 0),
-            num_ack_pending=int(info.num_ack_pending or 0))
+            num_ack_pending=int(info.num_ack_pending or 0),
+            num_waiting=int(info.num_waiting or 0))
 
     async def stream_info(self) -> dict[str, Any]:
         """The events stream's state and, on a NATS cluster, where its replicas are: the

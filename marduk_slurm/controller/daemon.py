@@ -41,6 +41,7 @@ from marduk_slurm.controller.outbox import OutboxWorker
 from marduk_slurm.controller.reconcile import Reconciler
 from marduk_slurm.controller.replication import Replication
 from marduk_slurm.controller.rpc import RpcServer
+from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError, BusTimeout
 from marduk_slurm.settings import Settings
 from marduk_slurm.supervisor import Supervisor
@@ -57,6 +58,11 @@ SHUTDOWN_LIMIT_S = 15.0
 # The exit status of a leader that lost its lease: systemd starts it again, as a standby.
 # (1 is a task that keeps crashing; 2 and 3 are the CLI's usage and unreachable errors.)
 EXIT_LEADERSHIP_LOST = 4
+# Another process fetching from our consumer: 2, as a settings error (give it its own id).
+EXIT_CONSUMER_IN_USE = 2
+# How long pulls on our consumer may last before they count as another live controller's
+# (a dead process's expire within a fetch's 1 s).
+CONSUMER_CHECK_S = 1.5
 # Tasks that carry nothing out, stopped after the lease is released (the lease task renews
 # it until then).
 LAST_TO_STOP = ("ingest", "heartbeats", "housekeeping", "lease")
@@ -158,6 +164,8 @@ class Controller:
         leadership = await self._open_leadership(ctx)
         sup = self.supervisor
         ctx.acting = False
+        if not await self._consumer_free(ctx):
+            return EXIT_CONSUMER_IN_USE
         self.ingest = EventIngest(ctx, durable=self.durable)
         sup.start("ingest", self.ingest.run)
         self.heartbeats = HeartbeatWriter(ctx, flush_ms=c.heartbeat_flush_ms)
@@ -254,6 +262,27 @@ class Controller:
         ctx.replication = Replication(self.controller_id)
         ctx.replication.current_fence = lambda: leadership.term
         return leadership
+
+    async def _consumer_free(self, ctx: Context) -> bool:
+        """Whether no other process fetches from this controller's consumer. Two controllers
+        on one consumer would each get part of the events; the second one refuses to start.
+        A pull of a process that just died expires within a second: only one that lasts
+        longer counts."""
+        deadline = time.monotonic() + CONSUMER_CHECK_S
+        while True:
+            try:
+                state = await ctx.bus.consumer_state(self.durable)
+            except BusError as exc:
+                log.warning("cannot ask whether consumer %s is in use: %s", self.durable, exc)
+                return True
+            if state is None or state.num_waiting == 0:
+                return True
+            if time.monotonic() > deadline:
+                log.error("consumer %s of %s is in use by another running controller: each "
+                          "controller needs its own (--id NAME, or --standby); not starting",
+                          self.durable, subjects.EVENTS_STREAM)
+                return False
+            await asyncio.sleep(0.1)
 
     async def _catch_up(self, ctx: Context) -> bool:
         """Before acting: ingest what the stream held when we took the lease, so that every
