@@ -31,7 +31,7 @@ from marduk_slurm.domain.gpu_health import GpuAction
 from marduk_slurm.errors import BusError, BusTimeout
 
 from fakes import fake_slurm
-from harness import ControllerProcess, cli_json, publish_durable, wait_for
+from harness import ControllerProcess, cli_json, publish_durable, run_cli, wait_for
 
 LEASE_S = 2.0
 
@@ -289,6 +289,8 @@ def test_standby_takes_over_when_the_leader_is_killed_in_a_fault_storm(
         assert status["controller"]["role"] == "leader"
         assert status["controller"]["leader"]["id"] == "ctl-b"
         assert status["controller"]["lease_revision"] > 0
+        text = run_cli("status", "--nats-url", nats_server.url).stdout
+        assert "leader ctl-b on " in text and "role of this controller: leader" in text
     finally:
         assert b.stop() == 0, b.log()
     assert 0 < result["confirmed"] < TOTAL == result["confirmed_total"]

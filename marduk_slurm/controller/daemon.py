@@ -1,8 +1,12 @@
 """The controller daemon: start-up order, supervised tasks, signals, shutdown.
 
 Start-up: open and migrate the database, start the embedded nats-server when no URL is set,
-connect to NATS (retrying), make sure the events stream exists, reconcile with Slurm, start
-the tasks, and only then tell systemd READY=1. SIGTERM stops cleanly; SIGHUP reloads settings.
+connect to NATS (retrying), make sure the events stream exists, start ingesting (every
+controller, leader or standby, into its own database) and tell systemd READY=1; then wait for
+the lease (controller/leadership.py). Once it leads: catch up with the stream, reconcile with
+Slurm and start the tasks that act. A leader that loses its lease exits 4 and is started
+again, as a standby. SIGTERM stops what acts, releases the lease, then stops the rest;
+SIGHUP reloads settings.
 """
 
 from __future__ import annotations
