@@ -272,6 +272,11 @@ def test_standby_takes_over_when_the_leader_is_killed_in_a_fault_storm(
     try:
         b.wait_log("controller ctl-a on", 10)  # the standby names who leads
         assert site.leader() == "ctl-a"
+        # The leader names its standby, and how far behind it is.
+        standbys = wait_for(lambda: a.request("status")["controller"]["standbys"], 10,
+                            what="the standby announcing itself")
+        assert [(s["id"], s["consumer"], s["behind"]) for s in standbys] == [
+            ("ctl-b", "marduk-controller-ctl-b", 0)]
         assert a.proc is not None
         result = asyncio.run(storm_with_kill(nats_server.url, site, a,
                                              tmp_path / "ctl-b" / "marduk.db"))
@@ -291,6 +296,7 @@ def test_standby_takes_over_when_the_leader_is_killed_in_a_fault_storm(
         assert status["controller"]["lease_revision"] > 0
         text = run_cli("status", "--nats-url", nats_server.url).stdout
         assert "leader ctl-b on " in text and "role of this controller: leader" in text
+        assert "standby controllers: none" in text  # the old leader is dead
     finally:
         assert b.stop() == 0, b.log()
     assert 0 < result["confirmed"] < TOTAL == result["confirmed_total"]

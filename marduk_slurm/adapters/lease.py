@@ -12,6 +12,7 @@ Everything nats-py stays here: callers see `LeaseEntry` values and our errors.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LEASE_BUCKET = "marduk_leader"
 LEASE_KEY = "leader"
+STANDBY_PREFIX = "standby."
 # JetStream's answers to a write that names a revision that is not the last one.
 WRONG_LAST_SEQUENCE = (10071, 10164)
 
@@ -119,6 +121,31 @@ class LeaseStore:
             raise BusTimeout(f"no answer renewing the lease: {exc}") from exc
         except (nats.errors.Error, OSError) as exc:
             raise BusError(f"cannot renew the lease: {exc}") from exc
+
+    async def announce(self, name: str, value: bytes) -> None:
+        """A standby's presence, under `standby.<name>`: it lapses with the bucket's TTL
+        unless announced again."""
+        try:
+            await self._bucket().put(f"{STANDBY_PREFIX}{name}", value)
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise BusError(f"cannot announce standby {name}: {exc}") from exc
+
+    async def standbys(self, timeout_s: float = 1.0) -> list[bytes]:
+        """The values every live standby announced."""
+        values: list[bytes] = []
+        try:
+            watcher = await self._bucket().watch(f"{STANDBY_PREFIX}*", ignore_deletes=True)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async for entry in watcher:
+                        if entry is None:  # the end of what is stored now
+                            break
+                        values.append(bytes(entry.value or b""))
+            finally:
+                await watcher.stop()
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise BusError(f"cannot list the standbys: {exc}") from exc
+        return values
 
     async def release(self, revision: int) -> bool:
         """Give the lease up (a clean stop), only if `revision` is still ours: the next

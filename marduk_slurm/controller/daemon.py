@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from marduk_slurm import settings as settings_mod
 from marduk_slurm.adapters.bus import Bus
@@ -262,6 +262,7 @@ class Controller:
                 self.notifier.status(f"waiting for JetStream: {exc}")
                 await asyncio.sleep(backoff.next())
         leadership = Leadership(lease, self.controller_id, lease_s=lease_s)
+        leadership.presence = lambda: self._presence(ctx)
         ctx.leadership = self.leadership = leadership
         ctx.replication = Replication(self.controller_id)
         ctx.replication.current_fence = lambda: leadership.term
@@ -287,6 +288,12 @@ class Controller:
                           self.durable, subjects.EVENTS_STREAM)
                 return False
             await asyncio.sleep(0.1)
+
+    async def _presence(self, ctx: Context) -> dict[str, Any]:
+        """What a standby announces besides who it is: its consumer and how far behind."""
+        state = await ctx.bus.consumer_state(self.durable)
+        return {"consumer": self.durable,
+                "behind": state.num_pending if state is not None else -1}
 
     async def _catch_up(self, ctx: Context) -> bool:
         """Before acting: ingest what the stream held when we took the lease, so that every

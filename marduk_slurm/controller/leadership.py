@@ -13,12 +13,14 @@ or when the bucket names another revision.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from marduk_slurm import __version__
@@ -63,6 +65,19 @@ def read_holder(value: bytes) -> dict[str, Any]:
             if isinstance(data.get(k), str | int | float)}
 
 
+def read_standby(value: bytes) -> dict[str, Any]:
+    """A standby's announcement as shown to operators (bounded, never trusted)."""
+    data = read_holder(value)
+    try:
+        raw = json.loads(value[:4096])
+    except (ValueError, UnicodeDecodeError):
+        return data
+    if isinstance(raw, dict):
+        data.update({k: raw[k] for k in ("consumer", "behind")
+                     if isinstance(raw.get(k), str | int)})
+    return data
+
+
 class Leadership:
     def __init__(self, lease: LeaseStore, controller_id: str, *, lease_s: float) -> None:
         self.lease = lease
@@ -84,6 +99,10 @@ class Leadership:
         self.leader_since = 0.0
         self._value = holder_value(controller_id, self.started)
         self._renewed_at = 0.0  # monotonic time at which the last good renewal was sent
+        self._announced_at = 0.0
+        # What a standby says of itself besides who it is (its consumer, how far behind).
+        self.presence: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        self._standbys_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
 
     # -- taking the lease ------------------------------------------------------------------
 
@@ -108,6 +127,8 @@ class Leadership:
             else:
                 self._renewed_at = sent
                 return self._became_leader(began)
+            if time.monotonic() - self._announced_at > self.lease_s / 2:
+                await self._announce()
             await asyncio.sleep(self.lease_s / POLLS_PER_LEASE)
 
     def _became_leader(self, began: float) -> float:
@@ -137,6 +158,33 @@ class Leadership:
         log.info("took over the lease of this controller's previous run (pid %d, gone)", pid)
         self.stats["lease_taken_from_own_dead_run"] += 1
         return True
+
+    async def _announce(self) -> None:
+        """Tell the leader (and `marduk status`) that this standby is alive."""
+        self._announced_at = time.monotonic()
+        data = read_holder(self._value)
+        if self.presence is not None:
+            with contextlib.suppress(BusError):
+                data.update(await self.presence())
+        try:
+            await self.lease.announce(self.id, json.dumps(data).encode())
+        except BusError as exc:
+            self.stats["announce_failures"] += 1
+            log.debug("standby: %s", exc)
+
+    async def standbys(self) -> list[dict[str, Any]]:
+        """The live standbys, as they announced themselves (cached for a second)."""
+        at, cached = self._standbys_cache
+        if time.monotonic() - at < 1.0:
+            return cached
+        try:
+            values = await self.lease.standbys()
+        except BusError as exc:
+            return [{"error": str(exc)[:200]}]
+        found = sorted((s for s in map(read_standby, values) if s.get("id") != self.id),
+                       key=lambda s: str(s.get("id")))
+        self._standbys_cache = (time.monotonic(), found)
+        return found
 
     async def _note_holder(self, last_seen: tuple[Any, int] | None) -> None:
         try:

@@ -194,6 +194,7 @@ class RpcServer:
         data["requests"]["waiting"] = sum(q.waiting() for q in self.queues.values())
         if self.ctx.leadership is not None:
             data["controller"] = self.ctx.leadership.view()
+            data["controller"]["standbys"] = await self.ctx.leadership.standbys()
         return data
 
     def _query_handler(self, verb: str) -> Handler:
