@@ -4,8 +4,8 @@ Start-up: open and migrate the database, start the embedded nats-server when no 
 connect to NATS (retrying), make sure the events stream exists, start ingesting (every
 controller, leader or standby, into its own database) and tell systemd READY=1; then wait for
 the lease (controller/leadership.py). Once it leads: catch up with the stream, reconcile with
-Slurm and start the tasks that act. A leader that loses its lease exits 4 and is started
-again, as a standby. SIGTERM stops what acts, releases the lease, then stops the rest;
+Slurm and start the tasks that act. A leader that loses its lease stops them and waits as a
+standby again. SIGTERM stops what acts, releases the lease, then stops the rest;
 SIGHUP reloads settings.
 """
 
@@ -59,17 +59,15 @@ NATS_PORT_FILE = "nats.port"
 # under systemd's default TimeoutStopSec of 90 s): see Controller._shutdown.
 SHUTDOWN_STEP_S = 5.0
 SHUTDOWN_LIMIT_S = 15.0
-# The exit status of a leader that lost its lease: systemd starts it again, as a standby.
-# (1 is a task that keeps crashing; 2 and 3 are the CLI's usage and unreachable errors.)
-EXIT_LEADERSHIP_LOST = 4
 # Another process fetching from our consumer: 2, as a settings error (give it its own id).
 EXIT_CONSUMER_IN_USE = 2
 # How long pulls on our consumer may last before they count as another live controller's
 # (a dead process's expire within a fetch's 1 s).
 CONSUMER_CHECK_S = 1.5
-# Tasks that carry nothing out, stopped after the lease is released (the lease task renews
-# it until then).
-LAST_TO_STOP = ("ingest", "heartbeats", "housekeeping", "lease")
+# Tasks that carry nothing out: a standby runs them; at a stop they stop after the lease is
+# released (the lease task renews it until then).
+STANDBY_TASKS = ("ingest", "heartbeats", "housekeeping")
+LAST_TO_STOP = (*STANDBY_TASKS, "lease")
 # How long a new leader waits to ingest the stream's backlog before it acts regardless.
 CATCH_UP_LIMIT_S = 30.0
 T = TypeVar("T")
@@ -93,6 +91,7 @@ class Controller:
         self.state_dir = Path(settings.controller.state_dir)
         self.nats_server: NatsServerProcess | None = None
         self.stop_event = asyncio.Event()
+        self.ops: Operations | None = None  # while this controller leads
         self.supervisor = Supervisor(max_restarts=settings.controller.task_max_restarts,
                                      window_s=settings.controller.task_restart_window_s)
 
@@ -177,25 +176,29 @@ class Controller:
         sup.start("housekeeping", lambda: self._housekeeping(ctx))
         install_signal_handlers(self.stop_event.set, self._reload)
         self.notifier.ready(f"standby {self.controller_id}: waiting for the lease")
-        log.info("controller %s (%s) ingesting with consumer %s; waiting for the lease",
-                 self.controller_id, "standby" if c.standby else "primary", self.durable)
-        waited = await self._until_stopped(leadership.acquire())
-        if waited is None:
-            return 1 if sup.fatal.is_set() else 0
-        took = time.monotonic()
-        # Renewed from now on: catching up may take longer than the lease.
-        sup.start("lease", leadership.hold)
-        if await self._until_stopped(self._catch_up(ctx)) is None:
-            return 1 if sup.fatal.is_set() else 0
-        if leadership.lost.is_set():
-            return self._lost(ctx, leadership)
-        ctx.acting = True
-        log.info("controller %s leads (lease revision %d) after waiting %.3f s; caught up "
-                 "with the stream in %.3f s", self.controller_id, leadership.token, waited,
-                 time.monotonic() - took)
-        return await self._lead(ctx, leadership)
+        log.info("controller %s (%s) ingesting with consumer %s", self.controller_id,
+                 "standby" if c.standby else "primary", self.durable)
+        while True:  # a leader that loses its lease waits as a standby again
+            log.info("controller %s waiting for the lease", self.controller_id)
+            waited = await self._until_stopped(leadership.acquire())
+            if waited is None:
+                return 1 if sup.fatal.is_set() else 0
+            took = time.monotonic()
+            # Renewed from now on: catching up may take longer than the lease.
+            sup.start("lease", leadership.hold)
+            if await self._until_stopped(self._catch_up(ctx)) is None:
+                return 1 if sup.fatal.is_set() else 0
+            if not leadership.lost.is_set():
+                ctx.acting = True
+                log.info("controller %s leads (lease revision %d) after waiting %.3f s; "
+                         "caught up with the stream in %.3f s", self.controller_id,
+                         leadership.token, waited, time.monotonic() - took)
+                if not await self._lead(ctx, leadership):
+                    return 1 if sup.fatal.is_set() else 0
+            await self._step_down(ctx, leadership)
 
-    async def _lead(self, ctx: Context, leadership: Leadership) -> int:
+    async def _lead(self, ctx: Context, leadership: Leadership) -> bool:
+        """Start what acts, and run until the lease is lost (True) or a stop (False)."""
         c = self.settings.controller
         reconciler = Reconciler(ctx, self.slurm, interval_s=c.reconcile_interval_s,
                                 step_grace_s=c.step_grace_s)
@@ -222,17 +225,21 @@ class Controller:
         self.notifier.status(f"leader {self.controller_id}: NATS {ctx.bus.url}, Slurm backend "
                              f"{self.slurm.name}")
         log.info("controller ready (NATS %s, Slurm backend %s)", ctx.bus.url, self.slurm.name)
-        if await self._until_stopped(leadership.lost.wait()) is None:
-            return 1 if sup.fatal.is_set() else 0
-        return self._lost(ctx, leadership)
+        return await self._until_stopped(leadership.lost.wait()) is not None
 
-    def _lost(self, ctx: Context, leadership: Leadership) -> int:
-        # Stop acting at once; systemd (Restart=on-failure) starts this controller again,
-        # and it comes back as a standby of the one that leads now.
+    async def _step_down(self, ctx: Context, leadership: Leadership) -> None:
+        """The lease is lost: stop acting at once (nothing is carried out from here on:
+        `Context.may_act` already says no), stop the tasks that act, and wait as a standby
+        of whoever leads now. Ingest goes on."""
         ctx.acting = False
-        log.error("controller %s stops: leadership lost (%s); exit %d", self.controller_id,
-                  leadership.lost_reason, EXIT_LEADERSHIP_LOST)
-        return EXIT_LEADERSHIP_LOST
+        log.error("controller %s stops acting: leadership lost (%s); it waits as a standby",
+                  self.controller_id, leadership.lost_reason)
+        self.notifier.status(f"standby {self.controller_id}: leadership lost "
+                             f"({leadership.lost_reason[:200]})")
+        await self.supervisor.stop(timeout_s=SHUTDOWN_STEP_S, keep=STANDBY_TASKS)
+        self.heartbeats.on_flush.clear()  # the analysis that acted on them is gone
+        self.ops = None
+        leadership.step_down()
 
     async def _until_stopped(self, work: Awaitable[T]) -> T | None:
         """`work`'s result, or None when a stop (SIGTERM, a task that keeps crashing) came
@@ -366,7 +373,7 @@ class Controller:
                    if v["value"] != self.settings.effective()[k]["value"]]
         logging.getLogger().setLevel(new.controller.log_level.upper())
         self.ctx.policy = Policy(new.slurm.reason_prefix, new.controller.leave_on_drain)
-        ops = getattr(self, "ops", None)  # a standby has no operations yet
+        ops = getattr(self, "ops", None)  # a standby has no operations
         if ops is not None:
             ops.fault_policy = new.fault_policy()
         self.settings = new

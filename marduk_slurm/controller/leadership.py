@@ -240,6 +240,12 @@ class Leadership:
         log.error("leadership lost: %s", reason)
         self.lost.set()
 
+    def step_down(self) -> None:
+        """After a loss, back to waiting as a standby (`acquire` again)."""
+        self.role, self.token, self.leader_since = "standby", 0, 0.0
+        self.lost = asyncio.Event()
+        self._announced_at = 0.0
+
     async def check(self, what: str) -> None:
         """Before an action that must happen once: `NotLeader` (counted) unless the lease is
         ours by our clock and the bucket still holds our revision."""
