@@ -284,7 +284,7 @@ class Controller:
         while True:
             try:
                 state = await ctx.bus.consumer_state(self.durable)
-            except BusError as exc:
+            except (BusError, BusTimeout) as exc:
                 log.warning("cannot ask whether consumer %s is in use: %s", self.durable, exc)
                 return True
             if state is None or state.num_waiting == 0:
@@ -314,7 +314,7 @@ class Controller:
                 state = await ctx.bus.consumer_state(self.durable)
                 if state is not None and self.ingest.caught_up(state, target):
                     return True
-            except BusError as exc:  # BusTimeout included: JetStream busy or electing
+            except (BusError, BusTimeout) as exc:  # JetStream busy, or electing a leader
                 log.warning("catching up: %s", exc)
                 await asyncio.sleep(0.2)
             await asyncio.sleep(0.02)

@@ -25,7 +25,14 @@ from marduk_slurm.controller.decisions import Effects
 from marduk_slurm.controller.inbound import apply_message
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import BusClosed, BusError, IdentityError, ProtocolError, StoreError
+from marduk_slurm.errors import (
+    BusClosed,
+    BusError,
+    BusTimeout,
+    IdentityError,
+    ProtocolError,
+    StoreError,
+)
 from marduk_slurm.supervisor import unsubscribe_all
 
 log = logging.getLogger(__name__)
@@ -71,7 +78,7 @@ class EventIngest:
 
     async def run(self) -> None:
         consumer = await self.ctx.bus.durable_consumer(self.durable, ack_wait_s=ACK_WAIT_S)
-        with contextlib.suppress(BusError):
+        with contextlib.suppress(BusError, BusTimeout):
             state = await self.ctx.bus.consumer_state(self.durable)
             self.stranded = state.num_ack_pending if state is not None else 0
         backoff = Backoff(base_s=0.2, max_s=5.0)

@@ -25,7 +25,7 @@ from typing import Any
 
 from marduk_slurm import __version__
 from marduk_slurm.adapters.lease import LeaseLost, LeaseStore, LeaseTaken
-from marduk_slurm.errors import BusError, MardukError
+from marduk_slurm.errors import BusError, BusTimeout, MardukError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Leadership:
                 if await self._take_from_own_dead_run():
                     self._renewed_at = sent
                     return self._became_leader(began)
-            except BusError as exc:
+            except (BusError, BusTimeout) as exc:
                 self.stats["lease_errors"] += 1
                 if self.stats["lease_errors"] % 20 == 1:
                     log.warning("standby: cannot ask for the lease: %s", exc)
@@ -153,7 +153,7 @@ class Leadership:
             return False
         try:
             self.token = await self.lease.renew(self._value, self.holder_revision)
-        except BusError:  # LeaseLost included: it lapsed or moved on meanwhile
+        except (BusError, BusTimeout):  # LeaseLost included: it lapsed or moved on meanwhile
             return False
         log.info("took over the lease of this controller's previous run (pid %d, gone)", pid)
         self.stats["lease_taken_from_own_dead_run"] += 1
@@ -164,11 +164,11 @@ class Leadership:
         self._announced_at = time.monotonic()
         data = read_holder(self._value)
         if self.presence is not None:
-            with contextlib.suppress(BusError):
+            with contextlib.suppress(BusError, BusTimeout):
                 data.update(await self.presence())
         try:
             await self.lease.announce(self.id, json.dumps(data).encode())
-        except BusError as exc:
+        except (BusError, BusTimeout) as exc:
             self.stats["announce_failures"] += 1
             log.debug("standby: %s", exc)
 
@@ -179,7 +179,7 @@ class Leadership:
             return cached
         try:
             values = await self.lease.standbys()
-        except BusError as exc:
+        except (BusError, BusTimeout) as exc:
             return [{"error": str(exc)[:200]}]
         found = sorted((s for s in map(read_standby, values) if s.get("id") != self.id),
                        key=lambda s: str(s.get("id")))
@@ -189,7 +189,7 @@ class Leadership:
     async def _note_holder(self, last_seen: tuple[Any, int] | None) -> None:
         try:
             entry = await self.lease.read()
-        except BusError:
+        except (BusError, BusTimeout):
             return
         if entry is None:
             return  # lapsed between our create and this read: ask again
@@ -217,7 +217,7 @@ class Leadership:
             except LeaseLost as exc:
                 self._lose(str(exc))
                 return
-            except BusError as exc:
+            except (BusError, BusTimeout) as exc:
                 self.stats["renew_failures"] += 1
                 if not self.current():
                     self._lose(f"could not renew within the lease ({self.lease_s:g} s): {exc}")
@@ -252,7 +252,7 @@ class Leadership:
         if self.current():
             try:
                 entry = await self.lease.read()
-            except BusError as exc:
+            except (BusError, BusTimeout) as exc:
                 entry, why = None, f"cannot read the lease: {exc}"
             else:
                 why = "the lease is gone" if entry is None else (
@@ -274,7 +274,7 @@ class Leadership:
         try:
             if await self.lease.release(self.token):
                 log.info("lease released (revision %d)", self.token)
-        except BusError as exc:
+        except (BusError, BusTimeout) as exc:
             log.warning("could not release the lease (it lapses in %.3g s): %s",
                         self.lease_s, exc)
 

@@ -29,7 +29,7 @@ from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import BusError
+from marduk_slurm.errors import BusError, BusTimeout
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Replication:
             await bus.publish_durable(
                 subjects.controller_event(self.controller_id, "config_revised"),
                 m.encode(record), msg_id=f"{self.controller_id}.config.{job_id}.{revision}")
-        except BusError as exc:
+        except (BusError, BusTimeout) as exc:
             self.stats["config_records_unsent"] += 1
             log.warning("could not report revision %d of job %d to the standbys: %s",
                         revision, job_id, exc)
@@ -126,7 +126,7 @@ class Replication:
             try:
                 await bus.publish_durable(subjects.controller_event(
                     self.controller_id, "action_applied"), m.encode(record), msg_id=msg_id)
-            except BusError as exc:
+            except (BusError, BusTimeout) as exc:
                 self.stats["applied_records_unsent"] += 1
                 log.warning("could not report %s of %s to the standbys: %s", kind,
                             action["node"], exc)
