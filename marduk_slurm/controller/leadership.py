@@ -140,22 +140,25 @@ class Leadership:
 
     async def _take_from_own_dead_run(self) -> bool:
         """A controller restarted in place (systemd after a crash) finds the lease of its
-        previous run: same id, this host, a process that no longer exists. It takes that
+        previous run: same id, this host, a process that no longer exists (or this very
+        process, which stepped down when it could not renew: NATS was away). It takes that
         lease over at once, by revision (a compare-and-set), rather than wait for it to
         lapse. A holder on another host, or whose process still runs, is waited out. (Ids
         must be unique: two controllers with one id on one host name, in separate process
         namespaces, would take the lease from each other.)"""
         holder = self.holder
         pid = holder.get("pid")
+        ours = pid == os.getpid()  # this process's own term, before it stepped down
         if (holder.get("id") != self.id or holder.get("host") != socket.gethostname()
-                or not isinstance(pid, int) or pid == os.getpid() or pid <= 0
-                or process_exists(pid)):
+                or not isinstance(pid, int) or pid <= 0
+                or not (ours or not process_exists(pid))):
             return False
         try:
             self.token = await self.lease.renew(self._value, self.holder_revision)
         except (BusError, BusTimeout):  # LeaseLost included: it lapsed or moved on meanwhile
             return False
-        log.info("took over the lease of this controller's previous run (pid %d, gone)", pid)
+        log.info("took the lease back from %s (pid %d)", "this controller's own earlier term"
+                 if ours else "this controller's previous run, gone", pid)
         self.stats["lease_taken_from_own_dead_run"] += 1
         return True
 
