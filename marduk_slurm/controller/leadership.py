@@ -21,7 +21,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from marduk_slurm import __version__
 from marduk_slurm.adapters.lease import LeaseLost, LeaseStore, LeaseTaken
@@ -251,22 +251,30 @@ class Leadership:
 
     async def check(self, what: str) -> None:
         """Before an action that must happen once: `NotLeader` (counted) unless the lease is
-        ours by our clock and the bucket still holds our revision."""
-        if self.current():
-            try:
-                entry = await self.lease.read()
-            except (BusError, BusTimeout) as exc:
-                entry, why = None, f"cannot read the lease: {exc}"
-            else:
-                why = "the lease is gone" if entry is None else (
-                    f"the lease is at revision {entry.revision}, ours is {self.token}")
-            if entry is not None and entry.revision == self.token:
-                return
-        else:
+        ours by our clock and the bucket still holds our value (at our revision, or a later
+        one our renewal in flight just wrote). A bucket that does not answer refuses the
+        action without deciding the lease: the renewals do that."""
+        if not self.current():
             why = self.lost_reason or "the lease may have lapsed"
+            self._lose(why)
+            self._refuse(what, why)
+        try:
+            entry = await self.lease.read()
+        except (BusError, BusTimeout) as exc:
+            self.stats["lease_unverified"] += 1
+            raise NotLeader(f"cannot tell whether this controller still leads: {exc}"
+                            ) from exc
+        if entry is not None and entry.value == self._value and entry.revision >= self.token:
+            return
+        why = "the lease is gone" if entry is None else (
+            f"the lease is at revision {entry.revision} of {read_holder(entry.value).get('id')}"
+            f", ours was {self.token}")
+        self._lose(why)
+        self._refuse(what, why)
+
+    def _refuse(self, what: str, why: str) -> NoReturn:
         self.stats["stale_leader_refusals"] += 1
         log.error("refused to %s: not the leader (%s)", what, why)
-        self._lose(why)
         raise NotLeader(f"not the leader: {why}")
 
     async def release(self) -> None:
