@@ -71,6 +71,9 @@ WATCHED_NAMES = {
 WATCHED_NAMES["mounts_read_only"] = WATCHED_NAMES["mounts"]
 MAX_WATCHED = 256  # entries of each of those lists
 Threshold = Annotated[int, Meta(ge=1, le=1_000_000_000)]
+# A controller's name: a NATS subject token and a consumer name, never starting like an option.
+ControllerId = Annotated[str, Meta(pattern=r"^([A-Za-z0-9_][A-Za-z0-9_-]{0,63})?\Z")]
+LeaseSeconds = Annotated[float, Meta(ge=1.0, le=60.0)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,9 @@ class ControllerSettings:
     straggler_mad_k: DeviationK = 5.0  # ... and the median + this x robust deviation (1.4826 MAD)
     straggler_sustain_s: Delay = 3.0  # ... for this long before it is flagged (or cleared)
     risk_drain_threshold: RiskScore = 0  # drain a node when a GPU's risk score reaches it; 0: off
+    id: ControllerId = ""  # this controller's name among leader and standbys; default: host name
+    standby: bool = False  # a standby (--standby): its own event consumer; acts once it leads
+    lease_s: LeaseSeconds = 2.0  # the leader's lease in NATS; a standby takes over when it lapses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +381,9 @@ def validate(s: Settings) -> None:
     if s.controller.straggler_policy not in STRAGGLER_POLICIES:
         raise SettingsError(f"{where('controller.straggler_policy')}: controller.straggler_policy "
                             f"must be one of {', '.join(STRAGGLER_POLICIES)}")
+    if s.controller.standby and not s.nats.url:
+        raise SettingsError(f"{where('controller.standby')}: a standby controller needs "
+                            "nats.url (the leader's NATS, not an embedded server of its own)")
     host, _, port = s.controller.http_listen.rpartition(":")
     if s.controller.http_listen and (not host or not port.isdigit() or int(port) > 65535):
         raise SettingsError(f"{where('controller.http_listen')}: controller.http_listen must be "

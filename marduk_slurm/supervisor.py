@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import Any, Protocol
 
 from marduk_slurm.backoff import Backoff
@@ -96,13 +96,15 @@ class Supervisor:
             return False
         return True
 
-    async def stop(self, timeout_s: float | None = None) -> list[str]:
-        """Cancel every task and wait for them, at most timeout_s. Returns the names of the
-        tasks still running then, each logged with where it waits."""
-        for task in self._tasks.values():
+    async def stop(self, timeout_s: float | None = None, *,
+                   keep: Collection[str] = ()) -> list[str]:
+        """Cancel every task but those named in `keep` and wait for them, at most timeout_s.
+        Returns the names of the tasks still running then, each logged with where it
+        waits."""
+        tasks = {name: task for name, task in self._tasks.items() if name not in keep}
+        for name, task in tasks.items():
             task.cancel()
-        tasks = dict(self._tasks)
-        self._tasks.clear()
+            del self._tasks[name]
         if not tasks:
             return []
         _, pending = await asyncio.wait(tasks.values(), timeout=timeout_s)

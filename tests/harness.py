@@ -96,7 +96,9 @@ class ControllerProcess(DaemonProcess):
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = state_dir / "controller.log"
 
-    def start(self, timeout_s: float = 30.0) -> ControllerProcess:
+    def start(self, timeout_s: float = 30.0, *, standby: bool = False) -> ControllerProcess:
+        """Start and wait until it answers `status` (a leader), or, with `standby`, until it
+        says that it waits for the lease (a standby answers no requests)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         argv = marduk_argv("controller", "--state-dir", str(self.state_dir),
                            "--slurm-backend", self.slurm_backend, "--log-level", "info",
@@ -106,8 +108,22 @@ class ControllerProcess(DaemonProcess):
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          env=self.env, cwd=REPO)
-        self.wait_ready(timeout_s)
+        if standby:
+            self.wait_log("waiting for the lease", timeout_s)
+        else:
+            self.wait_ready(timeout_s)
         return self
+
+    def wait_log(self, text: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log_path.read_text(errors="replace"):
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"controller exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {text!r} in the log within {timeout_s} s:\n"
+                                   f"{self.log()}")
+            time.sleep(0.05)
 
     @property
     def url(self) -> str:

@@ -114,7 +114,15 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
         "job_command", job_id=7, revision=1, apply_at_step=5, changes={"lr": 0.01})),
     Kind("replica_command", "outbound", "job", _msg(
         "replica_command", replica_id="job7_rg0:fuzz", job_id=7, action="leave", reason="x",
-        immediate=False, event_id=1, replica_group=None)),
+        immediate=False, event_id=1, replica_group=None, fence=3)),
+    # From the leading controller to the standby controllers, on marduk.v1.evt.ctl.<id>.*:
+    # only a controller may publish there (tests/test_trust_fuzz.py, WRONG_CREDENTIAL).
+    Kind("action_applied", "outbound", "node", _msg(
+        "action_applied", controller="ctl-a", fence=3, kind="drain", node="n1",
+        outcome="done", reason="xid 79")),
+    Kind("config_revised", "outbound", "job", _msg(
+        "config_revised", controller="ctl-a", fence=3, job_id=7, revision=1, apply_at_step=5,
+        changes={"lr": 0.01}, actor="operator")),
     Kind("event", "outbound", "node", _msg(
         "event", id=1, kind="gpu_verdict", reason="x", node="n1", gpu_uuid="GPU-n1-0",
         job_id=7, replica_id="job7_rg0:fuzz", evidence={})),

@@ -148,8 +148,11 @@ async def wait_backlog_empty(bus: Bus, consumer: str, timeout_s: float = 60.0) -
 
 def test_events_stream_survives_its_leader_dying_in_a_fault_storm(
         tmp_path: Path, nats_cluster: NatsCluster) -> None:
+    # A lease longer than JetStream's election (docs/operations.md, "The lease and a NATS
+    # cluster"): the controller rides the election out instead of stepping down for it.
     ctl = ControllerProcess(tmp_path / "state", nats_cluster.url,
-                            extra_env={"MARDUK_NATS_STREAM_REPLICAS": "3"}).start()
+                            extra_env={"MARDUK_NATS_STREAM_REPLICAS": "3",
+                                       "MARDUK_CONTROLLER_LEASE_S": "15"}).start()
     stream = subjects.EVENTS_STREAM
     consumer = f"{stream}.{DURABLE_NAME}"
     # The server that carries the controller's connection is made the leader of both the

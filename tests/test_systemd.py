@@ -21,7 +21,7 @@ from marduk_slurm.adapters.systemd import Notifier
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 EXAMPLE = SYSTEMD_DIR / "marduk.toml.example"
-UNITS = ("marduk.service", "marduk-agent.service")
+UNITS = ("marduk.service", "marduk-standby.service", "marduk-agent.service")
 
 
 # -- Notifier ---------------------------------------------------------------------------
@@ -142,6 +142,21 @@ def test_controller_unit() -> None:
     for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
         assert service[key] == "yes", key
     assert service["ProtectSystem"] == "strict"
+
+
+def test_standby_unit_has_a_state_directory_of_its_own() -> None:
+    leader = read_unit("marduk.service")["Service"]
+    service = read_unit("marduk-standby.service")["Service"]
+    assert service["ExecStart"].split()[:3] == ["/usr/local/bin/marduk", "controller",
+                                                "--standby"]
+    state_dir = service["ExecStart"].split("--state-dir ")[1].split()[0]
+    assert state_dir == "/var/lib/" + service["StateDirectory"] != "/var/lib/marduk"
+    assert state_dir in service["ReadWritePaths"].split()
+    # Everything else as the leader's unit: it becomes the leader.
+    same = {k: v for k, v in service.items()
+            if k not in ("ExecStart", "StateDirectory", "ReadWritePaths")}
+    assert same == {k: v for k, v in leader.items()
+                    if k not in ("ExecStart", "StateDirectory", "ReadWritePaths")}
 
 
 def test_agent_unit_owns_the_socket_directory() -> None:

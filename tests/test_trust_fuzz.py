@@ -89,6 +89,10 @@ ROUTES = {
     f"{P}.jobrpc.<job>.<verb>": "request, job",
     f"{P}.credrpc.<node>": "request, agent",
     f"{P}.feed.event": "only the controller may publish: refusal checked",
+    f"{P}.evt.ctl.<controller>.action_applied": "only the controller may publish: refusal "
+                                                "checked",
+    f"{P}.evt.ctl.<controller>.config_revised": "only the controller may publish: refusal "
+                                                "checked",
     f"{P}.cmd.job.<job>": "controller to jobs: not heard by the controller",
     f"{P}.cmd.replica.<job>.<group>": "controller to replicas: not heard by the controller",
     f"{P}.cmd.replica.<job>.standby": "controller to standbys: not heard by the controller",
@@ -320,7 +324,10 @@ async def send(conns: Conns, cases: list[fuzz.Case], how: str, tally: Tally) -> 
 def marked(subject: str) -> bytes:
     """A valid message for `subject`, marked so that it can be looked for in the database."""
     tail = subject.split(".")
-    if tail[2] == "evt" and tail[-1] == "verdict":
+    if tail[2] == "evt" and tail[3] == "ctl":
+        mark = "reason" if tail[-1] == "action_applied" else "actor"
+        msg = {**schema.KINDS[tail[-1]].example, "controller": tail[4], mark: "wrongcred"}
+    elif tail[2] == "evt" and tail[-1] == "verdict":
         msg = {**schema.KINDS["verdict"].example, "node": tail[4], "reason": "wrongcred"}
     elif tail[2] in ("evt", "hb"):
         msg = {**schema.KINDS["replica_register"].example, "replica_id": "job7_rg0:wrongcred"}
@@ -347,6 +354,9 @@ WRONG_CREDENTIAL = [
     ("operator", f"{P}.health.n1"), ("operator", f"{P}.feed.event"),
     ("operator", f"{P}.jobrpc.7.config_latest"), ("operator", f"{P}.credrpc.n1"),
     ("operator", f"{P}.evt.job.7.replica_register"),
+    ("job-7", f"{P}.evt.ctl.ctl-a.action_applied"),
+    ("agent-n1", f"{P}.evt.ctl.n1.action_applied"),
+    ("operator", f"{P}.evt.ctl.ctl-a.config_revised"),
 ]
 
 

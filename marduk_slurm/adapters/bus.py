@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import nats
@@ -100,6 +101,15 @@ def _metadata(msg: Msg) -> tuple[int, int]:
         return int(meta.sequence.stream), int(meta.num_delivered)
     except (AttributeError, ValueError, TypeError, nats.errors.Error):
         return 0, 1
+
+
+@dataclass(frozen=True)
+class ConsumerState:
+    delivered_seq: int  # the last stream sequence delivered (to this process or an earlier)
+    ack_floor_seq: int  # every message up to this one is acknowledged
+    num_pending: int  # not delivered yet
+    num_ack_pending: int  # delivered, not acknowledged yet
+    num_waiting: int = 0  # pull requests waiting: someone fetches from it now
 
 
 class DurableConsumer:
@@ -314,6 +324,24 @@ class Bus:
         return DurableConsumer(await self.js.pull_subscribe(
             subjects.EVENTS_ALL, durable=durable, stream=subjects.EVENTS_STREAM, config=config
         ))
+
+    async def consumer_state(self, durable: str) -> ConsumerState | None:
+        """Where a durable consumer of the events stream stands; None before it exists."""
+        try:
+            info = await self.js.consumer_info(subjects.EVENTS_STREAM, durable)
+        except nats.js.errors.NotFoundError:
+            return None  # not created yet: its first fetch creates it
+        except JETSTREAM_UNAVAILABLE as exc:
+            raise BusTimeout(f"no answer about consumer {durable}: {_describe(exc)}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise BusError(f"no information about consumer {durable}: {_describe(exc)}"
+                           ) from exc
+        return ConsumerState(
+            delivered_seq=int((info.delivered.stream_seq if info.delivered else 0) or 0),
+            ack_floor_seq=int((info.ack_floor.stream_seq if info.ack_floor else 0) or 0),
+            num_pending=int(info.num_pending or 0),
+            num_ack_pending=int(info.num_ack_pending or 0),
+            num_waiting=int(info.num_waiting or 0))
 
     async def stream_info(self) -> dict[str, Any]:
         """The events stream's state and, on a NATS cluster, where its replicas are: the

@@ -177,6 +177,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     server = f" to {data['nats_server']}" if data.get("nats_server") else ""
     say(f"controller up {data['uptime_s']:.0f}s, NATS {data['nats']}{server} "
         f"({data.get('nats_reconnects', 0)} reconnects), Slurm backend {data['slurm_backend']}")
+    lead = leader_line(data.get("controller"))
+    if lead:
+        say(lead)
+        for line in standby_lines(data["controller"].get("standbys")):
+            say(line)
     for line in slurm:
         say(line)
     say(f"nodes {data['nodes']} ({data['nodes_drained']} drained, "
@@ -187,6 +192,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in rejection_lines(data):
         say(line)
     return EXIT_SLURM_DOWN if unreachable else 0
+
+
+def leader_line(view: Any) -> str:
+    """Who leads: the controller that answered (only the leader answers) and its lease."""
+    if not isinstance(view, dict):
+        return ""  # an older controller, without leadership
+    given = view.get("leader")
+    leader: dict[str, Any] = given if isinstance(given, dict) else {}
+    renewed = view.get("renewed_ago_s")
+    ago = f", renewed {renewed:.1f}s ago" if isinstance(renewed, int | float) else ""
+    return (f"leader {leader.get('id', view.get('id', '?'))} on "
+            f"{leader.get('host', '?')} (version "
+            f"{leader.get('version', '?')}, pid {leader.get('pid', '?')}), "
+            f"role of this controller: {view.get('role', '?')}, lease "
+            f"revision {view.get('lease_revision', '?')} of {view.get('lease_s', '?')}s{ago}")
+
+
+def standby_lines(standbys: Any) -> list[str]:
+    """The standby controllers that announced themselves, or that there is none."""
+    if not isinstance(standbys, list):
+        return []
+    if not standbys:
+        return ["standby controllers: none (a failure of this one waits for its restart)"]
+    lines = []
+    for s in standbys:
+        if not isinstance(s, dict):
+            continue
+        if "error" in s:
+            lines.append(f"standby controllers: unknown ({s['error']})")
+            continue
+        behind = s.get("behind")
+        lag = ("caught up" if behind == 0 else f"{behind} event(s) behind"
+               if isinstance(behind, int) and behind > 0 else "lag unknown")
+        lines.append(f"standby {s.get('id', '?')} on {s.get('host', '?')} (version "
+                     f"{s.get('version', '?')}, pid {s.get('pid', '?')}): {lag}")
+    return lines
 
 
 def slurm_lines(data: dict[str, Any], now: float | None = None) -> tuple[list[str], bool]:

@@ -29,6 +29,8 @@ def controller_flags(args: argparse.Namespace) -> dict[str, Any]:
         "controller.log_level": args.log_level,
         "slurm.backend": args.slurm_backend,
         "controller.http_listen": args.listen,
+        "controller.standby": True if args.standby else None,
+        "controller.id": args.id,
     }
 
 
@@ -99,7 +101,15 @@ def add_parsers(sub: Any, add: Any) -> None:
             "drains nodes through Slurm (slurmctld must answer) unless --slurm-backend none",
             "marduk controller --state-dir ./state --slurm-backend none   # a laptop: "
             "embedded NATS, no Slurm\n  marduk controller --config /etc/marduk/marduk.toml"
-            "           # a cluster", cmd_controller, json_flag=False)
+            "           # a cluster\n  marduk controller --standby --id ctl-b --config "
+            "/etc/marduk/marduk.toml   # a standby on a second host", cmd_controller,
+            json_flag=False)
+    p.add_argument("--standby", action="store_true",
+                   help="start as a standby: ingest the events into this host's own database "
+                        "and take over when the leader's lease lapses (needs nats.url)")
+    p.add_argument("--id", metavar="NAME",
+                   help="this controller's name among leader and standbys (default "
+                        "controller.id, else the host name)")
     p.add_argument("--log-level", choices=settings_mod.LOG_LEVELS)
     p.add_argument("--slurm-backend", choices=settings_mod.SLURM_BACKENDS,
                    help="how to reach Slurm (default slurm.backend, auto: pyslurm when "

@@ -22,7 +22,7 @@ from marduk_slurm.controller.rpc import RpcServer
 from marduk_slurm.domain import config_revision as cr
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import NotFound
+from marduk_slurm.errors import MardukError, NotFound
 
 # How far ahead of the fastest replica a revision is applied (see choose_apply_at_step).
 LEAD_STEPS = 2
@@ -69,6 +69,8 @@ class ConfigService:
 
     async def _new_revision(self, job: int, changes: dict[str, Any], actor: str, *,
                             force: bool) -> dict[str, Any]:
+        if not self.ctx.may_act():
+            raise MardukError("this controller does not lead (any more): no revision made")
         now = time.time()
 
         def commit(store: StoreApi) -> tuple[int, int, int, list[str]]:
@@ -90,6 +92,8 @@ class ConfigService:
             return revision, at, eid, [r["replica_id"] for r in rows if r["state"] == "active"]
 
         revision, at, eid, active = await self.ctx.db.tx(commit)
+        await self.ctx.replication.report_config(self.ctx.bus, job, revision, at, changes,
+                                                 actor)
         cmd = m.JobCommand(job_id=job, revision=revision, apply_at_step=at, changes=changes,
                            ts=time.time())
         # After the commit: a replica that misses this publish gets it from config_latest.

@@ -22,6 +22,8 @@ from marduk_slurm.adapters.bus import Bus
 from marduk_slurm.adapters.store import Store, StoreApi
 from marduk_slurm.controller import queries
 from marduk_slurm.controller.decisions import Effects, Policy
+from marduk_slurm.controller.leadership import Leadership, NotLeader
+from marduk_slurm.controller.replication import Replication
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.errors import BusError
@@ -184,6 +186,33 @@ class Context:
         self.outbox_kick = asyncio.Event()
         self.started_at = time.time()
         self.nats_state = "disconnected"
+        # A standby records decisions and carries none out; the leader acts while its lease
+        # is current (controller/leadership.py). Without a lease (tests of one part) it acts.
+        self.acting = True
+        self.leadership: Leadership | None = None
+        self.replication = Replication("")
+
+    def may_act(self) -> bool:
+        """Whether to carry decisions out now, by this controller's own clock."""
+        return self.acting and (self.leadership is None or self.leadership.current())
+
+    def fence_token(self) -> int | None:
+        """The term commands carry (controller/leadership.py); None without a lease."""
+        return self.leadership.term if self.leadership is not None else None
+
+    async def fence(self, what: str) -> bool:
+        """Before an action that must happen once (a Slurm call): whether the lease is still
+        ours, asked of NATS. A refusal is counted and logged by the leadership."""
+        if not self.acting:
+            return False
+        if self.leadership is None:
+            return True
+        try:
+            await self.leadership.check(what)
+        except NotLeader:
+            self.stats["stale_leader_refusals"] += 1
+            return False
+        return True
 
     def reject(self, reason: str, subject: str, detail: str, kind: str = "") -> None:
         """Count input that was refused at the edge (never stored), by subject class, message
@@ -205,13 +234,17 @@ class Context:
         stored intent (controller.leaves) until the replica confirms it."""
         for cause, subject, detail, kind in effects.rejected:
             self.reject(cause, subject, detail, kind)
+        if not self.may_act():
+            # A standby (or a leader whose lease may have lapsed): the commands are stored
+            # and go out from controller.leaves once this controller leads.
+            return
         if effects.outbox:
             self.outbox_kick.set()
         for leave, event_id in effects.leaves:
             cmd = m.ReplicaCommand(
                 replica_id=leave.replica.replica_id, job_id=leave.replica.job_id,
                 action="leave", reason=leave.reason, immediate=leave.immediate,
-                event_id=event_id, ts=time.time(),
+                event_id=event_id, ts=time.time(), fence=self.fence_token(),
             )
             subject = subjects.replica_commands(leave.replica.job_id, leave.replica.replica_group)
             await self.publish(subject, m.encode(cmd))
@@ -221,7 +254,7 @@ class Context:
             cmd = m.ReplicaCommand(
                 replica_id=sb.standby_id, job_id=sb.job_id, action="assume",
                 reason=assignment.reason[:1000], replica_group=assignment.replica_group,
-                event_id=event_id, ts=time.time())
+                event_id=event_id, ts=time.time(), fence=self.fence_token())
             await self.publish(subjects.standby_commands(sb.job_id), m.encode(cmd))
             self.stats["assume_commands"] += 1
         for dismissal, event_id in effects.dismissals:
@@ -229,7 +262,7 @@ class Context:
             cmd = m.ReplicaCommand(
                 replica_id=sb.standby_id, job_id=sb.job_id, action="leave",
                 reason=dismissal.reason[:1000], immediate=True, event_id=event_id,
-                ts=time.time())
+                ts=time.time(), fence=self.fence_token())
             await self.publish(subjects.standby_commands(sb.job_id), m.encode(cmd))
             self.stats["standby_dismissals"] += 1
         if effects.feed:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from marduk_slurm.adapters.bus import Incoming, StreamMessage
+from marduk_slurm.adapters.bus import ConsumerState, Incoming, StreamMessage
 from marduk_slurm.adapters.store import StoreApi
 from marduk_slurm.backoff import Backoff
 from marduk_slurm.controller.context import Context
@@ -25,7 +25,14 @@ from marduk_slurm.controller.decisions import Effects
 from marduk_slurm.controller.inbound import apply_message
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
-from marduk_slurm.errors import BusClosed, BusError, IdentityError, ProtocolError, StoreError
+from marduk_slurm.errors import (
+    BusClosed,
+    BusError,
+    BusTimeout,
+    IdentityError,
+    ProtocolError,
+    StoreError,
+)
 from marduk_slurm.supervisor import unsubscribe_all
 
 log = logging.getLogger(__name__)
@@ -58,13 +65,22 @@ class _BatchResult:
 
 
 class EventIngest:
-    def __init__(self, ctx: Context, *, batch: int = 256) -> None:
+    def __init__(self, ctx: Context, *, batch: int = 256, durable: str = DURABLE_NAME) -> None:
         self.ctx = ctx
+        self.durable = durable  # every controller has its own (leader and standbys)
+        # Messages an earlier run of this controller had fetched and not acknowledged when it
+        # stopped: JetStream delivers them again only after the ack wait. And whether a
+        # fetched batch is being applied now. Both tell a new leader when it has caught up.
+        self.stranded = 0
+        self.busy = False
         self.batch = batch
         self._store_failures = Backoff(base_s=0.5, max_s=10.0)
 
     async def run(self) -> None:
-        consumer = await self.ctx.bus.durable_consumer(DURABLE_NAME, ack_wait_s=ACK_WAIT_S)
+        consumer = await self.ctx.bus.durable_consumer(self.durable, ack_wait_s=ACK_WAIT_S)
+        with contextlib.suppress(BusError, BusTimeout):
+            state = await self.ctx.bus.consumer_state(self.durable)
+            self.stranded = state.num_ack_pending if state is not None else 0
         backoff = Backoff(base_s=0.2, max_s=5.0)
         while True:
             try:
@@ -78,7 +94,26 @@ class EventIngest:
                 continue
             backoff.reset()
             if msgs:
-                await self.process(msgs)
+                self.busy = True
+                try:
+                    await self.process(msgs)
+                finally:
+                    self.busy = False
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # Cancelled while nats-py's fetch was completing: its wait_for returned the
+                # messages and swallowed the cancellation. They are committed and acked now;
+                # stop here, or the shutdown waits on this loop for its whole time limit.
+                raise asyncio.CancelledError
+
+    def caught_up(self, state: ConsumerState, target: int) -> bool:
+        """Whether every message up to stream sequence `target` is applied here, but for
+        those an earlier run had fetched (they come back after the ack wait; waiting for
+        them would add up to ACK_WAIT_S to every restart)."""
+        if state.ack_floor_seq >= target:
+            return True
+        return (state.delivered_seq >= target and not self.busy
+                and state.num_ack_pending <= self.stranded)
 
     async def process(self, msgs: list[StreamMessage]) -> None:
         items = [_Item(msg.seq, msg.subject, msg.data, msg.deliveries) for msg in msgs]
@@ -130,7 +165,12 @@ class EventIngest:
             msg = m.decode_durable(item.data)
             check_subject(item.subject, msg)
             with store.savepoint():
-                result.effects.extend(apply_message(store, msg, now, self.ctx.policy))
+                if isinstance(msg, m.ActionApplied):  # the leader's reports, for standbys
+                    self.ctx.replication.on_applied(store, msg, now)
+                elif isinstance(msg, m.ConfigRevised):
+                    self.ctx.replication.on_config(store, msg, now)
+                else:
+                    result.effects.extend(apply_message(store, msg, now, self.ctx.policy))
         except IdentityError as exc:
             if exc.retry and item.deliveries < MAX_DELIVERIES:
                 item.outcome = "nak"
@@ -190,11 +230,12 @@ async def _settle(msg: StreamMessage, outcome: str) -> None:
         log.warning("%s failed (message will be redelivered and skipped): %s", outcome, exc)
 
 
-# Who may send each durable message: an agent (node subjects) or a replica (job subjects).
+# Who may send each durable message: an agent (node subjects), a replica (job subjects) or the
+# leading controller (ctl subjects; NATS permissions give those to the controller alone).
 _SCOPE: dict[type, str] = {
     m.StepStart: "node", m.StepEnd: "node", m.Verdict: "node", m.GpuInventory: "node",
     m.ReplicaRegister: "job", m.ReplicaLeave: "job", m.ConfigAck: "job",
-    m.AssumeAck: "job", m.NodeVerdict: "node",
+    m.AssumeAck: "job", m.NodeVerdict: "node", m.ActionApplied: "ctl", m.ConfigRevised: "ctl",
 }
 
 
@@ -211,6 +252,8 @@ def check_subject(subject: str, msg: Any) -> None:
     if scope == "node" and msg.node == key:
         return
     if scope == "job" and str(msg.job_id) == key:
+        return
+    if scope == "ctl" and msg.controller == key:
         return
     raise ProtocolError("subject_mismatch", f"{subject} does not match the message's {scope}")
 

@@ -41,13 +41,15 @@ class LeaveSender:
 
     async def tick(self) -> int:
         """Re-send every leave that is due; returns how many went out."""
+        if not self.ctx.may_act():
+            return 0  # not the leader now: the commands wait, stored, for the one who is
         now = time.time()
         due = await self.ctx.db.tx(lambda store: self._take_due(store, now))
         for row in due:
             cmd = m.ReplicaCommand(
                 replica_id=row["replica_id"], job_id=row["job_id"], action="leave",
                 reason=row["reason"], immediate=bool(row["immediate"]),
-                event_id=row["event_id"], ts=now,
+                event_id=row["event_id"], ts=now, fence=self.ctx.fence_token(),
             )
             await self.ctx.publish(subjects.replica_commands(row["job_id"], row["replica_group"]),
                                    m.encode(cmd))
@@ -58,7 +60,8 @@ class LeaveSender:
             assume = m.ReplicaCommand(
                 replica_id=row["standby_id"], job_id=row["job_id"], action=row["action"],
                 reason=row["reason"], replica_group=None if leave else row["replica_group"],
-                immediate=leave, event_id=row["event_id"], ts=now)
+                immediate=leave, event_id=row["event_id"], ts=now,
+                fence=self.ctx.fence_token())
             await self.ctx.publish(subjects.standby_commands(row["job_id"]), m.encode(assume))
             self.ctx.stats["assume_commands_resent"] += 1
         return len(due) + len(assumes)

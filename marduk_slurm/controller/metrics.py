@@ -149,6 +149,21 @@ class MetricsCollector(Collector):
                        [((k,), v) for k, v in ctx.stats.items()])
         yield _gauge("marduk_controller_uptime_seconds", "Seconds since the controller started",
                      [], [((), time.time() - ctx.started_at)])
+        yield from self._leadership_metrics()
+
+    def _leadership_metrics(self) -> Iterator[Metric]:
+        lead = self.ctx.leadership
+        if lead is None:
+            return
+        yield _gauge("marduk_controller_leader", "1 while this controller holds the lease "
+                     "(docs/operations.md#failover-a-standby-controller)", ["controller"],
+                     [((lead.id,), int(lead.current()))])
+        yield _gauge("marduk_controller_lease_term", "The leader's term: the lease revision "
+                     "at which it took the lease (the fencing token)", ["controller"],
+                     [((lead.id,), lead.term)])
+        yield _counter("marduk_controller_lease", "Lease work: renewals, renew_failures, "
+                       "stale_leader_refusals, lease_lost", ["op"],
+                       [((k,), v) for k, v in lead.stats.items()])
 
     def _analysis_metrics(self) -> Iterator[Metric]:
         watch = self.stragglers

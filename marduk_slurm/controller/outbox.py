@@ -110,6 +110,8 @@ class OutboxWorker:
         nodes = sorted({a["node"] for a in group})
         # The backend sends this line, not the raw reason: record what Slurm will show.
         reason = sanitize_reason(reason)
+        if not await self.ctx.fence(f"{kind} {','.join(nodes)[:200]}"):
+            return  # not the leader (any more): the action stays pending, for the next one
         try:
             async with self.limit:
                 await self._call_slurm(kind, nodes, reason)
@@ -173,6 +175,8 @@ class OutboxWorker:
 
         ids = await self.ctx.db.tx(commit)
         await self.ctx.publish_feed(ids)
+        await self.ctx.replication.report(self.ctx.bus, "drain", [a for a, _ in skipped],
+                                          "skipped")
 
     async def _read_back(self, nodes: list[str]) -> list[SlurmNode]:
         """The nodes as Slurm has them right after our call, so the node view is fresh at
@@ -213,6 +217,7 @@ class OutboxWorker:
         ids = await self.ctx.db.tx(commit)
         self.ctx.stats[f"slurm_{kind}s"] += len(group)
         await self.ctx.publish_feed(ids)
+        await self.ctx.replication.report(self.ctx.bus, kind, group, "done", reason)
 
     async def _retry(self, group: list[dict[str, Any]], error: str, *,
                      unexpected: bool = False) -> None:
@@ -249,6 +254,8 @@ class OutboxWorker:
 
         eid = await self.ctx.db.tx(commit)
         self.ctx.stats["slurm_failures"] += 1
+        await self.ctx.replication.report(self.ctx.bus, action["kind"], [action], "failed",
+                                          error)
         await self.ctx.publish_feed([eid])
 
 

@@ -118,6 +118,11 @@ class RpcServer:
 
     async def answer(self, item: Pending) -> None:
         msg, request = item.payload
+        if not self.ctx.may_act():
+            # A leader whose lease may have lapsed (it was stopped, NATS was away) stays
+            # silent: the controller that leads now answers, and this one stops shortly.
+            self.ctx.stats["rpc_not_leader"] += 1
+            return
         parts = msg.subject.split(".")
         reply: m.Reply | Encoded
         try:
@@ -188,6 +193,9 @@ class RpcServer:
             key: sum(q.stats[key] for q in self.queues.values())
             for key in ("admitted", "refused_busy", "expired", "served")}
         data["requests"]["waiting"] = sum(q.waiting() for q in self.queues.values())
+        if self.ctx.leadership is not None:
+            data["controller"] = self.ctx.leadership.view()
+            data["controller"]["standbys"] = await self.ctx.leadership.standbys()
         return data
 
     def _query_handler(self, verb: str) -> Handler:

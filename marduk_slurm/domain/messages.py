@@ -191,6 +191,35 @@ class AssumeAck(Message, tag="assume_ack", kw_only=True):
     error: Text = ""
 
 
+# -- leading controller -> standby controllers (durable) -------------------------------------
+
+
+class ActionApplied(Message, tag="action_applied", kw_only=True):
+    """The leader carried out (or settled) a Slurm action: a standby marks its own copy of
+    the action done, so that after a takeover it does not do it again. `fence` is the
+    leader's term (the lease revision at which it took the lease)."""
+
+    controller: Name
+    fence: Count
+    kind: Literal["drain", "resume"]
+    node: Name
+    outcome: Literal["done", "skipped", "failed"]
+    reason: Text = ""
+
+
+class ConfigRevised(Message, tag="config_revised", kw_only=True):
+    """The leader committed a config revision (an operator's `config set`, or its own):
+    a standby records the same revision under the same number."""
+
+    controller: Name
+    fence: Count
+    job_id: JobId
+    revision: Count
+    apply_at_step: Count
+    changes: dict[str, Any] = {}
+    actor: Text = ""
+
+
 # -- training replica -> controller (core NATS, written behind) ------------------------------
 
 
@@ -235,6 +264,9 @@ class ReplicaCommand(Message, tag="replica_command", kw_only=True):
     immediate: bool = False
     event_id: NonNeg | None = None
     replica_group: GroupSize | None = None  # assume: the group the standby becomes
+    # The sending leader's term (lease revision when it took the lease): a replica refuses a
+    # command from an older term than one it has seen (a leader that lost its lease).
+    fence: Count | None = None
 
 
 # -- controller's event feed (core NATS) -----------------------------------------------------
@@ -432,7 +464,7 @@ def _check_free_json(msg: Any) -> None:
         check_json(msg.evidence, "evidence")
     elif isinstance(msg, ReplicaRegister):
         check_json(msg.hyperparams, "hyperparams", max_items=1024)
-    elif isinstance(msg, JobCommand):
+    elif isinstance(msg, JobCommand | ConfigRevised):
         check_json(msg.changes, "changes", max_items=1024)
     elif isinstance(msg, Request):
         check_json(msg.args, "args", max_items=100_000)
@@ -444,7 +476,7 @@ def _check_free_json(msg: Any) -> None:
 
 DurableMessage = (
     StepStart | StepEnd | Verdict | GpuInventory | ReplicaRegister | ReplicaLeave | ConfigAck
-    | AssumeAck | NodeVerdict
+    | AssumeAck | NodeVerdict | ActionApplied | ConfigRevised
 )
 
 class _Unsent(Message, tag="unsent"):

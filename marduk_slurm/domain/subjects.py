@@ -29,6 +29,11 @@ def job_event(job_id: int, kind: str) -> str:
     return f"{PREFIX}.evt.job.{job_id}.{kind}"
 
 
+def controller_event(controller_id: str, kind: str) -> str:
+    """action_applied from the leading controller, for the standbys (docs/operations.md)."""
+    return f"{PREFIX}.evt.ctl.{controller_id}.{kind}"
+
+
 def heartbeat(job_id: int) -> str:
     return f"{PREFIX}.hb.{job_id}"
 

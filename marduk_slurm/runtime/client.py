@@ -61,6 +61,10 @@ class ReplicaLink:
         self.on_command = on_command
         self.standby = standby  # a hot spare: hears only its own assume or leave command
         self.rejected = 0
+        # The newest controller term seen on a command (messages.ReplicaCommand.fence), and
+        # the commands refused for carrying an older one (a leader that lost its lease).
+        self.fence = 0
+        self.stale_commands = 0
         self._subscriptions: list[Any] = []
 
     async def subscribe(self) -> None:
@@ -102,7 +106,21 @@ class ReplicaLink:
             # group (same prefix, other uuid): only our own full replica id counts.
             if cmd.replica_id != own:
                 return
+            if not self._current_term(cmd):
+                return
         self.on_command(cmd)
+
+    def _current_term(self, cmd: m.ReplicaCommand) -> bool:
+        """Whether `cmd` comes from the newest controller term seen (or carries none)."""
+        if cmd.fence is None:
+            return True  # a controller without a lease (older, or a lone one)
+        if cmd.fence < self.fence:
+            self.stale_commands += 1
+            log.warning("refused a %s command from controller term %d: term %d leads now",
+                        cmd.action, cmd.fence, self.fence)
+            return False
+        self.fence = cmd.fence
+        return True
 
     async def fetch_latest(self, timeout_s: float) -> m.JobCommand | None:
         """The revision a replica that joins or reconnects must apply (None: no revision)."""

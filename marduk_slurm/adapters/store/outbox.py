@@ -51,6 +51,13 @@ class OutboxMixin:
         return {str(r[0]) for r in self.conn.execute(
             "SELECT DISTINCT node FROM outbox WHERE kind=? AND state='pending'", (kind,))}
 
+    def pending_action(self, kind: str, node: str) -> dict[str, Any] | None:
+        """The one pending action of `kind` on `node` (enqueue_slurm_action keeps at most
+        one), or None."""
+        rows = list(self.db.query(
+            "SELECT * FROM outbox WHERE kind=? AND node=? AND state='pending'", [kind, node]))
+        return rows[0] if rows else None
+
     def next_action_due(self) -> float | None:
         row = self.conn.execute(
             "SELECT MIN(next_attempt_at) FROM outbox WHERE state='pending'"
@@ -105,6 +112,23 @@ class OutboxMixin:
             "UPDATE jobs SET config_revision=? WHERE job_id=?", (revision, job_id)
         )
         return revision
+
+    def record_config_revision(self, job_id: int, revision: int, changes: dict[str, Any],
+                               apply_at_step: int, actor: str, now: float) -> bool:
+        """Keep a revision another controller numbered; False when it is here already."""
+        self.conn.execute(
+            "INSERT INTO jobs (job_id, first_seen, last_seen) VALUES (?,?,?) "
+            "ON CONFLICT(job_id) DO NOTHING", (job_id, now, now),
+        )
+        cur = self.conn.execute(
+            "INSERT INTO config_revisions VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(job_id, revision) DO NOTHING",
+            (job_id, revision, now, actor, apply_at_step, json.dumps(changes, sort_keys=True)),
+        )
+        self.conn.execute(
+            "UPDATE jobs SET config_revision=MAX(COALESCE(config_revision, 0), ?) "
+            "WHERE job_id=?", (revision, job_id))
+        return cur.rowcount > 0
 
     def config_revisions(self, job_id: int) -> list[dict[str, Any]]:
         rows = list(self.db.query(
