@@ -55,7 +55,7 @@ StreamReplicas = Annotated[int, Meta(ge=1, le=5)]  # JetStream allows at most 5
 Retention = Annotated[float, Meta(gt=0.0, le=10 * YEAR_S)]
 GpuCount = Annotated[int, Meta(ge=0, le=1024)]
 # A Slurm partition's name, as a key of a table (resume_check_by_partition).
-PartitionName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+PartitionName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")]
 BufferSize = Annotated[int, Meta(ge=1, le=10_000_000)]
 # Ports and mount points the agent watches (docs/node-health.md): an InfiniBand port as
 # DEVICE/PORT, an Ethernet interface by name, "all" for every one found; absolute paths
