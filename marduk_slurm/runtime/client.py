@@ -177,7 +177,7 @@ class MardukClient:
                  send_interval: timedelta = timedelta(milliseconds=25),
                  connect_timeout: timedelta = timedelta(seconds=2),
                  creds_wait: timedelta = timedelta(seconds=60),
-                 leave_grace: timedelta | None = timedelta(seconds=30),
+                 leave_grace: timedelta | None = None,
                  exit_process: Callable[[int], None] = os._exit) -> None:
         self.nats_url = nats_url
         self.job_id = job_id
@@ -209,7 +209,8 @@ class MardukClient:
         self._connect_backoff = Backoff(base_s=0.5, max_s=10.0)
         # A leave is carried out at a step boundary and the process exits; still running
         # this long (plus 3 of the slowest steps seen) after the command, it is stuck and
-        # exits from here. None: wait forever.
+        # exits from here. Only for a process that is one training replica (ManagerMarduk
+        # sets it): None, the default, never ends the process.
         self.leave_grace_s = None if leave_grace is None else leave_grace.total_seconds()
         self._exit_process = exit_process
         self._slowest_step_s = 0.0
