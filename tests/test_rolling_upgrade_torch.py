@@ -59,6 +59,7 @@ def first_step_at(w: WorkerProcess, revision: int) -> int | None:
     return next((r["step"] for r in w.steps() if r["rev"] >= revision), None)
 
 
+
 def revisions(db: Path) -> list[int]:
     if not db.exists():
         return []
@@ -113,9 +114,13 @@ def test_a_rolling_upgrade_while_a_job_trains(tmp_path: Path, lighthouse: Lighth
         # 3. Revisions go on from the old leader's number and apply at one step on both.
         second = cli_json("config", "set", str(JOB), "lr=0.02", "--nats-url", url)
         assert second["revision"] == 2
-        at = wait_for(lambda: (s := [first_step_at(w, 2) for w in workers])[0] is not None
-                      and s[1] is not None and s, 60, 0.1, "revision 2 applied")
-        assert at[0] == at[1] == second["apply_at_step"], at
+        at = second["apply_at_step"]
+        assert at > steps_then + 20  # ahead of the groups when it was asked for
+        wait_for(lambda: min(w.last_step() for w in workers) > at + 3, 60, 0.1,
+                 "both groups past the revision's step")
+        for w in workers:  # step N's record is written after step N-1 -> N ran
+            steps = {r["step"]: r for r in w.steps() if r.get("committed")}
+            assert (steps[at]["rev"], steps[at + 1]["rev"]) == (1, 2), (w.group, at)
         assert all(r["lr"] == pytest.approx(0.02) for w in workers for r in w.steps()
                    if r["rev"] >= 2)
 
@@ -130,8 +135,9 @@ def test_a_rolling_upgrade_while_a_job_trains(tmp_path: Path, lighthouse: Lighth
         assert [e["kind"] for e in history].count("leave_requested") == 1
 
         # 5. The job ends on the new leader's word.
-        target = workers[0].last_step() + 20
-        cli_json("config", "set", str(JOB), f"max_steps={target}", "--nats-url", url)
+        target = workers[0].last_step() + 60
+        reply = cli_json("config", "set", str(JOB), f"max_steps={target}", "--nats-url", url)
+        assert reply["revision"] == 3 and reply["apply_at_step"] < target
         assert workers[0].wait(60) == EXIT_DONE, workers[0].tail()
         assert workers[0].events("exit")[0]["step"] == target
     finally:
