@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,6 +48,15 @@ def cli_json(*args: str, env: dict[str, str] | None = None) -> Any:
     proc = run_cli(*args, "--json", env=env)
     assert proc.returncode == 0, f"marduk {' '.join(args)} failed: {proc.stderr}"
     return json.loads(proc.stdout)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, an HTTP error's included."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 class DaemonProcess:

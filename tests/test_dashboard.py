@@ -7,7 +7,6 @@ import asyncio
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,6 @@ from harness import ControllerProcess, publish_core, publish_durable, run_cli, w
 JOB = 777
 
 
-@pytest.fixture
-def web_controller(tmp_path: Path, nats_server: NatsServerProcess
-                   ) -> Iterator[tuple[ControllerProcess, str]]:
-    ctl = ControllerProcess(tmp_path / "state", nats_server.url,
-                            extra_env={"MARDUK_CONTROLLER_HTTP_LISTEN": "127.0.0.1:0"}).start()
-    url_file = tmp_path / "state" / "http.url"
-    wait_for(url_file.exists, 10, what="http.url")
-    yield ctl, url_file.read_text().strip()
-    assert ctl.stop() == 0, ctl.log()
 
 
 def get(url: str, headers: dict[str, str] | None = None, method: str = "GET"

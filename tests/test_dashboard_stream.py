@@ -27,19 +27,13 @@ from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 
 import harness
-from harness import ControllerProcess, publish_core, publish_durable, wait_for
+from harness import ControllerProcess, http_get, publish_core, publish_durable, wait_for
 
 FILLED = 3000
 NEW_JOB = 5000
 SLOW_CLIENT_BYTES = 64 * 1024
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def fill(state_dir: Path, replicas: int) -> None:
@@ -184,7 +178,7 @@ def test_replica_pages_cover_everything_once_and_bad_paging_is_a_400(
     cursor = ""
     pages = 0
     while True:
-        status, body = get(f"{base}/api/replicas?limit=700&cursor={cursor}")
+        status, body = http_get(f"{base}/api/replicas?limit=700&cursor={cursor}")
         assert status == 200, body
         page = json.loads(body)
         assert page["total"] == FILLED and len(page["items"]) <= 700
@@ -194,13 +188,13 @@ def test_replica_pages_cover_everything_once_and_bad_paging_is_a_400(
             break
         cursor = page["next"]
     assert len(seen) == len(set(seen)) == FILLED and pages == 5
-    default = json.loads(get(f"{base}/api/replicas")[1])
+    default = json.loads(http_get(f"{base}/api/replicas")[1])
     assert len(default["items"]) == 500 and default["next"]
-    one_job = json.loads(get(f"{base}/api/replicas?job=3&limit=5000")[1])
+    one_job = json.loads(http_get(f"{base}/api/replicas?job=3&limit=5000")[1])
     assert {r["job_id"] for r in one_job["items"]} == {3} and one_job["total"] == 100
     for bad in ("limit=0", "limit=5001", "limit=x", "cursor=%%%", "cursor=W10",
                 "cursor=WzEsMiwzXQ", "limit=5&limit=6", "after=3"):
-        status, body = get(f"{base}/api/replicas?{bad}")
+        status, body = http_get(f"{base}/api/replicas?{bad}")
         assert status == 400, (bad, body)
         assert json.loads(body)["parameter"] in ("limit", "cursor", "after"), body
 

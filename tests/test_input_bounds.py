@@ -5,20 +5,15 @@ reply) and the `marduk` command line (a usage error, exit status 2, before askin
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.cli.client import RequestFailed
 from marduk_slurm.controller.metrics import rejected_family
 
-from harness import ControllerProcess, run_cli, wait_for
+from harness import ControllerProcess, http_get, run_cli
 
 BAD_QUERIES = [
     ("/api/history?job=99999999999999999999", "job"),
@@ -37,38 +32,24 @@ BAD_QUERIES = [
 ]
 
 
-@pytest.fixture
-def web_controller(tmp_path: Path, nats_server: NatsServerProcess
-                   ) -> Iterator[tuple[ControllerProcess, str]]:
-    ctl = ControllerProcess(tmp_path / "state", nats_server.url).start()
-    url_file = tmp_path / "state" / "http.url"
-    wait_for(url_file.exists, 10, what="http.url")
-    yield ctl, url_file.read_text().strip()
-    assert ctl.stop() == 0, ctl.log()
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_http_query_parameters_out_of_bounds_are_a_counted_400(
         web_controller: tuple[ControllerProcess, str]) -> None:
     ctl, base = web_controller
     for path, parameter in BAD_QUERIES:
-        status, body = get(base + path)
+        status, body = http_get(base + path)
         assert status == 400, (path, status, body)
         error = json.loads(body)
         assert error["parameter"] == parameter, (path, error)
         assert parameter in error["error"], (path, error)
     for path in ("/api/history?job=4294967296&limit=5000&since=0&node=n-1_a&kind=a,b",
                  "/api/history?node=&job=&since=", "/api/replicas?job=0", "/api/status"):
-        status, body = get(base + path)
+        status, body = http_get(base + path)
         assert status == 200, (path, body)
-    metrics = get(base + "/metrics")[1]
+    metrics = http_get(base + "/metrics")[1]
     assert (f'marduk_controller_operations_total{{op="http_bad_query"}} '
             f'{float(len(BAD_QUERIES))}') in metrics
     assert "Traceback" not in ctl.log()

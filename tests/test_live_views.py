@@ -7,13 +7,10 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 
@@ -24,14 +21,6 @@ NODE = "n1"
 REPLICAS = [f"job{JOB}_rg{g}:abc" for g in range(3)]
 
 
-@pytest.fixture
-def web_controller(tmp_path: Path, nats_server: NatsServerProcess
-                   ) -> Iterator[tuple[ControllerProcess, str]]:
-    ctl = ControllerProcess(tmp_path / "state", nats_server.url).start()
-    url_file = tmp_path / "state" / "http.url"
-    wait_for(url_file.exists, 10, what="http.url")
-    yield ctl, url_file.read_text().strip()
-    assert ctl.stop() == 0, ctl.log()
 
 
 def metrics(base: str) -> str:

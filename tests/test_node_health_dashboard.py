@@ -7,29 +7,15 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 
 from browser import Browser, find_chromium
 from harness import ControllerProcess, publish_durable, wait_for
-
-
-@pytest.fixture
-def web_controller(tmp_path: Path, nats_server: NatsServerProcess
-                   ) -> Iterator[tuple[ControllerProcess, str]]:
-    ctl = ControllerProcess(tmp_path / "state", nats_server.url,
-                            extra_env={"MARDUK_CONTROLLER_HTTP_LISTEN": "127.0.0.1:0"}).start()
-    url_file = tmp_path / "state" / "http.url"
-    wait_for(url_file.exists, 10, what="http.url")
-    yield ctl, url_file.read_text().strip()
-    assert ctl.stop() == 0, ctl.log()
 
 
 def api(base: str, path: str) -> Any:

@@ -8,47 +8,29 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.error
-import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from marduk_slurm.adapters.nats_server import NatsServerProcess
 from marduk_slurm.domain import messages as m
 from marduk_slurm.domain import subjects
 from marduk_slurm.domain.gpu_health import GpuAction
 
 from browser import Browser, find_chromium
-from harness import ControllerProcess, publish_core, publish_durable, run_cli, wait_for
+from harness import ControllerProcess, http_get, publish_core, publish_durable, run_cli, wait_for
 
 JOB = 778
 OLD, SURVIVOR, NEW = f"job{JOB}_rg0:old", f"job{JOB}_rg1:b", f"job{JOB}_rg0:new"
 
 
-@pytest.fixture
-def web_controller(tmp_path: Path, nats_server: NatsServerProcess
-                   ) -> Iterator[tuple[ControllerProcess, str]]:
-    ctl = ControllerProcess(tmp_path / "state", nats_server.url).start()
-    url_file = tmp_path / "state" / "http.url"
-    wait_for(url_file.exists, 10, what="http.url")
-    yield ctl, url_file.read_text().strip()
-    assert ctl.stop() == 0, ctl.log()
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def api(base: str, path: str) -> Any:
-    status, body = get(base + path)
+    status, body = http_get(base + path)
     assert status == 200, body
     return json.loads(body)
 
@@ -143,12 +125,12 @@ def test_bad_timeline_queries_are_refused_and_counted(
            "job=7&window=0", "job=7&window=nan", "job=7&window=1e9",
            "job=7&window=-5", "job=7&foo=1", "job=7%0a8", "job=" + "9" * 5000)
     for query in bad:
-        status, body = get(f"{base}/api/timeline?{query}")
+        status, body = http_get(f"{base}/api/timeline?{query}")
         assert status == 400, (query, status, body)
         assert "error" in json.loads(body)
     empty = api(base, "/api/timeline?job=4242")  # nobody's job: nothing to draw, no error
     assert empty["groups"] == [] and empty["marks"] == [] and empty["samples"] == 0
-    metrics = get(base + "/metrics")[1]
+    metrics = http_get(base + "/metrics")[1]
     counted = f'marduk_controller_operations_total{{op="http_bad_query"}} {len(bad)}.0'
     assert counted in metrics, [
         line for line in metrics.splitlines() if "http_bad_query" in line]
