@@ -279,11 +279,7 @@ class MardukClient:
         """The process is leaving with `code` and should end within `deadline`; past it,
         it is stuck on its way out and ends from here (as after the leave's grace)."""
         self._leaving, self._exit_code = True, code
-        if self._overdue is not None:
-            self._overdue.cancel()
-        self._overdue = threading.Timer(deadline.total_seconds(), self._leave_overdue)
-        self._overdue.daemon = True
-        self._overdue.start()
+        self._arm_overdue(deadline.total_seconds())
 
     def poll_commands(self) -> list[Command]:
         """Commands received since the last call, oldest first."""
@@ -337,12 +333,17 @@ class MardukClient:
         self._commands.append(cmd)
         if (isinstance(cmd, m.ReplicaCommand) and cmd.action == "leave"
                 and self.leave_grace_s is not None and self._overdue is None):
-            # A thread, not the loop: the loop ends with close(), and a process can hang
-            # after that too (at exit, joining torchft's executor thread in a quorum call).
-            grace_s = self.leave_grace_s + 3 * self._slowest_step_s
-            self._overdue = threading.Timer(grace_s, self._leave_overdue)
-            self._overdue.daemon = True
-            self._overdue.start()
+            self._arm_overdue(self.leave_grace_s + 3 * self._slowest_step_s)
+
+    def _arm_overdue(self, seconds: float) -> None:
+        """End the process in `seconds` (`_leave_overdue`), replacing an earlier deadline.
+        A thread, not the loop: the loop ends with close(), and a process can hang after
+        that too (at exit, joining torchft's executor thread in a quorum call)."""
+        if self._overdue is not None:
+            self._overdue.cancel()
+        self._overdue = threading.Timer(seconds, self._leave_overdue)
+        self._overdue.daemon = True
+        self._overdue.start()
 
     def _leave_overdue(self) -> None:
         """Told to leave `grace` ago and still alive: stuck in a step or on the way out."""
