@@ -198,8 +198,8 @@ check_set_aside() {
 }
 
 # place_group G KEEP: choose nodes for group G. With KEEP=1 (a crash) its usable nodes stay;
-# otherwise (told to leave) all of them are left for good, since the one being drained may
-# not show DRAIN yet. Returns 1, owning no node, when too few healthy nodes are free.
+# otherwise (told to leave) all of them are set aside, since the one being drained may not
+# show DRAIN yet. Returns 1, owning no node, when too few healthy nodes are free.
 place_group() {
   local g=$1 keep=$2 n chosen=()
   for n in ${GROUP_NODES[$g]}; do
