@@ -93,8 +93,7 @@ class DrillResult:
 
 class Drill:
     def __init__(self, work: Path, *, max_steps: int, step_sleep_s: float,
-                 hot_spares: int = 0, lighthouse_proxy: bool = True, spares: int = 1,
-                 job_env: dict[str, str] | None = None) -> None:
+                 hot_spares: int = 0, lighthouse_proxy: bool = True, spares: int = 1) -> None:
         self.work = work
         self.hot_spares = hot_spares
         self.spares = spares
@@ -105,7 +104,7 @@ class Drill:
         self.env = {**os.environ, "SLURM_CONF": self.conf, "MARDUK_SLURM_CONF": self.conf,
                     "MARDUK_CONTROLLER_RECONCILE_INTERVAL_S": "5",
                     "MAX_STEPS": str(max_steps), "STEP_SLEEP_S": str(step_sleep_s),
-                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(job_env or {})}
+                    "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.job_id = 0
 
