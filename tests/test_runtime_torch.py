@@ -253,3 +253,18 @@ def test_a_replica_told_to_leave_while_its_quorum_hangs_leaves_at_once(
     finally:
         c.stop_all()
         lh.stop()
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "1e400", "86401", "abc", "1\n2", "--5"])
+def test_a_leave_grace_out_of_bounds_is_refused(text: str) -> None:
+    from marduk_slurm.runtime.manager import leave_grace
+    with pytest.raises(ValueError):
+        leave_grace(text)
+
+
+def test_a_leave_grace_of_zero_is_none_and_unset_is_30_s() -> None:
+    from datetime import timedelta
+
+    from marduk_slurm.runtime.manager import leave_grace
+    assert leave_grace("0") is None and leave_grace("") == timedelta(seconds=30)
+    assert leave_grace(" 2.5 ") == timedelta(seconds=2.5)
